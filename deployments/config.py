@@ -1,0 +1,110 @@
+"""Typed arguments of the Serve application, validated once at the edge by ``deployments.app:build_app``.
+
+These are the ``args:`` of an application in a Serve config (serve/*.yaml, the Helm chart's serveConfigV2).
+Per-deployment scaling (replicas, autoscaling, resources) is not here: it belongs to the Serve config's
+``deployments:`` section, which Serve applies on top of the code's defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """A base model that requests may name in ``base_model``."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="Public name used in requests.")
+    base_model: str = Field(description="Hub repo id, local directory/.safetensors file, or s3:// URI.")
+    loras: dict[str, str] = Field(
+        default_factory=dict, description="LoRAs requests may use with this model: name -> weights reference."
+    )
+
+
+class BatchConfig(_Strict):
+    max_batch_size: int = Field(4, ge=1, le=64, description="Requests merged into one denoising batch at most.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10, description="How long a batch waits to fill.")
+
+
+class Limits(_Strict):
+    """Bounds on client input; every one is also published in the OpenAPI schema."""
+
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Refused before full decoding.")
+    max_faces: int = Field(4, ge=1, le=16)
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_num_images: int = Field(4, ge=1, le=16)
+    max_steps: int = Field(100, ge=1, le=1000)
+    min_side: int = Field(64, ge=8)
+    max_side: int = Field(2048, ge=64)
+
+
+class AuthConfig(_Strict):
+    enabled: bool = Field(False, description="Require 'Authorization: Bearer <key>' on /v1 routes.")
+    key_hashes_env: str = Field(
+        "INSTANTID_API_KEY_HASHES",
+        description="Env var holding comma-separated 'name:sha256hex' entries (mounted from a secret).",
+    )
+    rate_per_s: float = Field(2.0, gt=0, description="Token-bucket refill per API key.")
+    burst: int = Field(10, ge=1, description="Token-bucket size per API key.")
+
+
+class AppArgs(_Strict):
+    """Everything ``build_app`` needs; ``serve build`` writes these under the application's ``args``."""
+
+    profile: Literal["tiny", "real"] = Field(
+        "real",
+        description="'tiny' builds a random-weight bundle under tiny_dir on first start (noise images: plumbing "
+        "only); 'real' loads the configured weights.",
+    )
+    tiny_dir: str = Field("~/.cache/instantid/tiny", description="Where the tiny profile keeps its bundle.")
+    instantid: str = Field("InstantX/InstantID", description="IdentityNet + ip-adapter.bin: hub id, dir or s3://.")
+    face_model: str = Field("antelopev2", description="insightface pack: a name under the insightface root, "
+                            "a directory, or s3://.")
+    models: list[ModelSpec] = Field(
+        default_factory=lambda: [ModelSpec(name="sdxl", base_model="stabilityai/stable-diffusion-xl-base-1.0")],
+        min_length=1,
+    )
+    default_model: str | None = Field(None, description="Model used when a request names none (default: first).")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
+    max_models_per_replica: int = Field(2, ge=1, le=8, description="LRU size of the per-replica model cache.")
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    identity_store: str = Field(
+        "~/.cache/instantid/identities", description="A local directory or s3://bucket/prefix."
+    )
+    output_bucket: str | None = Field(None, description="s3://bucket/prefix for delivery='s3'.")
+    presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    request_timeout_s: float = Field(300.0, gt=0, description="A request past this gets 504.")
+    limits: Limits = Field(default_factory=Limits)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return models
+
+    @model_validator(mode="after")
+    def _default_known(self) -> "AppArgs":
+        if self.default_model is None:
+            self.default_model = self.models[0].name
+        elif self.default_model not in {m.name for m in self.models}:
+            raise ValueError(f"default_model {self.default_model!r} is not one of the configured models")
+        return self
+
+    def model(self, name: str | None) -> ModelSpec:
+        wanted = name or self.default_model
+        for spec in self.models:
+            if spec.name == wanted:
+                return spec
+        raise KeyError(wanted)

@@ -1,0 +1,185 @@
+"""Resolve a model reference to local files: a Hugging Face repo id, a local path, or ``s3://bucket/prefix``.
+
+S3 objects are downloaded once into a local cache. A download is staged in a temporary directory and
+published with an atomic rename, under an exclusive file lock, so several processes starting at once on one
+node download once and never see a half-written directory. Each object is verified by size (and by MD5
+where the ETag is a plain MD5), and a manifest records what was fetched; a later start with S3 unreachable
+uses a complete cached copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import WeightsError
+
+MANIFEST = ".instantid-manifest.json"
+
+
+def cache_root() -> Path:
+    """Where downloaded weights live: ``$INSTANTID_CACHE``, else ``~/.cache/instantid``."""
+    return Path(os.environ.get("INSTANTID_CACHE", Path.home() / ".cache" / "instantid")).expanduser()
+
+
+def is_s3(ref: str) -> bool:
+    return str(ref).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise WeightsError(f"malformed S3 URI {uri!r}: expected s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def s3_client():
+    import boto3  # standard credential chain; AWS_ENDPOINT_URL(_S3) selects an S3-compatible server
+
+    return boto3.client("s3")
+
+
+def resolve(ref: str, *, allow_patterns: list[str] | None = None) -> Path:
+    """Return a local path (file or directory) holding the weights named by ``ref``.
+
+    Order: an existing local path; ``s3://``; else a Hugging Face repo id (honours HF_HUB_OFFLINE and the
+    usual HF cache). Raises WeightsError with a one-line reason when nothing can be found.
+    """
+    ref = str(ref)
+    local = Path(ref).expanduser()
+    if local.exists():
+        return local
+    if is_s3(ref):
+        return download_s3(ref)
+    if ref.startswith(("/", "./", "../", "~")) or ref.endswith((".safetensors", ".ckpt", ".bin")):
+        raise WeightsError(f"weights not found: {ref} does not exist")
+    return _hub_snapshot(ref, allow_patterns)
+
+
+def _hub_snapshot(repo_id: str, allow_patterns: list[str] | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+    except Exception as exc:  # the hub raises a zoo of types; the user needs one line
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise WeightsError(f"cannot load {repo_id!r} from the Hugging Face hub{hint}: {type(exc).__name__}") from exc
+
+
+def download_s3(uri: str, *, client=None) -> Path:
+    """Mirror ``s3://bucket/prefix`` (a 'directory' or one object) into the cache and return its local path."""
+    bucket, prefix = split_s3(uri)
+    target = cache_root() / "s3" / bucket / (prefix or "_root")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one downloader per node; the others wait, then reuse
+        try:
+            objects = _list_objects(client or s3_client(), bucket, prefix)
+        except WeightsError:
+            cached = _cached_payload(target)
+            if cached is not None:
+                return cached  # S3 unreachable but a verified copy exists: start anyway
+            raise
+        if _manifest_matches(target, objects):
+            return _payload(target)
+        _fetch_into(client or s3_client(), bucket, prefix, objects, target)
+    return _payload(target)
+
+
+def _list_objects(client, bucket: str, prefix: str) -> list[dict]:
+    try:
+        paginator = client.get_paginator("list_objects_v2")
+        objects = []
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if key.endswith("/"):
+                    continue
+                # 'prefix' must match a whole path component, or be the object itself
+                if prefix and key != prefix and not key.startswith(prefix + "/"):
+                    continue
+                objects.append({"key": key, "size": obj["Size"], "etag": obj.get("ETag", "").strip('"')})
+    except Exception as exc:
+        raise WeightsError(f"cannot list s3://{bucket}/{prefix}: {type(exc).__name__}: {exc}") from exc
+    if not objects:
+        raise WeightsError(f"no objects under s3://{bucket}/{prefix}")
+    return sorted(objects, key=lambda o: o["key"])
+
+
+def _relative(key: str, prefix: str) -> str:
+    if key == prefix:  # a single object: keep its file name
+        return Path(key).name
+    rel = key[len(prefix) + 1:] if prefix else key
+    parts = Path(rel).parts
+    if any(p in ("..", "") for p in parts) or Path(rel).is_absolute():
+        raise WeightsError(f"refusing S3 key that escapes its prefix: {key!r}")
+    return rel
+
+
+def _fetch_into(client, bucket: str, prefix: str, objects: list[dict], target: Path) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        payload = staging / "payload"
+        for obj in objects:
+            dest = payload / _relative(obj["key"], prefix)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                client.download_file(bucket, obj["key"], str(dest))
+            except Exception as exc:
+                raise WeightsError(f"cannot download s3://{bucket}/{obj['key']}: {type(exc).__name__}") from exc
+            _verify(dest, obj)
+        (staging / MANIFEST).write_text(json.dumps({"objects": objects, "prefix": prefix}))
+        old = None
+        if target.exists():
+            old = target.with_name(target.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(target, old)
+        os.rename(staging, target)  # atomic publish: readers see all or nothing
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _verify(path: Path, obj: dict) -> None:
+    size = path.stat().st_size
+    if size != obj["size"]:
+        raise WeightsError(f"download of {obj['key']} is {size} bytes, expected {obj['size']}")
+    etag = obj.get("etag", "")
+    if len(etag) == 32 and "-" not in etag:  # single-part upload: the ETag is the MD5
+        digest = hashlib.md5()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != etag:
+            raise WeightsError(f"checksum mismatch for {obj['key']}")
+
+
+def _manifest_matches(target: Path, objects: list[dict]) -> bool:
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("objects") == objects
+
+
+def _cached_payload(target: Path) -> Path | None:
+    return _payload(target) if (target / MANIFEST).exists() else None
+
+
+def _payload(target: Path) -> Path:
+    payload = target / "payload"
+    files = list(payload.iterdir()) if payload.is_dir() else []
+    manifest = json.loads((target / MANIFEST).read_text())
+    # a single object (a .safetensors checkpoint) resolves to the file itself
+    if len(manifest["objects"]) == 1 and manifest["objects"][0]["key"] == manifest["prefix"]:
+        return files[0]
+    return payload
