@@ -1,0 +1,1 @@
+"""InstantID model library (Ray-free)."""

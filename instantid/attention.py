@@ -1,0 +1,115 @@
+"""Decoupled cross-attention: the UNet attends to the text tokens and, separately, to the ID tokens.
+
+The UNet's ``encoder_hidden_states`` carry the text tokens followed by the ``num_tokens`` ID tokens. Each
+cross-attention layer computes ``attn(q, K_text, V_text) + scale * attn(q, to_k_ip(id), to_v_ip(id))`` and
+then applies the layer's own output projection. Self-attention layers are left untouched.
+
+``ip-adapter.bin['ip_adapter']`` numbers its tensors by each processor's position in the UNet's
+``attn_processors`` order, self-attention slots included (so SDXL's keys are ``1.to_k_ip.weight``,
+``3.to_k_ip.weight``, ...): ``install_identity_adapter`` reproduces that numbering.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import nn
+
+
+class IdentityAttnProcessor(nn.Module):
+    """Cross-attention processor with the extra ID-token branch (keys ``to_k_ip``, ``to_v_ip``).
+
+    ``scale`` is a float, or a tensor of one value per batch row so that requests with different
+    ``ip_adapter_scale`` can share one denoising batch.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int = 16):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.scale: float | torch.Tensor = 1.0
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    @staticmethod
+    def _attend(attn, query, key, value, mask=None):
+        b = query.shape[0]
+        head_dim = key.shape[-1] // attn.heads
+
+        def split(x):
+            return x.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        if encoder_hidden_states is None:
+            raise ValueError("IdentityAttnProcessor is for cross-attention layers only")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        split = encoder_hidden_states.shape[1] - self.num_tokens
+        text, ids = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+
+        out = self._attend(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
+        id_out = self._attend(attn, query, self.to_k_ip(ids), self.to_v_ip(ids))
+        scale = self.scale
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(device=id_out.device, dtype=id_out.dtype).view(-1, 1, 1)
+        out = out + scale * id_out
+
+        out = attn.to_out[1](attn.to_out[0](out))
+        if four_d:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def install_identity_adapter(unet, state_dict: dict[str, torch.Tensor], num_tokens: int) -> None:
+    """Give every cross-attention layer of ``unet`` an IdentityAttnProcessor loaded from ``state_dict``.
+
+    ``state_dict`` is ``ip-adapter.bin['ip_adapter']``. Missing or unexpected keys raise ValueError: a
+    partially loaded adapter would silently produce wrong images.
+    """
+    processors, expected = {}, set()
+    for index, (name, _) in enumerate(unet.attn_processors.items()):
+        if name.endswith("attn1.processor"):  # self-attention keeps the stock SDPA processor
+            processors[name] = AttnProcessor2_0()
+            continue
+        key = f"{index}.to_k_ip.weight"
+        if key not in state_dict:
+            raise ValueError(f"ip_adapter weights lack {key!r} (for {name}); not an adapter for this UNet")
+        hidden_size, cross_dim = state_dict[key].shape
+        proc = IdentityAttnProcessor(hidden_size, cross_dim, num_tokens)
+        proc.to_k_ip.weight.data.copy_(state_dict[key])
+        proc.to_v_ip.weight.data.copy_(state_dict[f"{index}.to_v_ip.weight"])
+        expected.update({key, f"{index}.to_v_ip.weight"})
+        processors[name] = proc.to(device=unet.device, dtype=unet.dtype)
+    unexpected = set(state_dict) - expected
+    if unexpected:
+        raise ValueError(f"ip_adapter weights have keys this UNet has no slot for: {sorted(unexpected)[:4]}")
+    unet.set_attn_processor(processors)
+
+
+def identity_processors(unet) -> list[IdentityAttnProcessor]:
+    return [p for p in unet.attn_processors.values() if isinstance(p, IdentityAttnProcessor)]
+
+
+def set_identity_scale(unet, scale: float | torch.Tensor) -> None:
+    for proc in identity_processors(unet):
+        proc.scale = scale

@@ -1,0 +1,127 @@
+"""Build an InstantIDPipeline from model references (hub id, local path, or s3://).
+
+- ``base_model``: an SDXL diffusers directory/repo (any fine-tune), or a single ``.safetensors`` checkpoint
+  (then ``base_config`` names the diffusers layout to read its configs from).
+- ``instantid``: a directory/repo in the official layout: ``ControlNetModel/`` (IdentityNet) and
+  ``ip-adapter.bin`` (``image_proj`` + ``ip_adapter``).
+- ``controlnets`` / ``loras``: name -> reference, for extra spatial ControlNets and LoRA weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel
+
+from .errors import InvalidParameterError, WeightsError
+from .pipeline import InstantIDPipeline
+from .weights import resolve
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_INSTANTID = "InstantX/InstantID"
+# What a hub download of an SDXL repo needs: configs, tokenizers and the non-variant safetensors weights.
+BASE_PATTERNS = ["*.json", "*.txt", "*/model.safetensors", "*/diffusion_pytorch_model.safetensors"]
+INSTANTID_PATTERNS = ["ControlNetModel/*", "ip-adapter.bin"]
+CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError("device", "cuda requested but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise InvalidParameterError("device", f"must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InvalidParameterError("dtype", f"must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
+    if device == "cpu" and dtype != "float32":
+        raise InvalidParameterError("dtype", "the CPU path runs in float32 only")
+    return DTYPES[dtype]
+
+
+def load_controlnet(path: Path, dtype: torch.dtype) -> ControlNetModel:
+    """A diffusers ControlNet directory: IdentityNet (``ControlNetModel/``) or an extra spatial ControlNet."""
+    if not (path / "config.json").is_file():
+        raise WeightsError(f"malformed ControlNet weights at {path}: missing config.json")
+    try:
+        return ControlNetModel.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"cannot load ControlNet from {path}: {exc}".splitlines()[0]) from exc
+
+
+def load_adapter_state(instantid_dir: Path) -> dict:
+    path = instantid_dir / "ip-adapter.bin"
+    if not path.is_file():
+        raise WeightsError(f"malformed InstantID weights at {instantid_dir}: missing ip-adapter.bin")
+    try:
+        # weights_only: the file is plain tensors in dicts; never execute pickled code from a checkpoint
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read {path}: {type(exc).__name__}") from exc
+
+
+def load_base(base_model: str, identitynet: ControlNetModel, dtype: torch.dtype,
+              base_config: str | None) -> InstantIDPipeline:
+    path = resolve(base_model, allow_patterns=BASE_PATTERNS)
+    try:
+        if path.is_file():
+            config = base_config or DEFAULT_BASE_MODEL
+            config = str(resolve(config, allow_patterns=["*.json", "*.txt"]))
+            return InstantIDPipeline.from_single_file(
+                str(path), controlnet=identitynet, torch_dtype=dtype, config=config, add_watermarker=False
+            )
+        if not (path / "model_index.json").is_file():
+            raise WeightsError(f"malformed SDXL weights at {path}: missing model_index.json")
+        return InstantIDPipeline.from_pretrained(
+            path, controlnet=identitynet, torch_dtype=dtype, add_watermarker=False
+        )
+    except WeightsError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise WeightsError(f"cannot load SDXL base model from {path}: {exc}".splitlines()[0]) from exc
+
+
+def load_pipeline(
+    base_model: str = DEFAULT_BASE_MODEL,
+    instantid: str = DEFAULT_INSTANTID,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    controlnets: dict[str, str] | None = None,
+    loras: dict[str, str] | None = None,
+    base_config: str | None = None,
+) -> InstantIDPipeline:
+    """Load everything, move it to the device, and return a ready pipeline."""
+    started = time.perf_counter()
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    instantid_dir = resolve(instantid, allow_patterns=INSTANTID_PATTERNS)
+    if not instantid_dir.is_dir():
+        raise WeightsError(f"InstantID weights must be a directory, got {instantid_dir}")
+    identitynet = load_controlnet(instantid_dir / "ControlNetModel", torch_dtype)
+    pipe = load_base(base_model, identitynet, torch_dtype, base_config)
+    try:
+        pipe.load_identity_adapter(load_adapter_state(instantid_dir))
+    except ValueError as exc:
+        raise WeightsError(f"ip-adapter.bin at {instantid_dir}: {exc}") from exc
+    for name, ref in (controlnets or {}).items():
+        pipe.add_controlnet(name, load_controlnet(resolve(ref, allow_patterns=CONTROLNET_PATTERNS), torch_dtype))
+    for name, ref in (loras or {}).items():
+        pipe.load_lora(name, ref)
+    pipe.to(device)
+    if torch_dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; the reference upcasts it for decoding too
+    log.info("pipeline loaded in %.1fs (%s, %s)", time.perf_counter() - started, device, torch_dtype)
+    return pipe

@@ -1,0 +1,384 @@
+"""InstantID on SDXL: the pipeline.
+
+Semantics are those of the official ``StableDiffusionXLInstantIDPipeline`` (which needs diffusers 0.25), on
+current diffusers:
+- the face embedding goes through the Resampler; with classifier-free guidance the unconditional branch uses
+  the projection of an all-zero embedding;
+- the UNet's cross-attention input is [text tokens; ID tokens] (decoupled attention, see attention.py);
+- IdentityNet (a ControlNet) sees the keypoint image and the ID tokens -- not the text -- and so do the
+  optional extra spatial ControlNets (as the official multi-ControlNet demo wires them); residuals add up in
+  order, each scaled by its conditioning scale times its guidance window [start, end];
+- initial latents (and ancestral noise) come from a CPU ``torch.Generator`` seeded per request.
+
+``generate`` takes several requests that share size, steps and scheduler and runs them as one denoising
+batch. Each request keeps its own latents, generator and scheduler state, so its images are the ones it would
+get alone (up to float rounding of batched matrix products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .attention import install_identity_adapter, set_identity_scale
+from .errors import InvalidParameterError, WeightsError
+from .resampler import Resampler
+from .schedulers import make_scheduler
+
+
+@dataclass
+class ControlInput:
+    """An extra spatial ControlNet (depth, canny, ...) applied alongside IdentityNet."""
+
+    name: str
+    image: PIL.Image.Image
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass
+class GenerationRequest:
+    """One request's conditioning. Size, steps and scheduler are shared by a batch and given to ``generate``."""
+
+    face_embedding: np.ndarray | torch.Tensor
+    keypoint_image: PIL.Image.Image
+    prompt: str = ""
+    negative_prompt: str | None = None
+    num_images: int = 1
+    seed: int | None = 0
+    generator: torch.Generator | None = None  # overrides seed (the official API takes a generator)
+    guidance_scale: float = 5.0
+    ip_adapter_scale: float = 0.8
+    controlnet_conditioning_scale: float = 0.8
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
+    controls: list[ControlInput] = field(default_factory=list)
+
+    def make_generator(self) -> torch.Generator:
+        if self.generator is not None:
+            return self.generator
+        # CPU generator, as diffusers does: one seed gives one image on any device
+        return torch.Generator("cpu").manual_seed(int(self.seed or 0))
+
+
+def _rows(values: list[float], counts: list[int], copies: int, like: torch.Tensor) -> float | torch.Tensor:
+    """Per-row scale for a batch laid out as ``copies`` blocks of requests; a float when all rows agree."""
+    if len(set(values)) == 1:
+        return values[0]
+    per_block = [v for v, n in zip(values, counts) for _ in range(n)]
+    return torch.tensor(per_block * copies, device=like.device, dtype=like.dtype)
+
+
+def _scale(tensor: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    if isinstance(scale, torch.Tensor):
+        return tensor * scale.view(-1, *([1] * (tensor.ndim - 1)))
+    return tensor * scale
+
+
+class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
+    """SDXL + IdentityNet (``controlnet``) + the identity adapter (Resampler and decoupled attention)."""
+
+    image_proj_model: Resampler | None = None
+    extra_controlnets: dict[str, ControlNetModel]
+
+    # -- loading ---------------------------------------------------------------------------------------
+    def load_identity_adapter(self, state: dict) -> None:
+        """Install ``ip-adapter.bin``'s two parts: ``image_proj`` (Resampler) and ``ip_adapter`` (attention)."""
+        if "image_proj" not in state or "ip_adapter" not in state:
+            raise ValueError("identity adapter weights must hold 'image_proj' and 'ip_adapter'")
+        resampler = Resampler.from_state_dict(state["image_proj"])
+        if resampler.proj_out.out_features != self.unet.config.cross_attention_dim:
+            raise ValueError(
+                f"adapter emits {resampler.proj_out.out_features}-d tokens, the UNet attends over "
+                f"{self.unet.config.cross_attention_dim}-d: not an adapter for this base model"
+            )
+        self.image_proj_model = resampler.to(device=self.unet.device, dtype=self.unet.dtype)
+        install_identity_adapter(self.unet, state["ip_adapter"], resampler.num_queries)
+
+    def add_controlnet(self, name: str, model: ControlNetModel) -> None:
+        if not hasattr(self, "extra_controlnets"):
+            self.extra_controlnets = {}
+        self.extra_controlnets[name] = model.to(device=self.unet.device, dtype=self.unet.dtype)
+
+    def load_lora(self, name: str, ref: str) -> None:
+        """Load LoRA weights (file, directory, hub id or s3://) as adapter ``name``; inactive until selected."""
+        from .weights import resolve
+
+        path = resolve(ref)
+        kwargs = {"weight_name": path.name} if path.is_file() else {}
+        try:
+            self.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise WeightsError(f"cannot load LoRA {name!r} from {ref}: {exc}".splitlines()[0]) from exc
+        self.loras = {**getattr(self, "loras", {}), name: ref}
+        self.set_loras({})
+
+    def set_loras(self, scales: dict[str, float]) -> None:
+        """Activate exactly the named LoRAs at the given scales (an empty dict turns LoRA off)."""
+        known = getattr(self, "loras", {})
+        unknown = set(scales) - set(known)
+        if unknown:
+            raise InvalidParameterError("loras", f"unknown LoRA {sorted(unknown)}; loaded: {sorted(known)}")
+        if not known:
+            return
+        if scales:
+            self.enable_lora()
+            self.set_adapters(list(scales), adapter_weights=list(scales.values()))
+        else:
+            self.disable_lora()
+
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        for module in [self.image_proj_model, *getattr(self, "extra_controlnets", {}).values()]:
+            if module is not None:
+                module.to(*args, **kwargs)
+        return self
+
+    # -- the official call signature -----------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str = "",
+        *,
+        image_embeds,
+        image: PIL.Image.Image,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        ip_adapter_scale: float = 0.8,
+        controlnet_conditioning_scale: float = 0.8,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        scheduler: str = "default",
+        controls: list[ControlInput] = (),
+        output_type: str = "pil",
+        callback: Callable[[int, int], None] | None = None,
+    ) -> StableDiffusionXLPipelineOutput:
+        request = GenerationRequest(
+            face_embedding=image_embeds,
+            keypoint_image=image,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_images=num_images_per_prompt,
+            generator=generator,
+            guidance_scale=guidance_scale,
+            ip_adapter_scale=ip_adapter_scale,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
+            controls=list(controls),
+        )
+        width = width or image.size[0]
+        height = height or image.size[1]
+        images = self.generate([request], width=width, height=height, steps=num_inference_steps,
+                               scheduler=scheduler, output_type=output_type, callback=callback)[0]
+        return StableDiffusionXLPipelineOutput(images=images)
+
+    # -- batched generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        width: int,
+        height: int,
+        steps: int = 30,
+        scheduler: str = "default",
+        output_type: str = "pil",
+        callback: Callable[[int, int], None] | None = None,
+    ) -> list:
+        """Run ``requests`` as one denoising batch; returns one list of images per request."""
+        # 1. Check inputs
+        self._check(requests, width, height, steps)
+        device, dtype = self._execution_device, self.unet.dtype
+        cfg = requests[0].guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        counts = [r.num_images for r in requests]
+        copies = 2 if cfg else 1
+
+        # 2. Encode prompts (text) and faces (ID tokens), per request, in the reference's [uncond, cond] order
+        neg_embeds, pos_embeds, neg_pooled, pos_pooled, neg_ids, pos_ids = [], [], [], [], [], []
+        for r in requests:
+            pe, ne, pp, npool = self.encode_prompt(
+                r.prompt, device=device, num_images_per_prompt=r.num_images, do_classifier_free_guidance=cfg,
+                negative_prompt=r.negative_prompt,
+            )
+            pos_embeds.append(pe), pos_pooled.append(pp)
+            if cfg:
+                neg_embeds.append(ne), neg_pooled.append(npool)
+            uncond_ids, cond_ids = self._encode_face(r.face_embedding, r.num_images, cfg, device, dtype)
+            pos_ids.append(cond_ids)
+            if cfg:
+                neg_ids.append(uncond_ids)
+        prompt_embeds = torch.cat(neg_embeds + pos_embeds)
+        pooled = torch.cat(neg_pooled + pos_pooled)
+        id_tokens = torch.cat(neg_ids + pos_ids)
+
+        # 3. Prepare control images: IdentityNet's keypoints, then each extra ControlNet's
+        identity_image = self._control_batch([r.keypoint_image for r in requests], counts, copies, width, height,
+                                             self.controlnet.dtype)
+        extra_names = [c.name for c in requests[0].controls]
+        extra_images = {
+            name: self._control_batch([r.controls[k].image for r in requests], counts, copies, width, height,
+                                      self.extra_controlnets[name].dtype)
+            for k, name in enumerate(extra_names)
+        }
+
+        # 4. Prepare timesteps: one scheduler per request (their state advances independently)
+        schedulers = [make_scheduler(scheduler, self.scheduler.config) for _ in requests]
+        for s in schedulers:
+            s.set_timesteps(steps, device=device)
+        timesteps = schedulers[0].timesteps
+
+        # 5. Prepare latents from each request's own CPU generator
+        generators = [r.make_generator() for r in requests]
+        shape_hw = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = [
+            randn_tensor((r.num_images, *shape_hw), generator=g, device=device, dtype=prompt_embeds.dtype)
+            * s.init_noise_sigma
+            for r, g, s in zip(requests, generators, schedulers)
+        ]
+        step_kwargs = [self.prepare_extra_step_kwargs(g, 0.0) for g in generators]
+
+        # 6. SDXL micro-conditioning and per-row scales
+        text_proj_dim = int(pooled.shape[-1]) if self.text_encoder_2 is None else \
+            self.text_encoder_2.config.projection_dim
+        time_ids = self._get_add_time_ids((height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
+                                          text_encoder_projection_dim=text_proj_dim)
+        added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(pooled.shape[0], 1)}
+        unet_context = torch.cat([prompt_embeds, id_tokens], dim=1)
+        timestep_cond = self._timestep_cond(requests, device, prompt_embeds.dtype)
+        set_identity_scale(self.unet, _rows([r.ip_adapter_scale for r in requests], counts, copies, id_tokens))
+        identity_window = [(r.controlnet_conditioning_scale, r.control_guidance_start, r.control_guidance_end)
+                           for r in requests]
+        extra_windows = {name: [(r.controls[k].scale, r.controls[k].start, r.controls[k].end) for r in requests]
+                         for k, name in enumerate(extra_names)}
+
+        # 7. Denoise
+        n = len(timesteps)
+        with self.progress_bar(total=n) as bar:
+            for i, t in enumerate(timesteps):
+                scaled = [s.scale_model_input(x, t) for s, x in zip(schedulers, latents)]
+                model_input = torch.cat(scaled * copies)
+                down, mid = self._control(self.controlnet, model_input, t, id_tokens, identity_image, added,
+                                          self._keep(identity_window, i, n), counts, copies)
+                for name in extra_names:
+                    d2, m2 = self._control(self.extra_controlnets[name], model_input, t, id_tokens,
+                                           extra_images[name], added, self._keep(extra_windows[name], i, n),
+                                           counts, copies)
+                    down = [a + b for a, b in zip(down, d2)]
+                    mid = mid + m2
+                noise = self.unet(
+                    model_input, t, encoder_hidden_states=unet_context, timestep_cond=timestep_cond,
+                    down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                    added_cond_kwargs=added, return_dict=False,
+                )[0]
+                latents = self._step(noise, t, latents, requests, schedulers, step_kwargs, counts, cfg)
+                bar.update()
+                if callback is not None:
+                    callback(i + 1, n)
+
+        # 8. Decode, per request (a request's images are decoded together, as the reference does)
+        if output_type == "latent":
+            return latents
+        return [self._decode(x, output_type) for x in latents]
+
+    # -- steps of generate ---------------------------------------------------------------------------
+    def _check(self, requests, width, height, steps) -> None:
+        if not requests:
+            raise InvalidParameterError("requests", "at least one request is needed")
+        if self.image_proj_model is None:
+            raise RuntimeError("identity adapter not loaded: call load_identity_adapter first")
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % 8:
+                raise InvalidParameterError(name, f"must be a positive multiple of 8, got {value}")
+        if steps < 1:
+            raise InvalidParameterError("steps", f"must be at least 1, got {steps}")
+        first = requests[0]
+        cfg = first.guidance_scale > 1
+        names = [c.name for c in first.controls]
+        for r in requests:
+            if (r.guidance_scale > 1) != cfg:
+                raise InvalidParameterError("guidance_scale", "a batch cannot mix guided and unguided requests")
+            if [c.name for c in r.controls] != names:
+                raise InvalidParameterError("controls", "a batch must use the same extra ControlNets")
+            if r.num_images < 1:
+                raise InvalidParameterError("num_images", "must be at least 1")
+            for c in r.controls:
+                if c.name not in getattr(self, "extra_controlnets", {}):
+                    raise InvalidParameterError("controls", f"unknown ControlNet {c.name!r}")
+
+    def _encode_face(self, embedding, num_images, cfg, device, dtype):
+        """ID tokens for one face; the unconditional branch projects an all-zero embedding."""
+        emb = torch.as_tensor(np.asarray(embedding, dtype=np.float32) if not isinstance(embedding, torch.Tensor)
+                              else embedding).to(device=device, dtype=dtype)
+        emb = emb.reshape(1, -1, self.image_proj_model.embedding_dim)
+        batch = torch.cat([torch.zeros_like(emb), emb]) if cfg else emb
+        tokens = self.image_proj_model(batch)
+        tokens = tokens.repeat_interleave(num_images, dim=0)
+        if cfg:
+            return tokens[:num_images], tokens[num_images:]
+        return None, tokens
+
+    def _control_batch(self, images, counts, copies, width, height, dtype) -> torch.Tensor:
+        prepared = [
+            self.prepare_image(image=img, width=width, height=height, batch_size=n, num_images_per_prompt=n,
+                               device=self._execution_device, dtype=dtype)
+            for img, n in zip(images, counts)
+        ]
+        return torch.cat(prepared * copies)
+
+    @staticmethod
+    def _keep(windows, i: int, n: int) -> list[float]:
+        """Conditioning scale of each request at step i: zero outside its [start, end] window."""
+        return [scale * (1.0 - float(i / n < start or (i + 1) / n > end)) for scale, start, end in windows]
+
+    def _control(self, net, model_input, t, id_tokens, image, added, scales, counts, copies):
+        row_scale = _rows(scales, counts, copies, model_input)
+        down, mid = net(
+            model_input, t, encoder_hidden_states=id_tokens, controlnet_cond=image,
+            conditioning_scale=row_scale if isinstance(row_scale, float) else 1.0,
+            added_cond_kwargs=added, return_dict=False,
+        )
+        if isinstance(row_scale, torch.Tensor):
+            down = [_scale(d, row_scale) for d in down]
+            mid = _scale(mid, row_scale)
+        return down, mid
+
+    def _timestep_cond(self, requests, device, dtype):
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        guidance = torch.cat([torch.tensor(r.guidance_scale - 1).repeat(r.num_images) for r in requests])
+        return self.get_guidance_scale_embedding(guidance, embedding_dim=dim).to(device=device, dtype=dtype)
+
+    @staticmethod
+    def _step(noise, t, latents, requests, schedulers, step_kwargs, counts, cfg):
+        total = sum(counts)
+        uncond, cond = (noise[:total], noise[total:]) if cfg else (None, noise)
+        out, start = [], 0
+        for r, s, kw, x, n in zip(requests, schedulers, step_kwargs, latents, counts):
+            pred = cond[start:start + n]
+            if cfg:
+                u = uncond[start:start + n]
+                pred = u + r.guidance_scale * (pred - u)
+            out.append(s.step(pred, t, x, **kw, return_dict=False)[0])
+            start += n
+        return out
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        vae = self.vae
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type)
