@@ -1,0 +1,224 @@
+{{/* vim: set filetype=mustache: */}}
+{{/*
+Names, labels and small shared fragments. One template file per rendered object; everything they share
+lives here (and the Serve config in _serve-config.tpl, the pod templates in _pod-template.tpl).
+*/}}
+
+{{/* Chart name, overridable. */}}
+{{- define "instantid.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Fully qualified name used as the prefix of every object. Kept at 40 characters at most: KubeRay derives
+RayCluster, Service and pod names from the RayService name and appends suffixes of its own.
+*/}}
+{{- define "instantid.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "name-version" for the helm.sh/chart label. */}}
+{{- define "instantid.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object the chart renders. */}}
+{{- define "instantid.labels" -}}
+helm.sh/chart: {{ include "instantid.chart" . }}
+{{ include "instantid.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: instantid-serve
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels that identify the release's own objects. */}}
+{{- define "instantid.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "instantid.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/*
+Labels of the Ray pods. No app.kubernetes.io/name here: KubeRay sets it to "kuberay" on the pods it creates
+and a template value would override it. The labels survive KubeRay's blue/green cluster switch, so the
+PodMonitor, the metrics Service and the PodDisruptionBudget select with them (plus ray.io/is-ray-node).
+*/}}
+{{- define "instantid.podLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: instantid-serve
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector of all Ray pods of this release (any RayCluster generation). */}}
+{{- define "instantid.rayPodSelector" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: instantid-serve
+ray.io/is-ray-node: "yes"
+{{- end -}}
+
+{{/* Object names. */}}
+{{- define "instantid.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "instantid.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "instantid.serveServiceName" -}}
+{{- printf "%s-serve" (include "instantid.fullname" .) -}}
+{{- end -}}
+
+{{- define "instantid.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "instantid.fullname" .) -}}
+{{- end -}}
+
+{{- define "instantid.apiKeysSecretName" -}}
+{{- default (printf "%s-api-keys" (include "instantid.fullname" .)) .Values.apiKeys.existingSecret -}}
+{{- end -}}
+
+{{- define "instantid.hfSecretName" -}}
+{{- default (printf "%s-hf-token" (include "instantid.fullname" .)) .Values.huggingface.existingSecret -}}
+{{- end -}}
+
+{{- define "instantid.awsSecretName" -}}
+{{- default (printf "%s-aws" (include "instantid.fullname" .)) .Values.aws.existingSecret -}}
+{{- end -}}
+
+{{- define "instantid.modelCacheClaimName" -}}
+{{- default (printf "%s-model-cache" (include "instantid.fullname" .)) .Values.modelCache.persistence.existingClaim -}}
+{{- end -}}
+
+{{/* Image reference; the tag defaults to the chart's appVersion. */}}
+{{- define "instantid.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) -}}
+{{- end -}}
+
+{{/* Switches derived from values. */}}
+{{- define "instantid.hfTokenEnabled" -}}
+{{- if or .Values.huggingface.existingSecret .Values.huggingface.token -}}true{{- end -}}
+{{- end -}}
+
+{{- define "instantid.awsCredentialsEnabled" -}}
+{{- if or .Values.aws.existingSecret (and .Values.aws.accessKeyId .Values.aws.secretAccessKey) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Custom Ray resource of the CPU face group: name and one-replica request. */}}
+{{- define "instantid.cpuPoolResource" -}}
+{{- .Values.faceWorker.customResource.name -}}
+{{- end -}}
+
+{{/*
+Environment of every Ray container: model cache locations, hub/S3 credentials, API-key hashes.
+*/}}
+{{- define "instantid.env" -}}
+{{- $mount := trimSuffix "/" .Values.modelCache.mountPath -}}
+- name: HF_HOME
+  value: {{ printf "%s/huggingface" $mount | quote }}
+- name: INSTANTID_CACHE
+  value: {{ printf "%s/instantid" $mount | quote }}
+- name: INSIGHTFACE_HOME
+  value: {{ printf "%s/insightface" $mount | quote }}
+- name: HF_HUB_DISABLE_TELEMETRY
+  value: "1"
+{{- if .Values.huggingface.offline }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+{{- if include "instantid.hfTokenEnabled" . }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "instantid.hfSecretName" . }}
+      key: {{ .Values.huggingface.existingSecretKey }}
+{{- end }}
+{{- with .Values.aws.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.aws.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- if include "instantid.awsCredentialsEnabled" . }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "instantid.awsSecretName" . }}
+      key: {{ .Values.aws.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "instantid.awsSecretName" . }}
+      key: {{ .Values.aws.secretAccessKeyKey }}
+{{- end }}
+{{- if .Values.app.auth.enabled }}
+- name: INSTANTID_API_KEY_HASHES
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "instantid.apiKeysSecretName" . }}
+      key: {{ .Values.apiKeys.existingSecretKey }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Render-time checks that a JSON schema cannot express (relations between values).
+*/}}
+{{- define "instantid.validate" -}}
+{{- $gen := .Values.serve.deployments.Generator -}}
+{{- $genGpus := default 0 $gen.ray_actor_options.num_gpus | float64 -}}
+{{- $gw := .Values.generatorWorker -}}
+{{- if gt $genGpus (float64 $gw.gpusPerPod) -}}
+{{- fail (printf "serve.deployments.Generator.ray_actor_options.num_gpus (%v) is more than generatorWorker.gpusPerPod (%v): no GPU pod could host a replica" $gen.ray_actor_options.num_gpus $gw.gpusPerPod) -}}
+{{- end -}}
+{{- if gt $genGpus 0.0 -}}
+{{- $perPod := floor (divf (float64 $gw.gpusPerPod) $genGpus) -}}
+{{- if gt (float64 $gen.autoscaling_config.max_replicas) (mulf $perPod (float64 $gw.maxReplicas)) -}}
+{{- fail (printf "serve.deployments.Generator.autoscaling_config.max_replicas (%v) needs more GPU pods than generatorWorker.maxReplicas (%v) with %v replica(s) per pod" $gen.autoscaling_config.max_replicas $gw.maxReplicas $perPod) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $group := dict "faceWorker" .Values.faceWorker "generatorWorker" .Values.generatorWorker -}}
+{{- if gt (int $group.minReplicas) (int $group.maxReplicas) -}}
+{{- fail (printf "%s.minReplicas (%v) is greater than %s.maxReplicas (%v)" $name $group.minReplicas $name $group.maxReplicas) -}}
+{{- end -}}
+{{- if or (lt (int $group.replicas) (int $group.minReplicas)) (gt (int $group.replicas) (int $group.maxReplicas)) -}}
+{{- fail (printf "%s.replicas (%v) must lie between minReplicas (%v) and maxReplicas (%v)" $name $group.replicas $group.minReplicas $group.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $dep := .Values.serve.deployments -}}
+{{- with $dep.autoscaling_config -}}
+{{- if gt (int .min_replicas) (int .max_replicas) -}}
+{{- fail (printf "serve.deployments.%s.autoscaling_config.min_replicas (%v) is greater than max_replicas (%v)" $name .min_replicas .max_replicas) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.monitoring.podMonitor.enabled .Values.monitoring.serviceMonitor.enabled -}}
+{{- fail "monitoring.podMonitor.enabled and monitoring.serviceMonitor.enabled scrape the same pods twice: enable one" -}}
+{{- end -}}
+{{- if and (not .Values.serviceAccount.create) (not .Values.serviceAccount.name) -}}
+{{- fail "serviceAccount.name is required when serviceAccount.create is false (the autoscaler is bound to the head pod's ServiceAccount)" -}}
+{{- end -}}
+{{- if and (ne .Values.serve.proxyLocation "EveryNode") .Values.rayService.excludeHeadPodFromServeSvc -}}
+{{- fail (printf "serve.proxyLocation %s puts no proxy on the workers, so rayService.excludeHeadPodFromServeSvc must be false" .Values.serve.proxyLocation) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,93 @@
+{{/*
+Pod template of one Ray node group (head, face, generator).
+Call with: dict "root" $ "group" <group values> "component" <label> "containerName" <name>
+                "resources" <container resources> "ports" <container ports>
+*/}}
+{{- define "instantid.podTemplate" -}}
+{{- $root := .root -}}
+{{- $g := .group -}}
+metadata:
+  labels:
+    {{- include "instantid.podLabels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+    {{- with $g.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $g.annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "instantid.serviceAccountName" $root }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $root.Values.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $g.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $g.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $g.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $g.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .containerName }}
+      image: {{ include "instantid.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      ports:
+        {{- toYaml .ports | nindent 8 }}
+      env:
+        {{- include "instantid.env" $root | nindent 8 }}
+        {{- with $g.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $root.Values.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      resources:
+        {{- toYaml .resources | nindent 8 }}
+      {{- with $root.Values.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: model-cache
+          mountPath: {{ $root.Values.modelCache.mountPath }}
+        - name: dshm
+          mountPath: /dev/shm
+  volumes:
+    - name: model-cache
+      {{- if $root.Values.modelCache.persistence.enabled }}
+      persistentVolumeClaim:
+        claimName: {{ include "instantid.modelCacheClaimName" $root }}
+      {{- else }}
+      emptyDir:
+        sizeLimit: {{ $root.Values.modelCache.emptyDirSizeLimit }}
+      {{- end }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $g.shmSize }}
+{{- end -}}
+
+{{/* rayStartParams as a YAML map whose values are all strings (the CRD's type). */}}
+{{- define "instantid.rayStartParams" -}}
+{{- $out := dict -}}
+{{- range $key, $val := . -}}
+{{- $_ := set $out $key (toString $val) -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}

@@ -1,0 +1,280 @@
+"""The ``instantid`` command: generate, analyze, make-tiny.
+
+Bad input gets one line on stderr and a non-zero exit, and nothing is written. Inputs are checked before any
+model is loaded, so a typo costs milliseconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InstantIDError, InvalidParameterError
+
+EXIT_INPUT = 1  # the user's input or configuration is wrong
+EXIT_INTERNAL = 3  # a bug or an environment failure
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _lora(value: str) -> tuple[str, float]:
+    """PATH[:SCALE]; the scale is split off only when the last ':' part is a number (s3:// has colons)."""
+    path, sep, scale = value.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instantid", description="InstantID identity-preserving generation.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images of the person in --face")
+    models = gen.add_argument_group("models (hub id, local path or s3://)")
+    models.add_argument("--base-model", default="stabilityai/stable-diffusion-xl-base-1.0",
+                        help="SDXL diffusers dir/repo or a single .safetensors checkpoint")
+    models.add_argument("--base-config", default=None,
+                        help="diffusers layout to take configs from when --base-model is a single file")
+    models.add_argument("--instantid", default="InstantX/InstantID",
+                        help="directory/repo with ControlNetModel/ and ip-adapter.bin")
+    models.add_argument("--face-model", default="antelopev2", help="insightface pack name, directory or s3://")
+    models.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:SCALE]")
+    models.add_argument("--controlnet", action="append", default=[], metavar="REF",
+                        help="extra spatial ControlNet; pair each with --control-image")
+    models.add_argument("--control-image", action="append", default=[], metavar="IMG")
+    models.add_argument("--control-scale", action="append", default=[], type=float, metavar="F")
+
+    who = gen.add_argument_group("identity and pose")
+    who.add_argument("--face", action="append", default=[], metavar="IMG",
+                     help="reference photo; repeat for several (their embeddings are averaged)")
+    who.add_argument("--face-embedding", metavar="E.npy", help="a saved 512-d embedding instead of --face")
+    who.add_argument("--face-kps", metavar="K.json", help="five [x, y] points on the output canvas")
+    who.add_argument("--pose", metavar="IMG", help="take the keypoints from this photo instead")
+
+    what = gen.add_argument_group("generation")
+    what.add_argument("--prompt", default="", help="text prompt (empty: image-only)")
+    what.add_argument("--negative-prompt", default=None)
+    what.add_argument("--style", default=None, help="named style preset (see instantid/styles.json)")
+    what.add_argument("--width", type=int, default=1024)
+    what.add_argument("--height", type=int, default=1024)
+    what.add_argument("--steps", type=int, default=30)
+    what.add_argument("--guidance-scale", type=float, default=5.0)
+    what.add_argument("--ip-adapter-scale", type=float, default=0.8)
+    what.add_argument("--controlnet-conditioning-scale", type=float, default=0.8)
+    what.add_argument("--control-guidance-start", type=float, default=0.0)
+    what.add_argument("--control-guidance-end", type=float, default=1.0)
+    what.add_argument("--num-images", type=int, default=1)
+    what.add_argument("--seed", type=int, default=None, help="random when absent (printed)")
+    what.add_argument("--scheduler", default="default",
+                      help="default (the model's own), euler, euler_a, dpmpp_2m_karras, lcm")
+    what.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    what.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    what.add_argument("--output", required=True, help="PATH.png/.jpg/.webp; -N suffixes for several images")
+
+    ana = sub.add_parser("analyze", help="detect faces; print JSON and save embeddings")
+    ana.add_argument("images", nargs="+", metavar="IMG")
+    ana.add_argument("--face-model", default="antelopev2")
+    ana.add_argument("--output-dir", default=".", help="where <image>.face<N>.npy embeddings are saved")
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight bundle (plumbing tests, not images)")
+    tiny.add_argument("directory")
+    return parser
+
+
+# -- generate -------------------------------------------------------------------------------------------
+def _check_generate(args) -> None:
+    """Everything that can be checked without loading a model."""
+    from .schedulers import NAMES
+
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value <= 0 or value % 8:
+            raise InvalidParameterError(f"--{name}", f"must be a positive multiple of 8, got {value}")
+    if args.steps < 1:
+        raise InvalidParameterError("--steps", "must be at least 1")
+    if args.num_images < 1:
+        raise InvalidParameterError("--num-images", "must be at least 1")
+    if args.scheduler not in NAMES:
+        raise InvalidParameterError("--scheduler", f"unknown {args.scheduler!r}; choose one of {list(NAMES)}")
+    if bool(args.face) == bool(args.face_embedding):
+        raise InvalidParameterError("--face", "give either --face IMG (repeatable) or --face-embedding E.npy")
+    if args.face_embedding and not (args.face_kps or args.pose):
+        raise InvalidParameterError("--face-kps", "--face-embedding needs --face-kps K.json or --pose IMG")
+    if len(args.control_image) != len(args.controlnet):
+        raise InvalidParameterError("--control-image", "give one --control-image per --controlnet")
+    if args.control_scale and len(args.control_scale) != len(args.controlnet):
+        raise InvalidParameterError("--control-scale", "give one --control-scale per --controlnet, or none")
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in FORMATS:
+        raise InvalidParameterError("--output", f"extension must be one of {sorted(FORMATS)}, got {suffix!r}")
+    if not Path(args.output).expanduser().resolve().parent.is_dir():
+        raise InvalidParameterError("--output", f"directory {Path(args.output).parent} does not exist")
+
+
+def _read_embedding(path: str) -> np.ndarray:
+    from .face import validate_embedding
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidParameterError("--face-embedding", f"cannot read {path}: {exc}") from exc
+    return validate_embedding(data)
+
+
+def _read_kps(path: str) -> np.ndarray:
+    from .face import validate_keypoints
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidParameterError("--face-kps", f"cannot read {path}: {exc}") from exc
+    return validate_keypoints(data)
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output).expanduser()
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
+
+
+def _save_all(images, paths: list[Path]) -> None:
+    """Write every image to a temporary file first; rename only when all succeeded (nothing partial)."""
+    staged = []
+    try:
+        for image, path in zip(images, paths):
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
+            os.close(fd)
+            staged.append((tmp, path))
+            image.save(tmp, format=FORMATS[path.suffix.lower()])
+        for tmp, path in staged:
+            os.replace(tmp, path)
+        staged = []
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def cmd_generate(args) -> int:
+    from .face import load_image
+    from .identity import Pose, build_identity, build_pose
+    from .styles import apply_style
+
+    _check_generate(args)
+    prompt, negative = apply_style(args.style, args.prompt, args.negative_prompt)
+    faces = [(path, load_image(path)) for path in args.face]
+    pose_photo = (args.pose, load_image(args.pose)) if args.pose else None
+    controls = [load_image(path) for path in args.control_image]
+    embedding = _read_embedding(args.face_embedding) if args.face_embedding else None
+    kps = _read_kps(args.face_kps) if args.face_kps else None
+
+    pose = Pose(kps, (args.width, args.height)) if kps is not None else None
+    if faces or pose_photo:
+        from .face import FaceAnalyzer
+
+        analyzer = FaceAnalyzer(args.face_model)
+        if faces:
+            identity = build_identity(analyzer, faces)
+            embedding, pose = identity.embedding, pose or identity.pose
+        if pose_photo:
+            pose = build_pose(analyzer, *pose_photo)
+
+    from .loading import load_pipeline
+    from .pipeline import ControlInput, GenerationRequest
+
+    loras = {f"lora{i}": path for i, (path, _) in enumerate(args.lora)}
+    controlnets = {f"control{i}": ref for i, ref in enumerate(args.controlnet)}
+    pipe = load_pipeline(args.base_model, args.instantid, device=args.device, dtype=args.dtype,
+                         controlnets=controlnets, loras=loras, base_config=args.base_config)
+    pipe.set_loras({f"lora{i}": scale for i, (_, scale) in enumerate(args.lora)})
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    scales = args.control_scale or [1.0] * len(controls)
+    request = GenerationRequest(
+        face_embedding=embedding, keypoint_image=pose.draw(args.width, args.height), prompt=prompt,
+        negative_prompt=negative, num_images=args.num_images, seed=seed, guidance_scale=args.guidance_scale,
+        ip_adapter_scale=args.ip_adapter_scale, controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+        control_guidance_start=args.control_guidance_start, control_guidance_end=args.control_guidance_end,
+        controls=[ControlInput(name, img.resize((args.width, args.height)), scale)
+                  for name, img, scale in zip(controlnets, controls, scales)],
+    )
+    images = pipe.generate([request], width=args.width, height=args.height, steps=args.steps,
+                           scheduler=args.scheduler)[0]
+    paths = _output_paths(args.output, len(images))
+    _save_all(images, paths)
+    for path in paths:
+        print(path)
+    print(f"seed: {seed}", file=sys.stderr)
+    return 0
+
+
+# -- analyze --------------------------------------------------------------------------------------------
+def cmd_analyze(args) -> int:
+    from .face import FaceAnalyzer, load_image, resize_for_analysis
+
+    images = [(path, load_image(path)) for path in args.images]  # all readable before any work
+    out_dir = Path(args.output_dir)
+    if not out_dir.is_dir():
+        raise InvalidParameterError("--output-dir", f"{out_dir} is not a directory")
+    analyzer = FaceAnalyzer(args.face_model)
+    report, arrays = [], []
+    for path, image in images:
+        canvas = resize_for_analysis(image)
+        # report coordinates on the original photo; embeddings are computed on the analysed canvas
+        scale = np.array([image.size[0] / canvas.size[0], image.size[1] / canvas.size[1]])
+        faces = []
+        for i, face in enumerate(analyzer.analyze(canvas)):
+            target = out_dir / f"{Path(path).stem}.face{i}.npy"
+            arrays.append((target, face.embedding))
+            faces.append({
+                "bbox": (face.bbox.reshape(2, 2) * scale).reshape(4).round(2).tolist(),
+                "score": round(float(face.score), 4),
+                "kps": (face.kps * scale).round(2).tolist(),
+                "embedding": str(target),
+            })
+        report.append({"image": path, "width": image.size[0], "height": image.size[1], "faces": faces})
+    for target, embedding in arrays:
+        np.save(target, embedding)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+
+    root = make_tiny(args.directory)
+    print(root)
+    print("tiny random weights: outputs are noise, for plumbing tests only", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    commands = {"generate": cmd_generate, "analyze": cmd_analyze, "make-tiny": cmd_make_tiny}
+    try:
+        return commands[args.command](args)
+    except InstantIDError as exc:
+        print(f"instantid: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # an environment failure or a bug: one line unless --debug
+        if args.debug:
+            raise
+        print(f"instantid: internal error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
