@@ -91,14 +91,16 @@ def install_identity_adapter(unet, state_dict: dict[str, torch.Tensor], num_toke
         if name.endswith("attn1.processor"):  # self-attention keeps the stock SDPA processor
             processors[name] = AttnProcessor2_0()
             continue
-        key = f"{index}.to_k_ip.weight"
-        if key not in state_dict:
-            raise ValueError(f"ip_adapter weights lack {key!r} (for {name}); not an adapter for this UNet")
+        key, value_key = f"{index}.to_k_ip.weight", f"{index}.to_v_ip.weight"
+        for needed in (key, value_key):
+            if needed not in state_dict:
+                raise ValueError(f"ip_adapter weights lack {needed!r} (for {name}); not an adapter for this UNet")
         hidden_size, cross_dim = state_dict[key].shape
-        proc = IdentityAttnProcessor(hidden_size, cross_dim, num_tokens)
-        proc.to_k_ip.weight.data.copy_(state_dict[key])
-        proc.to_v_ip.weight.data.copy_(state_dict[f"{index}.to_v_ip.weight"])
-        expected.update({key, f"{index}.to_v_ip.weight"})
+        with torch.device("meta"):  # no random init of weights that are replaced right away
+            proc = IdentityAttnProcessor(hidden_size, cross_dim, num_tokens)
+        proc.load_state_dict({"to_k_ip.weight": state_dict[key], "to_v_ip.weight": state_dict[value_key]},
+                             assign=True)
+        expected.update({key, value_key})
         processors[name] = proc.to(device=unet.device, dtype=unet.dtype)
     unexpected = set(state_dict) - expected
     if unexpected:

@@ -111,6 +111,7 @@ class Resampler(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Resampler":
-        model = cls(**cls.config_from_state_dict(state))
-        model.load_state_dict(state, strict=True)
+        with torch.device("meta"):  # no random init of weights that are replaced right away
+            model = cls(**cls.config_from_state_dict(state))
+        model.load_state_dict(state, strict=True, assign=True)
         return model.eval()

@@ -1,0 +1,115 @@
+"""Decoupled cross-attention against its formula, and the official ip_adapter key numbering on SDXL."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+
+from instantid.attention import IdentityAttnProcessor, install_identity_adapter, set_identity_scale
+from instantid.real_configs import SDXL_UNET
+
+
+def _softmax_attention(q, k, v, heads):
+    def split(t):
+        b, n, w = t.shape
+        return t.reshape(b, n, heads, w // heads).transpose(1, 2)
+
+    q, k, v = split(q), split(k), split(v)
+    w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    out = w @ v
+    return out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3])
+
+
+@pytest.fixture()
+def layer():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16, bias=False, out_bias=True)
+    proc = IdentityAttnProcessor(hidden_size=32, cross_attention_dim=24, num_tokens=4)
+    attn.set_processor(proc)
+    return attn, proc
+
+
+def test_output_is_text_attention_plus_scaled_id_attention(layer):
+    attn, proc = layer
+    proc.scale = 0.7
+    x, context = torch.randn(2, 10, 32), torch.randn(2, 7 + 4, 24)
+    text, ids = context[:, :7], context[:, 7:]
+    q = x @ attn.to_q.weight.T
+    expected = _softmax_attention(q, text @ attn.to_k.weight.T, text @ attn.to_v.weight.T, 2) + 0.7 * \
+        _softmax_attention(q, ids @ proc.to_k_ip.weight.T, ids @ proc.to_v_ip.weight.T, 2)
+    expected = expected @ attn.to_out[0].weight.T + attn.to_out[0].bias
+    torch.testing.assert_close(attn(x, encoder_hidden_states=context), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_scale_is_plain_text_attention(layer):
+    attn, proc = layer
+    x, context = torch.randn(1, 10, 32), torch.randn(1, 11, 24)
+    proc.scale = 0.0
+    with_ids = attn(x, encoder_hidden_states=context)
+    # changing the ID tokens must not matter at scale 0
+    context[:, 7:] = torch.randn(1, 4, 24)
+    torch.testing.assert_close(attn(x, encoder_hidden_states=context), with_ids)
+
+
+def test_per_row_scale_equals_separate_runs(layer):
+    attn, proc = layer
+    x, context = torch.randn(3, 10, 32), torch.randn(3, 11, 24)
+    proc.scale = torch.tensor([0.2, 0.8, 1.3])
+    batched = attn(x, encoder_hidden_states=context)
+    for row, s in enumerate([0.2, 0.8, 1.3]):
+        proc.scale = s
+        torch.testing.assert_close(batched[row:row + 1], attn(x[row:row + 1], encoder_hidden_states=context[row:row + 1]))
+
+
+def _official_numbering(unet):
+    """The checkpoint's rule, written out: every processor takes a number; cross-attention ones hold weights."""
+    channels = SDXL_UNET["block_out_channels"]
+    keys = {}
+    for index, name in enumerate(unet.attn_processors):
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = channels[int(name[len("down_blocks.")])]
+        for part in ("to_k_ip", "to_v_ip"):
+            keys[f"{index}.{part}.weight"] = (hidden, SDXL_UNET["cross_attention_dim"])
+    return keys
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet():
+    with torch.device("meta"):  # the real architecture, without allocating 10 GB of weights
+        return UNet2DConditionModel(**SDXL_UNET)
+
+
+def test_sdxl_numbering_is_odd_slots(sdxl_unet):
+    keys = _official_numbering(sdxl_unet)
+    numbers = sorted({int(k.split(".")[0]) for k in keys})
+    assert numbers == list(range(1, 140, 2))  # 70 cross-attention layers after 70 self-attention ones
+    assert keys["1.to_k_ip.weight"] == (640, 2048)  # down_blocks.1
+    # the UNet registers up_blocks before mid_block, so the mid block's layers take the last numbers
+    assert keys["139.to_v_ip.weight"] == (1280, 2048)
+    assert list(sdxl_unet.attn_processors)[139].startswith("mid_block")
+
+
+def test_official_layout_loads_without_missing_or_unexpected_keys(sdxl_unet):
+    state = {k: torch.empty(shape, device="meta") for k, shape in _official_numbering(sdxl_unet).items()}
+    install_identity_adapter(sdxl_unet, state, num_tokens=16)
+    procs = [p for p in sdxl_unet.attn_processors.values() if isinstance(p, IdentityAttnProcessor)]
+    assert len(procs) == 70
+    set_identity_scale(sdxl_unet, 0.5)
+    assert all(p.scale == 0.5 for p in procs)
+
+
+@pytest.mark.parametrize("corrupt", ["missing", "unexpected"])
+def test_incomplete_or_foreign_adapter_is_refused(sdxl_unet, corrupt):
+    state = {k: torch.empty(shape, device="meta") for k, shape in _official_numbering(sdxl_unet).items()}
+    if corrupt == "missing":
+        del state["71.to_v_ip.weight"]
+    else:
+        state["140.to_k_ip.weight"] = torch.empty(640, 2048, device="meta")
+    with pytest.raises(ValueError):
+        install_identity_adapter(sdxl_unet, state, num_tokens=16)
