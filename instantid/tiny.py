@@ -127,11 +127,21 @@ def write_sdxl(directory: Path):
         add_watermarker=False,
     )
     pipe.save_pretrained(directory, safe_serialization=True)
+    _prefix_text_model(directory / "text_encoder" / "model.safetensors")
     for name, source in (("tokenizer", tmp / "a"), ("tokenizer_2", tmp / "b")):
         _rmtree(directory / name)  # keep the hand-written files: the layout of SDXL's own repos
         source.rename(directory / name)
     _rmtree(tmp)
     return pipe
+
+
+def _prefix_text_model(path: Path) -> None:
+    """Store CLIP-L's weights under ``text_model.*`` as SDXL's repo does (transformers 5 saves them bare)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    if not any(k.startswith("text_model.") for k in state):
+        save_file({f"text_model.{k}": v for k, v in state.items()}, path, metadata={"format": "pt"})
 
 
 def write_instantid(directory: Path, unet) -> None:
