@@ -218,6 +218,16 @@ Render-time checks that a JSON schema cannot express (relations between values).
 {{- if and (not .Values.serviceAccount.create) (not .Values.serviceAccount.name) -}}
 {{- fail "serviceAccount.name is required when serviceAccount.create is false (the autoscaler is bound to the head pod's ServiceAccount)" -}}
 {{- end -}}
+{{- $store := toString .Values.app.identity_store -}}
+{{- if not (hasPrefix "s3://" $store) -}}
+{{- $mount := printf "%s/" (trimSuffix "/" .Values.modelCache.mountPath) -}}
+{{- if or (not .Values.modelCache.persistence.enabled) (not (hasPrefix $mount $store)) -}}
+{{- fail (printf "app.identity_store %q is not shared by the replicas: use s3://bucket/prefix, or a path under modelCache.mountPath (%s) with modelCache.persistence.enabled" $store .Values.modelCache.mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" (include "instantid.fullname" .)) -}}
+{{- fail (printf "the object prefix %q must be a DNS-1035 label (start with a letter): KubeRay requires it of the RayService name; set fullnameOverride" (include "instantid.fullname" .)) -}}
+{{- end -}}
 {{- if and (ne .Values.serve.proxyLocation "EveryNode") .Values.rayService.excludeHeadPodFromServeSvc -}}
 {{- fail (printf "serve.proxyLocation %s puts no proxy on the workers, so rayService.excludeHeadPodFromServeSvc must be false" .Values.serve.proxyLocation) -}}
 {{- end -}}

@@ -1,0 +1,82 @@
+# syntax=docker/dockerfile:1.7
+#
+# InstantID Serve image: the official Ray GPU image of the pinned Ray version plus this project with its
+# serve and GPU extras. The same image runs the Ray head, the CPU face workers and the GPU generator workers
+# (KubeRay replaces the command with `ray start`), and the `helm test` pod.
+#
+#   docker build -t registry.example.com/ml/instantid-serve:0.1.0 .
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 -t ...:0.1.0-cu126 .
+#
+# Ray images are tagged <ray version>-<python>-<platform>: "gpu" aliases the default CUDA build of that
+# Ray release (cuXXX tags pin one). RAY_VERSION must equal ray[serve]==... in pyproject.toml and the chart's
+# rayVersion (tests/helm/test_chart_dockerfile.py checks all three).
+ARG RAY_VERSION=2.60.0
+ARG PYTHON_TAG=py311
+ARG RAY_PLATFORM=gpu
+ARG BASE_IMAGE=rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${RAY_PLATFORM}
+
+# ---------------------------------------------------------------------------------------------------------
+# Build stage: wheels for everything that needs a compiler (insightface ships only an sdist) and the project.
+FROM ${BASE_IMAGE} AS wheels
+USER root
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential \
+ && rm -rf /var/lib/apt/lists/*
+USER ray
+WORKDIR /home/ray/src
+COPY --chown=ray:users pyproject.toml README.md* ./
+COPY --chown=ray:users instantid ./instantid
+COPY --chown=ray:users deployments ./deployments
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /home/ray/wheels . "insightface>=0.7.3"
+
+# ---------------------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE}
+ARG RAY_VERSION
+# CUDA build of torch; match it to the CUDA of the base image and to the GPU nodes' driver.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# Empty: the newest torch on that index that satisfies pyproject.toml (torch>=2.4); set to pin, e.g. 2.9.1.
+ARG TORCH_VERSION=""
+
+LABEL org.opencontainers.image.title="instantid-serve" \
+      org.opencontainers.image.description="InstantID identity-preserving generation on Ray Serve" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.ray.version="${RAY_VERSION}"
+
+# Model cache: a mount point for the chart's PersistentVolumeClaim (an empty directory without one).
+USER root
+RUN mkdir -p /models/huggingface /models/instantid /models/insightface /models/identities \
+ && chown -R ray:users /models \
+ && chmod -R g+rwX /models
+
+# From here on the image runs as the unprivileged "ray" user (uid 1000, gid 100) of the Ray image.
+USER ray
+ENV HF_HOME=/models/huggingface \
+    INSTANTID_CACHE=/models/instantid \
+    INSIGHTFACE_HOME=/models/insightface \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# 1) torch from the CUDA index first, so the project's `torch>=2.4` is already satisfied by the CUDA build
+#    (PyPI would otherwise be free to pick its default wheel).
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch${TORCH_VERSION:+==${TORCH_VERSION}}"
+
+# 2) The project (its wheel, by path: never a same-named package from an index) with its serve and GPU
+#    extras. Ray stays at the base image's version (pinned twice: here and by the serve extra).
+#    onnxruntime (CPU, a base dependency) and onnxruntime-gpu (the gpu extra) install the same module and
+#    overwrite each other; only the GPU build is kept, which also runs on the CPU face workers (CPU provider).
+COPY --from=wheels --chown=ray:users /home/ray/wheels /tmp/wheels
+RUN pip install --no-cache-dir --find-links /tmp/wheels \
+      "$(echo /tmp/wheels/instantid_serve-*.whl)[serve,gpu]" "ray[serve]==${RAY_VERSION}" \
+ && ORT_GPU="$(python -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')" \
+ && pip uninstall -y onnxruntime \
+ && pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu==${ORT_GPU}" \
+ && rm -rf /tmp/wheels \
+ && python -c "import deployments.config, instantid, onnxruntime, torch, ray; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+
+# Serve configs (serve/*.yaml) for `serve run` / `serve deploy` outside Kubernetes.
+WORKDIR /home/ray/app
+COPY --chown=ray:users serve ./serve
+
+# The dashboard, GCS, client, Serve HTTP and metrics ports KubeRay wires up.
+EXPOSE 8265 6379 10001 8000 8080

@@ -1,0 +1,187 @@
+"""Serve Service, Ingress, PodMonitor/ServiceMonitor, Grafana dashboard, PodDisruptionBudget, chart test."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from chart_helpers import CHART_DIR, effective_values, render, render_set
+
+DASHBOARD = json.loads((CHART_DIR / "dashboards" / "instantid-serve.json").read_text())
+
+
+def labels_match(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def container_ports(template: dict) -> set[str]:
+    return {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+
+
+def test_serve_service_declared_for_kuberay(value_set):
+    """KubeRay builds the serve Service from spec.serveService and keeps its selector on the active cluster."""
+    rendered = render_set(value_set)
+    values = effective_values(value_set)
+    spec = rendered.rayservice["spec"]
+    service = spec["serveService"]
+    assert service["metadata"]["name"] == "instantid-serve-serve" or service["metadata"]["name"].endswith("-serve")
+    assert service["spec"]["type"] == values["service"]["type"]
+    assert service["spec"]["ports"] == [{"name": "serve", "port": 8000, "protocol": "TCP"}]
+    assert "selector" not in service["spec"], "KubeRay owns the selector"
+    assert spec["excludeHeadPodFromServeSvc"] is values["rayService"]["excludeHeadPodFromServeSvc"]
+    assert spec["upgradeStrategy"] == values["rayService"]["upgradeStrategy"]
+    # Every pod listens on the serve port (proxies run on every node).
+    for template in rendered.pod_templates().values():
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports["serve"] == 8000 and ports["metrics"] == 8080
+
+
+def test_ingress_points_at_the_serve_service():
+    assert render_set("default").of_kind("Ingress") == []
+    rendered = render_set("full")
+    ingress = rendered.one("Ingress")
+    service_name = rendered.rayservice["spec"]["serveService"]["metadata"]["name"]
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "instantid-tls", "hosts": ["instantid.example.com"]}]
+    backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+    assert backends == [{"name": service_name, "port": {"name": "serve"}}]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == "25m"
+
+
+def test_pod_monitor_selects_every_ray_pod():
+    rendered = render_set("default")
+    monitor = rendered.one("PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector["ray.io/is-ray-node"] == "yes"  # set by KubeRay on every Ray pod
+    all_ports = set()
+    for group, template in rendered.pod_templates().items():
+        # Labels KubeRay adds to every pod it creates, plus the template's own.
+        labels = {**template["metadata"]["labels"], "ray.io/is-ray-node": "yes", "ray.io/group": group}
+        assert labels_match(selector, labels), group
+        all_ports |= container_ports(template)
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert {e["port"] for e in endpoints} == {"metrics", "as-metrics", "dash-metrics"} <= all_ports
+    assert all(e["interval"] == "15s" for e in endpoints)
+
+
+def test_pod_monitor_labels_for_prometheus_selector():
+    monitor = render({"monitoring": {"podMonitor": {"labels": {"release": "kps"}}}}).one("PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+
+
+def test_service_monitor_alternative():
+    rendered = render_set("full")
+    assert rendered.of_kind("PodMonitor") == []
+    monitor = rendered.one("ServiceMonitor")
+    services = [s for s in rendered.of_kind("Service") if labels_match(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+    assert len(services) == 1
+    service = services[0]
+    assert service["spec"]["clusterIP"] == "None"
+    assert {p["name"] for p in service["spec"]["ports"]} == {e["port"] for e in monitor["spec"]["endpoints"]}
+    for group, template in rendered.pod_templates().items():
+        labels = {**template["metadata"]["labels"], "ray.io/is-ray-node": "yes"}
+        assert labels_match(service["spec"]["selector"], labels), group
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert all(e["interval"] == "30s" for e in monitor["spec"]["endpoints"])
+
+
+def test_no_monitoring_value_set_renders_no_monitoring_objects():
+    kinds = render_set("no-monitoring").kinds()
+    assert not {"PodMonitor", "ServiceMonitor", "ConfigMap", "PodDisruptionBudget", "Service"} & set(kinds)
+
+
+def test_dashboard_configmap_carries_the_dashboard_file():
+    rendered = render_set("default")
+    configmap = rendered.one("ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["instantid-serve.json"]) == DASHBOARD
+    full = render_set("full").one("ConfigMap")
+    assert full["metadata"]["annotations"]["grafana_folder"] == "ML"
+
+
+def _exprs() -> list[str]:
+    exprs = []
+    for panel in DASHBOARD["panels"]:
+        for target in panel.get("targets", []):
+            exprs.append(target["expr"])
+    return exprs
+
+
+def test_dashboard_covers_requests_latency_queue_replicas_gpu():
+    exprs = "\n".join(_exprs())
+    # App metrics are matched with and without Ray's "ray_" export prefix (ray.util.metrics adds it).
+    app = '{__name__=~"(ray_)?'
+    assert app + 'instantid_requests_total"' in exprs
+    assert 'histogram_quantile(0.95, sum by (le, stage) (rate(' + app + 'instantid_stage_seconds_bucket"' in exprs
+    assert app + 'instantid_(generator_)?queue_length"' in exprs and "ray_serve_deployment_queued_queries" in exprs
+    assert app + "instantid_batch_size_bucket" in exprs
+    assert "ray_serve_deployment_replica_healthy" in exprs and "ray_serve_autoscaling_target_replicas" in exprs
+    assert "DCGM_FI_DEV_GPU_UTIL" in exprs
+    titles = [p["title"] for p in DASHBOARD["panels"]]
+    assert len(titles) == len(set(titles))
+
+
+def test_dashboard_is_well_formed():
+    assert DASHBOARD["uid"] == "instantid-serve"
+    variables = {v["name"] for v in DASHBOARD["templating"]["list"]}
+    assert {"datasource", "namespace"} <= variables
+    ids = [p["id"] for p in DASHBOARD["panels"]]
+    assert len(ids) == len(set(ids))
+    for expr in _exprs():
+        assert expr.count("(") == expr.count(")"), expr
+        assert expr.count("{") == expr.count("}"), expr
+        assert expr.count('"') % 2 == 0, expr
+        # Every app/Serve series is scoped to the dashboard's namespace variable.
+        selectors = re.findall(r'ray_serve_\w+\{[^}]*\}|\{__name__=~"[^"]*instantid[^"]*"[^}]*\}', expr)
+        assert selectors or "DCGM_" in expr, expr
+        for selector in selectors:
+            assert 'namespace=~"$namespace"' in selector, selector
+    for panel in DASHBOARD["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}"
+            assert 0 <= panel["gridPos"]["x"] and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+
+
+def test_pod_disruption_budget_covers_all_ray_pods():
+    rendered = render_set("default")
+    pdb = rendered.one("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    for group, template in rendered.pod_templates().items():
+        labels = {**template["metadata"]["labels"], "ray.io/is-ray-node": "yes"}
+        assert labels_match(pdb["spec"]["selector"]["matchLabels"], labels), group
+
+
+def test_pods_keep_kuberays_name_label():
+    """Pod templates must not set app.kubernetes.io/name: KubeRay sets it to "kuberay" and ours would win."""
+    for template in render_set("full").pod_templates().values():
+        assert "app.kubernetes.io/name" not in template["metadata"]["labels"]
+
+
+def test_chart_test_hook_checks_health_and_auth(value_set):
+    rendered = render_set(value_set)
+    values = effective_values(value_set)
+    assert len(rendered.hooks) == 1
+    hook = rendered.hooks[0]
+    assert hook["kind"] == "Pod"
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    service = rendered.rayservice["spec"]["serveService"]["metadata"]["name"]
+    env = {e["name"]: e["value"] for e in hook["spec"]["containers"][0]["env"]}
+    assert env["SERVE_URL"] == f"http://{service}:8000"
+    assert env["EXPECT_AUTH"] == ("1" if values["app"]["auth"]["enabled"] else "0")
+    script = hook["spec"]["containers"][0]["command"][-1]
+    compile(script, "helm-test", "exec")
+    assert "/healthz" in script and "/readyz" in script and "/v1/identities" in script
+
+
+def test_chart_version_does_not_roll_the_ray_cluster():
+    """Pod templates carry no chart or app version: KubeRay hashes the cluster spec, and a label that changes
+    with every chart release would start a blue/green cluster (2x GPUs) for nothing."""
+    from chart_helpers import render_k8s
+
+    a = render_set("default")
+    for template in a.pod_templates().values():
+        labels = template["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
+    # Rendering the same values twice gives the same cluster spec (nothing random or time-based).
+    again = render_k8s.render_chart({}, release="instantid-serve", namespace="ml")
+    assert again["instantid-serve/templates/rayservice.yaml"] == a.raw["instantid-serve/templates/rayservice.yaml"]
