@@ -74,14 +74,40 @@ def load_adapter_state(instantid_dir: Path) -> dict:
 
 def load_base(base_model: str, identitynet: ControlNetModel, dtype: torch.dtype,
               base_config: str | None) -> InstantIDPipeline:
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     path = resolve(base_model, allow_patterns=BASE_PATTERNS)
     try:
         if path.is_file():
-            config = base_config or DEFAULT_BASE_MODEL
-            config = str(resolve(config, allow_patterns=["*.json", "*.txt"]))
-            return InstantIDPipeline.from_single_file(
-                str(path), controlnet=identitynet, torch_dtype=dtype, config=config, add_watermarker=False
+            # One checkpoint in the original (Stability/A1111) layout. Configs, scheduler and tokenizers come from
+            # base_config, resolved to a local directory first; diffusers then detects nothing and fetches nothing.
+            config = str(resolve(base_config or DEFAULT_BASE_MODEL, allow_patterns=["*.json", "*.txt"]))
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(str(path), framework="pt") as handle:
+                        keys = list(handle.keys())
+                except Exception as exc:  # safetensors has its own error type for a file that is not one
+                    raise WeightsError(f"cannot read {path}: not a safetensors file ({type(exc).__name__})") from exc
+                parts = {"model.diffusion_model.": "UNet", "first_stage_model.": "VAE",
+                         "conditioner.embedders.0.transformer.": "CLIP-L text encoder",
+                         "conditioner.embedders.1.model.": "OpenCLIP bigG text encoder"}
+                missing = [name for prefix, name in parts.items() if not any(k.startswith(prefix) for k in keys)]
+                if missing:
+                    raise WeightsError(f"{path} is not an SDXL checkpoint in the original single-file layout: "
+                                       f"no {', '.join(missing)} weights")
+            pipe = InstantIDPipeline.from_single_file(
+                str(path), controlnet=identitynet, torch_dtype=dtype, config=config, local_files_only=True,
+                add_watermarker=False,
             )
+            # diffusers leaves weights it found no tensor for on the meta device instead of failing
+            unloaded = [name for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+                        if any(p.is_meta for p in getattr(pipe, name).parameters())]
+            if unloaded:
+                raise WeightsError(f"{path} does not fill {', '.join(unloaded)}: not an SDXL checkpoint "
+                                   f"matching the configs at {config}")
+            return pipe
         if not (path / "model_index.json").is_file():
             raise WeightsError(f"malformed SDXL weights at {path}: missing model_index.json")
         return InstantIDPipeline.from_pretrained(
@@ -89,7 +115,7 @@ def load_base(base_model: str, identitynet: ControlNetModel, dtype: torch.dtype,
         )
     except WeightsError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as exc:
         raise WeightsError(f"cannot load SDXL base model from {path}: {exc}".splitlines()[0]) from exc
 
 
@@ -110,12 +136,15 @@ def load_pipeline(
     instantid_dir = resolve(instantid, allow_patterns=INSTANTID_PATTERNS)
     if not instantid_dir.is_dir():
         raise WeightsError(f"InstantID weights must be a directory, got {instantid_dir}")
+    adapter_state = load_adapter_state(instantid_dir)  # before the base model: a malformed dir fails fast
     identitynet = load_controlnet(instantid_dir / "ControlNetModel", torch_dtype)
     pipe = load_base(base_model, identitynet, torch_dtype, base_config)
     try:
-        pipe.load_identity_adapter(load_adapter_state(instantid_dir))
-    except ValueError as exc:
-        raise WeightsError(f"ip-adapter.bin at {instantid_dir}: {exc}") from exc
+        pipe.load_identity_adapter(adapter_state)
+    except (ValueError, KeyError, RuntimeError) as exc:  # torch's strict loading raises RuntimeError
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise WeightsError(f"ip-adapter.bin at {instantid_dir}: {reason}") from exc
+    del adapter_state
     for name, ref in (controlnets or {}).items():
         pipe.add_controlnet(name, load_controlnet(resolve(ref, allow_patterns=CONTROLNET_PATTERNS), torch_dtype))
     for name, ref in (loras or {}).items():
