@@ -22,7 +22,9 @@ import torch
 from .resampler import Resampler
 
 SEED = 20240115
-CROSS_DIM = 64  # UNet cross-attention width = text_encoder hidden (32) + text_encoder_2 hidden (32)
+# Text encoder widths in SDXL's ratio (768 : 1280); distinct widths also let single-file loaders tell them apart.
+TEXT_WIDTH, TEXT_WIDTH_2 = 24, 40
+CROSS_DIM = TEXT_WIDTH + TEXT_WIDTH_2  # the UNet attends over both encoders' hidden states, concatenated
 EMBED_DIM = 512  # ArcFace embedding width, as the real adapter expects
 NUM_TOKENS = 16
 
@@ -60,12 +62,12 @@ def _tokenizer(directory: Path):
     return CLIPTokenizer.from_pretrained(directory)
 
 
-def _text_encoder_config(vocab_size: int):
+def _text_encoder_config(vocab_size: int, width: int):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
-        max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+        max_position_embeddings=77, projection_dim=width, hidden_act="gelu",
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
     )
 
@@ -85,7 +87,7 @@ def tiny_unet():
         cross_attention_dim=CROSS_DIM,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_WIDTH_2,  # time ids + pooled text_encoder_2
         norm_num_groups=32,
     )
 
@@ -96,7 +98,9 @@ def tiny_controlnet(unet):
 
     net = ControlNetModel.from_unet(unet)
     with torch.no_grad():
-        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        # ControlNet zero-initialises these so training starts from the base model; random ones make the control
+        # image and the residuals matter, which is what the tests need to see
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
             block.weight.normal_(0, 0.05)
             block.bias.normal_(0, 0.05)
     return net
@@ -109,7 +113,6 @@ def write_sdxl(directory: Path):
     torch.manual_seed(SEED)
     tmp = directory / ".tokenizers"
     tokenizer, tokenizer_2 = _tokenizer(tmp / "a"), _tokenizer(tmp / "b")
-    config = _text_encoder_config(len(tokenizer))
     vae = AutoencoderKL(
         block_out_channels=(16, 16, 16, 16), norm_num_groups=8, latent_channels=4, sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -122,7 +125,8 @@ def write_sdxl(directory: Path):
         use_karras_sigmas=False,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config),
+        vae=vae, text_encoder=CLIPTextModel(_text_encoder_config(len(tokenizer), TEXT_WIDTH)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(len(tokenizer), TEXT_WIDTH_2)),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=tiny_unet(), scheduler=scheduler,
         add_watermarker=False,
     )

@@ -219,15 +219,15 @@ def write_single_file(sdxl_dir: Path | str, out: Path | str) -> Path:
 
 def with_text_widths(sdxl_dir: Path | str, out_dir: Path | str, widths: tuple[int, int] = (24, 40),
                      seed: int = 20240116) -> Path:
-    """A copy of a tiny SDXL directory whose two text encoders have different widths, as in real SDXL.
+    """A copy of a tiny SDXL directory with its two text encoders rebuilt at the given widths.
 
     Real SDXL's encoders are 768 (CLIP-L) and 1280 (OpenCLIP bigG) wide, and diffusers' single-file loader
     relies on that: it picks the converter for each text encoder by comparing the width of the checkpoint's
     ``conditioner.embedders.0`` position embedding with the model's, and takes the CLIP-L weights for any encoder
-    of the same width. The tiny bundle's encoders are both 32 wide, so ``text_encoder_2`` would receive
-    ``text_encoder``'s weights and keep its projection unloaded. Widths 24 + 40 (SDXL's 3:5 ratio) keep the
-    UNet's cross-attention width (their sum, 64) and the pooled projection (``projection_dim``) unchanged, so
-    the UNet, VAE, scheduler, tokenizers and the InstantID weights built for the tiny bundle still fit.
+    of the same width: with equal widths ``text_encoder_2`` would receive ``text_encoder``'s weights and keep its
+    projection unloaded. The widths must sum to the UNet's cross-attention width; the pooled projection
+    (``projection_dim``) is kept, so the UNet, VAE, scheduler, tokenizers and InstantID weights still fit.
+    The tiny bundle itself is 24 + 40; tests use this to build an equal-width copy the loader must refuse.
     """
     import shutil
 

@@ -4,9 +4,9 @@ The tiny SDXL directory is written in that layout (instantid.tiny_single_file) a
 ``load_pipeline(<file>, base_config=<diffusers dir>)``, offline. It must rebuild exactly the directory's weights
 and generate exactly the same latents; a file that is not such a checkpoint is a one-line WeightsError.
 
-The directory used is the tiny bundle's with its two text encoders at different widths (24 and 40, SDXL's
-768:1280 ratio): diffusers tells the two encoders apart in a single file by width, see
-``tiny_single_file.with_text_widths``. With equal widths the loader must refuse rather than run half-random.
+The tiny bundle's two text encoders have different widths (24 and 40, SDXL's 768:1280 ratio): diffusers tells
+the two encoders apart in a single file by width. With equal widths the loader must refuse rather than run
+half-random (``tiny_single_file.with_text_widths`` makes such a copy).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tiny_bundle, tmp_path_factory):
-    return with_text_widths(tiny_bundle / "sdxl", tmp_path_factory.mktemp("sdxl-24-40") / "sdxl")
+def sdxl_dir(tiny_bundle):
+    return tiny_bundle / "sdxl"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_file_is_in_the_original_layout(single_file):
                      OPEN_CLIP_PREFIX + "positional_embedding", OPEN_CLIP_PREFIX + "ln_final.weight",
                      OPEN_CLIP_PREFIX + "transformer.resblocks.2.mlp.c_proj.bias"):
         assert expected in keys, expected
-    assert projection.shape == (40, 32)  # OpenCLIP stores x @ text_projection: (width, projection_dim)
+    assert projection.shape == (40, 40)  # OpenCLIP stores x @ text_projection: (width, projection_dim)
     assert qkv.shape == (3 * 40, 40)  # q, k and v fused
     assert vae_q.shape == (16, 16, 1, 1)  # the original VAE's attention projections are 1x1 convolutions
     # Only 3 text layers: diffusers' SDXL detection key (resblocks.9) is absent, and loading must not need it
@@ -133,10 +133,10 @@ def test_a_file_that_is_not_an_sdxl_checkpoint_is_a_weights_error(kind, single_f
 
 
 def test_equal_width_text_encoders_are_refused_not_half_loaded(tiny_bundle, tmp_path):
-    """The bundle's own 32/32 encoders: diffusers gives text_encoder_2 the CLIP-L tensors and leaves its
+    """Encoders of equal width (32/32): diffusers gives text_encoder_2 the CLIP-L tensors and leaves its
     projection unloaded; load_base must say so instead of returning a pipeline with missing weights."""
-    same_width = write_single_file(tiny_bundle / "sdxl", tmp_path / "same-width.safetensors")
+    equal = with_text_widths(tiny_bundle / "sdxl", tmp_path / "sdxl-32-32", widths=(32, 32))
+    same_width = write_single_file(equal, tmp_path / "same-width.safetensors")
     with pytest.raises(WeightsError, match="does not fill text_encoder_2") as info:
-        load_pipeline(str(same_width), str(tiny_bundle / "instantid"), device="cpu",
-                      base_config=str(tiny_bundle / "sdxl"))
+        load_pipeline(str(same_width), str(tiny_bundle / "instantid"), device="cpu", base_config=str(equal))
     assert "\n" not in str(info.value)
