@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,24 @@ def _save_all(images, paths: list[Path]) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
+def _loading():
+    """The loader module. Importing it imports diffusers' pipelines, which makes transformers log a notice per
+    image processor when torchvision is absent; those are silenced so that stderr carries only our own line."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        from . import loading
+
+        return loading
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from . import loading
+    finally:
+        transformers_logging.set_verbosity(level)
+    return loading
+
+
 def cmd_generate(args) -> int:
     from .face import load_image
     from .identity import Pose, build_identity, build_pose
@@ -178,6 +197,8 @@ def cmd_generate(args) -> int:
     controls = [load_image(path) for path in args.control_image]
     embedding = _read_embedding(args.face_embedding) if args.face_embedding else None
     kps = _read_kps(args.face_kps) if args.face_kps else None
+    loading = _loading()
+    loading.pick_dtype(args.dtype, loading.pick_device(args.device))  # before any model (face model too) loads
 
     pose = Pose(kps, (args.width, args.height)) if kps is not None else None
     if faces or pose_photo:
@@ -190,13 +211,12 @@ def cmd_generate(args) -> int:
         if pose_photo:
             pose = build_pose(analyzer, *pose_photo)
 
-    from .loading import load_pipeline
     from .pipeline import ControlInput, GenerationRequest
 
     loras = {f"lora{i}": path for i, (path, _) in enumerate(args.lora)}
     controlnets = {f"control{i}": ref for i, ref in enumerate(args.controlnet)}
-    pipe = load_pipeline(args.base_model, args.instantid, device=args.device, dtype=args.dtype,
-                         controlnets=controlnets, loras=loras, base_config=args.base_config)
+    pipe = loading.load_pipeline(args.base_model, args.instantid, device=args.device, dtype=args.dtype,
+                                 controlnets=controlnets, loras=loras, base_config=args.base_config)
     pipe.set_loras({f"lora{i}": scale for i, (_, scale) in enumerate(args.lora)})
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
     scales = args.control_scale or [1.0] * len(controls)
@@ -226,6 +246,12 @@ def cmd_analyze(args) -> int:
     out_dir = Path(args.output_dir)
     if not out_dir.is_dir():
         raise InvalidParameterError("--output-dir", f"{out_dir} is not a directory")
+    by_stem: dict[str, str] = {}
+    for path, _ in images:  # embeddings are saved as <stem>.face<N>.npy: two files must not share a stem
+        other = by_stem.setdefault(Path(path).stem, path)
+        if Path(other).resolve() != Path(path).resolve():
+            raise InvalidParameterError("images", f"{other} and {path} would save their embeddings under the same "
+                                                  f"name {Path(path).stem}.face<N>.npy; analyze them separately")
     analyzer = FaceAnalyzer(args.face_model)
     report, arrays = [], []
     for path, image in images:
@@ -263,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     commands = {"generate": cmd_generate, "analyze": cmd_analyze, "make-tiny": cmd_make_tiny}
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings():
+            if not args.debug:  # libraries' deprecation notices are not the user's business
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            return commands[args.command](args)
     except InstantIDError as exc:
         print(f"instantid: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

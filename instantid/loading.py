@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -66,8 +67,11 @@ def load_adapter_state(instantid_dir: Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"malformed InstantID weights at {instantid_dir}: missing ip-adapter.bin")
     try:
-        # weights_only: the file is plain tensors in dicts; never execute pickled code from a checkpoint
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: the file is plain tensors in dicts; never execute pickled code from a checkpoint.
+        # mmap: the tensors stay views of the page cache until the adapter converts them to the pipeline's dtype
+        # and device, instead of first copying the whole float32 file (1.7 GB) into process memory. Only zip
+        # files (torch.save's format since 1.6) can be mapped; a legacy file is read as before.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:
         raise WeightsError(f"cannot read {path}: {type(exc).__name__}") from exc
 
@@ -133,22 +137,28 @@ def load_pipeline(
     started = time.perf_counter()
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
+    # Resolve every reference (and open ip-adapter.bin) before loading any model: a typo or a missing
+    # object fails in a moment, not after the base model has been loaded.
     instantid_dir = resolve(instantid, allow_patterns=INSTANTID_PATTERNS)
     if not instantid_dir.is_dir():
         raise WeightsError(f"InstantID weights must be a directory, got {instantid_dir}")
-    adapter_state = load_adapter_state(instantid_dir)  # before the base model: a malformed dir fails fast
+    base_path = resolve(base_model, allow_patterns=BASE_PATTERNS)
+    control_paths = {name: resolve(ref, allow_patterns=CONTROLNET_PATTERNS)
+                     for name, ref in (controlnets or {}).items()}
+    lora_paths = {name: resolve(ref) for name, ref in (loras or {}).items()}
+    adapter_state = load_adapter_state(instantid_dir)
     identitynet = load_controlnet(instantid_dir / "ControlNetModel", torch_dtype)
-    pipe = load_base(base_model, identitynet, torch_dtype, base_config)
+    pipe = load_base(str(base_path), identitynet, torch_dtype, base_config)
     try:
         pipe.load_identity_adapter(adapter_state)
     except (ValueError, KeyError, RuntimeError) as exc:  # torch's strict loading raises RuntimeError
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise WeightsError(f"ip-adapter.bin at {instantid_dir}: {reason}") from exc
     del adapter_state
-    for name, ref in (controlnets or {}).items():
-        pipe.add_controlnet(name, load_controlnet(resolve(ref, allow_patterns=CONTROLNET_PATTERNS), torch_dtype))
-    for name, ref in (loras or {}).items():
-        pipe.load_lora(name, ref)
+    for name, path in control_paths.items():
+        pipe.add_controlnet(name, load_controlnet(path, torch_dtype))
+    for name, path in lora_paths.items():
+        pipe.load_lora(name, str(path))
     pipe.to(device)
     if torch_dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; the reference upcasts it for decoding too
