@@ -113,11 +113,14 @@ def _detector() -> onnx.ModelProto:
         in_y = g.op("Cast", g.op("And", g.op("GreaterOrEqual", ys, y1), g.op("Less", ys, y2)), to=TensorProto.FLOAT)
         mask = g.op("Mul", g.op("Unsqueeze", in_y, g.const([1], np.int64)),
                     g.op("Unsqueeze", in_x, g.const([0], np.int64)))  # [H, W]
-        # the score is the contrast inside the box: two-pass std so a uniform box gives ~0, not rounding noise
-        count = g.op("Add", g.op("Mul", g.op("ReduceSum", mask, keepdims=0), f(3.0)), f(1e-6))
-        mean = g.op("Div", g.op("ReduceSum", g.op("Mul", x, mask), keepdims=0), count)
-        centred = g.op("Mul", g.op("Sub", x, mean), mask)
-        std = g.op("Sqrt", g.op("Div", g.op("ReduceSum", g.op("Mul", centred, centred), keepdims=0), count))
+        # the score is the contrast inside the box: a two-pass std about each channel's own mean, so a uniform
+        # box of any colour gives ~0 (not rounding noise, and not the spread between its channels)
+        pixels = g.op("Add", g.op("ReduceSum", mask, keepdims=0), f(1e-6))
+        channel_mean = g.op("Div", g.op("ReduceSum", g.op("Mul", x, mask), g.const([2, 3], np.int64), keepdims=1),
+                            pixels)  # [1, 3, 1, 1]
+        centred = g.op("Mul", g.op("Sub", x, channel_mean), mask)
+        std = g.op("Sqrt", g.op("Div", g.op("ReduceSum", g.op("Mul", centred, centred), keepdims=0),
+                                g.op("Mul", pixels, f(3.0))))
         score = g.op("Div", std, g.op("Add", std, f(STD_HALF_SCORE)))
         kps = []
         for kx, ky in KPS:

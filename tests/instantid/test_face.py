@@ -170,9 +170,11 @@ def test_uniform_corner_reports_only_the_main_face(analyzer):
     assert len(faces) == 1 and faces[0].bbox[0] > 100
 
 
-@pytest.mark.parametrize("shape,value", [((300, 200), 0), ((300, 500), 255), ((256, 256), 128)])
-def test_uniform_image_has_no_face(analyzer, shape, value):
-    image = Image.new("RGB", (shape[1], shape[0]), (value, value, value))
+@pytest.mark.parametrize("shape,color", [((300, 200), (0, 0, 0)), ((300, 500), (255, 255, 255)),
+                                         ((256, 256), (128, 128, 128)), ((256, 256), (255, 0, 0)),
+                                         ((200, 300), (30, 200, 90))])
+def test_uniform_image_has_no_face(analyzer, shape, color):
+    image = Image.new("RGB", (shape[1], shape[0]), color)
     assert analyzer.analyze(image) == []
     with pytest.raises(NoFaceError, match="blank.png") as info:
         analyzer.largest_face(image, "blank.png")
