@@ -87,7 +87,17 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
     """SDXL + IdentityNet (``controlnet``) + the identity adapter (Resampler and decoupled attention)."""
 
     image_proj_model: Resampler | None = None
-    extra_controlnets: dict[str, ControlNetModel]
+
+    # Extra ControlNets and LoRAs are not diffusers components (from_pretrained knows nothing of them), so they
+    # live in per-instance dicts created on first use.
+    @property
+    def extra_controlnets(self) -> dict[str, ControlNetModel]:
+        return self.__dict__.setdefault("_extra_controlnets", {})
+
+    @property
+    def loras(self) -> dict[str, str]:
+        """Loaded LoRA adapters: name -> the reference they were loaded from."""
+        return self.__dict__.setdefault("_loras", {})
 
     # -- loading ---------------------------------------------------------------------------------------
     def load_identity_adapter(self, state: dict) -> None:
@@ -104,8 +114,6 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         install_identity_adapter(self.unet, state["ip_adapter"], resampler.num_queries)
 
     def add_controlnet(self, name: str, model: ControlNetModel) -> None:
-        if not hasattr(self, "extra_controlnets"):
-            self.extra_controlnets = {}
         self.extra_controlnets[name] = model.to(device=self.unet.device, dtype=self.unet.dtype)
 
     def load_lora(self, name: str, ref: str) -> None:
@@ -118,12 +126,12 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             self.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise WeightsError(f"cannot load LoRA {name!r} from {ref}: {exc}".splitlines()[0]) from exc
-        self.loras = {**getattr(self, "loras", {}), name: ref}
+        self.loras[name] = ref
         self.set_loras({})
 
     def set_loras(self, scales: dict[str, float]) -> None:
         """Activate exactly the named LoRAs at the given scales (an empty dict turns LoRA off)."""
-        known = getattr(self, "loras", {})
+        known = self.loras
         unknown = set(scales) - set(known)
         if unknown:
             raise InvalidParameterError("loras", f"unknown LoRA {sorted(unknown)}; loaded: {sorted(known)}")
@@ -137,7 +145,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
 
     def to(self, *args, **kwargs):
         super().to(*args, **kwargs)
-        for module in [self.image_proj_model, *getattr(self, "extra_controlnets", {}).values()]:
+        for module in [self.image_proj_model, *self.extra_controlnets.values()]:
             if module is not None:
                 module.to(*args, **kwargs)
         return self
@@ -316,13 +324,14 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             if r.num_images < 1:
                 raise InvalidParameterError("num_images", "must be at least 1")
             for c in r.controls:
-                if c.name not in getattr(self, "extra_controlnets", {}):
+                if c.name not in self.extra_controlnets:
                     raise InvalidParameterError("controls", f"unknown ControlNet {c.name!r}")
 
     def _encode_face(self, embedding, num_images, cfg, device, dtype):
         """ID tokens for one face; the unconditional branch projects an all-zero embedding."""
-        emb = torch.as_tensor(np.asarray(embedding, dtype=np.float32) if not isinstance(embedding, torch.Tensor)
-                              else embedding).to(device=device, dtype=dtype)
+        if not isinstance(embedding, torch.Tensor):
+            embedding = torch.from_numpy(np.asarray(embedding, dtype=np.float32))
+        emb = embedding.to(device=device, dtype=dtype)
         emb = emb.reshape(1, -1, self.image_proj_model.embedding_dim)
         batch = torch.cat([torch.zeros_like(emb), emb]) if cfg else emb
         tokens = self.image_proj_model(batch)
