@@ -87,6 +87,7 @@ def install_identity_adapter(unet, state_dict: dict[str, torch.Tensor], num_toke
     partially loaded adapter would silently produce wrong images.
     """
     processors, expected = {}, set()
+    device, dtype = unet.device, unet.dtype  # each lookup walks the whole UNet: once, not per layer
     for index, (name, _) in enumerate(unet.attn_processors.items()):
         if name.endswith("attn1.processor"):  # self-attention keeps the stock SDPA processor
             processors[name] = AttnProcessor2_0()
@@ -101,7 +102,7 @@ def install_identity_adapter(unet, state_dict: dict[str, torch.Tensor], num_toke
         proc.load_state_dict({"to_k_ip.weight": state_dict[key], "to_v_ip.weight": state_dict[value_key]},
                              assign=True)
         expected.update({key, value_key})
-        processors[name] = proc.to(device=unet.device, dtype=unet.dtype)
+        processors[name] = proc.to(device=device, dtype=dtype)
     unexpected = set(state_dict) - expected
     if unexpected:
         raise ValueError(f"ip_adapter weights have keys this UNet has no slot for: {sorted(unexpected)[:4]}")

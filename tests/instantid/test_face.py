@@ -368,3 +368,11 @@ def test_validate_keypoints():
         with pytest.raises(InvalidParameterError) as info:
             validate_keypoints(bad)
         assert info.value.field == "face_kps"
+
+
+def test_sessions_do_not_spin_and_respect_the_thread_cap(pack):
+    analyzer = FaceAnalyzer(str(pack), threads=1)
+    for model in analyzer.app.models.values():
+        options = model.session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
