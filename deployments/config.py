@@ -36,7 +36,7 @@ class Limits(_Strict):
 
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Refused before full decoding.")
-    max_faces: int = Field(4, ge=1, le=16)
+    max_faces: int = Field(4, ge=1, le=16, description="Most reference photos per request.")
     max_prompt_chars: int = Field(2000, ge=1)
     max_num_images: int = Field(4, ge=1, le=16)
     max_steps: int = Field(100, ge=1, le=1000)

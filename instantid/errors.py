@@ -26,6 +26,9 @@ class NoFaceError(InstantIDError):
         super().__init__(f"no face found in {source}")
         self.source = source
 
+    def __reduce__(self):  # errors cross process boundaries (Ray): rebuild from the constructor's arguments
+        return type(self), (self.source,)
+
 
 class InvalidParameterError(InstantIDError):
     """A parameter outside its allowed range (size not a multiple of 8, bad embedding, ...)."""
@@ -34,7 +37,10 @@ class InvalidParameterError(InstantIDError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
+
+    def __reduce__(self):
+        return type(self), (self.field, self.message)
 
 
 class WeightsError(InstantIDError):

@@ -1,0 +1,122 @@
+"""Python API for Ray programs: call the service through ``serve.get_app_handle`` instead of HTTP.
+
+    import ray
+    from deployments.client import InstantIDClient, encode_image
+
+    ray.init(address="auto")
+    client = InstantIDClient()                      # the "instantid" application
+    identity = client.create_identity(["me.jpg"])   # paths, bytes or base64 strings
+    out = client.generate({"identity_id": identity.identity_id, "prompt": "a watercolor portrait",
+                           "width": 1024, "height": 1024, "steps": 30})
+    open("out.png", "wb").write(out.image_bytes()[0])
+
+Requests and responses are the HTTP API's models (``deployments.models``); the service validates
+requests against its own configured limits. Errors raise ``ServiceError`` with the HTTP ``status``,
+``code``, ``message`` and ``field`` the HTTP API would answer. The handle API is meant for trusted,
+in-cluster callers: it bypasses API keys and rate limits. Each method has an ``_async`` twin for use
+inside asyncio code (e.g. another deployment).
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import ServiceError, from_exception
+from .models import GenerateRequest, GenerateResponse, IdentityList, IdentityResponse, ModelList
+
+__all__ = ["InstantIDClient", "ServiceError", "encode_image", "GenerateRequest", "GenerateResponse",
+           "IdentityResponse"]
+
+
+def encode_image(image: str | Path | bytes) -> str:
+    """A path or raw bytes as the base64 string the request models take (a str is passed through)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(image)).decode("ascii")
+    if isinstance(image, Path) or (isinstance(image, str) and len(image) < 4096 and Path(image).is_file()):
+        return base64.b64encode(Path(image).read_bytes()).decode("ascii")
+    return str(image)
+
+
+def _payload(request: GenerateRequest | dict | None, overrides: dict) -> dict:
+    if isinstance(request, BaseModel):
+        data = request.model_dump(exclude_none=True)
+    else:
+        data = dict(request or {})
+    data.update(overrides)
+    for key in ("face_images",):
+        if data.get(key) is not None:
+            data[key] = [encode_image(x) for x in data[key]]
+    if data.get("pose_image") is not None:
+        data["pose_image"] = encode_image(data["pose_image"])
+    return data
+
+
+def _raise(exc: BaseException):
+    err = from_exception(exc)
+    raise err from None
+
+
+class InstantIDClient:
+    def __init__(self, app_name: str = "instantid", *, handle=None, timeout_s: float | None = None):
+        if handle is None:
+            from ray import serve
+
+            handle = serve.get_app_handle(app_name)
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def _result(self, response) -> Any:
+        try:
+            return response.result(timeout_s=self.timeout_s)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            _raise(exc)
+
+    @staticmethod
+    async def _await(response) -> Any:
+        try:
+            return await response
+        except Exception as exc:
+            _raise(exc)
+
+    # -- generate --------------------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest | dict | None = None, **fields) -> GenerateResponse:
+        """``request`` (model or dict) and/or keyword fields; images may be paths or bytes."""
+        payload = _payload(request, fields)
+        return GenerateResponse.model_validate(self._result(self.handle.generate.remote(payload)))
+
+    async def generate_async(self, request: GenerateRequest | dict | None = None, **fields) -> GenerateResponse:
+        payload = _payload(request, fields)
+        return GenerateResponse.model_validate(await self._await(self.handle.generate.remote(payload)))
+
+    # -- identities ------------------------------------------------------------------------------------
+    def create_identity(self, face_images: list[str | Path | bytes]) -> IdentityResponse:
+        payload = {"face_images": [encode_image(x) for x in face_images]}
+        return IdentityResponse.model_validate(self._result(self.handle.create_identity.remote(payload)))
+
+    async def create_identity_async(self, face_images: list[str | Path | bytes]) -> IdentityResponse:
+        payload = {"face_images": [encode_image(x) for x in face_images]}
+        return IdentityResponse.model_validate(await self._await(self.handle.create_identity.remote(payload)))
+
+    def get_identity(self, identity_id: str) -> IdentityResponse:
+        return IdentityResponse.model_validate(self._result(self.handle.get_identity.remote(identity_id)))
+
+    async def get_identity_async(self, identity_id: str) -> IdentityResponse:
+        return IdentityResponse.model_validate(await self._await(self.handle.get_identity.remote(identity_id)))
+
+    def delete_identity(self, identity_id: str) -> None:
+        self._result(self.handle.delete_identity.remote(identity_id))
+
+    async def delete_identity_async(self, identity_id: str) -> None:
+        await self._await(self.handle.delete_identity.remote(identity_id))
+
+    def list_identities(self, limit: int = 100) -> IdentityList:
+        return IdentityList.model_validate(self._result(self.handle.list_identities.remote(limit)))
+
+    def models(self) -> ModelList:
+        return ModelList.model_validate(self._result(self.handle.list_models.remote()))

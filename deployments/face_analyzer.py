@@ -1,0 +1,163 @@
+"""FaceAnalyzer deployment: insightface detection + ArcFace embedding on CPU, scaled on its own.
+
+setup            load the insightface pack (CPU execution provider, as many threads as the replica's num_cpus)
+decode_request   raw image bytes (as uploaded; never re-encoded on the way) -> RGB images
+predict          the reference resize, the largest face per photo, mean embedding, pose keypoints
+encode_response  numpy arrays (embedding float32 (512,), keypoints (5, 2)) + a JPEG thumbnail when asked
+
+Errors leave as ``ServiceError`` (400 invalid_image, 422 no_face naming the image).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+
+import numpy as np
+from ray import serve
+
+from . import metrics
+from .errors import to_service_error
+from .profile import resolve_args
+
+log = logging.getLogger("instantid.serve")
+
+THUMBNAIL_SIDE = 128
+
+
+def _face_info(face, source: str, canvas: tuple[int, int], image_size: tuple[int, int]) -> dict:
+    """A face in the coordinates of the photo as uploaded (analysis ran on a resized canvas)."""
+    sx, sy = image_size[0] / canvas[0], image_size[1] / canvas[1]
+    x1, y1, x2, y2 = (float(v) for v in face.bbox)
+    return {
+        "source": source,
+        "bbox": [x1 * sx, y1 * sy, x2 * sx, y2 * sy],
+        "score": float(face.score),
+        "kps": [[float(x) * sx, float(y) * sy] for x, y in np.asarray(face.kps)],
+        "image_size": [int(image_size[0]), int(image_size[1])],
+    }
+
+
+def make_thumbnail(image, bbox: list[float], side: int = THUMBNAIL_SIDE) -> bytes:
+    """A square JPEG crop around the face (box enlarged by 40%), clamped to the image."""
+    from PIL import Image
+
+    x1, y1, x2, y2 = bbox
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    half = max(x2 - x1, y2 - y1) * 0.7
+    w, h = image.size
+    box = (max(0, int(cx - half)), max(0, int(cy - half)), min(w, int(cx + half)), min(h, int(cy + half)))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        box = (0, 0, w, h)
+    crop = image.crop(box)
+    crop.thumbnail((side, side), Image.BILINEAR)
+    out = io.BytesIO()
+    crop.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def replica_cpus() -> int | None:
+    """onnxruntime threads for this replica: its CPU share (num_cpus, at least 1), so several replicas on a
+    node do not oversubscribe it; None outside Ray (onnxruntime's default: all cores)."""
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:
+        return None
+    return max(1, round(cpus)) if cpus else None
+
+
+class FaceAnalysisCore:
+    """The deployment's logic without Serve (used as is by the benchmark's in-process baseline)."""
+
+    def __init__(self, face_model: str, threads: int | None = None):
+        from instantid.face import FaceAnalyzer
+
+        started = time.perf_counter()
+        self.threads = threads
+        self.analyzer = FaceAnalyzer(face_model, providers=["CPUExecutionProvider"], threads=threads)
+        self.load_seconds = time.perf_counter() - started
+        self._lock = threading.Lock()  # one analysis at a time per replica: onnxruntime already uses the cores
+
+    # -- decode_request ------------------------------------------------------------------------------
+    @staticmethod
+    def decode_request(items: list[tuple[str, bytes]]):
+        from instantid.face import load_image
+
+        return [(name, load_image(data, name=name)) for name, data in items]
+
+    # -- predict -------------------------------------------------------------------------------------
+    def predict(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
+                thumbnail: bool = False) -> dict:
+        from instantid.face import mean_embedding
+        from instantid.identity import analyze_face
+
+        t0 = time.perf_counter()
+        decoded = self.decode_request(list(photos) + ([pose] if pose else []))
+        t1 = time.perf_counter()
+        with self._lock:
+            found = [(name, image, *analyze_face(self.analyzer, name, image)) for name, image in decoded]
+        t2 = time.perf_counter()
+        identity = found[:len(photos)]
+        result: dict = {"timings": {"decode_s": t1 - t0, "face_analysis_s": t2 - t1}}
+        if identity:
+            faces = [face for _, _, face, _ in identity]
+            result["embedding"] = mean_embedding(faces).astype(np.float32)
+            result["faces"] = [_face_info(face, name, canvas, image.size)
+                               for name, image, face, canvas in identity]
+            if thumbnail:
+                name, image, face, canvas = identity[0]
+                result["thumbnail"] = make_thumbnail(image, result["faces"][0]["bbox"])
+        name, image, face, canvas = found[-1] if pose else found[0]
+        # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
+        result["pose"] = {"kps": np.asarray(face.kps, dtype=np.float32), "canvas": [int(canvas[0]), int(canvas[1])],
+                          "face": _face_info(face, name, canvas, image.size)}
+        return result
+
+
+@serve.deployment(
+    name="FaceAnalyzer",
+    max_ongoing_requests=8,
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+)
+class FaceAnalyzerDeployment:
+    """setup: load the pack; analyze(): photos (+pose) bytes -> embedding, keypoints, faces, thumbnail."""
+
+    def __init__(self, args: dict):
+        self.args = resolve_args(args)
+        self.core: FaceAnalysisCore | None = None
+        self.load_error: str | None = None
+        try:
+            self.core = FaceAnalysisCore(self.args.face_model, threads=replica_cpus())
+            log.info("face model %s loaded in %.2fs (%s threads)", self.args.face_model, self.core.load_seconds,
+                     self.core.threads)
+        except Exception as exc:  # reported by check_health and /readyz; Serve replaces the replica
+            self.load_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.error("face model failed to load: %s", self.load_error)
+
+    async def analyze(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
+                      thumbnail: bool = False) -> dict:
+        if self.core is None:
+            from .errors import ServiceError
+
+            raise ServiceError(503, "unavailable", "the face model is not loaded", headers={"Retry-After": "5"})
+        try:
+            result = await asyncio.to_thread(self.core.predict, photos, pose, thumbnail)
+        except Exception as exc:
+            raise to_service_error(exc) from None
+        metrics.stage("face_analysis", result["timings"]["face_analysis_s"])
+        return result
+
+    def ready(self) -> dict:
+        return {"ready": self.core is not None, "error": self.load_error,
+                "threads": self.core.threads if self.core is not None else None}
+
+    def check_health(self) -> None:
+        if self.core is None:
+            raise RuntimeError(f"face model not loaded: {self.load_error}")

@@ -1,0 +1,370 @@
+"""Generator deployment: IdentityNet + SDXL UNet, one GPU per replica in production, CPU in the local profile.
+
+setup            load the default model (so the replica is ready, or unhealthy, before it takes traffic)
+decode_request   a job dict from the Ingress -> a validated ``Job`` (embedding float32 (512,), keypoints on
+                 their canvas); the keypoint image is drawn here, at the output size
+predict          ``pipe.generate`` once per compatible group: one denoising batch
+encode_response  uint8 HxWx3 arrays, per request; the Ingress encodes them once (png/jpeg/webp)
+
+Throughput
+- ``@serve.batch`` collects concurrent requests (``batch.max_batch_size``, ``batch.batch_wait_timeout_s``)
+  and Serve splits its batches by multiplexed model id. Formed batches join one device queue; each time the
+  device is free, the oldest waiting request leads a group of every waiting request with the same model
+  and compatibility key (width, height, steps, scheduler, guided = guidance_scale > 1, LoRA set with
+  scales), up to ``max_batch_size``, and the group is ONE ``pipe.generate`` call. So requests that pile up
+  while a batch runs are merged too, not only those arriving within one wait window (with a wait of 0 a
+  lone request never waits). ``timings.batch_size`` reports the group size.
+- ``@serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)``: the model id is the
+  configured base model name (``ModelSpec.name``). A pipeline is loaded with all of that model's configured
+  LoRAs, which are switched per group with ``pipe.set_loras`` (cheap), so LoRA sets never cost a reload or a
+  cache slot. The least recently used pipeline is evicted when the cache is full. The Ingress routes with
+  ``handle.options(multiplexed_model_id=name)``, so requests go to replicas that have the model resident.
+
+Generation is blocking: it runs in a worker thread (one at a time per replica, under a lock), so health
+checks, new arrivals and batching keep running on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from ray import serve
+
+from . import metrics
+from .errors import ServiceError, to_service_error
+from .profile import resolve_args
+
+log = logging.getLogger("instantid.serve")
+
+# Formed batches that may wait for the device at once (>= max_ongoing_requests is enough: each holds >= 1).
+MAX_PENDING_BATCHES = 256
+
+
+@dataclass
+class Job:
+    """One generation request as the Generator sees it (already validated and styled by the Ingress)."""
+
+    model: str
+    embedding: np.ndarray  # (512,) float32
+    kps: np.ndarray  # (5, 2) on ``canvas``
+    canvas: tuple[int, int]
+    width: int
+    height: int
+    steps: int
+    scheduler: str = "default"
+    prompt: str = ""
+    negative_prompt: str = ""
+    num_images: int = 1
+    seed: int = 0
+    guidance_scale: float = 5.0
+    ip_adapter_scale: float = 0.8
+    controlnet_conditioning_scale: float = 0.8
+    loras: dict[str, float] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+    def key(self) -> tuple:
+        """Requests with equal keys can share one denoising batch."""
+        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1,
+                tuple(sorted(self.loras.items())))
+
+
+def decode_request(job: dict) -> Job:
+    from instantid.errors import InvalidParameterError
+    from instantid.face import validate_embedding, validate_keypoints
+
+    try:
+        canvas = (int(job["canvas"][0]), int(job["canvas"][1]))
+        out = Job(
+            model=str(job["model"]),
+            embedding=validate_embedding(job["embedding"]),
+            kps=validate_keypoints(job["kps"]),
+            canvas=canvas,
+            width=int(job["width"]), height=int(job["height"]), steps=int(job["steps"]),
+            scheduler=str(job.get("scheduler", "default")),
+            prompt=str(job.get("prompt", "")), negative_prompt=str(job.get("negative_prompt") or ""),
+            num_images=int(job.get("num_images", 1)), seed=int(job.get("seed", 0)),
+            guidance_scale=float(job.get("guidance_scale", 5.0)),
+            ip_adapter_scale=float(job.get("ip_adapter_scale", 0.8)),
+            controlnet_conditioning_scale=float(job.get("controlnet_conditioning_scale", 0.8)),
+            loras={str(k): float(v) for k, v in (job.get("loras") or {}).items()},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidParameterError("request", f"malformed generation job: {exc}") from exc
+    if min(canvas) <= 0:
+        raise InvalidParameterError("kps", "canvas size must be positive")
+    return out
+
+
+class LoadedModel:
+    def __init__(self, name: str, pipe, seconds: float):
+        self.name = name
+        self.pipe = pipe
+        self.seconds = seconds
+
+
+class GeneratorCore:
+    """Model loading and batched prediction, without Serve (the benchmark uses it in-process)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.specs = {m.name: m for m in args.models}
+        self._lock = threading.Lock()  # one pipeline call at a time on this device
+
+    def load(self, name: str) -> LoadedModel:
+        from instantid.loading import load_pipeline
+
+        spec = self.specs[name]
+        started = time.perf_counter()
+        pipe = load_pipeline(spec.base_model, self.args.instantid, device=self.args.device, dtype=self.args.dtype,
+                             loras=dict(spec.loras) or None)
+        pipe.set_progress_bar_config(disable=True)
+        return LoadedModel(name, pipe, time.perf_counter() - started)
+
+    def predict(self, model: LoadedModel, jobs: list[Job]) -> list[dict]:
+        """One denoising batch for compatible jobs; one result (arrays + timings) per job."""
+        from instantid.identity import Pose
+        from instantid.pipeline import GenerationRequest
+
+        first = jobs[0]
+        requests = [
+            GenerationRequest(
+                face_embedding=j.embedding,
+                keypoint_image=Pose(j.kps, j.canvas).draw(j.width, j.height),
+                prompt=j.prompt, negative_prompt=j.negative_prompt or None, num_images=j.num_images, seed=j.seed,
+                guidance_scale=j.guidance_scale, ip_adapter_scale=j.ip_adapter_scale,
+                controlnet_conditioning_scale=j.controlnet_conditioning_scale,
+            )
+            for j in jobs
+        ]
+        marks: dict[str, float] = {}
+
+        def on_step(step: int, total: int) -> None:
+            if step == total:
+                marks["denoised"] = time.perf_counter()
+
+        with self._lock:
+            started = time.perf_counter()
+            model.pipe.set_loras(dict(first.loras))
+            images = model.pipe.generate(requests, width=first.width, height=first.height, steps=first.steps,
+                                         scheduler=first.scheduler, callback=on_step)
+            finished = time.perf_counter()
+        denoised = marks.get("denoised", finished)
+        n_images = sum(j.num_images for j in jobs)
+        return [
+            {
+                "images": [np.asarray(img.convert("RGB"), dtype=np.uint8) for img in imgs],
+                "seed": j.seed,
+                "model": model.name,
+                "timings": {"queue_s": started - j.arrived, "denoise_s": denoised - started,
+                            "vae_decode_s": finished - denoised, "batch_size": len(jobs),
+                            "batch_images": n_images},
+            }
+            for j, imgs in zip(jobs, images)
+        ]
+
+
+@serve.deployment(
+    name="Generator",
+    max_ongoing_requests=8,  # keep >= batch.max_batch_size so batches can fill
+    max_queued_requests=64,
+    ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+    health_check_period_s=10,
+    health_check_timeout_s=60,
+    graceful_shutdown_timeout_s=120,
+)
+class Generator:
+    async def __init__(self, args: dict):
+        # -- setup -----------------------------------------------------------------------------------
+        self.args = resolve_args(args)
+        self.core = GeneratorCore(self.args)
+        self.ready_error: str | None = "loading"
+        self.loads: Counter[str] = Counter()
+        self.batch_sizes: list[int] = []
+        self._waiting: set[str] = set()
+        self._queue: list[tuple[Job, asyncio.Future]] = []  # formed batches' jobs, waiting for the device
+        self._pump_task: asyncio.Task | None = None
+        self._run_batch.set_max_batch_size(self.args.batch.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(self.args.batch.batch_wait_timeout_s)
+
+        async def load_model(model_id: str) -> LoadedModel:
+            return await self._load(model_id)
+
+        # applied here rather than as a class decorator: the LRU size is an application argument
+        self._load_model_fn = load_model
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load_model)
+        try:
+            await self.get_model(self.args.default_model)
+            self.ready_error = None
+        except Exception as exc:  # check_health fails until a replacement replica loads it
+            self.ready_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.error("default model %s failed to load: %s", self.args.default_model, self.ready_error)
+
+    async def _load(self, name: str) -> LoadedModel:
+        if name not in self.core.specs:
+            raise ServiceError(422, "invalid_parameter", f"base_model: unknown model {name!r}", field="base_model")
+        _release_memory()  # an evicted pipeline's memory, before the next one is allocated
+        loaded = await asyncio.to_thread(self.core.load, name)
+        self.loads[name] += 1
+        metrics.model_loaded(name, loaded.seconds, len(self.resident_models()) + 1)
+        log.info("model %s loaded in %.2fs", name, loaded.seconds)
+        return loaded
+
+    # -- the request path ------------------------------------------------------------------------------
+    async def generate(self, job: dict) -> dict:
+        try:
+            parsed = decode_request(job)
+        except Exception as exc:
+            raise to_service_error(exc) from None
+        self._waiting.add(parsed.id)
+        metrics.queue_length(len(self._waiting))
+        try:
+            result = await self._run_batch(parsed)
+        finally:
+            parsed.cancelled = True  # a no-op when done; skips the work when the caller gave up
+            self._waiting.discard(parsed.id)
+            metrics.queue_length(len(self._waiting))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05,  # both reset from AppArgs.batch in __init__
+                 max_concurrent_batches=MAX_PENDING_BATCHES)
+    async def _run_batch(self, jobs: list[Job]) -> list[dict | ServiceError]:
+        """Serve's batch (formed within batch_wait_timeout_s) joins the device queue; see ``_pump``."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for job in jobs:
+            future = loop.create_future()
+            self._queue.append((job, future))
+            futures.append(future)
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = loop.create_task(self._pump())
+        return list(await asyncio.gather(*futures))
+
+    def _next_group(self) -> list[tuple[Job, asyncio.Future]]:
+        """The oldest waiting job and the compatible jobs behind it (same model and key), FIFO; jobs whose
+        callers gave up are dropped."""
+        live = [(job, fut) for job, fut in self._queue if not (job.cancelled or fut.done())]
+        if not live:
+            self._queue = []
+            return []
+        head = live[0][0]
+        limit = self.args.batch.max_batch_size
+        group, rest = [], []
+        for entry in live:
+            job = entry[0]
+            if len(group) < limit and job.model == head.model and job.key() == head.key():
+                group.append(entry)
+            else:
+                rest.append(entry)
+        self._queue = rest
+        return group
+
+    async def _pump(self) -> None:
+        """One device, one denoising batch at a time: whatever piled up while it was busy is merged.
+
+        ``@serve.batch`` forms its next batch as soon as a request arrives, even while the previous one
+        still holds the device (its concurrency limit applies after the batch is formed), so on its own a
+        batch only ever holds what arrived within one wait window. Here every formed batch joins one queue,
+        and each time the device frees up the oldest job leads a group of all compatible waiting jobs."""
+        while self._queue:
+            group = self._next_group()
+            if not group:
+                continue
+            jobs = [job for job, _ in group]
+            for job in jobs:
+                self._waiting.discard(job.id)
+            metrics.queue_length(len(self._waiting))
+            try:
+                results = await self._predict_group(jobs)
+            except Exception as exc:  # never leave a caller hanging
+                results = [to_service_error(exc)] * len(jobs)
+            for (_, future), result in zip(group, results):
+                if not future.done():
+                    future.set_result(result)
+
+    async def _predict_group(self, jobs: list[Job]) -> list[dict | ServiceError]:
+        name = jobs[0].model
+        loads_before = self.loads[name]
+        started = time.perf_counter()
+        try:
+            model = await self.get_model(name)
+        except Exception as exc:
+            return [to_service_error(exc)] * len(jobs)
+        load_s = time.perf_counter() - started if self.loads[name] > loads_before else None
+        metrics.models_resident(len(self.resident_models()))
+        try:
+            outputs = await asyncio.to_thread(self.core.predict, model, jobs)
+        except Exception as exc:
+            return [to_service_error(exc)] * len(jobs)
+        self._record_batch(name, jobs, outputs, load_s)
+        return outputs
+
+    def _record_batch(self, name: str, group: list[Job], outputs: list[dict], load_s: float | None) -> None:
+        n_images = sum(j.num_images for j in group)
+        self.batch_sizes = (self.batch_sizes + [len(group)])[-1000:]
+        metrics.batch(name, len(group), n_images)
+        metrics.images_generated(name, n_images)
+        first = outputs[0]["timings"]
+        metrics.stage("denoise", first["denoise_s"])
+        metrics.stage("vae_decode", first["vae_decode_s"])
+        for out in outputs:
+            metrics.stage("queue", out["timings"]["queue_s"])
+            if load_s is not None:
+                out["timings"]["model_load_s"] = load_s
+        if load_s is not None:
+            metrics.stage("model_load", load_s)
+
+    # -- introspection and health -------------------------------------------------------------------
+    def resident_models(self) -> list[str]:
+        """Model ids in this replica's multiplexing LRU, least recently used first."""
+        wrapper = getattr(self._load_model_fn, "__serve_multiplex_wrapper", None)
+        return list(wrapper.models) if wrapper is not None else []
+
+    def stats(self) -> dict:
+        return {
+            "ready": self.ready_error is None,
+            "error": self.ready_error,
+            "resident_models": self.resident_models(),
+            "model_loads": dict(self.loads),
+            "batches": len(self.batch_sizes),
+            "max_batch_size_seen": max(self.batch_sizes, default=0),
+            "recent_batch_sizes": self.batch_sizes[-50:],
+            "waiting": len(self._waiting),
+            "torch_threads": _torch_threads(),
+        }
+
+    def ready(self) -> dict:
+        return {"ready": self.ready_error is None, "error": self.ready_error}
+
+    def check_health(self) -> None:
+        if self.ready_error is not None:
+            raise RuntimeError(f"model not loaded: {self.ready_error}")
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover
+        pass

@@ -1,0 +1,783 @@
+"""Ingress deployment: the HTTP API (FastAPI through ``serve.ingress``) and the handle API, composing the
+FaceAnalyzer and the Generator through DeploymentHandles.
+
+setup            validate AppArgs, build request models bound to its limits, open the identity store
+decode_request   bounded body read, JSON or multipart, base64 -> raw bytes, image header checks
+                 (format, pixel count) before anything is decoded in full
+predict          FaceAnalyzer (or the identity store) -> Generator, under the request's deadline
+encode_response  one image encoding (png/jpeg/webp) of the Generator's arrays, base64 or S3 + presigned URL
+
+The Ingress imports no torch. Auth (API keys) and per-key rate limiting are a FastAPI dependency on the
+/v1 router (``AppArgs.auth``); the handle API is for trusted in-cluster callers and skips them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import io
+import json
+import logging
+import math
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
+from ray import serve
+
+from . import metrics
+from .config import AppArgs
+from .errors import ServiceError, from_exception, install_handlers, json_response, validation_error
+from .identities import decode_embedding, make_record, make_store, new_identity_id, valid_identity_id
+from .models import (
+    DELIVERIES,
+    MAX_SEED,
+    OUTPUT_FORMATS,
+    SCHEDULERS,
+    ErrorBody,
+    GenerateResponse,
+    Health,
+    IdentityList,
+    IdentityResponse,
+    ModelList,
+    Readiness,
+    build_models,
+)
+
+log = logging.getLogger("instantid.serve")
+
+ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
+BACKENDS = ("FaceAnalyzer", "Generator")
+
+
+@dataclass
+class Ctx:
+    """Per-request state: id, route, start time, per-stage timings and in-flight handle calls."""
+
+    route: str
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, Any] = field(default_factory=dict)
+    pending: list = field(default_factory=list)
+
+
+# -- auth --------------------------------------------------------------------------------------------
+class Authenticator:
+    """Bearer API keys, checked against sha256 hashes from an env var ('name:sha256hex,...')."""
+
+    def __init__(self, env_var: str):
+        self.hashes: dict[str, str] = {}
+        for entry in (os.environ.get(env_var) or "").split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            name, sep, digest = entry.rpartition(":")
+            digest = digest.strip().lower()
+            if not sep or not name or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                log.warning("ignoring a malformed API key entry in %s (expected name:sha256hex)", env_var)
+                continue
+            self.hashes[digest] = name.strip()
+        if not self.hashes:
+            log.warning("auth is enabled but %s holds no API keys: every /v1 call is refused", env_var)
+
+    def check(self, authorization: str | None) -> str:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ServiceError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
+                               headers={"WWW-Authenticate": "Bearer"})
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        found = None
+        for known, name in self.hashes.items():  # compare against all, in constant time each
+            if hmac.compare_digest(known, digest):
+                found = name
+        if found is None:
+            raise ServiceError(401, "unauthorized", "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+
+class RateLimiter:
+    """A token bucket per API key (per Ingress replica)."""
+
+    def __init__(self, rate_per_s: float, burst: int, clock=time.monotonic):
+        self.rate, self.burst, self.clock = float(rate_per_s), float(burst), clock
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> None:
+        now = self.clock()
+        tokens, last = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self.buckets[key] = (tokens, now)
+            retry = max(1, math.ceil((1.0 - tokens) / self.rate))
+            raise ServiceError(429, "rate_limited", "too many requests for this API key",
+                               headers={"Retry-After": str(retry)})
+        self.buckets[key] = (tokens - 1.0, now)
+
+
+# -- decoding helpers --------------------------------------------------------------------------------
+def decode_base64(text: Any, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise ServiceError(400, "invalid_base64", f"{where} must be a base64 string", field=where)
+    text = text.strip()
+    if text.startswith("data:"):
+        _, comma, text = text.partition(",")
+        if not comma:
+            raise ServiceError(400, "invalid_base64", f"{where} is a malformed data URL", field=where)
+    text = "".join(text.split())
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServiceError(400, "invalid_base64", f"{where} is not valid base64", field=where) from None
+    if not data:
+        raise ServiceError(400, "invalid_image", f"{where} is empty", field=where)
+    return data
+
+
+def check_image(data: bytes, where: str, max_pixels: int) -> None:
+    """Format and size from the header only: refuse non-images and oversized images before decoding."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+    except Image.DecompressionBombError:
+        raise ServiceError(413, "image_too_large", f"{where} has too many pixels", field=where) from None
+    except Exception:
+        raise ServiceError(400, "invalid_image", f"{where} is not a readable image (JPEG, PNG or WebP expected)",
+                           field=where) from None
+    if fmt not in ACCEPTED_FORMATS:
+        raise ServiceError(400, "invalid_image", f"{where} is a {fmt} image; only JPEG, PNG and WebP are accepted",
+                           field=where)
+    if width * height > max_pixels:
+        raise ServiceError(413, "image_too_large",
+                           f"{where} is {width}x{height}, more than {max_pixels} pixels", field=where)
+
+
+def encode_image(array, fmt: str) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    out = io.BytesIO()
+    if fmt == "png":
+        image.save(out, format="PNG", compress_level=4)
+    elif fmt == "jpeg":
+        image.save(out, format="JPEG", quality=95)
+    else:
+        image.save(out, format="WEBP", quality=95, method=4)
+    return out.getvalue()
+
+
+def _parse_json(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "msg", None) or type(exc).__name__
+        raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {reason}") from None
+    if not isinstance(data, dict):
+        raise ServiceError(422, "invalid_parameter", "the body must be a JSON object")
+    return data
+
+
+def _validate(model: type[BaseModel], data: dict) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+# -- the service ---------------------------------------------------------------------------------------
+class IngressCore:
+    """Everything the Ingress does, callable from HTTP routes and from DeploymentHandles."""
+
+    def __init__(self, args: dict | AppArgs, face_analyzer, generator, *, status_fn=None, app_name: str | None = None):
+        self.args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+        self.models = build_models(self.args)
+        self.face = face_analyzer
+        self.generator = generator
+        self._generators: dict[str, Any] = {}
+        self.store = make_store(self.args.identity_store)
+        self.auth = Authenticator(self.args.auth.key_hashes_env) if self.args.auth.enabled else None
+        self.limiter = RateLimiter(self.args.auth.rate_per_s, self.args.auth.burst) if self.args.auth.enabled else None
+        self._status_fn = status_fn
+        self._app_name = app_name
+        self._ready_cache: tuple[float, dict] | None = None
+        self._s3 = None
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    def _generator_for(self, model: str):
+        handle = self._generators.get(model)
+        if handle is None:
+            handle = self._generators[model] = self.generator.options(multiplexed_model_id=model)
+        return handle
+
+    @staticmethod
+    async def _call(ctx: Ctx, response):
+        ctx.pending.append(response)
+        try:
+            return await response
+        finally:
+            with contextlib.suppress(ValueError):
+                ctx.pending.remove(response)
+
+    async def _deadline(self, ctx: Ctx, coro, timeout_s: float | None = None):
+        """Run ``coro`` within the request's deadline; past it, cancel in-flight calls and answer 504."""
+        timeout = min(timeout_s or self.args.request_timeout_s, self.args.request_timeout_s)
+        task = asyncio.ensure_future(coro)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:  # the client went away: stop the work too
+            task.cancel()
+            self._cancel_pending(ctx)
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        self._cancel_pending(ctx)
+        raise ServiceError(504, "timeout", f"the request did not finish within {timeout:g}s")
+
+    @staticmethod
+    def _cancel_pending(ctx: Ctx) -> None:
+        for response in list(ctx.pending):
+            with contextlib.suppress(Exception):
+                response.cancel()
+
+    def _fail(self, ctx: Ctx, exc: BaseException) -> ServiceError:
+        err = from_exception(exc, request_id=ctx.request_id)
+        if err.code == "no_face":
+            metrics.face_not_found(ctx.route)
+        return err
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        if self.auth is None:
+            return None
+        name = self.auth.check(authorization)
+        self.limiter.take(name)
+        return name
+
+    # -- generate ----------------------------------------------------------------------------------------
+    def decode_generate(self, data: dict, files: dict[str, Any] | None = None):
+        """A request dict (+ multipart files) -> (validated request, face image bytes | None, pose bytes | None)."""
+        started = time.perf_counter()
+        req = _validate(self.models.GenerateRequest, data)
+        limits = self.args.limits
+        faces: list[bytes] | None = None
+        pose: bytes | None = None
+        files = files or {}
+        if req.face_images is not None:
+            faces = [decode_base64(s, f"face_images[{i}]") for i, s in enumerate(req.face_images)]
+        elif files.get("face_images"):
+            faces = list(files["face_images"])
+        if req.pose_image is not None:
+            pose = decode_base64(req.pose_image, "pose_image")
+        elif files.get("pose_image") is not None:
+            pose = files["pose_image"]
+        if faces is not None and req.identity_id is not None:
+            raise ServiceError(422, "invalid_parameter", "give face_images or identity_id, not both",
+                               field="face_images")
+        if faces is None and req.identity_id is None:
+            raise ServiceError(422, "invalid_parameter", "face_images or identity_id is required",
+                               field="face_images")
+        if faces is not None and not 1 <= len(faces) <= limits.max_faces:
+            raise ServiceError(422, "invalid_parameter", f"face_images: give 1 to {limits.max_faces} images",
+                               field="face_images")
+        for i, data_ in enumerate(faces or []):
+            check_image(data_, f"face_images[{i}]", limits.max_image_pixels)
+        if pose is not None:
+            check_image(pose, "pose_image", limits.max_image_pixels)
+        return req, faces, pose, time.perf_counter() - started
+
+    async def run_generate(self, ctx: Ctx, req, faces: list[bytes] | None, pose: bytes | None) -> dict:
+        from instantid.styles import apply_style
+
+        args = self.args
+        spec = args.model(req.base_model)
+        unknown = sorted(set(req.loras) - set(spec.loras))
+        if unknown:
+            raise ServiceError(422, "invalid_parameter",
+                               f"loras: unknown LoRA {unknown} for model {spec.name!r}; "
+                               f"available: {sorted(spec.loras)}",
+                               field="loras")
+        if req.delivery == "s3" and not args.output_bucket:
+            raise ServiceError(422, "invalid_parameter", "delivery: S3 delivery is not configured on this service",
+                               field="delivery")
+        prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt)
+        seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+
+        if req.identity_id is not None:
+            t0 = time.perf_counter()
+            record = await asyncio.to_thread(self.store.get, req.identity_id)
+            ctx.timings["identity_load_s"] = time.perf_counter() - t0
+            metrics.stage("identity_load", ctx.timings["identity_load_s"])
+            if record is None:
+                raise ServiceError(404, "not_found", f"identity {req.identity_id} not found", field="identity_id")
+            embedding = decode_embedding(record["embedding"])
+            face = {**record["faces"][0], "source": f"identity:{req.identity_id}"}
+            kps, canvas = record["pose"]["kps"], record["pose"]["canvas"]
+            if pose is not None:
+                analysis = await self._call(ctx, self.face.analyze.remote([], ("pose_image", pose)))
+                self._face_timings(ctx, analysis)
+                kps, canvas, face = analysis["pose"]["kps"], analysis["pose"]["canvas"], analysis["pose"]["face"]
+        else:
+            photos = [(f"face_images[{i}]", data) for i, data in enumerate(faces)]
+            analysis = await self._call(ctx, self.face.analyze.remote(
+                photos, ("pose_image", pose) if pose is not None else None))
+            self._face_timings(ctx, analysis)
+            embedding = analysis["embedding"]
+            kps, canvas, face = analysis["pose"]["kps"], analysis["pose"]["canvas"], analysis["pose"]["face"]
+
+        job = {
+            "model": spec.name, "embedding": embedding, "kps": kps, "canvas": canvas,
+            "width": req.width, "height": req.height, "steps": req.steps, "scheduler": req.scheduler,
+            "prompt": prompt, "negative_prompt": negative, "num_images": req.num_images, "seed": seed,
+            "guidance_scale": req.guidance_scale, "ip_adapter_scale": req.ip_adapter_scale,
+            "controlnet_conditioning_scale": req.controlnet_conditioning_scale, "loras": dict(req.loras),
+        }
+        result = await self._call(ctx, self._generator_for(spec.name).generate.remote(job))
+        ctx.timings.update(result["timings"])
+
+        t0 = time.perf_counter()
+        encoded = await asyncio.to_thread(lambda: [encode_image(a, req.output_format) for a in result["images"]])
+        ctx.timings["encode_s"] = time.perf_counter() - t0
+        metrics.stage("encode", ctx.timings["encode_s"])
+        images = urls = None
+        if req.delivery == "s3":
+            t0 = time.perf_counter()
+            urls = await asyncio.to_thread(self._upload, encoded, req.output_format, ctx.request_id)
+            ctx.timings["upload_s"] = time.perf_counter() - t0
+            metrics.stage("upload", ctx.timings["upload_s"])
+        else:
+            images = [base64.b64encode(b).decode("ascii") for b in encoded]
+        ctx.timings["total_s"] = time.perf_counter() - ctx.started
+        response = {
+            "request_id": ctx.request_id, "images": images, "urls": urls, "format": req.output_format,
+            "width": req.width, "height": req.height, "seed": seed, "model": result["model"],
+            "loras": dict(req.loras), "face": face,
+            "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ctx.timings.items()},
+        }
+        return {k: v for k, v in response.items() if v is not None}
+
+    @staticmethod
+    def _face_timings(ctx: Ctx, analysis: dict) -> None:
+        ctx.timings["image_decode_s"] = analysis["timings"]["decode_s"]
+        ctx.timings["face_analysis_s"] = analysis["timings"]["face_analysis_s"]
+
+    def _upload(self, encoded: list[bytes], fmt: str, request_id: str) -> list[str]:
+        from instantid.weights import split_s3
+
+        if self._s3 is None:
+            import boto3
+
+            self._s3 = boto3.client("s3")
+        bucket, prefix = split_s3(self.args.output_bucket)
+        day = time.strftime("%Y/%m/%d", time.gmtime())
+        urls = []
+        for i, data in enumerate(encoded):
+            key = "/".join(p for p in (prefix, day, f"{request_id}-{i}.{fmt}") if p)
+            self._s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=CONTENT_TYPES[fmt])
+            urls.append(self._s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                        ExpiresIn=self.args.presign_expiry_s))
+        return urls
+
+    async def serve_generate(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
+        """Decode, run under the deadline, map errors: the one path for HTTP (JSON, multipart) and handles."""
+        try:
+            req, faces, pose, decode_s = self.decode_generate(data, files)
+            ctx.timings["decode_s"] = decode_s
+            metrics.stage("decode", decode_s)
+            return await self._deadline(ctx, self.run_generate(ctx, req, faces, pose), req.timeout_s)
+        except Exception as exc:
+            raise self._fail(ctx, exc) from None
+
+    # -- identities --------------------------------------------------------------------------------------
+    def decode_identity(self, data: dict, files: dict | None = None) -> list[bytes]:
+        limits = self.args.limits
+        if files and files.get("face_images"):
+            if data:
+                raise ServiceError(422, "invalid_parameter", f"unexpected fields {sorted(data)}")
+            faces = list(files["face_images"])
+            if not 1 <= len(faces) <= limits.max_faces:
+                raise ServiceError(422, "invalid_parameter", f"face_images: give 1 to {limits.max_faces} images",
+                                   field="face_images")
+        else:
+            req = _validate(self.models.IdentityCreateRequest, data)
+            faces = [decode_base64(s, f"face_images[{i}]") for i, s in enumerate(req.face_images)]
+        for i, image in enumerate(faces):
+            check_image(image, f"face_images[{i}]", limits.max_image_pixels)
+        return faces
+
+    async def run_create_identity(self, ctx: Ctx, faces: list[bytes]) -> dict:
+        photos = [(f"face_images[{i}]", data) for i, data in enumerate(faces)]
+        analysis = await self._call(ctx, self.face.analyze.remote(photos, None, True))
+        record = make_record(new_identity_id(), embedding=analysis["embedding"], pose_kps=analysis["pose"]["kps"],
+                             pose_canvas=analysis["pose"]["canvas"], faces=analysis["faces"],
+                             thumbnail=analysis.get("thumbnail"))
+        await asyncio.to_thread(self.store.put, record)
+        return self.identity_view(record)
+
+    async def serve_create_identity(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
+        try:
+            faces = self.decode_identity(data, files)
+            return await self._deadline(ctx, self.run_create_identity(ctx, faces))
+        except Exception as exc:
+            raise self._fail(ctx, exc) from None
+
+    @staticmethod
+    def identity_view(record: dict) -> dict:
+        return {
+            "identity_id": record["identity_id"], "created_at": record["created_at"],
+            "num_photos": record["num_photos"], "faces": record["faces"],
+            "embedding_dim": record.get("embedding_dim", 512), "thumbnail": record.get("thumbnail"),
+        }
+
+    async def serve_get_identity(self, ctx: Ctx, identity_id: str) -> dict:
+        try:
+            record = await asyncio.to_thread(self.store.get, identity_id) if valid_identity_id(identity_id) else None
+        except Exception as exc:
+            raise self._fail(ctx, exc) from None
+        if record is None:
+            raise ServiceError(404, "not_found", f"identity {identity_id} not found")
+        return self.identity_view(record)
+
+    async def serve_delete_identity(self, ctx: Ctx, identity_id: str) -> None:
+        try:
+            deleted = valid_identity_id(identity_id) and await asyncio.to_thread(self.store.delete, identity_id)
+        except Exception as exc:
+            raise self._fail(ctx, exc) from None
+        if not deleted:
+            raise ServiceError(404, "not_found", f"identity {identity_id} not found")
+
+    async def serve_list_identities(self, ctx: Ctx, limit: int) -> dict:
+        try:
+            return {"identities": await asyncio.to_thread(self.store.list, limit)}
+        except Exception as exc:
+            raise self._fail(ctx, exc) from None
+
+    # -- info and readiness ------------------------------------------------------------------------------
+    def model_list(self) -> dict:
+        from instantid.styles import presets
+
+        return {
+            "models": [{"name": m.name, "loras": sorted(m.loras), "default": m.name == self.args.default_model}
+                       for m in self.args.models],
+            "schedulers": list(SCHEDULERS), "styles": sorted(presets()),
+            "output_formats": list(OUTPUT_FORMATS),
+            "delivery": [d for d in DELIVERIES if d != "s3" or self.args.output_bucket],
+        }
+
+    async def readiness(self) -> dict:
+        now = time.monotonic()
+        if self._ready_cache and now - self._ready_cache[0] < 1.0:
+            return self._ready_cache[1]
+        try:
+            statuses = await asyncio.to_thread(self._status_fn or self._serve_status)
+            ready = all(statuses.get(name) in READY_STATES for name in BACKENDS)
+            result = {"ready": ready, "deployments": statuses}
+            if not ready:
+                waiting = [n for n in BACKENDS if statuses.get(n) not in READY_STATES]
+                result["message"] = f"not ready: {', '.join(waiting)} (model not loaded or replicas starting)"
+        except Exception as exc:
+            result = {"ready": False, "deployments": {}, "message": f"cannot read Serve status: {type(exc).__name__}"}
+        self._ready_cache = (now, result)
+        return result
+
+    def _serve_status(self) -> dict[str, str]:
+        from ray import serve
+
+        app_name = self._app_name or serve.get_replica_context().app_name
+        app = serve.status().applications[app_name]
+        return {name: str(getattr(d.status, "value", d.status)) for name, d in app.deployments.items()}
+
+    # -- handle API (trusted, in-cluster callers; see deployments/client.py) -----------------------------
+    async def _handle(self, route: str, fn, *a):
+        ctx = Ctx(route=f"handle.{route}")
+        status = 200
+        try:
+            return await fn(ctx, *a)
+        except ServiceError as err:
+            status = err.status
+            raise
+        except Exception as exc:
+            err = self._fail(ctx, exc)
+            status = err.status
+            raise err from None
+        finally:
+            metrics.request_done(ctx.route, "HANDLE", status, time.perf_counter() - ctx.started)
+
+    async def generate(self, request: dict) -> dict:
+        """Handle API: the /v1/generate JSON body as a dict -> the response dict."""
+        return await self._handle("generate", self.serve_generate, dict(request))
+
+    async def create_identity(self, request: dict) -> dict:
+        return await self._handle("create_identity", self.serve_create_identity, dict(request))
+
+    async def get_identity(self, identity_id: str) -> dict:
+        return await self._handle("get_identity", self.serve_get_identity, identity_id)
+
+    async def delete_identity(self, identity_id: str) -> None:
+        return await self._handle("delete_identity", self.serve_delete_identity, identity_id)
+
+    async def list_identities(self, limit: int = 100) -> dict:
+        return await self._handle("list_identities", self.serve_list_identities, int(limit))
+
+    async def list_models(self) -> dict:
+        return self.model_list()
+
+
+# -- HTTP --------------------------------------------------------------------------------------------------
+class Observe:
+    """ASGI middleware: per-route request metrics, and a JSON 500 (never a traceback) for anything unhandled."""
+
+    def __init__(self, app, router=None):
+        self.app = app
+        self.router = router
+
+    def _route(self, scope) -> str:
+        """The matched route's template (/v1/identities/{identity_id}); 'other' for unmatched paths."""
+        route = scope.get("route")  # set by the router on the (shared) scope once a route matched
+        if route is not None and isinstance(getattr(route, "path", None), str):
+            return route.path
+        from starlette.routing import Match
+
+        for candidate in getattr(self.router, "routes", []):
+            path = getattr(candidate, "path", None)
+            if not isinstance(path, str):
+                continue
+            try:
+                if candidate.matches(scope)[0] == Match.FULL:
+                    return path
+            except Exception:
+                continue
+        return "other"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        state = {"status": 500, "sent": False}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                state["status"], state["sent"] = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if state["sent"]:
+                log.error("error after the response started: %s", exc)
+            else:
+                await json_response(from_exception(exc, request_id=uuid.uuid4().hex))(scope, receive, send_wrapper)
+        finally:
+            metrics.request_done(self._route(scope), scope.get("method", ""), state["status"],
+                                 time.perf_counter() - started)
+
+
+async def read_body(request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ServiceError(413, "body_too_large", f"the body is larger than {limit} bytes")
+        except ValueError:
+            raise ServiceError(400, "bad_request", "malformed Content-Length") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, "body_too_large", f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_form(request, body: bytes, max_files: int, limit: int) -> tuple[dict, dict]:
+    """multipart/form-data: file fields (raw bytes) and the other fields (JSON-decoded where they are JSON)."""
+    from starlette.datastructures import UploadFile
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=max_files, max_fields=64, max_part_size=limit)
+    except Exception as exc:
+        detail = getattr(exc, "detail", None) or str(exc)
+        raise ServiceError(400, "bad_request", f"malformed multipart body: {detail}".splitlines()[0]) from None
+    files: dict[str, list[bytes] | bytes] = {}
+    data: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            content = await value.read()
+            if key == "face_images":
+                files.setdefault("face_images", []).append(content)
+            elif key == "pose_image":
+                files["pose_image"] = content
+            else:
+                raise ServiceError(422, "invalid_parameter", f"{key}: unexpected file field", field=key)
+        elif key == "face_images":
+            files.setdefault("face_images", []).append(decode_base64(value, "face_images"))
+        elif key == "loras":
+            try:
+                data["loras"] = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError:
+                raise ServiceError(422, "invalid_parameter", "loras: must be a JSON object", field="loras") from None
+        elif value == "" and key not in ("prompt", "negative_prompt"):
+            continue  # an empty form field means "not given"
+        else:
+            data[key] = value
+    await form.close()
+    return data, files
+
+
+def _body_doc(name: str, multipart: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}},
+        "multipart/form-data": {"schema": multipart},
+    }}}
+
+
+def _multipart_schema(model: type[BaseModel], max_faces: int) -> dict:
+    props = {k: v for k, v in model.model_json_schema()["properties"].items()}
+    props["face_images"] = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                            "maxItems": max_faces, "description": "Photo files (repeat the field)."}
+    if "pose_image" in props:
+        props["pose_image"] = {"type": "string", "format": "binary", "description": "Pose photo file."}
+    if "loras" in props:
+        props["loras"] = {"type": "string", "description": 'JSON object, e.g. {"name": 0.8}.'}
+    return {"type": "object", "properties": props}
+
+
+def build_http_app(core: IngressCore):
+    """The FastAPI app of one Ingress replica (bounds in its OpenAPI schema come from ``core.args``)."""
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    args = core.args
+    limits = args.limits
+    app = FastAPI(
+        title="InstantID Serve",
+        version="0.1.0",
+        description="Identity-preserving image generation (InstantID on SDXL). Errors are "
+                    '`{"error": {"code", "message", "field"?}}`. Limits of this deployment are in the schemas.',
+    )
+    install_handlers(app)
+    app.add_middleware(Observe, router=app.router)
+    errors = {s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)}
+
+    if args.auth.enabled:
+        bearer = HTTPBearer(auto_error=False, description="API key")
+
+        async def auth(request: Request, _creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+            request.state.api_key = core.authenticate(request.headers.get("authorization"))
+    else:
+        async def auth(request: Request):
+            request.state.api_key = None
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+
+    async def parse(request: Request, max_files: int) -> tuple[dict, dict | None]:
+        body = await read_body(request, limits.max_body_bytes)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            return await read_form(request, body, max_files, limits.max_body_bytes)
+        if ctype not in ("", "application/json") and not ctype.endswith("+json"):
+            raise ServiceError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+        return _parse_json(body), None
+
+    @v1.post("/generate", response_model=GenerateResponse, responses=errors, summary="Generate images",
+             openapi_extra=_body_doc("GenerateRequest",
+                                     _multipart_schema(core.models.GenerateRequest, limits.max_faces)))
+    async def generate(request: Request):
+        ctx = Ctx(route="/v1/generate")
+        try:
+            data, files = await parse(request, limits.max_faces + 1)
+        except Exception as exc:
+            raise core._fail(ctx, exc) from None
+        return JSONResponse(await core.serve_generate(ctx, data, files))
+
+    @v1.post("/identities", response_model=IdentityResponse, status_code=201, responses=errors,
+             summary="Store an identity",
+             openapi_extra=_body_doc("IdentityCreateRequest",
+                                     _multipart_schema(core.models.IdentityCreateRequest, limits.max_faces)))
+    async def create_identity(request: Request):
+        ctx = Ctx(route="/v1/identities")
+        try:
+            data, files = await parse(request, limits.max_faces)
+        except Exception as exc:
+            raise core._fail(ctx, exc) from None
+        return JSONResponse(await core.serve_create_identity(ctx, data, files), status_code=201)
+
+    @v1.get("/identities", response_model=IdentityList, responses=errors, summary="List identities")
+    async def list_identities(limit: int = Query(100, ge=1, le=1000)):
+        return await core.serve_list_identities(Ctx(route="/v1/identities"), limit)
+
+    @v1.get("/identities/{identity_id}", response_model=IdentityResponse, responses=errors,
+            summary="Get an identity")
+    async def get_identity(identity_id: str):
+        return JSONResponse(await core.serve_get_identity(Ctx(route="/v1/identities/{identity_id}"), identity_id))
+
+    @v1.delete("/identities/{identity_id}", status_code=204, responses=errors, summary="Delete an identity")
+    async def delete_identity(identity_id: str):
+        await core.serve_delete_identity(Ctx(route="/v1/identities/{identity_id}"), identity_id)
+        return Response(status_code=204)
+
+    @v1.get("/models", response_model=ModelList, responses=errors, summary="Models, LoRAs, styles, schedulers")
+    async def models():
+        return core.model_list()
+
+    app.include_router(v1)
+
+    @app.get("/healthz", response_model=Health, summary="Liveness: the Ingress answers")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
+             summary="Readiness: FaceAnalyzer and Generator have replicas with their models loaded")
+    async def readyz():
+        state = await core.readiness()
+        return JSONResponse(state, status_code=200 if state["ready"] else 503)
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        _, defs = models_json_schema(
+            [(core.models.GenerateRequest, "validation"), (core.models.IdentityCreateRequest, "validation")],
+            ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+    return app
+
+
+@serve.deployment(
+    name="Ingress",
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    ray_actor_options={"num_cpus": 0.25},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+)
+@serve.ingress()
+class Ingress(IngressCore):
+    """HTTP via the FastAPI app built per replica (its schema carries this deployment's limits), and the
+    handle API (generate, create_identity, get_identity, delete_identity, list_identities, list_models)."""
+
+    def __init__(self, args: dict, face_analyzer, generator):
+        IngressCore.__init__(self, args, face_analyzer, generator)
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self)

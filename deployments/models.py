@@ -1,0 +1,232 @@
+"""Request and response models of the HTTP API and of the Python handle client.
+
+Request models carry their bounds in the schema (``Field(ge=..., le=...)``), so ``/docs`` and
+``/openapi.json`` publish the limits the service enforces. The bounds come from ``AppArgs.limits``: the
+Ingress builds its own classes with ``build_models(args)``. The module-level ``GenerateRequest`` and
+``IdentityCreateRequest`` are built from the default limits and accept any model/style name; they are
+what a Python client constructs. The service re-validates every request against its configured bounds.
+
+This module imports no torch: the Ingress stays light.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .config import AppArgs, Limits
+
+# Mirrors instantid.schedulers.NAMES (importing that module pulls in diffusers and torch); a test keeps
+# the two equal.
+SCHEDULERS = ("default", "euler", "euler_a", "dpmpp_2m_karras", "lcm")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+DELIVERIES = ("inline", "s3")
+IDENTITY_ID_PATTERN = r"^id_[0-9a-f]{32}$"
+MAX_SEED = 2**32 - 1
+MAX_LORAS = 8
+
+_DOC_IMAGE = "Base64 image (JPEG, PNG or WebP; a data: URL prefix is accepted)."
+
+
+def _default_side(limits: Limits) -> int:
+    side = min(max(1024, limits.min_side), limits.max_side)
+    return max(8, side - side % 8)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tuple[str, ...] | None,
+                    max_timeout: float | None):
+    """The /v1/generate request with bounds from ``limits`` (and enums when names are given)."""
+    ModelName = Literal[models] if models else str  # type: ignore[valid-type]
+    StyleName = Literal[styles] if styles else str  # type: ignore[valid-type]
+    Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
+    side = _default_side(limits)
+    LoraScale = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+    class GenerateRequest(_Model):
+        """Generate images of the identity in ``face_images`` (or a stored ``identity_id``)."""
+
+        face_images: Optional[list[str]] = Field(
+            None, min_length=1, max_length=limits.max_faces,
+            description=f"1 to {limits.max_faces} photos of one person: {_DOC_IMAGE} Their embeddings are "
+                        "averaged; the keypoints of the first one set the pose unless pose_image is given. "
+                        "Exactly one of face_images and identity_id.")
+        identity_id: Optional[str] = Field(None, pattern=IDENTITY_ID_PATTERN,
+                                           description="A stored identity (POST /v1/identities).")
+        pose_image: Optional[str] = Field(None, description=f"Photo whose face keypoints set the pose. {_DOC_IMAGE}")
+        prompt: str = Field("", max_length=limits.max_prompt_chars)
+        negative_prompt: str = Field("", max_length=limits.max_prompt_chars)
+        style: Optional[StyleName] = Field(None, description="A style preset applied to the prompts.")
+        width: int = Field(side, ge=limits.min_side, le=limits.max_side, multiple_of=8)
+        height: int = Field(side, ge=limits.min_side, le=limits.max_side, multiple_of=8)
+        steps: int = Field(min(30, limits.max_steps), ge=1, le=limits.max_steps, description="Denoising steps.")
+        guidance_scale: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance; <= 1 disables it.")
+        ip_adapter_scale: float = Field(0.8, ge=0.0, le=2.0, description="Strength of the identity tokens.")
+        controlnet_conditioning_scale: float = Field(0.8, ge=0.0, le=2.0, description="Strength of IdentityNet.")
+        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Random when absent; echoed back.")
+        num_images: int = Field(1, ge=1, le=limits.max_num_images)
+        scheduler: Scheduler = "default"
+        base_model: Optional[ModelName] = Field(None, description="A configured model name (GET /v1/models); "
+                                                                  "the default model when absent.")
+        loras: dict[str, LoraScale] = Field(default_factory=dict, max_length=MAX_LORAS,
+                                            description="LoRA name -> scale, among the base model's LoRAs.")
+        output_format: Literal[OUTPUT_FORMATS] = "png"  # type: ignore[valid-type]
+        delivery: Literal[DELIVERIES] = Field(  # type: ignore[valid-type]
+            "inline", description="inline: base64 in `images`; s3: presigned URLs in `urls`.")
+        timeout_s: Optional[float] = Field(
+            None, gt=0, le=max_timeout, description="Deadline for this request (at most the service's own); 504 "
+                                                    "past it.")
+
+        @model_validator(mode="after")
+        def _one_source(self):
+            # the multipart form and the handle client may bring face images as files; the Ingress then
+            # checks "exactly one source" itself, so only a JSON body with both is refused here
+            if self.face_images is not None and self.identity_id is not None:
+                raise ValueError("give face_images or identity_id, not both")
+            return self
+
+    return GenerateRequest
+
+
+def _identity_model(limits: Limits):
+    class IdentityCreateRequest(_Model):
+        """Store an identity: the mean embedding, the first photo's keypoints and a thumbnail."""
+
+        face_images: list[str] = Field(min_length=1, max_length=limits.max_faces,
+                                       description=f"1 to {limits.max_faces} photos of one person. {_DOC_IMAGE}")
+
+    return IdentityCreateRequest
+
+
+@dataclass(frozen=True)
+class Models:
+    GenerateRequest: type[BaseModel]
+    IdentityCreateRequest: type[BaseModel]
+
+
+@lru_cache(maxsize=8)
+def _build(limits_json: str, models: tuple[str, ...] | None, styles: tuple[str, ...] | None,
+           max_timeout: float | None) -> Models:
+    limits = Limits.model_validate_json(limits_json)
+    return Models(_generate_model(limits, models, styles, max_timeout), _identity_model(limits))
+
+
+def build_models(args: AppArgs) -> Models:
+    """Request models bound to a deployment's limits, model names, styles and timeout."""
+    from instantid.styles import presets
+
+    return _build(args.limits.model_dump_json(), tuple(m.name for m in args.models), tuple(sorted(presets())),
+                  float(args.request_timeout_s))
+
+
+_DEFAULTS = _build(Limits().model_dump_json(), None, None, None)
+GenerateRequest = _DEFAULTS.GenerateRequest
+IdentityCreateRequest = _DEFAULTS.IdentityCreateRequest
+
+
+# -- responses -----------------------------------------------------------------------------------------
+class FaceInfo(BaseModel):
+    """A detected face, in the pixel coordinates of the image it came from."""
+
+    source: str = Field(description="Which input: face_images[i], pose_image, or identity:<id>.")
+    bbox: list[float] = Field(description="x1, y1, x2, y2.", min_length=4, max_length=4)
+    score: float
+    kps: list[list[float]] = Field(description="Left eye, right eye, nose, left and right mouth corner: [x, y].")
+    image_size: list[int] = Field(description="Width and height of that image.")
+
+
+class Timings(BaseModel):
+    """Seconds spent per stage of this request (stages that did not run are absent)."""
+
+    model_config = ConfigDict(extra="allow")
+    decode_s: Optional[float] = Field(None, description="Base64 decoding and image header checks (Ingress).")
+    image_decode_s: Optional[float] = Field(None, description="Full decoding of the input photos (FaceAnalyzer).")
+    face_analysis_s: Optional[float] = Field(None, description="Face detection + embedding (FaceAnalyzer).")
+    identity_load_s: Optional[float] = None
+    queue_s: Optional[float] = Field(None, description="Waiting in the Generator for a batch to start.")
+    model_load_s: Optional[float] = Field(None, description="Loading a model this request needed.")
+    denoise_s: Optional[float] = Field(None, description="Prompt/face encoding and the denoising loop.")
+    vae_decode_s: Optional[float] = None
+    encode_s: Optional[float] = Field(None, description="Image encoding (png/jpeg/webp).")
+    upload_s: Optional[float] = Field(None, description="S3 upload and URL presigning.")
+    total_s: float = 0.0
+    batch_size: int = Field(1, description="Requests that shared this request's denoising batch.")
+    batch_images: int = Field(1, description="Images generated by that batch.")
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    images: Optional[list[str]] = Field(None, description="Base64 images (delivery=inline).")
+    urls: Optional[list[str]] = Field(None, description="Presigned S3 GET URLs (delivery=s3).")
+    format: str
+    width: int
+    height: int
+    seed: int
+    model: str = Field(description="The base model that generated the images.")
+    loras: dict[str, float] = Field(default_factory=dict)
+    face: FaceInfo = Field(description="The face whose keypoints set the pose.")
+    timings: Timings
+
+    def image_bytes(self) -> list[bytes]:
+        """The inline images, decoded."""
+        return [base64.b64decode(s) for s in self.images or []]
+
+
+class IdentityResponse(BaseModel):
+    identity_id: str
+    created_at: str
+    num_photos: int
+    faces: list[FaceInfo]
+    embedding_dim: int = 512
+    thumbnail: Optional[str] = Field(None, description="Base64 JPEG crop of the first photo's face.")
+
+
+class IdentitySummary(BaseModel):
+    identity_id: str
+    created_at: Optional[str] = None
+
+
+class IdentityList(BaseModel):
+    identities: list[IdentitySummary]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    loras: list[str]
+    default: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+    schedulers: list[str]
+    styles: list[str]
+    output_formats: list[str]
+    delivery: list[str]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: Optional[str] = None
+    details: Optional[list[dict[str, Any]]] = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    deployments: dict[str, str] = Field(default_factory=dict)
+    message: Optional[str] = None

@@ -1,0 +1,262 @@
+"""Ingress, error mapping and health logic without a Ray cluster (fake handles, an in-process ASGI client)."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from deployments.config import AppArgs
+from deployments.errors import ServiceError, from_exception
+from deployments.ingress import IngressCore, RateLimiter, build_http_app, decode_base64
+from deployments.models import SCHEDULERS, GenerateRequest, build_models
+from instantid.errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
+from serve_helpers import assert_error, b64, png_bytes
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class FakeFace:
+    def __init__(self):
+        async def analyze(photos, pose=None, thumbnail=False):
+            canvas = [1024, 1024]
+            face = {"source": "face_images[0]", "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.9,
+                    "kps": [[1.0, 1.0]] * 5, "image_size": [256, 256]}
+            return {"embedding": np.ones(512, np.float32), "faces": [face] * len(photos),
+                    "pose": {"kps": np.full((5, 2), 500.0, np.float32), "canvas": canvas, "face": face},
+                    "thumbnail": b"jpeg" if thumbnail else None,
+                    "timings": {"decode_s": 0.0, "face_analysis_s": 0.0}}
+
+        self.analyze = _Method(analyze)
+
+
+class FakeGenerator:
+    def __init__(self, fail: BaseException | None = None):
+        self.fail = fail
+
+        async def generate(job):
+            if self.fail is not None:
+                raise self.fail
+            return {"images": [np.zeros((job["height"], job["width"], 3), np.uint8)] * job["num_images"],
+                    "seed": job["seed"], "model": job["model"],
+                    "timings": {"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
+                                "batch_images": job["num_images"]}}
+
+        self.generate = _Method(generate)
+
+    def options(self, **_):
+        return self
+
+
+def make_client(tmp_path, generator=None, status=None, **overrides) -> TestClient:
+    args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"), **overrides})
+    core = IngressCore(args, FakeFace(), generator or FakeGenerator(),
+                       status_fn=status or (lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"}))
+    return TestClient(build_http_app(core), raise_server_exceptions=False)
+
+
+def _request(**fields):
+    return {"face_images": [b64(png_bytes())], "width": 64, "height": 64, "steps": 2, **fields}
+
+
+def test_fake_generate_round_trip(tmp_path):
+    resp = make_client(tmp_path).post("/v1/generate", json=_request(num_images=2))
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["images"]) == 2 and 0 <= resp.json()["seed"] <= 2**32 - 1
+
+
+def test_unexpected_errors_are_500_json_without_internals(tmp_path):
+    client = make_client(tmp_path, generator=FakeGenerator(RuntimeError("secret /etc/shadow detail")))
+    resp = client.post("/v1/generate", json=_request())
+    err = assert_error(resp, 500, "internal")
+    assert "secret" not in resp.text and "RuntimeError" not in resp.text
+    assert "request id" in err["message"]
+
+
+@pytest.mark.parametrize("exc,status,code", [
+    (ServiceError(503, "queue_full", "full", headers={"Retry-After": "1"}), 503, "queue_full"),
+    (NoFaceError("face_images[0]"), 422, "no_face"),
+    (InvalidParameterError("steps", "too many"), 422, "invalid_parameter"),
+    (InvalidImageError("bad"), 400, "invalid_image"),
+    (WeightsError("gone"), 503, "model_unavailable"),
+])
+def test_backend_errors_map_to_status(tmp_path, exc, status, code):
+    resp = make_client(tmp_path, generator=FakeGenerator(exc)).post("/v1/generate", json=_request())
+    assert_error(resp, status, code)
+
+
+def test_backpressure_maps_to_503_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    err = from_exception(BackPressureError(num_queued_requests=3, max_queued_requests=2))
+    assert (err.status, err.code) == (503, "queue_full") and int(err.headers["Retry-After"]) >= 1
+    assert from_exception(TimeoutError()).status == 504
+
+
+def test_service_error_survives_pickling():
+    err = ServiceError(422, "no_face", "no face found in face_images[1]", field="face_images[1]",
+                       headers={"X": "1"})
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.status, back.code, back.message, back.field, back.headers) == (422, "no_face", err.message,
+                                                                                "face_images[1]", {"X": "1"})
+
+
+def test_ray_task_error_is_unwrapped():
+    from ray.exceptions import RayTaskError
+
+    cause = ServiceError(422, "no_face", "no face found in pose_image", field="pose_image")
+    wrapped = RayTaskError("analyze", "Traceback (most recent call last): ...", cause)
+    assert from_exception(wrapped) is cause
+
+
+def test_api_keys_and_rate_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_KEYS", "alice:" + hashlib.sha256(b"s3cret").hexdigest() + ",broken-entry")
+    client = make_client(tmp_path, auth={"enabled": True, "key_hashes_env": "TEST_KEYS", "rate_per_s": 0.001,
+                                         "burst": 2})
+    missing = client.get("/v1/identities")
+    assert_error(missing, 401, "unauthorized")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert_error(client.get("/v1/identities", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    good = {"Authorization": "Bearer s3cret"}
+    assert client.get("/v1/identities", headers=good).status_code == 200
+    assert client.get("/v1/models", headers=good).status_code == 200
+    limited = client.get("/v1/identities", headers=good)
+    assert_error(limited, 429, "rate_limited")
+    assert int(limited.headers["retry-after"]) >= 1
+    assert client.get("/healthz").status_code == 200  # probes need no key
+    schema = client.get("/openapi.json").json()
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_rate_limiter_refills():
+    now = [0.0]
+    limiter = RateLimiter(rate_per_s=1.0, burst=1, clock=lambda: now[0])
+    limiter.take("k")
+    with pytest.raises(ServiceError):
+        limiter.take("k")
+    now[0] = 1.01
+    limiter.take("k")
+
+
+def test_readyz_reports_an_unloaded_model(tmp_path):
+    client = make_client(tmp_path, status=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "UNHEALTHY"})
+    resp = client.get("/readyz")
+    assert resp.status_code == 503
+    assert resp.json()["ready"] is False and "Generator" in resp.json()["message"]
+
+
+def test_check_health_fails_until_the_model_is_loaded():
+    from deployments.face_analyzer import FaceAnalyzerDeployment
+    from deployments.generator import Generator
+
+    gen = Generator.func_or_class.__new__(Generator.func_or_class)
+    gen.ready_error = "WeightsError: weights not found"
+    with pytest.raises(RuntimeError, match="model not loaded"):
+        gen.check_health()
+    gen.ready_error = None
+    gen.check_health()
+    face = FaceAnalyzerDeployment.func_or_class.__new__(FaceAnalyzerDeployment.func_or_class)
+    face.core, face.load_error = None, "WeightsError: no pack"
+    with pytest.raises(RuntimeError, match="face model not loaded"):
+        face.check_health()
+
+
+def test_base64_accepts_data_urls_and_whitespace():
+    data = png_bytes()
+    assert decode_base64("data:image/png;base64," + b64(data), "x") == data
+    assert decode_base64(b64(data)[:10] + "\n" + b64(data)[10:], "x") == data
+    with pytest.raises(ServiceError) as err:
+        decode_base64("abc", "face_images[2]")
+    assert err.value.field == "face_images[2]"
+
+
+def test_schedulers_match_the_library():
+    from instantid.schedulers import NAMES
+
+    assert tuple(SCHEDULERS) == tuple(NAMES)
+
+
+def test_request_bounds_follow_limits():
+    args = AppArgs.model_validate({"limits": {"max_steps": 12, "max_num_images": 2, "max_side": 512}})
+    model = build_models(args).GenerateRequest
+    props = model.model_json_schema()["properties"]
+    assert props["steps"]["maximum"] == 12 and props["num_images"]["maximum"] == 2
+    assert props["width"]["maximum"] == 512 and props["width"]["default"] == 512
+    # the client-side model uses the default limits and any model name
+    GenerateRequest(identity_id="id_" + "a" * 32, base_model="anything", steps=100)
+
+
+
+def test_a_crashing_route_still_answers_json(tmp_path, monkeypatch):
+    import deployments.ingress as ingress
+
+    def boom(self):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(ingress.IngressCore, "model_list", boom)
+    resp = make_client(tmp_path).get("/v1/models")
+    assert_error(resp, 500, "internal")
+    assert "secret" not in resp.text and "RuntimeError" not in resp.text
+
+
+def test_deadline_cancels_and_answers_504(tmp_path):
+    import asyncio
+
+    from deployments.ingress import Ctx
+
+    core = IngressCore(AppArgs.model_validate({"identity_store": str(tmp_path)}), FakeFace(), FakeGenerator())
+
+    class Pending:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def main():
+        ctx = Ctx(route="t")
+        pending = Pending()
+        ctx.pending.append(pending)
+        with pytest.raises(ServiceError) as err:
+            await core._deadline(ctx, asyncio.sleep(5), 0.05)
+        return err.value, pending
+
+    err, pending = asyncio.run(main())
+    assert (err.status, err.code) == (504, "timeout") and pending.cancelled
+
+
+def test_device_queue_merges_compatible_waiting_jobs_fifo():
+    import asyncio
+
+    from deployments.generator import Generator, Job
+
+    def job(name, width=64, loras=None, model="m"):
+        return Job(model=model, embedding=np.zeros(512, np.float32), kps=np.zeros((5, 2), np.float32),
+                   canvas=(64, 64), width=width, height=64, steps=2, loras=loras or {}, id=name)
+
+    gen = Generator.func_or_class.__new__(Generator.func_or_class)
+    gen.args = AppArgs.model_validate({"batch": {"max_batch_size": 3}})
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [job("a"), job("b", width=128), job("c"), job("d", loras={"x": 1.0}), job("e", model="other"),
+                job("f"), job("g"), job("h")]
+        jobs[5].cancelled = True
+        gen._queue = [(j, loop.create_future()) for j in jobs]
+        first = [j.id for j, _ in gen._next_group()]
+        assert first == ["a", "c", "g"]  # "f" was cancelled; at most max_batch_size
+        assert [j.id for j, _ in gen._queue] == ["b", "d", "e", "h"]
+        assert [j.id for j, _ in gen._next_group()] == ["b"]
+        assert [j.id for j, _ in gen._next_group()] == ["d"]
+        assert [j.id for j, _ in gen._next_group()] == ["e"]
+        assert [j.id for j, _ in gen._next_group()] == ["h"]
+        assert gen._next_group() == [] and gen._queue == []
+    finally:
+        loop.close()
