@@ -74,3 +74,17 @@ def face_photo() -> Path:
     import insightface
 
     return Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any attempt to open a connection beyond loopback (a hub or a download) fails the test."""
+    real_connect = socket.socket.connect
+
+    def guarded(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in ("127.0.0.1", "localhost", "::1") and not str(host).startswith("/"):
+            raise AssertionError(f"network access attempted: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
