@@ -12,7 +12,8 @@ Status codes:
     405 method_not_allowed               413 body_too_large, image_too_large
     422 invalid_parameter (``field``), no_face (``field`` names the image)
     429 rate_limited (Retry-After)       500 internal
-    503 queue_full (Retry-After), unavailable, model_unavailable
+    503 queue_full (Retry-After), unavailable (a backend down or its replica died mid-request),
+        model_unavailable, storage_unavailable (S3 or the identity directory failing)
     504 timeout
 """
 
@@ -119,12 +120,41 @@ def from_exception(exc: BaseException, *, request_id: str | None = None) -> Serv
     if DeploymentUnavailableError and isinstance(exc, DeploymentUnavailableError):
         return ServiceError(503, "unavailable", "a backend deployment is unavailable; retry later",
                             headers={"Retry-After": "5"})
+    try:
+        from ray.exceptions import RayActorError
+    except ImportError:  # pragma: no cover
+        RayActorError = ()  # type: ignore
+    if RayActorError and isinstance(exc, RayActorError):  # a replica died or is unreachable mid-request
+        log.warning("backend replica unavailable: %s", type(exc).__name__)
+        return ServiceError(503, "unavailable", "a backend replica failed during the request; retry later",
+                            headers={"Retry-After": "5"})
+    if _is_storage_error(exc):
+        log.error("identity/output storage unavailable: %s", type(exc).__name__)
+        return storage_unavailable()
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or (
             RequestCancelledError and isinstance(exc, RequestCancelledError)):
         return ServiceError(504, "timeout", "the request did not finish within its timeout")
     suffix = f" (request id {request_id})" if request_id else ""
     log.error("unexpected error%s: %s: %s", suffix, type(exc).__name__, exc, exc_info=exc)
     return ServiceError(500, "internal", f"internal error{suffix}")
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """S3 unreachable or failing server-side (the directory store's OSErrors are mapped by the Ingress)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        return status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
+    return isinstance(exc, BotoCoreError)
+
+
+def storage_unavailable() -> ServiceError:
+    return ServiceError(503, "storage_unavailable", "the storage backend is unavailable; retry later",
+                        headers={"Retry-After": "5"})
 
 
 def to_service_error(exc: BaseException) -> ServiceError:

@@ -7,7 +7,10 @@ means one commit point:
 - directory backend: written to a temporary file in the same directory, fsynced, then ``os.replace``d onto
   ``<id>.json`` (atomic on POSIX), and the directory fsynced. A reader sees the old state or the whole
   record, never a partial one; a crash leaves at most a ``.tmp`` file that is never read.
-- S3 backend (``s3://bucket/prefix``): a single PutObject, which S3 makes visible all at once.
+- S3 backend (``s3://bucket/prefix``): a single PutObject of the whole document, which S3 makes visible all
+  at once (the PUT is the commit: there is no multi-object record that could be half written). A PUT that
+  fails (S3 down) leaves nothing; the client gets 503 storage_unavailable and no id, so nothing reported
+  created is ever lost.
 
 Ids are ``id_`` + 32 hex digits, generated here and checked against that pattern before any path or key
 is built from them, so a request can never reach outside the store (no path traversal, no key injection).
@@ -161,8 +164,11 @@ class S3Store(IdentityStore):
     def client(self):
         if self._client is None:
             import boto3  # standard credential chain; AWS_ENDPOINT_URL selects an S3-compatible server
+            from botocore.config import Config
 
-            self._client = boto3.client("s3")
+            # bounded: an unreachable S3 fails the call within seconds (-> 503), it never hangs a request
+            self._client = boto3.client("s3", config=Config(connect_timeout=3, read_timeout=20,
+                                                            retries={"max_attempts": 3, "mode": "standard"}))
         return self._client
 
     def _key(self, identity_id: str) -> str:

@@ -38,7 +38,8 @@ from ray import serve
 
 from . import metrics
 from .config import AppArgs
-from .errors import ServiceError, from_exception, install_handlers, json_response, validation_error
+from .errors import (ServiceError, from_exception, install_handlers, json_response, storage_unavailable,
+                     validation_error)
 from .identities import decode_embedding, make_record, make_store, new_identity_id, valid_identity_id
 from .models import (
     DELIVERIES,
@@ -60,6 +61,7 @@ log = logging.getLogger("instantid.serve")
 ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP"}
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
+DOWN_STATES = {"UNHEALTHY", "DEPLOY_FAILED"}
 BACKENDS = ("FaceAnalyzer", "Generator")
 
 
@@ -127,6 +129,19 @@ class RateLimiter:
         self.buckets[key] = (tokens - 1.0, now)
 
 
+def _reason(message: str) -> str:
+    """Why a deployment is not ready, from Serve's status message: the replica's own one-line reason
+    ('model not loaded: ...', raised by check_health) when present, never a traceback."""
+    import re
+
+    # the last one: Serve's message holds the replica's traceback, whose source lines come before the error
+    found = [m for m in re.findall(r"(?:face )?model not loaded: [^\n]*", message or "") if "{" not in m]
+    if found:
+        return found[-1][:300]
+    lines = [line for line in (message or "").strip().splitlines() if line.strip()]
+    return lines[0][:200] if lines and "Traceback" not in lines[0] else ""
+
+
 # -- decoding helpers --------------------------------------------------------------------------------
 def decode_base64(text: Any, where: str) -> bytes:
     if not isinstance(text, str):
@@ -158,6 +173,8 @@ def check_image(data: bytes, where: str, max_pixels: int) -> None:
     except Exception:
         raise ServiceError(400, "invalid_image", f"{where} is not a readable image (JPEG, PNG or WebP expected)",
                            field=where) from None
+    if width < 1 or height < 1:
+        raise ServiceError(400, "invalid_image", f"{where} claims a {width}x{height} size", field=where)
     if fmt not in ACCEPTED_FORMATS:
         raise ServiceError(400, "invalid_image", f"{where} is a {fmt} image; only JPEG, PNG and WebP are accepted",
                            field=where)
@@ -214,6 +231,7 @@ class IngressCore:
         self._status_fn = status_fn
         self._app_name = app_name
         self._ready_cache: tuple[float, dict] | None = None
+        self._status_messages: dict[str, str] = {}
         self._s3 = None
 
     # -- plumbing --------------------------------------------------------------------------------------
@@ -259,6 +277,30 @@ class IngressCore:
         if err.code == "no_face":
             metrics.face_not_found(ctx.route)
         return err
+
+    async def _store(self, method: str, *a):
+        """An identity-store call in a worker thread; a failing backend (S3 down, disk full or read-only) is a
+        503 storage_unavailable, never a 500 or a hang (S3 calls have connect/read timeouts)."""
+        try:
+            return await asyncio.to_thread(getattr(self.store, method), *a)
+        except ServiceError:
+            raise
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            log.error("identity store %s failed: %s", method, type(exc).__name__)
+            raise storage_unavailable() from None
+
+    async def _backend_down(self, names: tuple[str, ...]) -> None:
+        """Fail fast with 503 when a backend this request needs has no healthy replica (it died and is being
+        replaced, or its model failed to load), instead of queueing until the deadline."""
+        state = await self.readiness()
+        statuses = state.get("deployments", {})
+        down = [n for n in names if statuses.get(n) in DOWN_STATES or (
+            statuses.get(n) not in READY_STATES and "not loaded" in _reason(self._status_messages.get(n, "")))]
+        if down:
+            raise ServiceError(503, "unavailable", f"{', '.join(down)} is unavailable; retry later",
+                               headers={"Retry-After": "5"})
 
     def authenticate(self, authorization: str | None) -> str | None:
         if self.auth is None:
@@ -313,12 +355,13 @@ class IngressCore:
         if req.delivery == "s3" and not args.output_bucket:
             raise ServiceError(422, "invalid_parameter", "delivery: S3 delivery is not configured on this service",
                                field="delivery")
+        await self._backend_down(BACKENDS if req.identity_id is None or pose is not None else ("Generator",))
         prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt)
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
 
         if req.identity_id is not None:
             t0 = time.perf_counter()
-            record = await asyncio.to_thread(self.store.get, req.identity_id)
+            record = await self._store("get", req.identity_id)
             ctx.timings["identity_load_s"] = time.perf_counter() - t0
             metrics.stage("identity_load", ctx.timings["identity_load_s"])
             if record is None:
@@ -419,12 +462,13 @@ class IngressCore:
         return faces
 
     async def run_create_identity(self, ctx: Ctx, faces: list[bytes]) -> dict:
+        await self._backend_down(("FaceAnalyzer",))
         photos = [(f"face_images[{i}]", data) for i, data in enumerate(faces)]
         analysis = await self._call(ctx, self.face.analyze.remote(photos, None, True))
         record = make_record(new_identity_id(), embedding=analysis["embedding"], pose_kps=analysis["pose"]["kps"],
                              pose_canvas=analysis["pose"]["canvas"], faces=analysis["faces"],
                              thumbnail=analysis.get("thumbnail"))
-        await asyncio.to_thread(self.store.put, record)
+        await self._store("put", record)
         return self.identity_view(record)
 
     async def serve_create_identity(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
@@ -444,7 +488,7 @@ class IngressCore:
 
     async def serve_get_identity(self, ctx: Ctx, identity_id: str) -> dict:
         try:
-            record = await asyncio.to_thread(self.store.get, identity_id) if valid_identity_id(identity_id) else None
+            record = await self._store("get", identity_id) if valid_identity_id(identity_id) else None
         except Exception as exc:
             raise self._fail(ctx, exc) from None
         if record is None:
@@ -453,7 +497,7 @@ class IngressCore:
 
     async def serve_delete_identity(self, ctx: Ctx, identity_id: str) -> None:
         try:
-            deleted = valid_identity_id(identity_id) and await asyncio.to_thread(self.store.delete, identity_id)
+            deleted = valid_identity_id(identity_id) and await self._store("delete", identity_id)
         except Exception as exc:
             raise self._fail(ctx, exc) from None
         if not deleted:
@@ -461,7 +505,7 @@ class IngressCore:
 
     async def serve_list_identities(self, ctx: Ctx, limit: int) -> dict:
         try:
-            return {"identities": await asyncio.to_thread(self.store.list, limit)}
+            return {"identities": await self._store("list", limit)}
         except Exception as exc:
             raise self._fail(ctx, exc) from None
 
@@ -487,7 +531,10 @@ class IngressCore:
             result = {"ready": ready, "deployments": statuses}
             if not ready:
                 waiting = [n for n in BACKENDS if statuses.get(n) not in READY_STATES]
-                result["message"] = f"not ready: {', '.join(waiting)} (model not loaded or replicas starting)"
+                reasons = [f"{n}: {_reason(self._status_messages.get(n, ''))}" for n in waiting
+                           if _reason(self._status_messages.get(n, ""))]
+                result["message"] = (f"not ready: {', '.join(waiting)} (model not loaded or replicas starting)"
+                                     + (f"; {'; '.join(reasons)}" if reasons else ""))
         except Exception as exc:
             result = {"ready": False, "deployments": {}, "message": f"cannot read Serve status: {type(exc).__name__}"}
         self._ready_cache = (now, result)
@@ -498,6 +545,7 @@ class IngressCore:
 
         app_name = self._app_name or serve.get_replica_context().app_name
         app = serve.status().applications[app_name]
+        self._status_messages = {name: str(d.message or "") for name, d in app.deployments.items()}
         return {name: str(getattr(d.status, "value", d.status)) for name, d in app.deployments.items()}
 
     # -- handle API (trusted, in-cluster callers; see deployments/client.py) -----------------------------
