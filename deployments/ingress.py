@@ -231,6 +231,7 @@ class IngressCore:
         self._status_fn = status_fn
         self._app_name = app_name
         self._ready_cache: tuple[float, dict] | None = None
+        self._refresh: asyncio.Future | None = None
         self._status_messages: dict[str, str] = {}
         self._s3 = None
 
@@ -294,13 +295,21 @@ class IngressCore:
     async def _backend_down(self, names: tuple[str, ...]) -> None:
         """Fail fast with 503 when a backend this request needs has no healthy replica (it died and is being
         replaced, or its model failed to load), instead of queueing until the deadline."""
-        state = await self.readiness()
+        state = self._known_readiness() or await self.readiness()
         statuses = state.get("deployments", {})
         down = [n for n in names if statuses.get(n) in DOWN_STATES or (
             statuses.get(n) not in READY_STATES and "not loaded" in _reason(self._status_messages.get(n, "")))]
         if down:
             raise ServiceError(503, "unavailable", f"{', '.join(down)} is unavailable; retry later",
                                headers={"Retry-After": "5"})
+
+    def _known_readiness(self) -> dict | None:
+        """The last status read, without waiting: a stale one starts a single background refresh, so reading
+        Serve's status (a controller round trip) never sits on a request's path after the first one."""
+        stale = self._ready_cache is None or time.monotonic() - self._ready_cache[0] >= 1.0
+        if stale and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.ensure_future(self.readiness())
+        return self._ready_cache[1] if self._ready_cache else None
 
     def authenticate(self, authorization: str | None) -> str | None:
         if self.auth is None:
