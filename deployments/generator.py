@@ -60,7 +60,7 @@ class Job:
     steps: int
     scheduler: str = "default"
     prompt: str = ""
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None: the zero negative embedding, as in the library
     num_images: int = 1
     seed: int = 0
     guidance_scale: float = 5.0
@@ -77,6 +77,10 @@ class Job:
                 tuple(sorted(self.loras.items())))
 
 
+def _optional_str(value) -> str | None:
+    return None if value is None else str(value)
+
+
 def decode_request(job: dict) -> Job:
     from instantid.errors import InvalidParameterError
     from instantid.face import validate_embedding, validate_keypoints
@@ -90,7 +94,7 @@ def decode_request(job: dict) -> Job:
             canvas=canvas,
             width=int(job["width"]), height=int(job["height"]), steps=int(job["steps"]),
             scheduler=str(job.get("scheduler", "default")),
-            prompt=str(job.get("prompt", "")), negative_prompt=str(job.get("negative_prompt") or ""),
+            prompt=str(job.get("prompt", "")), negative_prompt=_optional_str(job.get("negative_prompt")),
             num_images=int(job.get("num_images", 1)), seed=int(job.get("seed", 0)),
             guidance_scale=float(job.get("guidance_scale", 5.0)),
             ip_adapter_scale=float(job.get("ip_adapter_scale", 0.8)),
@@ -139,7 +143,7 @@ class GeneratorCore:
             GenerationRequest(
                 face_embedding=j.embedding,
                 keypoint_image=Pose(j.kps, j.canvas).draw(j.width, j.height),
-                prompt=j.prompt, negative_prompt=j.negative_prompt or None, num_images=j.num_images, seed=j.seed,
+                prompt=j.prompt, negative_prompt=j.negative_prompt, num_images=j.num_images, seed=j.seed,
                 guidance_scale=j.guidance_scale, ip_adapter_scale=j.ip_adapter_scale,
                 controlnet_conditioning_scale=j.controlnet_conditioning_scale,
             )

@@ -62,7 +62,9 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
                                            description="A stored identity (POST /v1/identities).")
         pose_image: Optional[str] = Field(None, description=f"Photo whose face keypoints set the pose. {_DOC_IMAGE}")
         prompt: str = Field("", max_length=limits.max_prompt_chars)
-        negative_prompt: str = Field("", max_length=limits.max_prompt_chars)
+        negative_prompt: Optional[str] = Field(
+            None, max_length=limits.max_prompt_chars,
+            description="Absent: SDXL's zero negative embedding. A string, even empty, is encoded.")
         style: Optional[StyleName] = Field(None, description="A style preset applied to the prompts.")
         width: int = Field(side, ge=limits.min_side, le=limits.max_side, multiple_of=8)
         height: int = Field(side, ge=limits.min_side, le=limits.max_side, multiple_of=8)

@@ -260,3 +260,15 @@ def test_device_queue_merges_compatible_waiting_jobs_fifo():
         assert gen._next_group() == [] and gen._queue == []
     finally:
         loop.close()
+
+
+def test_negative_prompt_absent_and_empty_stay_distinct():
+    """Absent means SDXL's zero negative embedding; an empty string is encoded, as in the library and CLI."""
+    from deployments.generator import decode_request
+
+    base = {"model": "sdxl", "embedding": [0.5] * 512, "kps": [[10, 10], [20, 10], [15, 15], [11, 20], [19, 20]],
+            "canvas": [32, 32], "width": 64, "height": 64, "steps": 2}
+    assert decode_request(base).negative_prompt is None
+    assert decode_request({**base, "negative_prompt": None}).negative_prompt is None
+    assert decode_request({**base, "negative_prompt": ""}).negative_prompt == ""
+    assert decode_request({**base, "negative_prompt": "blurry"}).negative_prompt == "blurry"
