@@ -29,6 +29,7 @@ import base64
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -155,8 +156,12 @@ def run(args: dict, options: dict, body: dict, concurrencies: list[int], request
 
     from deployments.app import bind
     from deployments.profile import resolve_args
+    from deployments.ray_env import LOCAL_ENV, private_haproxy_env
 
     port = _free_port()
+    # the cluster environment the app ships with (HAProxy ingress); Ray's processes inherit it
+    haproxy_env, haproxy_dir = private_haproxy_env()
+    os.environ.update({**LOCAL_ENV, **haproxy_env})
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -195,6 +200,7 @@ def run(args: dict, options: dict, body: dict, concurrencies: list[int], request
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ Two applications run on it, both on the tiny bundle (64x64, 2 steps):
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -46,13 +47,18 @@ def serve_env(tiny_bundle, s3_server, tmp_path_factory):
 
     from deployments.app import bind
     from deployments.profile import resolve_args
+    from deployments.ray_env import LOCAL_ENV, private_haproxy_env
 
     for bucket in (OUTPUT_BUCKET, IDENTITY_BUCKET):
         boto3.client("s3").create_bucket(Bucket=bucket)
     identity_dir = tmp_path_factory.mktemp("identities")
     http_port, metrics_port = _free_port(), _free_port()
-    # Ray workers inherit this process's environment: HF_HUB_OFFLINE, AWS_ENDPOINT_URL and credentials
+    # Ray workers inherit this process's environment: HF_HUB_OFFLINE, AWS_ENDPOINT_URL and credentials, and
+    # the cluster environment the app ships with (HAProxy ingress), its ports and files private to this run
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    os.environ.update(LOCAL_ENV)
+    haproxy_env, haproxy_dir = private_haproxy_env()
+    os.environ.update(haproxy_env)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
 
@@ -80,6 +86,7 @@ def serve_env(tiny_bundle, s3_server, tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

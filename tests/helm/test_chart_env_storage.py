@@ -151,3 +151,15 @@ def test_image_and_pull_secrets():
         assert template["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
         assert template["spec"]["containers"][0]["imagePullPolicy"] == "Always"
     assert rendered.cluster["autoscalerOptions"]["imagePullPolicy"] == "Always"
+
+
+def test_ray_cluster_environment_matches_the_app(value_set):
+    """Every Ray container gets deployments.ray_env.CLUSTER_ENV (the HAProxy ingress), the environment the tests
+    and benchmarks run the app in; "proxy" falls back to Serve's Python proxy."""
+    from deployments.ray_env import CLUSTER_ENV
+
+    for group, template in render_set(value_set).pod_templates().items():
+        env = env_of(template)
+        assert {k: env[k]["value"] for k in CLUSTER_ENV if k in env} == CLUSTER_ENV, group
+    for group, template in render({"serve": {"httpIngress": "proxy"}}).pod_templates().items():
+        assert not set(CLUSTER_ENV) & set(env_of(template)), group

@@ -124,7 +124,8 @@ ray.io/is-ray-node: "yes"
 {{- end -}}
 
 {{/*
-Environment of every Ray container: model cache locations, hub/S3 credentials, API-key hashes.
+Environment of every Ray container: the Serve HTTP ingress, model cache locations, hub/S3 credentials,
+API-key hashes.
 */}}
 {{- define "instantid.env" -}}
 {{- $mount := trimSuffix "/" .Values.modelCache.mountPath -}}
@@ -136,6 +137,11 @@ Environment of every Ray container: model cache locations, hub/S3 credentials, A
   value: {{ printf "%s/insightface" $mount | quote }}
 - name: HF_HUB_DISABLE_TELEMETRY
   value: "1"
+{{- if eq .Values.serve.httpIngress "haproxy" }}
+{{- /* the same as deployments.ray_env.CLUSTER_ENV (a test keeps them equal) */}}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
 {{- if .Values.huggingface.offline }}
 - name: HF_HUB_OFFLINE
   value: "1"
