@@ -19,16 +19,12 @@ from diffusers import ControlNetModel
 
 from .errors import InvalidParameterError, WeightsError
 from .pipeline import InstantIDPipeline
-from .weights import resolve
+from .weights import BASE_PATTERNS, CONTROLNET_PATTERNS, INSTANTID_PATTERNS, resolve
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_INSTANTID = "InstantX/InstantID"
-# What a hub download of an SDXL repo needs: configs, tokenizers and the non-variant safetensors weights.
-BASE_PATTERNS = ["*.json", "*.txt", "*/model.safetensors", "*/diffusion_pytorch_model.safetensors"]
-INSTANTID_PATTERNS = ["ControlNetModel/*", "ip-adapter.bin"]
-CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

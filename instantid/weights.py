@@ -10,16 +10,28 @@ uses a complete cached copy.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from .errors import WeightsError
 
+log = logging.getLogger(__name__)
+
 MANIFEST = ".instantid-manifest.json"
+# The files a pipeline load reads (fnmatch patterns, relative to the model directory); also what a hub download
+# of each fetches. SDXL: configs, tokenizers and the non-variant safetensors weights.
+BASE_WEIGHTS = ["*/model.safetensors", "*/diffusion_pytorch_model.safetensors"]
+BASE_PATTERNS = ["*.json", "*.txt", *BASE_WEIGHTS]
+INSTANTID_PATTERNS = ["ControlNetModel/*", "ip-adapter.bin"]
+CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def cache_root() -> Path:
@@ -183,3 +195,67 @@ def _payload(target: Path) -> Path:
     if len(manifest["objects"]) == 1 and manifest["objects"][0]["key"] == manifest["prefix"]:
         return files[0]
     return payload
+
+
+# -- prefetch --------------------------------------------------------------------------------------------------
+def cached_path(ref: str) -> Path | None:
+    """Where ``resolve(ref)`` would find ``ref`` without any network or download: an existing path, a complete
+    S3 cache entry, or a snapshot in the Hugging Face cache; None otherwise."""
+    ref = str(ref)
+    local = Path(ref).expanduser()
+    if local.exists():
+        return local
+    if is_s3(ref):
+        bucket, prefix = split_s3(ref)
+        try:
+            return _cached_payload(cache_root() / "s3" / bucket / (prefix or "_root"))
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:  # not cached (or not a repo id): nothing to prefetch
+        return None
+
+
+def pipeline_weight_files(base_model: str, instantid: str) -> list[Path]:
+    """The weight files ``load_pipeline(base_model, instantid)`` will read that are already on this machine."""
+    files: list[Path] = []
+    for ref, patterns in ((instantid, INSTANTID_PATTERNS), (base_model, BASE_WEIGHTS)):
+        path = cached_path(ref)
+        if path is None:
+            continue
+        if path.is_file():
+            files.append(path)
+            continue
+        for candidate in sorted(path.rglob("*")):
+            relative = candidate.relative_to(path).as_posix()
+            if candidate.is_file() and any(fnmatch.fnmatch(relative, p) for p in patterns):
+                files.append(candidate)
+    return files
+
+
+def prefetch(base_model: str, instantid: str, *, chunk_bytes: int = 16 << 20) -> threading.Thread:
+    """Read the pipeline's weight files once, in a background thread, into the OS page cache.
+
+    A replica starts this before it imports torch and diffusers (several seconds of CPU work), so the disk reads
+    the weights meanwhile and the load that follows finds them in memory. Only what is already local is read
+    (a download is a read); errors are logged, never raised: this only warms a cache.
+    """
+
+    def run() -> None:
+        started, total = time.perf_counter(), 0
+        try:
+            buffer = bytearray(chunk_bytes)
+            for path in pipeline_weight_files(base_model, instantid):
+                with open(path, "rb", buffering=0) as f:
+                    while n := f.readinto(buffer):
+                        total += n
+        except OSError as exc:
+            log.warning("weight prefetch stopped: %s", exc)
+        log.info("prefetched %.2f GB of weights in %.1fs", total / 1e9, time.perf_counter() - started)
+
+    thread = threading.Thread(target=run, name="weight-prefetch", daemon=True)
+    thread.start()
+    return thread

@@ -324,3 +324,49 @@ def test_hub_id_offline_is_a_weights_error_without_network(tmp_path, monkeypatch
     with pytest.raises(WeightsError, match="HF_HUB_OFFLINE") as info:
         weights.resolve("some-org/some-model-that-is-not-cached")
     assert "\n" not in str(info.value)
+
+
+# -- prefetch ------------------------------------------------------------------------------------------------
+def test_pipeline_weight_files_are_the_weights_a_load_reads(tiny_bundle):
+    files = weights.pipeline_weight_files(str(tiny_bundle / "sdxl"), str(tiny_bundle / "instantid"))
+    names = sorted(p.relative_to(tiny_bundle).as_posix() for p in files)
+    assert names == sorted([
+        "instantid/ControlNetModel/config.json",
+        "instantid/ControlNetModel/diffusion_pytorch_model.safetensors",
+        "instantid/ip-adapter.bin",
+        "sdxl/text_encoder/model.safetensors",
+        "sdxl/text_encoder_2/model.safetensors",
+        "sdxl/unet/diffusion_pytorch_model.safetensors",
+        "sdxl/vae/diffusion_pytorch_model.safetensors",
+    ])
+
+
+def test_prefetch_reads_every_weight_file_in_the_background(tiny_bundle, monkeypatch):
+    opened: list[str] = []
+    real_open = open
+
+    def recording_open(path, *a, **kw):
+        opened.append(str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", recording_open)
+    thread = weights.prefetch(str(tiny_bundle / "sdxl"), str(tiny_bundle / "instantid"))
+    thread.join(60)
+    assert not thread.is_alive() and thread.daemon
+    expected = weights.pipeline_weight_files(str(tiny_bundle / "sdxl"), str(tiny_bundle / "instantid"))
+    assert sorted(p for p in opened if p.startswith(str(tiny_bundle))) == sorted(str(p) for p in expected)
+
+
+def test_prefetch_finds_a_complete_s3_cache_and_skips_what_is_not_local(s3_bucket, cache, monkeypatch):
+    upload(s3_bucket, "iid", {"ControlNetModel/diffusion_pytorch_model.safetensors": b"w" * 10,
+                              "ControlNetModel/config.json": b"{}", "ip-adapter.bin": b"a", "README.md": b"r"})
+    uri = f"s3://{s3_bucket}/iid"
+    assert weights.cached_path(uri) is None  # not downloaded yet: prefetch never downloads
+    local = weights.resolve(uri)
+    assert weights.cached_path(uri) == local
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = weights.pipeline_weight_files("someone/not-in-the-cache", uri)
+    assert sorted(p.relative_to(local).as_posix() for p in files) == [
+        "ControlNetModel/config.json", "ControlNetModel/diffusion_pytorch_model.safetensors", "ip-adapter.bin"]
+    assert weights.pipeline_weight_files("/nonexistent/sdxl", "/nonexistent/iid") == []
+    weights.prefetch("/nonexistent/sdxl", "/nonexistent/iid").join(10)  # nothing to read, nothing raised
