@@ -15,7 +15,9 @@ Steps:
 2. ``raw``: read every file fully (16 MiB ``readinto`` into one reused buffer): the floor for any loader.
 3. ``local``: a fresh Python process per start (a replica), timed from spawn to ``load_pipeline`` returned,
    then to every weight resident ("touched": one read of every parameter and buffer, as the first request
-   would do; on the CPU some loaders leave weights memory-mapped and page them in lazily).
+   would do; on the CPU some loaders leave weights memory-mapped and page them in lazily). Like the Generator
+   replica, the process first starts ``instantid.weights.prefetch`` (the weight files read into the page cache in
+   a background thread), then imports torch and diffusers; ``--variants no-prefetch`` leaves that out.
 4. ``s3``: the weights served over the S3 protocol on 127.0.0.1; first start (download into an empty
    ``INSTANTID_CACHE`` + load) and second start (cache hit: one LIST, then load).
 
@@ -237,6 +239,11 @@ def child(args) -> None:
     t0 = time.time()
     import resource
 
+    if not args.no_prefetch:
+        # as the Generator replica does: the disk reads the weights while torch and diffusers import
+        from instantid.weights import prefetch
+
+        prefetch(args.base, args.instantid)
     import torch
 
     from instantid import loading
@@ -283,6 +290,8 @@ def start_replica(base: str, instantid: str, dtype: str, env: dict | None = None
     cmd = [sys.executable, str(HERE), "_child", "--base", base, "--instantid", instantid, "--dtype", dtype]
     if variant == "no-adapter-mmap":
         cmd.append("--no-adapter-mmap")
+    if variant == "no-prefetch":
+        cmd.append("--no-prefetch")
     full_env = {**os.environ, **(env or {}), "COLD_START_SPAWNED": repr(time.time()),
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True)
@@ -463,6 +472,7 @@ def main(argv=None) -> dict:
     c.add_argument("--instantid", required=True)
     c.add_argument("--dtype", default="float16")
     c.add_argument("--no-adapter-mmap", action="store_true")
+    c.add_argument("--no-prefetch", action="store_true")
     parser.add_argument("--root", default="/tmp/instantid-cold", help="where the layouts are written")
     parser.add_argument("--tiny", action="store_true", help="the tiny bundle (CI smoke)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
@@ -472,8 +482,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--s3-server", choices=["disk", "moto"], default=None,
                         help="default: moto with --tiny, disk otherwise (see the module docstring)")
     parser.add_argument("--variants", default="current",
-                        help="local starts: 'current' and/or 'no-adapter-mmap' (the loader before the mmap fix), "
-                             "run alternately for a before/after comparison under the same conditions")
+                        help="local starts: 'current' and/or 'no-adapter-mmap' (the loader before the mmap fix) "
+                             "and/or 'no-prefetch' (no weight prefetch during the imports), run alternately for a "
+                             "before/after comparison under the same conditions")
     parser.add_argument("--keep", action="store_true", help="keep the written layouts (default: delete at the end)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from ray import serve
 
+from instantid.weights import prefetch
+
 from . import metrics
 from .errors import ServiceError, to_service_error
 from .profile import resolve_args
@@ -189,6 +191,8 @@ class Generator:
     async def __init__(self, args: dict):
         # -- setup -----------------------------------------------------------------------------------
         self.args = resolve_args(args)
+        # the disk reads the default model's weights while the load below imports torch and diffusers
+        prefetch(self.args.model(self.args.default_model).base_model, self.args.instantid)
         self.core = GeneratorCore(self.args)
         self.ready_error: str | None = "loading"
         self.loads: Counter[str] = Counter()
