@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from chart_helpers import (CHART_DIR, CI_DIR, REPO, VALUE_SETS, default_values, effective_values, render_error,
+from chart_helpers import (CHART_DIR, CI_DIR, REPO, VALUE_SETS, default_values, effective_values, render, render_error,
                            render_set)
 
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
@@ -161,6 +161,26 @@ def test_bad_values_fail_at_install_time(values, where):
     """The Helm engine itself refuses them (values.schema.json), before anything reaches a cluster."""
     message = render_error(values)
     assert "schema" in message and where in message
+
+
+SHORT_DRAINS = [
+    ({"serve": {"deployments": {"Generator": {"graceful_shutdown_timeout_s": 120}}}},
+     "serve.deployments.Generator.graceful_shutdown_timeout_s (120) is less than app.request_timeout_s (300)"),
+    ({"app": {"request_timeout_s": 600}},
+     "serve.deployments.Ingress.graceful_shutdown_timeout_s (310) is less than app.request_timeout_s (600)"),
+    ({"rayService": {"rayClusterDeletionDelaySeconds": 60}},
+     "rayService.rayClusterDeletionDelaySeconds (60) is less than app.request_timeout_s (300)"),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), SHORT_DRAINS, ids=["generator-drain", "timeout", "deletion-delay"])
+def test_drains_shorter_than_a_request_fail_at_render(values, message):
+    """A stopping replica or a replaced cluster must outlive the longest request, or work in flight is cut."""
+    assert message in render_error(values)
+
+
+def test_in_place_upgrades_need_no_deletion_delay():
+    render({"rayService": {"upgradeStrategy": {"type": "None"}, "rayClusterDeletionDelaySeconds": 0}})
 
 
 def test_schema_app_section_mirrors_appargs():

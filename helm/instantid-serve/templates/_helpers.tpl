@@ -197,6 +197,17 @@ Render-time checks that a JSON schema cannot express (relations between values).
 {{- if gt $genGpus (float64 $gw.gpusPerPod) -}}
 {{- fail (printf "serve.deployments.Generator.ray_actor_options.num_gpus (%v) is more than generatorWorker.gpusPerPod (%v): no GPU pod could host a replica" $gen.ray_actor_options.num_gpus $gw.gpusPerPod) -}}
 {{- end -}}
+{{- /* nothing in flight is cut: a draining replica and a replaced cluster outlive the longest request */ -}}
+{{- $timeout := float64 .Values.app.request_timeout_s -}}
+{{- range $name := list "Ingress" "Generator" -}}
+{{- $grace := default 0 (index $.Values.serve.deployments $name).graceful_shutdown_timeout_s | float64 -}}
+{{- if lt $grace $timeout -}}
+{{- fail (printf "serve.deployments.%s.graceful_shutdown_timeout_s (%v) is less than app.request_timeout_s (%v): a replica that stops would cut requests still within their deadline" $name $grace $timeout) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.rayService.upgradeStrategy.type "NewCluster") (lt (float64 .Values.rayService.rayClusterDeletionDelaySeconds) $timeout) -}}
+{{- fail (printf "rayService.rayClusterDeletionDelaySeconds (%v) is less than app.request_timeout_s (%v): an upgrade would delete the old cluster under requests still within their deadline" .Values.rayService.rayClusterDeletionDelaySeconds $timeout) -}}
+{{- end -}}
 {{- if gt $genGpus 0.0 -}}
 {{- $perPod := floor (divf (float64 $gw.gpusPerPod) $genGpus) -}}
 {{- if gt (float64 $gen.autoscaling_config.max_replicas) (mulf $perPod (float64 $gw.maxReplicas)) -}}
