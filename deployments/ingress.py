@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from . import metrics
 from .config import AppArgs
@@ -824,6 +825,9 @@ def build_http_app(core: IngressCore):
     name="Ingress",
     max_ongoing_requests=64,
     max_queued_requests=256,
+    # Beyond its own queue Serve answers before any app code runs (503, a plain-text body); at least the
+    # client is told when to come back, as with every other 503 of this API.
+    backpressure_config=BackpressureConfig(retry_after_s=1),
     ray_actor_options={"num_cpus": 0.25},
     health_check_period_s=10,
     health_check_timeout_s=30,

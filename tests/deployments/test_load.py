@@ -60,3 +60,43 @@ def test_load_script_main(serve_env, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert rc == 0 and res["ok"] and res["answered"] == 16
     assert "outcome" in capsys.readouterr().out
+
+
+def test_ingress_queue_overflow_is_503_with_retry_after(serve_env, face_b64, tiny_request):
+    """Past the Ingress replica's own queue, Serve refuses before any app code runs: still a 503 that says when
+    to come back (its body is Serve's plain text, not the API's JSON; docs/reliability.md), and nothing hangs."""
+    import threading
+
+    import httpx
+    from ray import serve
+
+    from deployments.app import bind
+    from deployments.profile import resolve_args
+    from serve_helpers import app_args
+
+    app = bind(resolve_args(app_args(serve_env.tiny)), {
+        "Ingress": {"ray_actor_options": {"num_cpus": 0.05}, "max_ongoing_requests": 1, "max_queued_requests": 1},
+        "FaceAnalyzer": {"ray_actor_options": {"num_cpus": 0.05}},
+        "Generator": {"ray_actor_options": {"num_cpus": 0.5}},
+    })
+    serve.run(app, name="tight", route_prefix="/tight")
+    try:
+        answers: list[httpx.Response] = []
+
+        def one():
+            answers.append(httpx.post(f"{serve_env.base_url}/tight/v1/generate", timeout=60,
+                                      json=tiny_request(face_images=[face_b64], steps=8)))
+
+        threads = [threading.Thread(target=one) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        statuses = sorted(r.status_code for r in answers)
+        assert len(answers) == 10 and set(statuses) <= {200, 503}, statuses
+        assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+        for refused in (r for r in answers if r.status_code == 503):
+            assert int(refused.headers["retry-after"]) >= 1
+            assert "Traceback" not in refused.text
+    finally:
+        serve.delete("tight")
