@@ -252,8 +252,8 @@ def prefetch(base_model: str, instantid: str, *, chunk_bytes: int = 16 << 20) ->
                 with open(path, "rb", buffering=0) as f:
                     while n := f.readinto(buffer):
                         total += n
-        except OSError as exc:
-            log.warning("weight prefetch stopped: %s", exc)
+        except Exception as exc:  # a cache warm-up: the load that follows reports real problems itself
+            log.warning("weight prefetch stopped: %s: %s", type(exc).__name__, exc)
         log.info("prefetched %.2f GB of weights in %.1fs", total / 1e9, time.perf_counter() - started)
 
     thread = threading.Thread(target=run, name="weight-prefetch", daemon=True)

@@ -370,3 +370,13 @@ def test_prefetch_finds_a_complete_s3_cache_and_skips_what_is_not_local(s3_bucke
         "ControlNetModel/config.json", "ControlNetModel/diffusion_pytorch_model.safetensors", "ip-adapter.bin"]
     assert weights.pipeline_weight_files("/nonexistent/sdxl", "/nonexistent/iid") == []
     weights.prefetch("/nonexistent/sdxl", "/nonexistent/iid").join(10)  # nothing to read, nothing raised
+
+
+def test_prefetch_never_raises(monkeypatch):
+    """A malformed reference stops the warm-up with a log line; the load that follows reports it properly."""
+    import threading
+
+    failures: list = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    weights.prefetch("s3://", "s3://").join(10)
+    assert failures == []
