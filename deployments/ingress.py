@@ -234,6 +234,7 @@ class IngressCore:
         self._ready_cache: tuple[float, dict] | None = None
         self._refresh: asyncio.Future | None = None
         self._status_messages: dict[str, str] = {}
+        self._running: dict[str, int] = {}  # RUNNING replicas per deployment, from the last status read
         self._s3 = None
 
     # -- plumbing --------------------------------------------------------------------------------------
@@ -296,13 +297,19 @@ class IngressCore:
     async def _backend_down(self, names: tuple[str, ...]) -> None:
         """Fail fast with 503 when a backend this request needs has no healthy replica (it died and is being
         replaced, or its model failed to load), instead of queueing until the deadline."""
-        state = self._known_readiness() or await self.readiness()
-        statuses = state.get("deployments", {})
-        down = [n for n in names if statuses.get(n) in DOWN_STATES or (
-            statuses.get(n) not in READY_STATES and "not loaded" in _reason(self._status_messages.get(n, "")))]
+        down = self._down(self._known_readiness() or await self.readiness(), names)
+        if down:  # the cached view may predate a replacement replica: look again before refusing
+            down = self._down(await self.readiness(fresh=True), names)
         if down:
             raise ServiceError(503, "unavailable", f"{', '.join(down)} is unavailable; retry later",
                                headers={"Retry-After": "5"})
+
+    def _down(self, state: dict, names: tuple[str, ...]) -> list[str]:
+        """Backends with no running replica whose status says they failed. Serve's status lags: a replacement
+        replica serves a moment before its deployment is HEALTHY again, so a running replica counts."""
+        statuses = state.get("deployments", {})
+        return [n for n in names if not self._running.get(n) and (statuses.get(n) in DOWN_STATES or (
+            statuses.get(n) not in READY_STATES and "not loaded" in _reason(self._status_messages.get(n, ""))))]
 
     def _known_readiness(self) -> dict | None:
         """The last status read, without waiting: a stale one starts a single background refresh, so reading
@@ -531,9 +538,9 @@ class IngressCore:
             "delivery": [d for d in DELIVERIES if d != "s3" or self.args.output_bucket],
         }
 
-    async def readiness(self) -> dict:
+    async def readiness(self, fresh: bool = False) -> dict:
         now = time.monotonic()
-        if self._ready_cache and now - self._ready_cache[0] < 1.0:
+        if not fresh and self._ready_cache and now - self._ready_cache[0] < 1.0:
             return self._ready_cache[1]
         try:
             statuses = await asyncio.to_thread(self._status_fn or self._serve_status)
@@ -556,6 +563,9 @@ class IngressCore:
         app_name = self._app_name or serve.get_replica_context().app_name
         app = serve.status().applications[app_name]
         self._status_messages = {name: str(d.message or "") for name, d in app.deployments.items()}
+        self._running = {name: sum(n for state, n in d.replica_states.items()
+                                   if str(getattr(state, "value", state)) == "RUNNING")
+                         for name, d in app.deployments.items()}
         return {name: str(getattr(d.status, "value", d.status)) for name, d in app.deployments.items()}
 
     # -- handle API (trusted, in-cluster callers; see deployments/client.py) -----------------------------

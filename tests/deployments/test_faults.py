@@ -149,7 +149,8 @@ def test_generator_killed_mid_request(faults_app, face_b64, tiny_request):
     client timeout) with 200 or a clean JSON 503/504; after Serve replaces the replica, requests succeed."""
     http, _ = faults_app
     body = tiny_request(face_images=[face_b64], steps=50, num_images=2)
-    assert http.post("/v1/generate", json=body).status_code == 200  # warm
+    warm = http.post("/v1/generate", json=body)
+    assert warm.status_code == 200, warm.text
 
     def one(_):
         started = time.monotonic()
