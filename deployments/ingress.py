@@ -539,8 +539,10 @@ class IngressCore:
         }
 
     async def readiness(self, fresh: bool = False) -> dict:
+        """Serve's view of the backends, read at most once a second (four times when ``fresh``: a backend that
+        looks down is looked at again, but a flood of refused requests never floods the controller)."""
         now = time.monotonic()
-        if not fresh and self._ready_cache and now - self._ready_cache[0] < 1.0:
+        if self._ready_cache and now - self._ready_cache[0] < (0.25 if fresh else 1.0):
             return self._ready_cache[1]
         try:
             statuses = await asyncio.to_thread(self._status_fn or self._serve_status)
