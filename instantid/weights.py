@@ -88,7 +88,7 @@ def _hub_snapshot(repo_id: str, allow_patterns: list[str] | None) -> Path:
 def download_s3(uri: str, *, client=None) -> Path:
     """Mirror ``s3://bucket/prefix`` (a 'directory' or one object) into the cache and return its local path."""
     bucket, prefix = split_s3(uri)
-    target = cache_root() / "s3" / bucket / (prefix or "_root")
+    target = _s3_target(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
     with open(lock_path, "w") as lock:
@@ -104,6 +104,12 @@ def download_s3(uri: str, *, client=None) -> Path:
             return _payload(target)
         _fetch_into(client or s3_client(), bucket, prefix, objects, target)
     return _payload(target)
+
+
+def _s3_target(uri: str) -> Path:
+    """The cache directory of ``s3://bucket/prefix`` (its manifest and payload)."""
+    bucket, prefix = split_s3(uri)
+    return cache_root() / "s3" / bucket / (prefix or "_root")
 
 
 def _list_objects(client, bucket: str, prefix: str) -> list[dict]:
@@ -206,10 +212,9 @@ def cached_path(ref: str) -> Path | None:
     if local.exists():
         return local
     if is_s3(ref):
-        bucket, prefix = split_s3(ref)
         try:
-            return _cached_payload(cache_root() / "s3" / bucket / (prefix or "_root"))
-        except (OSError, ValueError, KeyError, IndexError):
+            return _cached_payload(_s3_target(ref))
+        except (WeightsError, OSError, ValueError, KeyError, IndexError):  # malformed URI or cache entry
             return None
     try:
         from huggingface_hub import snapshot_download

@@ -36,6 +36,7 @@ class ServeEnv:
     args: dict
     identity_dir: Path
     tiny: Path
+    haproxy_dir: Path
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +83,7 @@ def serve_env(tiny_bundle, s3_server, tmp_path_factory):
     try:
         yield ServeEnv(base_url=f"http://127.0.0.1:{http_port}", s3_base_url=f"http://127.0.0.1:{http_port}/s3",
                        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", args=main_args,
-                       identity_dir=identity_dir, tiny=tiny_bundle)
+                       identity_dir=identity_dir, tiny=tiny_bundle, haproxy_dir=haproxy_dir)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -17,6 +17,16 @@ def _image(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
+def test_http_enters_through_haproxy(serve_env, http):
+    """The tests run the ingress the app ships with (deployments/ray_env.py): HAProxy, not Serve's Python proxy,
+    listens on the HTTP port and forwards to the Ingress replica's own server."""
+    configs = list(serve_env.haproxy_dir.rglob("haproxy.cfg"))
+    assert configs, f"no HAProxy config under {serve_env.haproxy_dir}"
+    port = serve_env.base_url.rsplit(":", 1)[1]
+    assert any(f":{port}" in c.read_text() for c in configs)
+    assert http.get("/healthz").status_code == 200
+
+
 def test_healthz_and_readyz(http):
     assert http.get("/healthz").json() == {"status": "ok"}
     resp = http.get("/readyz")

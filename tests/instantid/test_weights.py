@@ -380,3 +380,4 @@ def test_prefetch_never_raises(monkeypatch):
     monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
     weights.prefetch("s3://", "s3://").join(10)
     assert failures == []
+    assert weights.cached_path("s3://") is None
