@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel
 
+from . import sources
 from .errors import InvalidParameterError, WeightsError
 from .pipeline import InstantIDPipeline
-from .weights import BASE_PATTERNS, CONTROLNET_PATTERNS, INSTANTID_PATTERNS, resolve
+from .weights import BASE_PATTERNS, CONTROLNET_PATTERNS, INSTANTID_PATTERNS, resolve, resolve_base, variant_for_dtype
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-DEFAULT_INSTANTID = "InstantX/InstantID"
+DEFAULT_BASE_MODEL = sources.BASE_MODEL.ref
+DEFAULT_INSTANTID = sources.INSTANTID.ref
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -73,7 +74,7 @@ def load_adapter_state(instantid_dir: Path) -> dict:
 
 
 def load_base(base_model: str, identitynet: ControlNetModel, dtype: torch.dtype,
-              base_config: str | None) -> InstantIDPipeline:
+              base_config: str | None, variant: str | None = None) -> InstantIDPipeline:
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     path = resolve(base_model, allow_patterns=BASE_PATTERNS)
@@ -111,7 +112,7 @@ def load_base(base_model: str, identitynet: ControlNetModel, dtype: torch.dtype,
         if not (path / "model_index.json").is_file():
             raise WeightsError(f"malformed SDXL weights at {path}: missing model_index.json")
         return InstantIDPipeline.from_pretrained(
-            path, controlnet=identitynet, torch_dtype=dtype, add_watermarker=False
+            path, controlnet=identitynet, torch_dtype=dtype, add_watermarker=False, variant=variant
         )
     except WeightsError:
         raise
@@ -138,13 +139,13 @@ def load_pipeline(
     instantid_dir = resolve(instantid, allow_patterns=INSTANTID_PATTERNS)
     if not instantid_dir.is_dir():
         raise WeightsError(f"InstantID weights must be a directory, got {instantid_dir}")
-    base_path = resolve(base_model, allow_patterns=BASE_PATTERNS)
+    base_path, variant = resolve_base(base_model, variant_for_dtype(str(torch_dtype)))
     control_paths = {name: resolve(ref, allow_patterns=CONTROLNET_PATTERNS)
                      for name, ref in (controlnets or {}).items()}
     lora_paths = {name: resolve(ref) for name, ref in (loras or {}).items()}
     adapter_state = load_adapter_state(instantid_dir)
     identitynet = load_controlnet(instantid_dir / "ControlNetModel", torch_dtype)
-    pipe = load_base(str(base_path), identitynet, torch_dtype, base_config)
+    pipe = load_base(str(base_path), identitynet, torch_dtype, base_config, variant)
     try:
         pipe.load_identity_adapter(adapter_state)
     except (ValueError, KeyError, RuntimeError) as exc:  # torch's strict loading raises RuntimeError

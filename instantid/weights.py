@@ -27,11 +27,67 @@ log = logging.getLogger(__name__)
 
 MANIFEST = ".instantid-manifest.json"
 # The files a pipeline load reads (fnmatch patterns, relative to the model directory); also what a hub download
-# of each fetches. SDXL: configs, tokenizers and the non-variant safetensors weights.
-BASE_WEIGHTS = ["*/model.safetensors", "*/diffusion_pytorch_model.safetensors"]
-BASE_PATTERNS = ["*.json", "*.txt", *BASE_WEIGHTS]
+# of each fetches. SDXL: configs, tokenizers and the four weight files, in one precision variant (below).
+SDXL_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
+# diffusers' name for the half-precision copies a repo may carry (unet/diffusion_pytorch_model.fp16.safetensors):
+# half the bytes of the full-precision files, and what a float16 or bfloat16 pipeline loads anyway
+HALF_VARIANT = "fp16"
 INSTANTID_PATTERNS = ["ControlNetModel/*", "ip-adapter.bin"]
 CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def base_weights(variant: str | None = None) -> list[str]:
+    """The SDXL weight files in ``variant`` (None: full precision), relative to the model directory."""
+    suffix = f".{variant}" if variant else ""
+    return [f"{component}/{stem}{suffix}.safetensors" for component, stem in SDXL_WEIGHTS.items()]
+
+
+def base_patterns(variant: str | None = None) -> list[str]:
+    return ["*.json", "*.txt", *base_weights(variant)]
+
+
+BASE_WEIGHTS = base_weights()
+BASE_PATTERNS = base_patterns()
+
+
+def variant_for_dtype(dtype: str) -> str | None:
+    """The weight variant to fetch for a serving dtype: half precision for float16/bfloat16, else full."""
+    return HALF_VARIANT if str(dtype).removeprefix("torch.") in ("float16", "bfloat16") else None
+
+
+def local_variant(path: Path, preferred: str | None) -> str | None:
+    """Which variant of an SDXL directory to load: ``preferred`` when all its files are there, else whichever
+    complete set is (full precision first); None when neither is complete (the load then names what is missing)."""
+    for variant in dict.fromkeys([preferred, None, HALF_VARIANT]):
+        if all((path / rel).is_file() for rel in base_weights(variant)):
+            return variant
+    return None
+
+
+def resolve_base(ref: str, variant: str | None = None) -> tuple[Path, str | None]:
+    """Resolve an SDXL base model and say which weight variant to load from it.
+
+    From the hub only the files of ``variant`` are fetched (fp16 for a half-precision pipeline: about half the
+    bytes); a repo without them falls back to its full-precision files, and the reverse. A local or S3 copy is
+    used as it is, preferring ``variant`` when it holds both.
+    """
+    ref = str(ref)
+    if Path(ref).expanduser().exists() or is_s3(ref) or ref.endswith((".safetensors", ".ckpt")):
+        path = resolve(ref, allow_patterns=BASE_PATTERNS)
+        return path, (local_variant(path, variant) if path.is_dir() else None)
+    error = None
+    for candidate in dict.fromkeys([variant, None, HALF_VARIANT]):
+        try:
+            path = resolve(ref, allow_patterns=base_patterns(candidate))
+        except WeightsError as exc:  # offline, with this variant not in the cache: try the other
+            error = error or exc
+            continue
+        if local_variant(path, candidate) == candidate:
+            return path, candidate
+    if error is not None:
+        raise error
+    return path, None  # no complete set on the hub: the load reports which files are missing
 
 
 def cache_root() -> Path:
@@ -82,7 +138,45 @@ def _hub_snapshot(repo_id: str, allow_patterns: list[str] | None) -> Path:
     except Exception as exc:  # the hub raises a zoo of types; the user needs one line
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
-        raise WeightsError(f"cannot load {repo_id!r} from the Hugging Face hub{hint}: {type(exc).__name__}") from exc
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise WeightsError(f"cannot load {repo_id!r} from the Hugging Face hub{hint}: {type(exc).__name__}"
+                           + (f": {detail}" if detail else "")) from exc
+
+
+def _content_digest(path: Path, kind: str) -> str:
+    """sha256 of the file, or its git blob id (sha1 over a ``blob <size>\\0`` header), as the hub names blobs."""
+    digest = hashlib.sha256() if kind == "sha256" else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(16 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_hub_snapshot(snapshot: Path, patterns: list[str] | None = None) -> tuple[int, int]:
+    """Check each file of a Hugging Face cache snapshot (matching ``patterns``) against the hash the hub gave it.
+
+    The cache stores a file as ``blobs/<etag>``, and the hub's etag is the file's sha256 for LFS files (weights)
+    and its git blob id for the others, so every file can be checked offline. A file that does not match is
+    removed, blob and link, so the next download fetches it again; WeightsError names it. Files not stored
+    that way (a cache on a filesystem without symlinks) are left unchecked. Returns (files checked, bytes).
+    """
+    checked = size = 0
+    for link in sorted(snapshot.rglob("*")):
+        relative = link.relative_to(snapshot).as_posix()
+        if not link.is_symlink() or (patterns and not any(fnmatch.fnmatch(relative, p) for p in patterns)):
+            continue
+        blob = link.resolve()
+        name = blob.name.lower()
+        kind = {64: "sha256", 40: "sha1"}.get(len(name)) if all(c in "0123456789abcdef" for c in name) else None
+        if kind is None or not blob.is_file():
+            continue
+        if _content_digest(blob, kind) != name:
+            blob.unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
+            raise WeightsError(f"checksum mismatch for {relative} in {snapshot}: removed; run the download again")
+        checked += 1
+        size += blob.stat().st_size
+    return checked, size
 
 
 def download_s3(uri: str, *, client=None) -> Path:
@@ -204,9 +298,10 @@ def _payload(target: Path) -> Path:
 
 
 # -- prefetch --------------------------------------------------------------------------------------------------
-def cached_path(ref: str) -> Path | None:
+def cached_path(ref: str, allow_patterns: list[str] | None = None) -> Path | None:
     """Where ``resolve(ref)`` would find ``ref`` without any network or download: an existing path, a complete
-    S3 cache entry, or a snapshot in the Hugging Face cache; None otherwise."""
+    S3 cache entry, or a snapshot in the Hugging Face cache holding every file of the repo that matches
+    ``allow_patterns`` (all files when None); None otherwise."""
     ref = str(ref)
     local = Path(ref).expanduser()
     if local.exists():
@@ -219,7 +314,7 @@ def cached_path(ref: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(ref, local_files_only=True))
+        return Path(snapshot_download(ref, local_files_only=True, allow_patterns=allow_patterns))
     except Exception:  # not cached (or not a repo id): nothing to prefetch
         return None
 
@@ -227,10 +322,14 @@ def cached_path(ref: str) -> Path | None:
 def pipeline_weight_files(base_model: str, instantid: str) -> list[Path]:
     """The weight files ``load_pipeline(base_model, instantid)`` will read that are already on this machine."""
     files: list[Path] = []
-    for ref, patterns in ((instantid, INSTANTID_PATTERNS), (base_model, BASE_WEIGHTS)):
-        path = cached_path(ref)
+    for ref, patterns in ((instantid, INSTANTID_PATTERNS), (base_model, None)):
+        # a hub snapshot holds what a download's patterns fetched (never the whole repo); the base's configs
+        # come with any variant
+        path = cached_path(ref, patterns or ["*.json"])
         if path is None:
             continue
+        if patterns is None:  # the base: the variant on disk (a half-precision download holds only fp16 files)
+            patterns = base_weights(local_variant(path, None)) if path.is_dir() else []
         if path.is_file():
             files.append(path)
             continue

@@ -381,3 +381,50 @@ def test_prefetch_never_raises(monkeypatch):
     weights.prefetch("s3://", "s3://").join(10)
     assert failures == []
     assert weights.cached_path("s3://") is None
+
+
+# -- weight variants (issue 19 item 9) -------------------------------------------------------------------------
+def test_variant_follows_the_serving_dtype():
+    assert weights.variant_for_dtype("float16") == weights.variant_for_dtype("torch.bfloat16") == "fp16"
+    assert weights.variant_for_dtype("float32") is None
+    assert weights.base_weights("fp16") == ["unet/diffusion_pytorch_model.fp16.safetensors",
+                                            "vae/diffusion_pytorch_model.fp16.safetensors",
+                                            "text_encoder/model.fp16.safetensors",
+                                            "text_encoder_2/model.fp16.safetensors"]
+
+
+def test_a_local_sdxl_directory_loads_the_variant_it_holds(tmp_path):
+    both = tmp_path / "both"
+    for rel in weights.base_weights() + weights.base_weights("fp16"):
+        (both / rel).parent.mkdir(parents=True, exist_ok=True)
+        (both / rel).write_bytes(b"w")
+    assert weights.resolve_base(str(both), "fp16") == (both, "fp16")
+    assert weights.resolve_base(str(both), None) == (both, None)
+    half_only = tmp_path / "half"
+    for rel in weights.base_weights("fp16"):
+        (half_only / rel).parent.mkdir(parents=True, exist_ok=True)
+        (half_only / rel).write_bytes(b"w")
+    assert weights.resolve_base(str(half_only), None) == (half_only, "fp16")  # float32 from the fp16 files
+    assert weights.local_variant(tmp_path, "fp16") is None  # neither set complete
+
+
+def test_pipeline_loads_an_fp16_only_directory_in_float32(tiny_bundle, tmp_path):
+    """What a float16 download leaves on disk also loads in a float32 CPU process, from the fp16 files."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from instantid.loading import load_pipeline
+
+    sdxl = tmp_path / "sdxl"
+    shutil.copytree(tiny_bundle / "sdxl", sdxl)
+    for full, half in zip(weights.base_weights(), weights.base_weights("fp16")):
+        save_file({k: v.half().contiguous() for k, v in load_file(sdxl / full).items()}, sdxl / half)
+        (sdxl / full).unlink()
+    pipe = load_pipeline(str(sdxl), str(tiny_bundle / "instantid"), device="cpu")
+    unet = load_file(sdxl / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    name = next(iter(unet))
+    assert pipe.unet.dtype == torch.float32 and torch.equal(pipe.unet.state_dict()[name], unet[name].float())
+    assert {p.name for p in weights.pipeline_weight_files(str(sdxl), str(tiny_bundle / "instantid"))} >= {
+        "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors"}
