@@ -65,7 +65,8 @@ class AppArgs(_Strict):
     tiny_dir: str = Field("~/.cache/instantid/tiny", description="Where the tiny profile keeps its bundle.")
     instantid: str = Field("InstantX/InstantID", description="IdentityNet + ip-adapter.bin: hub id, dir or s3://.")
     face_model: str = Field("antelopev2", description="insightface pack: a name under the insightface root, "
-                            "a directory, or s3://.")
+                            "a directory, a hub repo id, or s3://. InstantID's adapter was trained on antelopev2 "
+                            "embeddings: a pack with another recogniser loads but loses the identity.")
     models: list[ModelSpec] = Field(
         default_factory=lambda: [ModelSpec(name="sdxl", base_model="stabilityai/stable-diffusion-xl-base-1.0")],
         min_length=1,

@@ -7,7 +7,9 @@ and on the five keypoints of the largest face, exactly as the official demo does
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from .errors import InvalidImageError, InvalidParameterError, NoFaceError, Weigh
 ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP"}
 EMBEDDING_DIM = 512
 MODULES = ["detection", "recognition"]
+log = logging.getLogger(__name__)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -99,8 +102,39 @@ def _cuda_available() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-def _pack_dir(model: str, root: str | None) -> Path:
-    """Local directory of a face pack: an existing directory, an ``s3://`` prefix, or a name under the root."""
+# InstantID's adapter and IdentityNet were trained on antelopev2's embeddings (glintr100) and keypoints (SCRFD-10G):
+# another pack with the same interfaces loads and runs, but its embeddings do not preserve identity.
+TRAINED_ON = "antelopev2"
+TRAINED_RECOGNIZER = "glintr100.onnx"
+PACK_PATTERNS = ["*.onnx"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def insightface_home(root: str | None = None) -> Path:
+    """insightface's model root: ``root``, else ``$INSIGHTFACE_HOME``, else ``~/.insightface``."""
+    return Path(root or os.environ.get("INSIGHTFACE_HOME") or "~/.insightface").expanduser()
+
+
+def is_hub_id(model: str) -> bool:
+    """``owner/name`` that is not an existing path: a face pack on the Hugging Face hub."""
+    return bool(_HUB_ID.fullmatch(model)) and not Path(model).expanduser().exists()
+
+
+def _onnx_dir(path: Path, model: str) -> Path:
+    """The directory of a downloaded pack that holds its ONNX files (the top level, or one folder down)."""
+    if any(path.glob("*.onnx")):
+        return path
+    nested = sorted({p.parent for p in path.glob("*/*.onnx")})
+    if len(nested) == 1:
+        return nested[0]
+    raise WeightsError(f"face model {model}: no .onnx files in {path}")
+
+
+def pack_dir(model: str, root: str | None = None) -> Path:
+    """Local directory of a face pack: an existing directory, an ``s3://`` prefix, a hub repo id
+    (``owner/name``, fetched into the Hugging Face cache; offline when HF_HUB_OFFLINE is set), or a name under
+    ``root``/``$INSIGHTFACE_HOME``/models. insightface's own downloader is never used (its links are dead)."""
+    model = str(model)
     local = Path(model).expanduser()
     if local.is_dir():
         return local.resolve()
@@ -109,18 +143,45 @@ def _pack_dir(model: str, root: str | None) -> Path:
         if not path.is_dir():
             raise WeightsError(f"face model {model} is a single object, expected a directory of ONNX files")
         return path
+    if is_hub_id(model):
+        return _onnx_dir(weights.resolve(model, allow_patterns=PACK_PATTERNS), model)
     if os.sep in model or model.startswith(("~", ".")):
         raise WeightsError(f"face model directory {model} does not exist")
-    base = Path(root or os.environ.get("INSIGHTFACE_HOME") or "~/.insightface").expanduser()
-    path = base / "models" / model
+    path = insightface_home(root) / "models" / model
     if not path.is_dir():
         # checked here because insightface would otherwise try to download the pack
-        raise WeightsError(f"face model pack {model!r} not found: {path} does not exist (no download is attempted)")
+        raise WeightsError(f"face model pack {model!r} not found: {path} does not exist (get it with "
+                           f"`instantid download`, or name a directory, s3:// prefix or hub repo)")
     return path.resolve()
 
 
+
+def check_instantid_pack(models: dict, model: str) -> None:
+    """Refuse a pack InstantID cannot use, judged on the models insightface routed its ONNX files to (by their
+    graphs' inputs and outputs): a detector with five keypoints (IdentityNet draws them) and a recogniser
+    with 512-d embeddings (the adapter's input)."""
+    det, rec = models["detection"], models["recognition"]
+    det_name, rec_name = Path(det.model_file).name, Path(rec.model_file).name
+    if not getattr(det, "use_kps", False):
+        outputs = len(det.session.get_outputs())
+        raise WeightsError(f"face model {model}: detector {det_name} gives no facial keypoints ({outputs} outputs; "
+                           f"InstantID needs a detector with five keypoints, such as {TRAINED_ON}'s SCRFD)")
+    shape = list(rec.output_shape)
+    if len(shape) != 2 or shape[-1] != EMBEDDING_DIM:
+        raise WeightsError(f"face model {model}: recogniser {rec_name} gives embeddings of shape {shape}; InstantID "
+                           f"needs {EMBEDDING_DIM}-d embeddings (its adapter was trained on {TRAINED_ON}'s)")
+    if rec_name != TRAINED_RECOGNIZER:
+        log.warning("face model %s: recogniser %s is not %s's %s; InstantID's adapter was trained on %s "
+                    "embeddings, so identity may not be preserved", model, rec_name, TRAINED_ON,
+                    TRAINED_RECOGNIZER, TRAINED_ON)
+
+
 class FaceAnalyzer:
-    """insightface detection + recognition on a local, S3 or named pack (antelopev2 layout)."""
+    """insightface detection + recognition on a local, S3, hub or named pack (antelopev2 layout).
+
+    Any pack whose detector gives five keypoints and whose recogniser gives 512-d embeddings loads, but
+    InstantID's adapter was trained on antelopev2's embeddings: another recogniser loses the identity.
+    """
 
     def __init__(
         self,
@@ -135,7 +196,7 @@ class FaceAnalyzer:
         from insightface.app import FaceAnalysis
 
         model = str(model)
-        self.pack_dir = _pack_dir(model, root)
+        self.pack_dir = pack_dir(model, root)
         if not any(self.pack_dir.glob("*.onnx")):
             raise WeightsError(f"face model {model}: no .onnx files in {self.pack_dir}")
         if providers is None:
@@ -160,6 +221,7 @@ class FaceAnalyzer:
         missing = [m for m in MODULES if m not in self.app.models]
         if missing:
             raise WeightsError(f"face model {model}: no {' or '.join(missing)} model in {self.pack_dir}")
+        check_instantid_pack(self.app.models, model)
         ctx_id = 0 if "CUDAExecutionProvider" in self.providers else -1
         self.app.prepare(ctx_id=ctx_id, det_size=tuple(det_size))
 
