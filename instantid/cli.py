@@ -1,4 +1,4 @@
-"""The ``instantid`` command: generate, analyze, make-tiny.
+"""The ``instantid`` command: generate, analyze, make-tiny, download.
 
 Bad input gets one line on stderr and a non-zero exit, and nothing is written. Inputs are checked before any
 model is loaded, so a typo costs milliseconds, not a model load.
@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import tempfile
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="diffusers layout to take configs from when --base-model is a single file")
     models.add_argument("--instantid", default="InstantX/InstantID",
                         help="directory/repo with ControlNetModel/ and ip-adapter.bin")
-    models.add_argument("--face-model", default="antelopev2", help="insightface pack name, directory or s3://")
+    models.add_argument("--face-model", default="antelopev2",
+                        help="insightface pack name, directory, hub repo id or s3:// (InstantID's adapter was "
+                             "trained on antelopev2 embeddings: another recogniser loses the identity)")
     models.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:SCALE]")
     models.add_argument("--controlnet", action="append", default=[], metavar="REF",
                         help="extra spatial ControlNet; pair each with --control-image")
@@ -85,12 +88,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     ana = sub.add_parser("analyze", help="detect faces; print JSON and save embeddings")
     ana.add_argument("images", nargs="+", metavar="IMG")
-    ana.add_argument("--face-model", default="antelopev2")
+    ana.add_argument("--face-model", default="antelopev2",
+                     help="as for generate (InstantID's adapter was trained on antelopev2 embeddings)")
     ana.add_argument("--output-dir", default=".", help="where <image>.face<N>.npy embeddings are saved")
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight bundle (plumbing tests, not images)")
     tiny.add_argument("directory")
+
+    _add_download_parser(sub)
     return parser
+
+
+def _add_download_parser(sub) -> None:
+    from .sources import BASE_MODEL, FACE_MODEL, INSTANTID, describe_sources
+
+    down = sub.add_parser(
+        "download", help="fetch the models a configuration needs into the local caches (then run offline)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=describe_sources(),
+        description=textwrap.fill(
+            "Fetch the SDXL base (only the weight variant --dtype loads), InstantID's ControlNetModel/ and "
+            "ip-adapter.bin, and the face pack into the caches the service reads: the Hugging Face cache "
+            "($HF_HOME), $INSTANTID_CACHE (s3://) and $INSIGHTFACE_HOME (a named face pack). Progress bars; a "
+            "dropped connection resumes within the file, and a run again fetches only what is not complete yet; "
+            "every file is checked against its hash; the face pack is checked to be one InstantID can use. Prints the terms of what it fetched. Afterwards everything "
+            "loads with HF_HUB_OFFLINE=1.", 100))
+    down.add_argument("--base-model", default=BASE_MODEL.ref, metavar="REF",
+                      help="SDXL diffusers repo, directory or s3:// (default %(default)s)")
+    down.add_argument("--weights", default=INSTANTID.ref, metavar="REF",
+                      help="InstantID repo, directory or s3:// with ControlNetModel/ and ip-adapter.bin "
+                           "(default %(default)s)")
+    down.add_argument("--face-model", default=FACE_MODEL.ref, metavar="REF",
+                      help=f"insightface pack: a name (installed under $INSIGHTFACE_HOME/models; {FACE_MODEL.ref} "
+                           f"comes from {FACE_MODEL.hub_repo}), a hub repo id, a directory or s3://. InstantID's "
+                           f"adapter was trained on {FACE_MODEL.ref} embeddings (default %(default)s)")
+    down.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                      help="the dtype the service will run in: float16/bfloat16 fetch the SDXL fp16 files only "
+                           "(default %(default)s)")
 
 
 # -- generate -------------------------------------------------------------------------------------------
@@ -284,10 +317,24 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from .download import cache_locations, download
+
+    fetched = download(args.base_model, args.weights, args.face_model, dtype=args.dtype)
+    for item in fetched:
+        print(f"{item.role}: {item.ref}\n  at {item.path}\n  {item.detail}")
+        for line in item.terms():
+            print(f"  {line}")
+    print("caches: " + "; ".join(cache_locations()))
+    print("everything is local: the service and `instantid generate` now run with HF_HUB_OFFLINE=1")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    commands = {"generate": cmd_generate, "analyze": cmd_analyze, "make-tiny": cmd_make_tiny}
+    commands = {"generate": cmd_generate, "analyze": cmd_analyze, "make-tiny": cmd_make_tiny,
+                "download": cmd_download}
     try:
         with warnings.catch_warnings():
             if not args.debug:  # libraries' deprecation notices are not the user's business
