@@ -274,6 +274,17 @@ def test_download_from_s3_fills_the_instantid_cache(tiny_bundle, s3_bucket, tmp_
     assert result.stdout.count("terms: those under which you obtained this copy") == 3
 
 
+# -- scripts/demo --real -------------------------------------------------------------------------------------------
+def test_demo_real_fetches_with_instantid_download_before_starting(tmp_path):
+    env = cli_env(tmp_path, None) | {"INSTANTID_FACE_MODEL": str(tmp_path / "no-such-pack"), "INSTANTID_DEVICE": "cpu"}
+    result = subprocess.run([str(ROOT / "scripts" / "demo"), "--real", "--port", "1"], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    assert "instantid download --dtype float32" in result.stdout  # CPU: the dtype the app's "auto" picks there
+    assert f"face model directory {tmp_path / 'no-such-pack'} does not exist" in result.stderr
+    assert "starting the app" not in result.stdout  # nothing started on weights that are not there
+
+
 # -- help and README ---------------------------------------------------------------------------------------------
 def test_help_readme_and_deploy_guide_name_every_source_and_its_terms():
     from instantid.cli import build_parser
