@@ -103,3 +103,12 @@ def test_disk_s3_server_speaks_the_protocol_weights_uses(tiny_bundle, tmp_path, 
             assert (local / name).read_bytes() == (tiny_bundle / "instantid" / name).read_bytes()
     finally:
         server.stop()
+
+
+def test_download_verify_tiny(tmp_path, capsys):
+    out = tmp_path / "verify.json"
+    script("download_verify").main(["--tiny", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["bytes"] == 1 << 20 and set(res["runs"]) == {"cold", "warm"}
+    assert all(r["seconds"] > 0 for r in res["runs"].values())
+    assert "verify" in capsys.readouterr().out
