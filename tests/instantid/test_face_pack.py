@@ -73,3 +73,9 @@ def test_hub_id_not_in_the_offline_cache_is_a_weights_error(tmp_path, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(WeightsError, match="cannot load 'someone/pack' from the Hugging Face hub \\(HF_HUB_OFFLINE"):
         FaceAnalyzer("someone/pack")
+
+
+def test_a_missing_named_pack_says_how_to_get_it(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="not found: .* \\(get it with `instantid download`"):
+        FaceAnalyzer()
