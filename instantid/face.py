@@ -155,17 +155,21 @@ def pack_dir(model: str, root: str | None = None) -> Path:
     return path.resolve()
 
 
-
 def check_instantid_pack(models: dict, model: str) -> None:
     """Refuse a pack InstantID cannot use, judged on the models insightface routed its ONNX files to (by their
     graphs' inputs and outputs): a detector with five keypoints (IdentityNet draws them) and a recogniser
     with 512-d embeddings (the adapter's input)."""
     det, rec = models["detection"], models["recognition"]
     det_name, rec_name = Path(det.model_file).name, Path(rec.model_file).name
+    outputs = det.session.get_outputs()
     if not getattr(det, "use_kps", False):
-        outputs = len(det.session.get_outputs())
-        raise WeightsError(f"face model {model}: detector {det_name} gives no facial keypoints ({outputs} outputs; "
-                           f"InstantID needs a detector with five keypoints, such as {TRAINED_ON}'s SCRFD)")
+        raise WeightsError(f"face model {model}: detector {det_name} gives no facial keypoints ({len(outputs)} "
+                           f"outputs; InstantID needs a detector with five keypoints, such as {TRAINED_ON}'s SCRFD)")
+    # SCRFD's outputs: scores, boxes, then keypoints per stride (fmc of each); a keypoint row is x, y per point
+    widths = {o.shape[-1] for o in outputs[2 * det.fmc:3 * det.fmc] if o.shape and isinstance(o.shape[-1], int)}
+    if widths - {10}:
+        raise WeightsError(f"face model {model}: detector {det_name} gives {max(widths) // 2} keypoints per face; "
+                           f"InstantID needs five, as {TRAINED_ON}'s SCRFD gives")
     shape = list(rec.output_shape)
     if len(shape) != 2 or shape[-1] != EMBEDDING_DIM:
         raise WeightsError(f"face model {model}: recogniser {rec_name} gives embeddings of shape {shape}; InstantID "

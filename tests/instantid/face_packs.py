@@ -44,3 +44,25 @@ def pack_with_256d_recognizer(pack: Path, dest: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, dest / "w600k_small.onnx")
     return dest
+
+
+def pack_with_68_keypoints(pack: Path, dest: Path) -> Path:
+    """SCRFD's nine outputs, but keypoint rows of 136 values (68 points) instead of 10 (five points)."""
+    dest.mkdir(parents=True)
+    shutil.copyfile(pack / RECOGNIZER_FILE, dest / RECOGNIZER_FILE)
+    model = onnx.load(pack / DETECTOR_FILE)
+    graph = model.graph
+    for i in range(6, 9):  # widen each keypoint output by tiling its 10 columns
+        old = graph.output[i]
+        reps = f"kps68/reps{i}"
+        graph.initializer.append(numpy_helper.from_array(np.array([1, 14], dtype=np.int64), reps))
+        tiled, cut = f"kps68/tiled{i}", f"kps68/out{i}"
+        graph.node.append(helper.make_node("Tile", [old.name, reps], [tiled]))
+        graph.initializer.extend([numpy_helper.from_array(np.array(v, dtype=np.int64), f"kps68/{n}{i}")
+                                  for n, v in (("s", [0]), ("e", [136]), ("a", [1]))])
+        graph.node.append(helper.make_node("Slice", [tiled, f"kps68/s{i}", f"kps68/e{i}", f"kps68/a{i}"], [cut]))
+        dim0 = old.type.tensor_type.shape.dim[0].dim_param
+        graph.output[i].CopyFrom(helper.make_tensor_value_info(cut, TensorProto.FLOAT, [dim0, 136]))
+    onnx.checker.check_model(model)
+    onnx.save(model, dest / DETECTOR_FILE)
+    return dest

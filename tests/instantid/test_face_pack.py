@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from face_packs import pack_with_256d_recognizer, pack_without_keypoints
+from face_packs import pack_with_68_keypoints, pack_with_256d_recognizer, pack_without_keypoints
 from instantid.errors import WeightsError
 from instantid.face import FaceAnalyzer, is_hub_id, pack_dir
 from instantid.tiny_face import DETECTOR_FILE, RECOGNIZER_FILE
@@ -22,6 +22,12 @@ def test_detector_without_keypoints_is_refused(tiny_bundle, tmp_path):
                           providers=["CPUExecutionProvider"])
     assert routed.models["detection"].use_kps is False  # insightface itself loads it happily
     with pytest.raises(WeightsError, match=f"detector {DETECTOR_FILE} gives no facial keypoints \\(6 outputs"):
+        FaceAnalyzer(str(pack))
+
+
+def test_detector_with_other_than_five_keypoints_is_refused(tiny_bundle, tmp_path):
+    pack = pack_with_68_keypoints(tiny_bundle / "antelopev2", tmp_path / "kps68")
+    with pytest.raises(WeightsError, match=f"detector {DETECTOR_FILE} gives 68 keypoints per face; InstantID needs five"):
         FaceAnalyzer(str(pack))
 
 
