@@ -44,14 +44,10 @@ class Fetched:
     def terms(self) -> list[str]:
         if self.source is not None:
             return [f"terms: {self.source.terms}", f"see {self.source.terms_url}"]
-        if _is_hub(self.ref):
+        if weights.is_hub_ref(self.ref):
             return [f"terms: not known to instantid; read https://huggingface.co/{self.ref} (its model card and "
                     "licence) before you use it"]
         return ["terms: those under which you obtained this copy"]
-
-
-def _is_hub(ref: str) -> bool:
-    return not weights.is_s3(ref) and not Path(ref).expanduser().exists() and "/" in ref
 
 
 def _size(path: Path, patterns: list[str] | None = None) -> int:
@@ -65,7 +61,7 @@ def _size(path: Path, patterns: list[str] | None = None) -> int:
 
 
 def _checked(path: Path, ref: str, patterns: list[str]) -> str:
-    if not _is_hub(ref):
+    if not weights.is_hub_ref(ref):
         return "S3 objects checked by size and MD5" if weights.is_s3(ref) else "local, used in place"
     files, _ = weights.verify_hub_snapshot(path, patterns)
     return f"{files} files checked against the hub's sha256/git hashes"

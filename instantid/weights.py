@@ -73,7 +73,7 @@ def resolve_base(ref: str, variant: str | None = None) -> tuple[Path, str | None
     used as it is, preferring ``variant`` when it holds both.
     """
     ref = str(ref)
-    if Path(ref).expanduser().exists() or is_s3(ref) or ref.endswith((".safetensors", ".ckpt")):
+    if not is_hub_ref(ref):
         path = resolve(ref, allow_patterns=BASE_PATTERNS)
         return path, (local_variant(path, variant) if path.is_dir() else None)
     error = None
@@ -97,6 +97,17 @@ def cache_root() -> Path:
 
 def is_s3(ref: str) -> bool:
     return str(ref).startswith("s3://")
+
+
+def _looks_local(ref: str) -> bool:
+    """A path or a file name, never a hub repo id (so a missing one is reported missing, not looked up)."""
+    return ref.startswith(("/", "./", "../", "~")) or ref.endswith((".safetensors", ".ckpt", ".bin"))
+
+
+def is_hub_ref(ref: str) -> bool:
+    """What ``resolve`` looks up on the Hugging Face hub: not an existing path, not s3://, not path-like."""
+    ref = str(ref)
+    return not (Path(ref).expanduser().exists() or is_s3(ref) or _looks_local(ref))
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -125,7 +136,7 @@ def resolve(ref: str, *, allow_patterns: list[str] | None = None) -> Path:
         return local
     if is_s3(ref):
         return download_s3(ref)
-    if ref.startswith(("/", "./", "../", "~")) or ref.endswith((".safetensors", ".ckpt", ".bin")):
+    if _looks_local(ref):
         raise WeightsError(f"weights not found: {ref} does not exist")
     return _hub_snapshot(ref, allow_patterns)
 
