@@ -70,9 +70,10 @@ def _checked(path: Path, ref: str, patterns: list[str]) -> str:
 def fetch_base(ref: str, dtype: str) -> Fetched:
     variant = weights.variant_for_dtype(dtype)
     path, got = weights.resolve_base(ref, variant)
-    if path.is_file():  # a single-file checkpoint: its configs come from the default layout at load time
-        return Fetched(BASE_MODEL.role, ref, path, f"single file, {path.stat().st_size / 1e9:.2f} GB",
-                       source_for(ref))
+    if path.is_file():  # a single-file checkpoint: the load takes its configs from the default layout
+        weights.resolve(BASE_MODEL.ref, allow_patterns=weights.SINGLE_FILE_CONFIG_PATTERNS)
+        return Fetched(BASE_MODEL.role, ref, path, f"single file, {path.stat().st_size / 1e9:.2f} GB; configs "
+                       f"from {BASE_MODEL.ref}", source_for(ref))
     missing = [rel for rel in ["model_index.json", *weights.base_weights(got)] if not (path / rel).is_file()]
     if missing:
         raise WeightsError(f"{ref} is not a complete SDXL diffusers model: missing {', '.join(missing)}")

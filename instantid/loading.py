@@ -20,7 +20,8 @@ from diffusers import ControlNetModel
 from . import sources
 from .errors import InvalidParameterError, WeightsError
 from .pipeline import InstantIDPipeline
-from .weights import BASE_PATTERNS, CONTROLNET_PATTERNS, INSTANTID_PATTERNS, resolve, resolve_base, variant_for_dtype
+from .weights import (BASE_PATTERNS, CONTROLNET_PATTERNS, INSTANTID_PATTERNS, SINGLE_FILE_CONFIG_PATTERNS, resolve,
+                      resolve_base, variant_for_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def load_base(base_model: str, identitynet: ControlNetModel, dtype: torch.dtype,
         if path.is_file():
             # One checkpoint in the original (Stability/A1111) layout. Configs, scheduler and tokenizers come from
             # base_config, resolved to a local directory first; diffusers then detects nothing and fetches nothing.
-            config = str(resolve(base_config or DEFAULT_BASE_MODEL, allow_patterns=["*.json", "*.txt"]))
+            config = str(resolve(base_config or DEFAULT_BASE_MODEL, allow_patterns=SINGLE_FILE_CONFIG_PATTERNS))
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
 

@@ -33,6 +33,7 @@ SDXL_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
 # diffusers' name for the half-precision copies a repo may carry (unet/diffusion_pytorch_model.fp16.safetensors):
 # half the bytes of the full-precision files, and what a float16 or bfloat16 pipeline loads anyway
 HALF_VARIANT = "fp16"
+SINGLE_FILE_CONFIG_PATTERNS = ["*.json", "*.txt"]  # what a single-file base takes from its diffusers layout
 INSTANTID_PATTERNS = ["ControlNetModel/*", "ip-adapter.bin"]
 CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 

@@ -163,6 +163,18 @@ def test_a_repo_without_fp16_files_falls_back_to_full_precision(hub_content, tmp
     assert weights.resolve_base("someone/sdxl-finetune", "fp16")[1] is None  # offline: loads the full files
 
 
+def test_a_single_file_base_also_gets_the_configs_its_load_needs(hub_content, tmp_path, hf_cache):
+    checkpoint = tmp_path / "finetune.safetensors"
+    checkpoint.write_bytes(b"a single-file SDXL checkpoint")
+    with new_hub(hub_content) as hub:
+        result = download(tmp_path, hub, "--base-model", str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    fetched = fetched_files(hub, BASE)
+    assert "model_index.json" in fetched and "unet/config.json" in fetched
+    assert not any(name.endswith(".safetensors") for name in fetched)  # configs only
+    assert weights.resolve(BASE, allow_patterns=weights.SINGLE_FILE_CONFIG_PATTERNS)  # offline now
+
+
 # -- resumable, verified ------------------------------------------------------------------------------------------
 def test_a_dropped_connection_resumes_where_it_stopped(hub_content, tmp_path):
     # large enough that huggingface_hub writes a chunk (10 MiB) before the connection drops, as real weights are
