@@ -245,6 +245,42 @@ Render-time checks that a JSON schema cannot express (relations between values).
 {{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" (include "instantid.fullname" .)) -}}
 {{- fail (printf "the object prefix %q must be a DNS-1035 label (start with a letter): KubeRay requires it of the RayService name; set fullnameOverride" (include "instantid.fullname" .)) -}}
 {{- end -}}
+{{- /* KubeRay operator rules (validation.go, v1.7) that values can break: the API server would accept the
+RayService and the operator would then refuse to reconcile it, saying so only in an event */ -}}
+{{- $autoscalerV2 := and .Values.autoscaler.enabled (eq (toString .Values.autoscaler.version) "v2") -}}
+{{- range $key := list "faceWorker" "generatorWorker" -}}
+{{- $group := index $.Values $key -}}
+{{- if and (not (kindIs "invalid" $group.idleTimeoutSeconds)) (not $autoscalerV2) -}}
+{{- fail (printf "%s.idleTimeoutSeconds needs autoscaler v2 (KubeRay refuses a worker group idle timeout otherwise): set autoscaler.enabled true and autoscaler.version v2, or leave it null to use autoscaler.idleTimeoutSeconds" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := list "head" "faceWorker" "generatorWorker" -}}
+{{- $params := (index $.Values $key).rayStartParams | default dict -}}
+{{- if hasKey $params "labels" -}}
+{{- fail (printf "%s.rayStartParams.labels is refused by KubeRay: use %s.labels" $key $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $param := list "redis-username" "redis-password" -}}
+{{- if hasKey ($.Values.head.rayStartParams | default dict) $param -}}
+{{- fail (printf "head.rayStartParams.%s is refused by KubeRay: external Redis is configured with gcsFaultTolerance.*" $param) -}}
+{{- end -}}
+{{- end -}}
+{{- $envs := concat (.Values.env | default list) (.Values.head.env | default list) (.Values.faceWorker.env | default list) (.Values.generatorWorker.env | default list) -}}
+{{- range $entry := $envs -}}
+{{- if has $entry.name (list "RAY_enable_autoscaler_v2" "RAY_REDIS_ADDRESS" "REDIS_PASSWORD" "REDIS_USERNAME") -}}
+{{- fail (printf "env %s is refused (KubeRay manages it): use autoscaler.version for autoscaler v2 and gcsFaultTolerance.* for external Redis" $entry.name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $entry := .Values.autoscaler.env | default list -}}
+{{- if eq $entry.name "KUBERAY_GEN_AUTOSCALER_START_CMD" -}}
+{{- fail "autoscaler.env must not set KUBERAY_GEN_AUTOSCALER_START_CMD (KubeRay injects it)" -}}
+{{- end -}}
+{{- end -}}
+{{- with index (.Values.rayService.annotations | default dict) "ray.io/initializing-timeout" -}}
+{{- if not (and (regexMatch "^([0-9]+|([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$" (toString .)) (regexMatch "[1-9]" (toString .))) -}}
+{{- fail (printf "rayService.annotations ray.io/initializing-timeout %q must be a positive Go duration (30m) or whole seconds" (toString .)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (ne .Values.serve.proxyLocation "EveryNode") .Values.rayService.excludeHeadPodFromServeSvc -}}
 {{- fail (printf "serve.proxyLocation %s puts no proxy on the workers, so rayService.excludeHeadPodFromServeSvc must be false" .Values.serve.proxyLocation) -}}
 {{- end -}}
