@@ -163,3 +163,20 @@ def test_ray_cluster_environment_matches_the_app(value_set):
         assert {k: env[k]["value"] for k in CLUSTER_ENV if k in env} == CLUSTER_ENV, group
     for group, template in render({"serve": {"httpIngress": "proxy"}}).pod_templates().items():
         assert not set(CLUSTER_ENV) & set(env_of(template)), group
+
+
+def test_new_readwritemany_claim_without_a_class_fails_at_render():
+    """The cluster default class (EBS, PD) cannot do ReadWriteMany: the claim would stay Pending forever."""
+    from chart_helpers import render_error
+
+    message = render_error({}, base={})  # the chart's bare defaults
+    assert "modelCache.persistence.storageClassName is empty" in message
+    assert "efs" in message.lower() and "filestore" in message.lower()
+    # What makes it bindable: a class, an existing claim, or per-pod caches (identities then on S3).
+    assert render({"modelCache": {"persistence": {"storageClassName": "standard-rwx"}}}).one("PersistentVolumeClaim")
+    render_error_free = [
+        {"modelCache": {"persistence": {"storageClassName": "", "existingClaim": "models"}}},
+        {"modelCache": {"persistence": {"storageClassName": "", "enabled": False}}, "app": {"identity_store": "s3://b/ids"}},
+    ]
+    for values in render_error_free:
+        render(values)

@@ -183,5 +183,5 @@ def test_chart_version_does_not_roll_the_ray_cluster():
         labels = template["metadata"]["labels"]
         assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
     # Rendering the same values twice gives the same cluster spec (nothing random or time-based).
-    again = render_k8s.render_chart({}, release="instantid-serve", namespace="ml")
+    again = render_k8s.render_chart(render_k8s.PLAIN_VALUES, release="instantid-serve", namespace="ml")
     assert again["instantid-serve/templates/rayservice.yaml"] == a.raw["instantid-serve/templates/rayservice.yaml"]

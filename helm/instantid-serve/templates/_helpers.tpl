@@ -284,4 +284,9 @@ RayService and the operator would then refuse to reconcile it, saying so only in
 {{- if and (ne .Values.serve.proxyLocation "EveryNode") .Values.rayService.excludeHeadPodFromServeSvc -}}
 {{- fail (printf "serve.proxyLocation %s puts no proxy on the workers, so rayService.excludeHeadPodFromServeSvc must be false" .Values.serve.proxyLocation) -}}
 {{- end -}}
+{{- /* a new ReadWriteMany claim on the cluster's default class (EBS, PD: no RWX) stays Pending, and every Ray pod with it */ -}}
+{{- $p := .Values.modelCache.persistence -}}
+{{- if and $p.enabled (not $p.existingClaim) (has "ReadWriteMany" $p.accessModes) (not $p.storageClassName) -}}
+{{- fail "modelCache.persistence.storageClassName is empty: the cluster's default class (EBS on EKS, Persistent Disk on GKE) cannot do ReadWriteMany, so the model cache would stay Pending and every Ray pod with it. Set a ReadWriteMany class (EKS: an EFS class such as efs-sc; GKE: Filestore standard-rwx; AKS: azurefile-csi), or modelCache.persistence.existingClaim, or modelCache.persistence.enabled=false with an s3:// app.identity_store (per-pod caches); see docs/deploy.md 1.5" -}}
+{{- end -}}
 {{- end -}}
