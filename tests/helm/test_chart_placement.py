@@ -183,7 +183,8 @@ def test_gpu_scheduling_values_reach_the_gpu_pods():
         assert spec[key] == wanted
     for group in ("head", "face"):
         other = rendered.pod_templates()[group]["spec"]
-        assert "nodeSelector" not in other and "affinity" not in other and "priorityClassName" not in other
+        assert "nodeSelector" not in other and "priorityClassName" not in other
+        assert "nodeAffinity" not in other.get("affinity", {})
 
 
 def test_every_container_has_requests_and_limits(value_set):

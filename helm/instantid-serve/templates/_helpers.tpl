@@ -284,6 +284,15 @@ RayService and the operator would then refuse to reconcile it, saying so only in
 {{- if and (ne .Values.serve.proxyLocation "EveryNode") .Values.rayService.excludeHeadPodFromServeSvc -}}
 {{- fail (printf "serve.proxyLocation %s puts no proxy on the workers, so rayService.excludeHeadPodFromServeSvc must be false" .Values.serve.proxyLocation) -}}
 {{- end -}}
+{{- if .Values.podDisruptionBudget.enabled -}}
+{{- range $component, $key := dict "face" "faceWorker" "generator" "generatorWorker" -}}
+{{- $min := (index $.Values.podDisruptionBudget $component).minAvailable -}}
+{{- $pods := (index $.Values $key).minReplicas -}}
+{{- if and (not (kindIs "invalid" $min)) (ge (int $min) (int $pods)) -}}
+{{- fail (printf "podDisruptionBudget.%s.minAvailable (%v) must be less than %s.minReplicas (%v): at the group's minimum size no pod could ever be evicted and node drains would hang" $component $min $key $pods) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- /* a new ReadWriteMany claim on the cluster's default class (EBS, PD: no RWX) stays Pending, and every Ray pod with it */ -}}
 {{- $p := .Values.modelCache.persistence -}}
 {{- if and $p.enabled (not $p.existingClaim) (has "ReadWriteMany" $p.accessModes) (not $p.storageClassName) -}}

@@ -2,6 +2,7 @@
 Pod template of one Ray node group (head, face, generator).
 Call with: dict "root" $ "group" <group values> "component" <label> "containerName" <name>
                 "resources" <container resources> "ports" <container ports>
+           optional "affinity" (used instead of the group's own when given)
 */}}
 {{- define "instantid.podTemplate" -}}
 {{- $root := .root -}}
@@ -38,7 +39,7 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $g.affinity }}
+  {{- with (default $g.affinity .affinity) }}
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
