@@ -164,6 +164,8 @@ def test_gpu_capacity_covers_generator_max_replicas(value_set):
     ({"serve": {"proxyLocation": "HeadOnly"}}, "excludeHeadPodFromServeSvc must be false"),
     ({"modelCache": {"persistence": {"enabled": False}}}, "app.identity_store \"/models/identities\" is not shared"),
     ({"app": {"identity_store": "/data/identities"}}, "is not shared by the replicas"),
+    ({"serve": {"deployments": {"Generator": {"ray_actor_options": {"num_cpus": 4, "num_gpus": 1, "accelerator_type": "L4"}}}}},
+     "pin the GPU type with generatorWorker.nodeSelector"),
 ])
 def test_inconsistent_values_fail_at_render(values, message):
     assert message in render_error(values)
@@ -208,3 +210,13 @@ def test_shared_memory_volume_per_group(value_set):
         assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": sizes[group]}
         mounts = {m["name"]: m["mountPath"] for m in container(template)["volumeMounts"]}
         assert mounts["dshm"] == "/dev/shm"
+
+
+def test_gpu_type_is_pinned_by_node_selector_not_a_ray_resource(value_set):
+    """accelerator_type becomes a Ray resource KubeRay's autoscaler never advertises: the Generator would never
+    scale past its first pod. The GPU type is a node selector on the GPU group."""
+    rendered = render_set(value_set)
+    for deployment in rendered.app["deployments"]:
+        assert "accelerator_type" not in deployment["ray_actor_options"], deployment["name"]
+    full = render_set("full").group("generator")["template"]["spec"]
+    assert full["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}

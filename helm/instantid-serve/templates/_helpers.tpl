@@ -284,6 +284,11 @@ RayService and the operator would then refuse to reconcile it, saying so only in
 {{- if and (ne .Values.serve.proxyLocation "EveryNode") .Values.rayService.excludeHeadPodFromServeSvc -}}
 {{- fail (printf "serve.proxyLocation %s puts no proxy on the workers, so rayService.excludeHeadPodFromServeSvc must be false" .Values.serve.proxyLocation) -}}
 {{- end -}}
+{{- range $name, $dep := .Values.serve.deployments -}}
+{{- with $dep.ray_actor_options.accelerator_type -}}
+{{- fail (printf "serve.deployments.%s.ray_actor_options.accelerator_type (%s) would ask Ray for an accelerator_type resource that KubeRay's autoscaler does not advertise for a worker group, so replicas beyond the first pod would never be scheduled: pin the GPU type with generatorWorker.nodeSelector (e.g. cloud.google.com/gke-accelerator: nvidia-l4 or karpenter.k8s.aws/instance-gpu-name: l4) instead" $name .) -}}
+{{- end -}}
+{{- end -}}
 {{- if .Values.podDisruptionBudget.enabled -}}
 {{- range $component, $key := dict "face" "faceWorker" "generator" "generatorWorker" -}}
 {{- $min := (index $.Values.podDisruptionBudget $component).minAvailable -}}
