@@ -2,7 +2,8 @@
 Pod template of one Ray node group (head, face, generator).
 Call with: dict "root" $ "group" <group values> "component" <label> "containerName" <name>
                 "resources" <container resources> "ports" <container ports>
-           optional "affinity" (used instead of the group's own when given)
+           optional "affinity" (used instead of the group's own when given),
+           optional "drainSeconds" (worker groups: grace period and preStop drain, see instantid.preStopDrain)
 */}}
 {{- define "instantid.podTemplate" -}}
 {{- $root := .root -}}
@@ -27,6 +28,9 @@ spec:
   {{- with $root.Values.podSecurityContext }}
   securityContext:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .drainSeconds }}
+  terminationGracePeriodSeconds: {{ . }}
   {{- end }}
   {{- with $g.priorityClassName }}
   priorityClassName: {{ . }}
@@ -60,6 +64,15 @@ spec:
       {{- end }}
       resources:
         {{- toYaml .resources | nindent 8 }}
+      {{- with .drainSeconds }}
+      lifecycle:
+        preStop:
+          exec:
+            command:
+              - /bin/sh
+              - -c
+              - {{ include "instantid.preStopDrain" (sub (int .) 15) | quote }}
+      {{- end }}
       {{- with $root.Values.securityContext }}
       securityContext:
         {{- toYaml . | nindent 8 }}
@@ -69,6 +82,8 @@ spec:
           mountPath: {{ $root.Values.modelCache.mountPath }}
         - name: dshm
           mountPath: /dev/shm
+        - name: ray-tmp
+          mountPath: /tmp/ray
   volumes:
     - name: model-cache
       {{- if $root.Values.modelCache.persistence.enabled }}
@@ -82,6 +97,9 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ $g.shmSize }}
+    - name: ray-tmp
+      emptyDir:
+        sizeLimit: {{ $g.rayTmpSize }}
 {{- end -}}
 
 {{/* rayStartParams as a YAML map whose values are all strings (the CRD's type). */}}
@@ -91,4 +109,16 @@ spec:
 {{- $_ := set $out $key (toString $val) -}}
 {{- end -}}
 {{- toYaml $out -}}
+{{- end -}}
+
+
+{{/*
+preStop of a worker pod that is evicted or deleted (node drain, scale-down, blue/green cleanup): tell Ray the
+node is draining, with the deadline the pod's grace period allows, so Serve starts replacement replicas
+elsewhere and stops these gracefully (HAProxy drops them first); then wait until no Serve replica process is
+left on this node, or the deadline ([S] keeps the pattern from matching this script's own command line). Only then does the kubelet send SIGTERM to `ray start`. Call with the
+deadline in seconds.
+*/}}
+{{- define "instantid.preStopDrain" -}}
+ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod $HOSTNAME terminating" --deadline-remaining-seconds {{ . }} || true; end=$(( $(date +%s) + {{ . }} )); while grep -qs 'ray::[S]erveReplica' /proc/[0-9]*/cmdline && [ "$(date +%s)" -lt "$end" ]; do sleep 2; done
 {{- end -}}
