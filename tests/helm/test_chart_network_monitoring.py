@@ -49,7 +49,7 @@ def test_ingress_points_at_the_serve_service():
 
 
 def test_pod_monitor_selects_every_ray_pod():
-    rendered = render_set("default")
+    rendered = render_set("s3")
     monitor = rendered.one("PodMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector["ray.io/is-ray-node"] == "yes"  # set by KubeRay on every Ray pod
@@ -60,12 +60,37 @@ def test_pod_monitor_selects_every_ray_pod():
         assert labels_match(selector, labels), group
         all_ports |= container_ports(template)
     endpoints = monitor["spec"]["podMetricsEndpoints"]
-    assert {e["port"] for e in endpoints} == {"metrics", "as-metrics", "dash-metrics"} <= all_ports
+    assert {e["port"] for e in endpoints} == {"metrics", "as-metrics", "dash-metrics", "haproxy-metrics"} <= all_ports
     assert all(e["interval"] == "15s" for e in endpoints)
 
 
+def test_pod_monitor_is_opt_in():
+    """Without the Prometheus operator's CRDs a PodMonitor fails the whole install: off unless asked for."""
+    assert render_set("default").of_kind("PodMonitor") == []
+    assert render({"monitoring": {"podMonitor": {"enabled": True}}}).one("PodMonitor")
+
+
+def test_haproxy_exporter_is_declared_and_scraped(value_set):
+    """Ray's HAProxy ingress exports Prometheus metrics on 9101 (RAY_SERVE_HAPROXY_METRICS_PORT) on every pod
+    that runs a proxy; the pods declare it and whichever monitor is on scrapes it."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT
+
+    rendered = render_set(value_set)
+    values = effective_values(value_set)
+    haproxy = values["serve"]["httpIngress"] == "haproxy"
+    for group, template in rendered.pod_templates().items():
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert (ports.get("haproxy-metrics") == RAY_SERVE_HAPROXY_METRICS_PORT) is haproxy, group
+    for monitor in rendered.of_kind("PodMonitor"):
+        assert ("haproxy-metrics" in {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}) is haproxy
+    for monitor in rendered.of_kind("ServiceMonitor"):
+        assert ("haproxy-metrics" in {e["port"] for e in monitor["spec"]["endpoints"]}) is haproxy
+    proxy = render({"serve": {"httpIngress": "proxy"}})
+    assert all("haproxy-metrics" not in container_ports(t) for t in proxy.pod_templates().values())
+
+
 def test_pod_monitor_labels_for_prometheus_selector():
-    monitor = render({"monitoring": {"podMonitor": {"labels": {"release": "kps"}}}}).one("PodMonitor")
+    monitor = render({"monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "kps"}}}}).one("PodMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kps"
 
 
@@ -77,6 +102,7 @@ def test_service_monitor_alternative():
     assert len(services) == 1
     service = services[0]
     assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True, "starting or failing pods must still be scraped"
     assert {p["name"] for p in service["spec"]["ports"]} == {e["port"] for e in monitor["spec"]["endpoints"]}
     for group, template in rendered.pod_templates().items():
         labels = {**template["metadata"]["labels"], "ray.io/is-ray-node": "yes"}

@@ -140,7 +140,7 @@ def test_monitors_are_structurally_valid(value_set):
 
 def test_monitor_schema_rejects_broken_objects():
     """The structural monitor schema is not vacuous."""
-    pod_monitor = clean(render_set("default").one("PodMonitor"))
+    pod_monitor = clean(render_set("s3").one("PodMonitor"))
     jsonschema.validate(pod_monitor, monitor_schema("PodMonitor"))
     broken = copy.deepcopy(pod_monitor)
     broken["spec"]["podMetricsEndpoints"][0]["interval"] = "fifteen seconds"

@@ -159,7 +159,7 @@ def test_gpu_capacity_covers_generator_max_replicas(value_set):
     ({"faceWorker": {"minReplicas": 5}}, "faceWorker.minReplicas (5) is greater than"),
     ({"generatorWorker": {"replicas": 9}}, "generatorWorker.replicas (9) must lie between"),
     ({"serve": {"deployments": {"FaceAnalyzer": {"autoscaling_config": {"min_replicas": 9}}}}}, "FaceAnalyzer.autoscaling_config.min_replicas"),
-    ({"monitoring": {"serviceMonitor": {"enabled": True}}}, "scrape the same pods twice"),
+    ({"monitoring": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}, "scrape the same pods twice"),
     ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
     ({"serve": {"proxyLocation": "HeadOnly"}}, "excludeHeadPodFromServeSvc must be false"),
     ({"modelCache": {"persistence": {"enabled": False}}}, "app.identity_store \"/models/identities\" is not shared"),

@@ -109,6 +109,20 @@ ray.io/is-ray-node: "yes"
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) -}}
 {{- end -}}
 
+{{/*
+Metrics ports of the Ray pods, one place for the pods, the PodMonitor, the metrics Service and the ServiceMonitor:
+{"name": port}. "metrics": the app's instantid_*, Serve's ray_serve_* and Ray's own (every pod); "as-metrics"
+and "dash-metrics": the autoscaler and the dashboard (head only); "haproxy-metrics": Ray's HAProxy ingress
+exporter (every pod, with serve.httpIngress haproxy; RAY_SERVE_HAPROXY_METRICS_PORT's default).
+*/}}
+{{- define "instantid.metricsPorts" -}}
+{{- $ports := dict "metrics" 8080 "as-metrics" 44217 "dash-metrics" 44227 -}}
+{{- if eq .Values.serve.httpIngress "haproxy" -}}
+{{- $_ := set $ports "haproxy-metrics" 9101 -}}
+{{- end -}}
+{{- toJson $ports -}}
+{{- end -}}
+
 {{/* Switches derived from values. */}}
 {{- define "instantid.hfTokenEnabled" -}}
 {{- if or .Values.huggingface.existingSecret .Values.huggingface.token -}}true{{- end -}}
