@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -43,23 +44,30 @@ def _fake_ray(tmp_path):
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOSTNAME": "face-pod-1"}
 
 
+def _fake_proc(tmp_path, script: str) -> tuple[str, "Path"]:
+    """The script pointed at a private /proc (the test machine's own may hold other Ray clusters' replicas),
+    holding the preStop shell itself: its command line quotes the pattern and must not count as a replica."""
+    proc = tmp_path / "proc"
+    (proc / "100").mkdir(parents=True)
+    (proc / "100" / "cmdline").write_text("/bin/sh\0-c\0" + script)
+    return script.replace("/proc/", f"{proc}/"), proc
+
+
 def test_prestop_drains_then_waits_for_the_replicas_to_leave(tmp_path):
-    script = prestop(render_set("default").group("face")["template"])
-    env = _fake_ray(tmp_path)
-    replica = subprocess.Popen(["bash", "-c", "exec -a ray::ServeReplica:instantid:Ingress sleep 3"])
-    try:
-        started = time.monotonic()
-        subprocess.run(["/bin/sh", "-c", script], env=env, check=True, timeout=60)
-        waited = time.monotonic() - started
-    finally:
-        replica.kill()
-    assert 2.0 <= waited < 20, f"preStop returned after {waited:.1f}s; the replica lived 3s"
+    script, proc = _fake_proc(tmp_path, prestop(render_set("default").group("face")["template"]))
+    (proc / "200").mkdir()
+    (proc / "200" / "cmdline").write_text("ray::ServeReplica:instantid:Ingress\0")
+    threading.Timer(3.0, lambda: (proc / "200" / "cmdline").unlink()).start()  # the replica leaves after 3 s
+    started = time.monotonic()
+    subprocess.run(["/bin/sh", "-c", script], env=_fake_ray(tmp_path), check=True, timeout=60)
+    waited = time.monotonic() - started
+    assert 2.5 <= waited < 20, f"preStop returned after {waited:.1f}s; the replica lived 3s"
     args = (tmp_path / "drain-args").read_text()
     assert "drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in args and "face-pod-1" in args
 
 
 def test_prestop_returns_at_once_without_replicas(tmp_path):
-    script = prestop(render_set("default").group("generator")["template"])
+    script, _ = _fake_proc(tmp_path, prestop(render_set("default").group("generator")["template"]))
     started = time.monotonic()
     subprocess.run(["/bin/sh", "-c", script], env=_fake_ray(tmp_path), check=True, timeout=60)
     assert time.monotonic() - started < 5, "its own command line must not count as a replica"

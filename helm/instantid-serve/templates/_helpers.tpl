@@ -71,7 +71,16 @@ app.kubernetes.io/part-of: instantid-serve
 ray.io/is-ray-node: "yes"
 {{- end -}}
 
-{{/* Object names. */}}
+{{/* Object names. The workers' ServiceAccount (no API token mounted) and the head's (KubeRay binds the
+autoscaler's pod-patching Role to it). */}}
+{{- define "instantid.headServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-head" (include "instantid.fullname" .)) .Values.serviceAccount.headName -}}
+{{- else -}}
+{{- default (include "instantid.serviceAccountName" .) .Values.serviceAccount.headName -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "instantid.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "instantid.fullname" .) .Values.serviceAccount.name -}}
@@ -138,11 +147,33 @@ exporter (every pod, with serve.httpIngress haproxy; RAY_SERVE_HAPROXY_METRICS_P
 {{- end -}}
 
 {{/*
-Environment of every Ray container: the Serve HTTP ingress, model cache locations, hub/S3 credentials,
-API-key hashes.
+Secrets a component reads, as files (a mounted Secret is updated in place when it changes, so the app picks up a
+rotation without a restart; an env var is fixed for the life of the process). Only where used: API-key hashes
+on the face group (the Ingress replicas), the Hugging Face token where weights are downloaded (face, generator,
+the warm-up). Call with: dict "root" $ "component" <head|face|generator|warmup>; returns a JSON list of
+{volume, secret, key, dir, file, env}: env names the variable that carries the file's path.
+*/}}
+{{- define "instantid.secretFiles" -}}
+{{- $root := .root -}}
+{{- $files := list -}}
+{{- if and (eq .component "face") $root.Values.app.auth.enabled -}}
+{{- $files = append $files (dict "volume" "api-keys" "secret" (include "instantid.apiKeysSecretName" $root) "key" $root.Values.apiKeys.existingSecretKey "dir" "/etc/instantid/api-keys" "file" "hashes" "env" "INSTANTID_API_KEY_HASHES_FILE") -}}
+{{- end -}}
+{{- if and (has .component (list "face" "generator" "warmup")) (include "instantid.hfTokenEnabled" $root) -}}
+{{- $files = append $files (dict "volume" "hf-token" "secret" (include "instantid.hfSecretName" $root) "key" $root.Values.huggingface.existingSecretKey "dir" "/etc/instantid/hf" "file" "token" "env" "HF_TOKEN_PATH") -}}
+{{- end -}}
+{{- toJson $files -}}
+{{- end -}}
+
+{{/*
+Environment of a Ray container (or the warm-up): the Serve HTTP ingress, model cache locations, hub/S3
+settings, the paths of its secret files and, where weights are read from S3 (face, generator, warm-up), static
+S3 credentials if configured (prefer IRSA/workload identity: nothing to leak or rotate).
+Call with: dict "root" $ "component" <head|face|generator|warmup>.
 */}}
 {{- define "instantid.env" -}}
-{{- $mount := trimSuffix "/" .Values.modelCache.mountPath -}}
+{{- $root := .root -}}
+{{- $mount := trimSuffix "/" $root.Values.modelCache.mountPath -}}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" $mount | quote }}
 - name: INSTANTID_CACHE
@@ -151,52 +182,42 @@ API-key hashes.
   value: {{ printf "%s/insightface" $mount | quote }}
 - name: HF_HUB_DISABLE_TELEMETRY
   value: "1"
-{{- if eq .Values.serve.httpIngress "haproxy" }}
+{{- if eq $root.Values.serve.httpIngress "haproxy" }}
 {{- /* the same as deployments.ray_env.CLUSTER_ENV (a test keeps them equal) */}}
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
 {{- end }}
-{{- if .Values.huggingface.offline }}
+{{- if $root.Values.huggingface.offline }}
 - name: HF_HUB_OFFLINE
   value: "1"
 {{- end }}
-{{- if include "instantid.hfTokenEnabled" . }}
-- name: HF_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "instantid.hfSecretName" . }}
-      key: {{ .Values.huggingface.existingSecretKey }}
+{{- range $f := include "instantid.secretFiles" . | fromJsonArray }}
+- name: {{ $f.env }}
+  value: {{ printf "%s/%s" $f.dir $f.file | quote }}
 {{- end }}
-{{- with .Values.aws.region }}
+{{- with $root.Values.aws.region }}
 - name: AWS_REGION
   value: {{ . | quote }}
 - name: AWS_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
-{{- with .Values.aws.endpointUrl }}
+{{- with $root.Values.aws.endpointUrl }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
-{{- if include "instantid.awsCredentialsEnabled" . }}
+{{- if and (has .component (list "face" "generator" "warmup")) (include "instantid.awsCredentialsEnabled" $root) }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
-      name: {{ include "instantid.awsSecretName" . }}
-      key: {{ .Values.aws.accessKeyIdKey }}
+      name: {{ include "instantid.awsSecretName" $root }}
+      key: {{ $root.Values.aws.accessKeyIdKey }}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "instantid.awsSecretName" . }}
-      key: {{ .Values.aws.secretAccessKeyKey }}
+      name: {{ include "instantid.awsSecretName" $root }}
+      key: {{ $root.Values.aws.secretAccessKeyKey }}
 {{- end }}
-{{- if .Values.app.auth.enabled }}
-- name: INSTANTID_API_KEY_HASHES
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "instantid.apiKeysSecretName" . }}
-      key: {{ .Values.apiKeys.existingSecretKey }}
-{{- end }}
-{{- with .Values.env }}
+{{- with $root.Values.env }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}

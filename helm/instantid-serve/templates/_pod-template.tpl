@@ -8,6 +8,7 @@ Call with: dict "root" $ "group" <group values> "component" <label> "containerNa
 {{- define "instantid.podTemplate" -}}
 {{- $root := .root -}}
 {{- $g := .group -}}
+{{- $secretFiles := include "instantid.secretFiles" (dict "root" $root "component" .component) | fromJsonArray -}}
 metadata:
   labels:
     {{- include "instantid.podLabels" $root | nindent 4 }}
@@ -20,7 +21,13 @@ metadata:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
+  {{- if eq .component "head" }}
+  serviceAccountName: {{ include "instantid.headServiceAccountName" $root }}
+  {{- else }}
   serviceAccountName: {{ include "instantid.serviceAccountName" $root }}
+  # Workers never call the Kubernetes API (IRSA and workload identity work without this token).
+  automountServiceAccountToken: false
+  {{- end }}
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -54,7 +61,7 @@ spec:
       ports:
         {{- toYaml .ports | nindent 8 }}
       env:
-        {{- include "instantid.env" $root | nindent 8 }}
+        {{- include "instantid.env" (dict "root" $root "component" .component) | nindent 8 }}
         {{- with $g.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -84,6 +91,11 @@ spec:
           mountPath: /dev/shm
         - name: ray-tmp
           mountPath: /tmp/ray
+        {{- range $secretFiles }}
+        - name: {{ .volume }}
+          mountPath: {{ .dir }}
+          readOnly: true
+        {{- end }}
   volumes:
     - name: model-cache
       {{- if $root.Values.modelCache.persistence.enabled }}
@@ -100,6 +112,15 @@ spec:
     - name: ray-tmp
       emptyDir:
         sizeLimit: {{ $g.rayTmpSize }}
+    {{- range $secretFiles }}
+    - name: {{ .volume }}
+      secret:
+        secretName: {{ .secret }}
+        defaultMode: 0440
+        items:
+          - key: {{ .key }}
+            path: {{ .file }}
+    {{- end }}
 {{- end -}}
 
 {{/* rayStartParams as a YAML map whose values are all strings (the CRD's type). */}}
