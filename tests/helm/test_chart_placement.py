@@ -255,3 +255,20 @@ def test_default_pods_fit_the_suggested_nodes():
         assert cpu <= free_cpu - DAEMONSETS[0], f"{group}: {cpu} CPU on a {cpus} vCPU node ({free_cpu:.2f} allocatable)"
         assert mem <= free_mem - DAEMONSETS[1], f"{group}: {mem} GiB on a {gib} GiB node ({free_mem:.2f} allocatable)"
 
+
+
+def test_gcs_fault_tolerance_value_set():
+    """The head is not a single point of failure: external Redis for the GCS, head on on-demand capacity with a
+    priority class, two warm GPU pods with a budget (KubeRay's rules: kuberay_rules.py runs on this set too)."""
+    rendered = render_set("ha")
+    options = rendered.cluster["gcsFaultToleranceOptions"]
+    assert options["redisAddress"].endswith(":6379")
+    assert options["redisPassword"] == {"valueFrom": {"secretKeyRef": {"name": "instantid-redis", "key": "password"}}}
+    assert "externalStorageNamespace" not in options  # KubeRay picks one per RayCluster (blue/green safe)
+    head = rendered.head["template"]["spec"]
+    assert head["priorityClassName"] == "instantid-serving"
+    assert head["nodeSelector"] == {"karpenter.sh/capacity-type": "on-demand"}
+    env = {e["name"] for e in head["containers"][0]["env"]}
+    assert not env & {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD"}, "KubeRay sets these from the options"
+    assert "gcsFaultToleranceOptions" not in render_set("default").cluster
+    assert "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress" in render_error({"gcsFaultTolerance": {"enabled": True}})

@@ -324,6 +324,9 @@ RayService and the operator would then refuse to reconcile it, saying so only in
 {{- fail (printf "serve.deployments.%s.ray_actor_options.accelerator_type (%s) would ask Ray for an accelerator_type resource that KubeRay's autoscaler does not advertise for a worker group, so replicas beyond the first pod would never be scheduled: pin the GPU type with generatorWorker.nodeSelector (e.g. cloud.google.com/gke-accelerator: nvidia-l4 or karpenter.k8s.aws/instance-gpu-name: l4) instead" $name .) -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.gcsFaultTolerance.enabled (not .Values.gcsFaultTolerance.redisAddress) -}}
+{{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of a highly available Redis)" -}}
+{{- end -}}
 {{- if .Values.podDisruptionBudget.enabled -}}
 {{- range $component, $key := dict "face" "faceWorker" "generator" "generatorWorker" -}}
 {{- $min := (index $.Values.podDisruptionBudget $component).minAvailable -}}
