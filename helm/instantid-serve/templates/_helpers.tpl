@@ -187,7 +187,7 @@ Call with: dict "root" $ "component" <head|face|generator|warmup>.
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
 {{- end }}
-{{- if $root.Values.huggingface.offline }}
+{{- if and $root.Values.huggingface.offline (ne .component "warmup") }}
 - name: HF_HUB_OFFLINE
   value: "1"
 {{- end }}
@@ -324,6 +324,9 @@ RayService and the operator would then refuse to reconcile it, saying so only in
 {{- fail (printf "serve.deployments.%s.ray_actor_options.accelerator_type (%s) would ask Ray for an accelerator_type resource that KubeRay's autoscaler does not advertise for a worker group, so replicas beyond the first pod would never be scheduled: pin the GPU type with generatorWorker.nodeSelector (e.g. cloud.google.com/gke-accelerator: nvidia-l4 or karpenter.k8s.aws/instance-gpu-name: l4) instead" $name .) -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.modelCache.warmup.enabled (not .Values.modelCache.persistence.enabled) -}}
+{{- fail "modelCache.warmup.enabled needs modelCache.persistence.enabled: the warm-up fills the shared cache, and per-pod caches share nothing" -}}
+{{- end -}}
 {{- if and .Values.gcsFaultTolerance.enabled (not .Values.gcsFaultTolerance.redisAddress) -}}
 {{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of a highly available Redis)" -}}
 {{- end -}}
@@ -341,4 +344,17 @@ RayService and the operator would then refuse to reconcile it, saying so only in
 {{- if and $p.enabled (not $p.existingClaim) (has "ReadWriteMany" $p.accessModes) (not $p.storageClassName) -}}
 {{- fail "modelCache.persistence.storageClassName is empty: the cluster's default class (EBS on EKS, Persistent Disk on GKE) cannot do ReadWriteMany, so the model cache would stay Pending and every Ray pod with it. Set a ReadWriteMany class (EKS: an EFS class such as efs-sc; GKE: Filestore standard-rwx; AKS: azurefile-csi), or modelCache.persistence.existingClaim, or modelCache.persistence.enabled=false with an s3:// app.identity_store (per-pod caches); see docs/deploy.md 1.5" -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The model-cache warm-up: `instantid download` once per base model of app.models (with the InstantID weights and
+the face pack, cached after the first), in the dtype the GPU serves (app.dtype "auto" is float16 on CUDA).
+*/}}
+{{- define "instantid.warmupCommand" -}}
+{{- $dtype := ternary "float16" .Values.app.dtype (eq .Values.app.dtype "auto") -}}
+{{- $steps := list "set -e" -}}
+{{- range .Values.app.models -}}
+{{- $steps = append $steps (printf "instantid download --base-model %s --weights %s --face-model %s --dtype %s" (squote .base_model) (squote $.Values.app.instantid) (squote $.Values.app.face_model) $dtype) -}}
+{{- end -}}
+{{- join "; " $steps -}}
 {{- end -}}

@@ -54,6 +54,30 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- if and (eq .component "head") $root.Values.modelCache.warmup.enabled }}
+  {{- $warmupFiles := include "instantid.secretFiles" (dict "root" $root "component" "warmup") | fromJsonArray }}
+  initContainers:
+    - name: model-cache-warmup
+      image: {{ include "instantid.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      command: ["/bin/sh", "-c", {{ include "instantid.warmupCommand" $root | quote }}]
+      env:
+        {{- include "instantid.env" (dict "root" $root "component" "warmup") | nindent 8 }}
+      resources:
+        {{- toYaml $root.Values.modelCache.warmup.resources | nindent 8 }}
+      {{- with $root.Values.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: model-cache
+          mountPath: {{ $root.Values.modelCache.mountPath }}
+        {{- range $warmupFiles }}
+        - name: {{ .volume }}
+          mountPath: {{ .dir }}
+          readOnly: true
+        {{- end }}
+  {{- end }}
   containers:
     - name: {{ .containerName }}
       image: {{ include "instantid.image" $root }}
@@ -112,7 +136,11 @@ spec:
     - name: ray-tmp
       emptyDir:
         sizeLimit: {{ $g.rayTmpSize }}
-    {{- range $secretFiles }}
+    {{- $volumeFiles := $secretFiles }}
+    {{- if and (eq .component "head") $root.Values.modelCache.warmup.enabled }}
+    {{- $volumeFiles = concat $volumeFiles (include "instantid.secretFiles" (dict "root" $root "component" "warmup") | fromJsonArray) }}
+    {{- end }}
+    {{- range $volumeFiles }}
     - name: {{ .volume }}
       secret:
         secretName: {{ .secret }}
