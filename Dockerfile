@@ -34,8 +34,9 @@ FROM ${BASE_IMAGE}
 ARG RAY_VERSION
 # CUDA build of torch; match it to the CUDA of the base image and to the GPU nodes' driver.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-# Empty: the newest torch on that index that satisfies pyproject.toml (torch>=2.4); set to pin, e.g. 2.9.1.
-ARG TORCH_VERSION=""
+# Pinned: the torch the test suite runs (scripts/test); an unpinned build would take whatever is newest on the
+# index that day, so two builds of one commit could differ. Change both together.
+ARG TORCH_VERSION=2.13.0
 
 LABEL org.opencontainers.image.title="instantid-serve" \
       org.opencontainers.image.description="InstantID identity-preserving generation on Ray Serve" \
@@ -59,20 +60,23 @@ ENV HF_HOME=/models/huggingface \
 
 # 1) torch from the CUDA index first, so the project's `torch>=2.4` is already satisfied by the CUDA build
 #    (PyPI would otherwise be free to pick its default wheel).
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch${TORCH_VERSION:+==${TORCH_VERSION}}"
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-# 2) The project (its wheel, by path: never a same-named package from an index) with its serve and GPU
-#    extras. Ray stays at the base image's version (pinned twice: here and by the serve extra).
-#    onnxruntime (CPU, a base dependency) and onnxruntime-gpu (the gpu extra) install the same module and
-#    overwrite each other; only the GPU build is kept, which also runs on the CPU face workers (CPU provider).
+# 2) The project (its wheel, by path: never a same-named package from an index) with its serve extra. Ray
+#    stays at the base image's version (pinned twice: here and by the serve extra).
+#    No onnxruntime-gpu: face analysis runs on the CPU face group with onnxruntime's CPU provider
+#    (deployments/face_analyzer.py), so the GPU build would only add weight.
+#    insightface pulls in the GUI OpenCV build (Qt/X11/libGL, absent here): use-headless-opencv keeps only the
+#    headless one and fails if cv2 still links a GUI library. The smoke step imports what the replicas import.
 COPY --from=wheels --chown=ray:users /home/ray/wheels /tmp/wheels
+COPY --chown=ray:users scripts/use-headless-opencv /tmp/use-headless-opencv
 RUN pip install --no-cache-dir --find-links /tmp/wheels \
-      "$(echo /tmp/wheels/instantid_serve-*.whl)[serve,gpu]" "ray[serve]==${RAY_VERSION}" \
- && ORT_GPU="$(python -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')" \
- && pip uninstall -y onnxruntime \
- && pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu==${ORT_GPU}" \
- && rm -rf /tmp/wheels \
- && python -c "import deployments.config, instantid, onnxruntime, torch, ray; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+      "$(echo /tmp/wheels/instantid_serve-*.whl)[serve]" "ray[serve]==${RAY_VERSION}" \
+ && sh /tmp/use-headless-opencv python \
+ && rm -rf /tmp/wheels /tmp/use-headless-opencv \
+ && python -c "import cv2, insightface, deployments.config, deployments.app, instantid, onnxruntime, torch, ray; \
+assert ray.__version__ == '${RAY_VERSION}', ray.__version__; \
+assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 
 # Serve configs (serve/*.yaml) for `serve run` / `serve deploy` outside Kubernetes.
 WORKDIR /home/ray/app

@@ -48,7 +48,8 @@ class AuthConfig(_Strict):
     enabled: bool = Field(False, description="Require 'Authorization: Bearer <key>' on /v1 routes.")
     key_hashes_env: str = Field(
         "INSTANTID_API_KEY_HASHES",
-        description="Env var holding comma-separated 'name:sha256hex' entries (mounted from a secret).",
+        description="Env var holding comma-separated 'name:sha256hex' entries; when <name>_FILE is set, that file "
+        "is read instead and re-read so rotations reach running replicas (a mounted secret).",
     )
     rate_per_s: float = Field(2.0, gt=0, description="Token-bucket refill per API key.")
     burst: int = Field(10, ge=1, description="Token-bucket size per API key.")

@@ -38,6 +38,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from . import metrics
+from .api_keys import KeyHashSource
 from .config import AppArgs
 from .errors import (ServiceError, from_exception, install_handlers, json_response, storage_unavailable,
                      validation_error)
@@ -79,22 +80,15 @@ class Ctx:
 
 # -- auth --------------------------------------------------------------------------------------------
 class Authenticator:
-    """Bearer API keys, checked against sha256 hashes from an env var ('name:sha256hex,...')."""
+    """Bearer API keys, checked against sha256 hashes ('name:sha256hex,...') from an env var or the file that
+    <env var>_FILE names, re-read so that a rotated Secret reaches running replicas (deployments/api_keys.py)."""
 
     def __init__(self, env_var: str):
-        self.hashes: dict[str, str] = {}
-        for entry in (os.environ.get(env_var) or "").split(","):
-            entry = entry.strip()
-            if not entry:
-                continue
-            name, sep, digest = entry.rpartition(":")
-            digest = digest.strip().lower()
-            if not sep or not name or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                log.warning("ignoring a malformed API key entry in %s (expected name:sha256hex)", env_var)
-                continue
-            self.hashes[digest] = name.strip()
-        if not self.hashes:
-            log.warning("auth is enabled but %s holds no API keys: every /v1 call is refused", env_var)
+        self.source = KeyHashSource(env_var)
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        return self.source.current()
 
     def check(self, authorization: str | None) -> str:
         scheme, _, token = (authorization or "").partition(" ")

@@ -57,12 +57,57 @@ def test_runs_as_non_root():
     assert spec["securityContext"]["runAsUser"] == 1000 and spec["securityContext"]["runAsNonRoot"] is True
 
 
-def test_installs_the_project_with_gpu_extras_and_cuda_torch():
+def test_installs_the_project_with_cuda_torch_pinned_like_the_tests():
     runs = " ".join(rest for word, rest in instructions() if word == "RUN")
-    assert "[serve,gpu]" in runs
-    assert re.search(r"--index-url \"\$\{TORCH_INDEX_URL\}\" \"torch", runs)
+    assert "[serve]" in runs and "[serve,gpu]" not in runs, "no onnxruntime-gpu: face analysis runs on CPU pods"
+    assert "onnxruntime-gpu" not in runs
+    assert re.search(r"--index-url \"\$\{TORCH_INDEX_URL\}\" \"torch==\$\{TORCH_VERSION\}\"", runs)
     assert arg_default("TORCH_INDEX_URL").startswith("https://download.pytorch.org/whl/cu")
+    tested = re.search(r"pip install --quiet torch==([0-9.]+)", (REPO / "scripts" / "test").read_text()).group(1)
+    assert arg_default("TORCH_VERSION") == tested, "the image's torch is the one the test suite runs"
     assert 'ray[serve]==${RAY_VERSION}' in runs
+
+
+def test_image_keeps_only_headless_opencv_and_smoke_imports_it():
+    """insightface requires the GUI opencv-python (libGL, absent from Ray images): the image replaces it and the
+    smoke step imports cv2 and insightface, so a broken cv2 fails the build, not the replicas."""
+    runs = [rest for word, rest in instructions() if word == "RUN"]
+    install = next(r for r in runs if "instantid_serve-*.whl" in r)
+    assert install.index("sh /tmp/use-headless-opencv python") > install.index("pip install")
+    smoke = install[install.index("python -c"):]
+    for module in ("cv2", "insightface", "deployments.app", "onnxruntime", "torch", "ray"):
+        assert re.search(rf"import [^;]*\b{re.escape(module)}\b", smoke), module
+    copies = [rest for word, rest in instructions() if word == "COPY"]
+    assert any("scripts/use-headless-opencv" in c for c in copies)
+
+
+def test_installed_cv2_is_the_headless_build():
+    """What the tests (and the image, through the same script) run: no GUI OpenCV, no GUI libraries linked."""
+    import glob
+    import importlib.metadata as metadata
+    import os
+    import shutil
+    import subprocess
+
+    import cv2
+
+    installed = {d.metadata["Name"].lower() for d in metadata.distributions()}
+    assert "opencv-python-headless" in installed
+    assert "opencv-python" not in installed, "run scripts/use-headless-opencv"
+    (extension,) = glob.glob(os.path.join(os.path.dirname(cv2.__file__), "cv2*.so"))
+    if shutil.which("ldd"):
+        linked = subprocess.run(["ldd", extension], capture_output=True, text=True, check=True).stdout
+        assert not re.search(r"libGL|libgtk|libQt|libX11", linked, re.I), linked
+    import insightface  # noqa: F401  (imports cv2 itself)
+
+
+def test_every_install_path_keeps_headless_opencv():
+    readme = (REPO / "README.md").read_text()
+    assert "scripts/use-headless-opencv .venv/bin/python" in readme
+    assert "scripts/use-headless-opencv .venv/bin/python" in (REPO / "scripts" / "test").read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("opencv-python-headless") for d in project)
+    assert not any(re.match(r"opencv-python(?!-headless)", d) for d in project)
 
 
 def test_model_cache_paths_match_the_chart():

@@ -26,3 +26,13 @@ def test_docs_cover_the_journey():
     for path in CI_DIR.glob("*-values.yaml"):
         assert path.name.removesuffix("-values.yaml") in DOC, path.name
     assert "helm/render_k8s.py" in DOC and "kubectl apply -k" in DOC
+
+
+def test_upgrade_table_does_not_promise_no_downtime_for_app_args():
+    """Changing app.* restarts every replica in place; with one Generator that is a generation outage."""
+    rows = [line for line in DOC.splitlines() if line.startswith("| `app.*` args")]
+    assert len(rows) == 1, "the upgrade table lost its app.* row"
+    row = rows[0]
+    assert "restarts the replicas" in row and "yes" in row.split("|")[3]
+    defaults = render_set("default")
+    assert defaults.deployment("Generator")["autoscaling_config"]["min_replicas"] == 1 and "min 1" in row

@@ -23,7 +23,8 @@ def test_kustomization_lists_every_manifest():
         docs = [d for d in yaml.safe_load_all((K8S_DIR / name).read_text()) if d]
         assert docs, name
         kinds |= {d["kind"] for d in docs}
-    assert {"RayService", "PodMonitor", "ConfigMap"} <= kinds
+    assert {"RayService", "ConfigMap", "PodDisruptionBudget"} <= kinds
+    assert "PodMonitor" not in kinds, "opt-in: plain manifests must apply on clusters without the Prometheus operator"
     assert "Pod" not in kinds, "helm test hooks stay out of the plain manifests"
 
 
@@ -34,9 +35,9 @@ def test_check_mode_detects_drift(tmp_path):
     assert render_k8s.differences(tmp_path) == []
     (tmp_path / "rayservice.yaml").write_text((tmp_path / "rayservice.yaml").read_text().replace("maxReplicas: 4", "maxReplicas: 5"))
     (tmp_path / "extra.yaml").write_text("kind: ConfigMap\n")
-    (tmp_path / "podmonitor.yaml").unlink()
+    (tmp_path / "poddisruptionbudget.yaml").unlink()
     assert render_k8s.differences(tmp_path) == [
-        "missing: k8s/podmonitor.yaml",
+        "missing: k8s/poddisruptionbudget.yaml",
         "not rendered by the chart: k8s/extra.yaml",
         "stale: k8s/rayservice.yaml",
     ]

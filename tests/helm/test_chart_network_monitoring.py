@@ -49,7 +49,7 @@ def test_ingress_points_at_the_serve_service():
 
 
 def test_pod_monitor_selects_every_ray_pod():
-    rendered = render_set("default")
+    rendered = render_set("s3")
     monitor = rendered.one("PodMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector["ray.io/is-ray-node"] == "yes"  # set by KubeRay on every Ray pod
@@ -60,12 +60,37 @@ def test_pod_monitor_selects_every_ray_pod():
         assert labels_match(selector, labels), group
         all_ports |= container_ports(template)
     endpoints = monitor["spec"]["podMetricsEndpoints"]
-    assert {e["port"] for e in endpoints} == {"metrics", "as-metrics", "dash-metrics"} <= all_ports
+    assert {e["port"] for e in endpoints} == {"metrics", "as-metrics", "dash-metrics", "haproxy-metrics"} <= all_ports
     assert all(e["interval"] == "15s" for e in endpoints)
 
 
+def test_pod_monitor_is_opt_in():
+    """Without the Prometheus operator's CRDs a PodMonitor fails the whole install: off unless asked for."""
+    assert render_set("default").of_kind("PodMonitor") == []
+    assert render({"monitoring": {"podMonitor": {"enabled": True}}}).one("PodMonitor")
+
+
+def test_haproxy_exporter_is_declared_and_scraped(value_set):
+    """Ray's HAProxy ingress exports Prometheus metrics on 9101 (RAY_SERVE_HAPROXY_METRICS_PORT) on every pod
+    that runs a proxy; the pods declare it and whichever monitor is on scrapes it."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT
+
+    rendered = render_set(value_set)
+    values = effective_values(value_set)
+    haproxy = values["serve"]["httpIngress"] == "haproxy"
+    for group, template in rendered.pod_templates().items():
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert (ports.get("haproxy-metrics") == RAY_SERVE_HAPROXY_METRICS_PORT) is haproxy, group
+    for monitor in rendered.of_kind("PodMonitor"):
+        assert ("haproxy-metrics" in {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}) is haproxy
+    for monitor in rendered.of_kind("ServiceMonitor"):
+        assert ("haproxy-metrics" in {e["port"] for e in monitor["spec"]["endpoints"]}) is haproxy
+    proxy = render({"serve": {"httpIngress": "proxy"}})
+    assert all("haproxy-metrics" not in container_ports(t) for t in proxy.pod_templates().values())
+
+
 def test_pod_monitor_labels_for_prometheus_selector():
-    monitor = render({"monitoring": {"podMonitor": {"labels": {"release": "kps"}}}}).one("PodMonitor")
+    monitor = render({"monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "kps"}}}}).one("PodMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kps"
 
 
@@ -77,6 +102,7 @@ def test_service_monitor_alternative():
     assert len(services) == 1
     service = services[0]
     assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True, "starting or failing pods must still be scraped"
     assert {p["name"] for p in service["spec"]["ports"]} == {e["port"] for e in monitor["spec"]["endpoints"]}
     for group, template in rendered.pod_templates().items():
         labels = {**template["metadata"]["labels"], "ray.io/is-ray-node": "yes"}
@@ -142,13 +168,75 @@ def test_dashboard_is_well_formed():
             assert 0 <= panel["gridPos"]["x"] and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
 
 
-def test_pod_disruption_budget_covers_all_ray_pods():
+def test_pod_disruption_budgets_allow_drains(value_set):
+    """Ray pods are owned by a RayCluster (no scale subresource): only an integer minAvailable works there (with
+    maxUnavailable or a percentage the disruption controller allows 0 evictions). Each budget covers one worker
+    group and leaves at least one pod evictable at the group's minimum size."""
+    rendered = render_set(value_set)
+    values = effective_values(value_set)
+    groups = {values[k]["groupName"]: values[k] for k in ("faceWorker", "generatorWorker")}
+    templates = rendered.pod_templates()
+    for pdb in rendered.of_kind("PodDisruptionBudget"):
+        spec = pdb["spec"]
+        assert set(spec) == {"minAvailable", "selector"}, spec
+        assert isinstance(spec["minAvailable"], int) and spec["minAvailable"] >= 1
+        selector = spec["selector"]["matchLabels"]
+        covered = [g for g, t in templates.items()
+                   if labels_match(selector, {**t["metadata"]["labels"], "ray.io/is-ray-node": "yes", "ray.io/group": g})]
+        assert len(covered) == 1 and covered[0] in groups, covered
+        assert spec["minAvailable"] < groups[covered[0]]["minReplicas"], "a drain could never evict a pod of this group"
+
+
+def test_default_budget_keeps_one_face_pod_and_leaves_the_head_to_annotations():
     rendered = render_set("default")
-    pdb = rendered.one("PodDisruptionBudget")
-    assert pdb["spec"]["maxUnavailable"] == 1
-    for group, template in rendered.pod_templates().items():
-        labels = {**template["metadata"]["labels"], "ray.io/is-ray-node": "yes"}
-        assert labels_match(pdb["spec"]["selector"]["matchLabels"], labels), group
+    pdbs = {p["metadata"]["name"]: p["spec"] for p in rendered.of_kind("PodDisruptionBudget")}
+    assert pdbs == {"instantid-serve-face": {"minAvailable": 1, "selector": {"matchLabels": {
+        "app.kubernetes.io/instance": "instantid-serve", "app.kubernetes.io/part-of": "instantid-serve",
+        "ray.io/is-ray-node": "yes", "ray.io/group": "face"}}}}
+    annotations = rendered.head["template"]["metadata"]["annotations"]
+    assert annotations["karpenter.sh/do-not-disrupt"] == "true"
+    assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    gpu = render({"podDisruptionBudget": {"generator": {"minAvailable": 1}},
+                  "generatorWorker": {"minReplicas": 2, "replicas": 2},
+                  "serve": {"deployments": {"Generator": {"autoscaling_config": {"min_replicas": 2}}}}})
+    assert {p["metadata"]["name"] for p in gpu.of_kind("PodDisruptionBudget")} == {"instantid-serve-face", "instantid-serve-generator"}
+
+
+def test_budgets_that_would_hang_drains_fail_at_render():
+    from chart_helpers import render_error
+
+    assert "podDisruptionBudget.face.minAvailable (2) must be less than faceWorker.minReplicas (2)" in render_error(
+        {"podDisruptionBudget": {"face": {"minAvailable": 2}}})
+    assert "podDisruptionBudget.generator.minAvailable (1) must be less than generatorWorker.minReplicas (1)" in render_error(
+        {"podDisruptionBudget": {"generator": {"minAvailable": 1}}})
+    assert "/podDisruptionBudget/face/minAvailable" in render_error({"podDisruptionBudget": {"face": {"minAvailable": "50%"}}})
+    assert "/podDisruptionBudget" in render_error({"podDisruptionBudget": {"maxUnavailable": 1}})
+
+
+def test_http_path_survives_losing_a_face_pod(value_set):
+    """Both Ingress replicas live on the face group: production value sets keep two face pods, spread over nodes."""
+    rendered = render_set(value_set)
+    values = effective_values(value_set)
+    assert values["faceWorker"]["minReplicas"] >= 2
+    for name in ("Ingress", "FaceAnalyzer"):
+        assert rendered.deployment(name)["autoscaling_config"]["min_replicas"] >= 2, name
+    affinity = rendered.group(values["faceWorker"]["groupName"])["template"]["spec"]["affinity"]
+    if not values["faceWorker"].get("affinity"):
+        term = affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        face_labels = rendered.group(values["faceWorker"]["groupName"])["template"]["metadata"]["labels"]
+        assert labels_match(term["labelSelector"]["matchLabels"], face_labels)
+        generator_labels = rendered.group(values["generatorWorker"]["groupName"])["template"]["metadata"]["labels"]
+        assert not labels_match(term["labelSelector"]["matchLabels"], generator_labels)
+
+
+def test_face_spread_modes():
+    required = render({"faceWorker": {"spreadAcrossNodes": "required"}}).group("face")["template"]["spec"]["affinity"]
+    assert list(required["podAntiAffinity"]) == ["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert "affinity" not in render({"faceWorker": {"spreadAcrossNodes": "none"}}).group("face")["template"]["spec"]
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cpu"]}]}]}}}
+    assert render({"faceWorker": {"affinity": own}}).group("face")["template"]["spec"]["affinity"] == own
 
 
 def test_pods_keep_kuberays_name_label():
@@ -183,5 +271,5 @@ def test_chart_version_does_not_roll_the_ray_cluster():
         labels = template["metadata"]["labels"]
         assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
     # Rendering the same values twice gives the same cluster spec (nothing random or time-based).
-    again = render_k8s.render_chart({}, release="instantid-serve", namespace="ml")
+    again = render_k8s.render_chart(render_k8s.PLAIN_VALUES, release="instantid-serve", namespace="ml")
     assert again["instantid-serve/templates/rayservice.yaml"] == a.raw["instantid-serve/templates/rayservice.yaml"]

@@ -215,4 +215,5 @@ def test_schema_app_section_mirrors_appargs():
 
 def test_ci_value_sets_exist():
     names = {p.name for p in CI_DIR.glob("*-values.yaml")}
-    assert {"minimal-values.yaml", "s3-values.yaml", "no-monitoring-values.yaml", "scale-to-zero-values.yaml"} <= names
+    assert {"minimal-values.yaml", "s3-values.yaml", "no-monitoring-values.yaml", "scale-to-zero-values.yaml",
+            "ha-values.yaml"} <= names

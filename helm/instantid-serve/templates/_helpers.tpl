@@ -71,7 +71,16 @@ app.kubernetes.io/part-of: instantid-serve
 ray.io/is-ray-node: "yes"
 {{- end -}}
 
-{{/* Object names. */}}
+{{/* Object names. The workers' ServiceAccount (no API token mounted) and the head's (KubeRay binds the
+autoscaler's pod-patching Role to it). */}}
+{{- define "instantid.headServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-head" (include "instantid.fullname" .)) .Values.serviceAccount.headName -}}
+{{- else -}}
+{{- default (include "instantid.serviceAccountName" .) .Values.serviceAccount.headName -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "instantid.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "instantid.fullname" .) .Values.serviceAccount.name -}}
@@ -109,6 +118,20 @@ ray.io/is-ray-node: "yes"
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) -}}
 {{- end -}}
 
+{{/*
+Metrics ports of the Ray pods, one place for the pods, the PodMonitor, the metrics Service and the ServiceMonitor:
+{"name": port}. "metrics": the app's instantid_*, Serve's ray_serve_* and Ray's own (every pod); "as-metrics"
+and "dash-metrics": the autoscaler and the dashboard (head only); "haproxy-metrics": Ray's HAProxy ingress
+exporter (every pod, with serve.httpIngress haproxy; RAY_SERVE_HAPROXY_METRICS_PORT's default).
+*/}}
+{{- define "instantid.metricsPorts" -}}
+{{- $ports := dict "metrics" 8080 "as-metrics" 44217 "dash-metrics" 44227 -}}
+{{- if eq .Values.serve.httpIngress "haproxy" -}}
+{{- $_ := set $ports "haproxy-metrics" 9101 -}}
+{{- end -}}
+{{- toJson $ports -}}
+{{- end -}}
+
 {{/* Switches derived from values. */}}
 {{- define "instantid.hfTokenEnabled" -}}
 {{- if or .Values.huggingface.existingSecret .Values.huggingface.token -}}true{{- end -}}
@@ -124,11 +147,33 @@ ray.io/is-ray-node: "yes"
 {{- end -}}
 
 {{/*
-Environment of every Ray container: the Serve HTTP ingress, model cache locations, hub/S3 credentials,
-API-key hashes.
+Secrets a component reads, as files (a mounted Secret is updated in place when it changes, so the app picks up a
+rotation without a restart; an env var is fixed for the life of the process). Only where used: API-key hashes
+on the face group (the Ingress replicas), the Hugging Face token where weights are downloaded (face, generator,
+the warm-up). Call with: dict "root" $ "component" <head|face|generator|warmup>; returns a JSON list of
+{volume, secret, key, dir, file, env}: env names the variable that carries the file's path.
+*/}}
+{{- define "instantid.secretFiles" -}}
+{{- $root := .root -}}
+{{- $files := list -}}
+{{- if and (eq .component "face") $root.Values.app.auth.enabled -}}
+{{- $files = append $files (dict "volume" "api-keys" "secret" (include "instantid.apiKeysSecretName" $root) "key" $root.Values.apiKeys.existingSecretKey "dir" "/etc/instantid/api-keys" "file" "hashes" "env" "INSTANTID_API_KEY_HASHES_FILE") -}}
+{{- end -}}
+{{- if and (has .component (list "face" "generator" "warmup")) (include "instantid.hfTokenEnabled" $root) -}}
+{{- $files = append $files (dict "volume" "hf-token" "secret" (include "instantid.hfSecretName" $root) "key" $root.Values.huggingface.existingSecretKey "dir" "/etc/instantid/hf" "file" "token" "env" "HF_TOKEN_PATH") -}}
+{{- end -}}
+{{- toJson $files -}}
+{{- end -}}
+
+{{/*
+Environment of a Ray container (or the warm-up): the Serve HTTP ingress, model cache locations, hub/S3
+settings, the paths of its secret files and, where weights are read from S3 (face, generator, warm-up), static
+S3 credentials if configured (prefer IRSA/workload identity: nothing to leak or rotate).
+Call with: dict "root" $ "component" <head|face|generator|warmup>.
 */}}
 {{- define "instantid.env" -}}
-{{- $mount := trimSuffix "/" .Values.modelCache.mountPath -}}
+{{- $root := .root -}}
+{{- $mount := trimSuffix "/" $root.Values.modelCache.mountPath -}}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" $mount | quote }}
 - name: INSTANTID_CACHE
@@ -137,52 +182,42 @@ API-key hashes.
   value: {{ printf "%s/insightface" $mount | quote }}
 - name: HF_HUB_DISABLE_TELEMETRY
   value: "1"
-{{- if eq .Values.serve.httpIngress "haproxy" }}
+{{- if eq $root.Values.serve.httpIngress "haproxy" }}
 {{- /* the same as deployments.ray_env.CLUSTER_ENV (a test keeps them equal) */}}
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
 {{- end }}
-{{- if .Values.huggingface.offline }}
+{{- if and $root.Values.huggingface.offline (ne .component "warmup") }}
 - name: HF_HUB_OFFLINE
   value: "1"
 {{- end }}
-{{- if include "instantid.hfTokenEnabled" . }}
-- name: HF_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "instantid.hfSecretName" . }}
-      key: {{ .Values.huggingface.existingSecretKey }}
+{{- range $f := include "instantid.secretFiles" . | fromJsonArray }}
+- name: {{ $f.env }}
+  value: {{ printf "%s/%s" $f.dir $f.file | quote }}
 {{- end }}
-{{- with .Values.aws.region }}
+{{- with $root.Values.aws.region }}
 - name: AWS_REGION
   value: {{ . | quote }}
 - name: AWS_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
-{{- with .Values.aws.endpointUrl }}
+{{- with $root.Values.aws.endpointUrl }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
-{{- if include "instantid.awsCredentialsEnabled" . }}
+{{- if and (has .component (list "face" "generator" "warmup")) (include "instantid.awsCredentialsEnabled" $root) }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
-      name: {{ include "instantid.awsSecretName" . }}
-      key: {{ .Values.aws.accessKeyIdKey }}
+      name: {{ include "instantid.awsSecretName" $root }}
+      key: {{ $root.Values.aws.accessKeyIdKey }}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "instantid.awsSecretName" . }}
-      key: {{ .Values.aws.secretAccessKeyKey }}
+      name: {{ include "instantid.awsSecretName" $root }}
+      key: {{ $root.Values.aws.secretAccessKeyKey }}
 {{- end }}
-{{- if .Values.app.auth.enabled }}
-- name: INSTANTID_API_KEY_HASHES
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "instantid.apiKeysSecretName" . }}
-      key: {{ .Values.apiKeys.existingSecretKey }}
-{{- end }}
-{{- with .Values.env }}
+{{- with $root.Values.env }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
@@ -245,7 +280,81 @@ Render-time checks that a JSON schema cannot express (relations between values).
 {{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" (include "instantid.fullname" .)) -}}
 {{- fail (printf "the object prefix %q must be a DNS-1035 label (start with a letter): KubeRay requires it of the RayService name; set fullnameOverride" (include "instantid.fullname" .)) -}}
 {{- end -}}
+{{- /* KubeRay operator rules (validation.go, v1.7) that values can break: the API server would accept the
+RayService and the operator would then refuse to reconcile it, saying so only in an event */ -}}
+{{- $autoscalerV2 := and .Values.autoscaler.enabled (eq (toString .Values.autoscaler.version) "v2") -}}
+{{- range $key := list "faceWorker" "generatorWorker" -}}
+{{- $group := index $.Values $key -}}
+{{- if and (not (kindIs "invalid" $group.idleTimeoutSeconds)) (not $autoscalerV2) -}}
+{{- fail (printf "%s.idleTimeoutSeconds needs autoscaler v2 (KubeRay refuses a worker group idle timeout otherwise): set autoscaler.enabled true and autoscaler.version v2, or leave it null to use autoscaler.idleTimeoutSeconds" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := list "head" "faceWorker" "generatorWorker" -}}
+{{- $params := (index $.Values $key).rayStartParams | default dict -}}
+{{- if hasKey $params "labels" -}}
+{{- fail (printf "%s.rayStartParams.labels is refused by KubeRay: use %s.labels" $key $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $param := list "redis-username" "redis-password" -}}
+{{- if hasKey ($.Values.head.rayStartParams | default dict) $param -}}
+{{- fail (printf "head.rayStartParams.%s is refused by KubeRay: external Redis is configured with gcsFaultTolerance.*" $param) -}}
+{{- end -}}
+{{- end -}}
+{{- $envs := concat (.Values.env | default list) (.Values.head.env | default list) (.Values.faceWorker.env | default list) (.Values.generatorWorker.env | default list) -}}
+{{- range $entry := $envs -}}
+{{- if has $entry.name (list "RAY_enable_autoscaler_v2" "RAY_REDIS_ADDRESS" "REDIS_PASSWORD" "REDIS_USERNAME") -}}
+{{- fail (printf "env %s is refused (KubeRay manages it): use autoscaler.version for autoscaler v2 and gcsFaultTolerance.* for external Redis" $entry.name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $entry := .Values.autoscaler.env | default list -}}
+{{- if eq $entry.name "KUBERAY_GEN_AUTOSCALER_START_CMD" -}}
+{{- fail "autoscaler.env must not set KUBERAY_GEN_AUTOSCALER_START_CMD (KubeRay injects it)" -}}
+{{- end -}}
+{{- end -}}
+{{- with index (.Values.rayService.annotations | default dict) "ray.io/initializing-timeout" -}}
+{{- if not (and (regexMatch "^([0-9]+|([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$" (toString .)) (regexMatch "[1-9]" (toString .))) -}}
+{{- fail (printf "rayService.annotations ray.io/initializing-timeout %q must be a positive Go duration (30m) or whole seconds" (toString .)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (ne .Values.serve.proxyLocation "EveryNode") .Values.rayService.excludeHeadPodFromServeSvc -}}
 {{- fail (printf "serve.proxyLocation %s puts no proxy on the workers, so rayService.excludeHeadPodFromServeSvc must be false" .Values.serve.proxyLocation) -}}
 {{- end -}}
+{{- range $name, $dep := .Values.serve.deployments -}}
+{{- with $dep.ray_actor_options.accelerator_type -}}
+{{- fail (printf "serve.deployments.%s.ray_actor_options.accelerator_type (%s) would ask Ray for an accelerator_type resource that KubeRay's autoscaler does not advertise for a worker group, so replicas beyond the first pod would never be scheduled: pin the GPU type with generatorWorker.nodeSelector (e.g. cloud.google.com/gke-accelerator: nvidia-l4 or karpenter.k8s.aws/instance-gpu-name: l4) instead" $name .) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.modelCache.warmup.enabled (not .Values.modelCache.persistence.enabled) -}}
+{{- fail "modelCache.warmup.enabled needs modelCache.persistence.enabled: the warm-up fills the shared cache, and per-pod caches share nothing" -}}
+{{- end -}}
+{{- if and .Values.gcsFaultTolerance.enabled (not .Values.gcsFaultTolerance.redisAddress) -}}
+{{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of a highly available Redis)" -}}
+{{- end -}}
+{{- if .Values.podDisruptionBudget.enabled -}}
+{{- range $component, $key := dict "face" "faceWorker" "generator" "generatorWorker" -}}
+{{- $min := (index $.Values.podDisruptionBudget $component).minAvailable -}}
+{{- $pods := (index $.Values $key).minReplicas -}}
+{{- if and (not (kindIs "invalid" $min)) (ge (int $min) (int $pods)) -}}
+{{- fail (printf "podDisruptionBudget.%s.minAvailable (%v) must be less than %s.minReplicas (%v): at the group's minimum size no pod could ever be evicted and node drains would hang" $component $min $key $pods) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* a new ReadWriteMany claim on the cluster's default class (EBS, PD: no RWX) stays Pending, and every Ray pod with it */ -}}
+{{- $p := .Values.modelCache.persistence -}}
+{{- if and $p.enabled (not $p.existingClaim) (has "ReadWriteMany" $p.accessModes) (not $p.storageClassName) -}}
+{{- fail "modelCache.persistence.storageClassName is empty: the cluster's default class (EBS on EKS, Persistent Disk on GKE) cannot do ReadWriteMany, so the model cache would stay Pending and every Ray pod with it. Set a ReadWriteMany class (EKS: an EFS class such as efs-sc; GKE: Filestore standard-rwx; AKS: azurefile-csi), or modelCache.persistence.existingClaim, or modelCache.persistence.enabled=false with an s3:// app.identity_store (per-pod caches); see docs/deploy.md 1.5" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The model-cache warm-up: `instantid download` once per base model of app.models (with the InstantID weights and
+the face pack, cached after the first), in the dtype the GPU serves (app.dtype "auto" is float16 on CUDA).
+*/}}
+{{- define "instantid.warmupCommand" -}}
+{{- $dtype := ternary "float16" .Values.app.dtype (eq .Values.app.dtype "auto") -}}
+{{- $steps := list "set -e" -}}
+{{- range .Values.app.models -}}
+{{- $steps = append $steps (printf "instantid download --base-model %s --weights %s --face-model %s --dtype %s" (squote .base_model) (squote $.Values.app.instantid) (squote $.Values.app.face_model) $dtype) -}}
+{{- end -}}
+{{- join "; " $steps -}}
 {{- end -}}

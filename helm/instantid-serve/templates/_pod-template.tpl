@@ -2,10 +2,13 @@
 Pod template of one Ray node group (head, face, generator).
 Call with: dict "root" $ "group" <group values> "component" <label> "containerName" <name>
                 "resources" <container resources> "ports" <container ports>
+           optional "affinity" (used instead of the group's own when given),
+           optional "drainSeconds" (worker groups: grace period and preStop drain, see instantid.preStopDrain)
 */}}
 {{- define "instantid.podTemplate" -}}
 {{- $root := .root -}}
 {{- $g := .group -}}
+{{- $secretFiles := include "instantid.secretFiles" (dict "root" $root "component" .component) | fromJsonArray -}}
 metadata:
   labels:
     {{- include "instantid.podLabels" $root | nindent 4 }}
@@ -18,7 +21,13 @@ metadata:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
+  {{- if eq .component "head" }}
+  serviceAccountName: {{ include "instantid.headServiceAccountName" $root }}
+  {{- else }}
   serviceAccountName: {{ include "instantid.serviceAccountName" $root }}
+  # Workers never call the Kubernetes API (IRSA and workload identity work without this token).
+  automountServiceAccountToken: false
+  {{- end }}
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -26,6 +35,9 @@ spec:
   {{- with $root.Values.podSecurityContext }}
   securityContext:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .drainSeconds }}
+  terminationGracePeriodSeconds: {{ . }}
   {{- end }}
   {{- with $g.priorityClassName }}
   priorityClassName: {{ . }}
@@ -38,9 +50,33 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $g.affinity }}
+  {{- with (default $g.affinity .affinity) }}
   affinity:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if and (eq .component "head") $root.Values.modelCache.warmup.enabled }}
+  {{- $warmupFiles := include "instantid.secretFiles" (dict "root" $root "component" "warmup") | fromJsonArray }}
+  initContainers:
+    - name: model-cache-warmup
+      image: {{ include "instantid.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      command: ["/bin/sh", "-c", {{ include "instantid.warmupCommand" $root | quote }}]
+      env:
+        {{- include "instantid.env" (dict "root" $root "component" "warmup") | nindent 8 }}
+      resources:
+        {{- toYaml $root.Values.modelCache.warmup.resources | nindent 8 }}
+      {{- with $root.Values.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: model-cache
+          mountPath: {{ $root.Values.modelCache.mountPath }}
+        {{- range $warmupFiles }}
+        - name: {{ .volume }}
+          mountPath: {{ .dir }}
+          readOnly: true
+        {{- end }}
   {{- end }}
   containers:
     - name: {{ .containerName }}
@@ -49,7 +85,7 @@ spec:
       ports:
         {{- toYaml .ports | nindent 8 }}
       env:
-        {{- include "instantid.env" $root | nindent 8 }}
+        {{- include "instantid.env" (dict "root" $root "component" .component) | nindent 8 }}
         {{- with $g.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -59,6 +95,15 @@ spec:
       {{- end }}
       resources:
         {{- toYaml .resources | nindent 8 }}
+      {{- with .drainSeconds }}
+      lifecycle:
+        preStop:
+          exec:
+            command:
+              - /bin/sh
+              - -c
+              - {{ include "instantid.preStopDrain" (sub (int .) 15) | quote }}
+      {{- end }}
       {{- with $root.Values.securityContext }}
       securityContext:
         {{- toYaml . | nindent 8 }}
@@ -68,6 +113,13 @@ spec:
           mountPath: {{ $root.Values.modelCache.mountPath }}
         - name: dshm
           mountPath: /dev/shm
+        - name: ray-tmp
+          mountPath: /tmp/ray
+        {{- range $secretFiles }}
+        - name: {{ .volume }}
+          mountPath: {{ .dir }}
+          readOnly: true
+        {{- end }}
   volumes:
     - name: model-cache
       {{- if $root.Values.modelCache.persistence.enabled }}
@@ -81,6 +133,22 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ $g.shmSize }}
+    - name: ray-tmp
+      emptyDir:
+        sizeLimit: {{ $g.rayTmpSize }}
+    {{- $volumeFiles := $secretFiles }}
+    {{- if and (eq .component "head") $root.Values.modelCache.warmup.enabled }}
+    {{- $volumeFiles = concat $volumeFiles (include "instantid.secretFiles" (dict "root" $root "component" "warmup") | fromJsonArray) }}
+    {{- end }}
+    {{- range $volumeFiles }}
+    - name: {{ .volume }}
+      secret:
+        secretName: {{ .secret }}
+        defaultMode: 0440
+        items:
+          - key: {{ .key }}
+            path: {{ .file }}
+    {{- end }}
 {{- end -}}
 
 {{/* rayStartParams as a YAML map whose values are all strings (the CRD's type). */}}
@@ -90,4 +158,16 @@ spec:
 {{- $_ := set $out $key (toString $val) -}}
 {{- end -}}
 {{- toYaml $out -}}
+{{- end -}}
+
+
+{{/*
+preStop of a worker pod that is evicted or deleted (node drain, scale-down, blue/green cleanup): tell Ray the
+node is draining, with the deadline the pod's grace period allows, so Serve starts replacement replicas
+elsewhere and stops these gracefully (HAProxy drops them first); then wait until no Serve replica process is
+left on this node, or the deadline ([S] keeps the pattern from matching this script's own command line). Only then does the kubelet send SIGTERM to `ray start`. Call with the
+deadline in seconds.
+*/}}
+{{- define "instantid.preStopDrain" -}}
+ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod $HOSTNAME terminating" --deadline-remaining-seconds {{ . }} || true; end=$(( $(date +%s) + {{ . }} )); while grep -qs 'ray::[S]erveReplica' /proc/[0-9]*/cmdline && [ "$(date +%s)" -lt "$end" ]; do sleep 2; done
 {{- end -}}
