@@ -59,7 +59,6 @@ from .models import (
 
 log = logging.getLogger("instantid.serve")
 
-ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP"}
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
 DOWN_STATES = {"UNHEALTHY", "DEPLOY_FAILED"}
@@ -163,9 +162,17 @@ def decode_base64(text: Any, where: str) -> bytes:
 
 
 def check_image(data: bytes, where: str, max_pixels: int) -> None:
-    """Format and size from the header only: refuse non-images and oversized images before decoding."""
+    """Format and size from the header only: refuse non-images, oversized images and hostile framing (bounded
+    work, ``instantid.image_limits``) before decoding. Blocking: callers run it off the event loop."""
     from PIL import Image
 
+    from instantid.errors import InvalidImageError
+    from instantid.image_limits import ACCEPTED_FORMATS, check_structure
+
+    try:
+        check_structure(data, where)
+    except InvalidImageError as exc:
+        raise ServiceError(400, "invalid_image", str(exc), field=where) from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height) = image.format, image.size
@@ -454,7 +461,8 @@ class IngressCore:
     async def serve_generate(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
         """Decode, run under the deadline, map errors: the one path for HTTP (JSON, multipart) and handles."""
         try:
-            req, faces, pose, decode_s = self.decode_generate(data, files)
+            # base64, validation and image header checks are CPU work on client bytes: off the event loop
+            req, faces, pose, decode_s = await asyncio.to_thread(self.decode_generate, data, files)
             ctx.timings["decode_s"] = decode_s
             metrics.stage("decode", decode_s)
             return await self._deadline(ctx, self.run_generate(ctx, req, faces, pose), req.timeout_s)
@@ -490,7 +498,7 @@ class IngressCore:
 
     async def serve_create_identity(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
         try:
-            faces = self.decode_identity(data, files)
+            faces = await asyncio.to_thread(self.decode_identity, data, files)
             return await self._deadline(ctx, self.run_create_identity(ctx, faces))
         except Exception as exc:
             raise self._fail(ctx, exc) from None
