@@ -111,7 +111,7 @@ class Authenticator:
 
 
 class RateLimiter:
-    """A token bucket per API key (per Ingress replica)."""
+    """A token bucket per API key (per Ingress replica); also one per client address for failed logins."""
 
     def __init__(self, rate_per_s: float, burst: int, clock=time.monotonic):
         self.rate, self.burst, self.clock = float(rate_per_s), float(burst), clock
@@ -127,6 +127,37 @@ class RateLimiter:
             raise ServiceError(429, "rate_limited", "too many requests for this API key",
                                headers={"Retry-After": str(retry)})
         self.buckets[key] = (tokens - 1.0, now)
+
+    def spend(self, key: str) -> None:
+        """Take a token if one is left, never raising: the next ``take`` refuses once they are gone."""
+        with contextlib.suppress(ServiceError):
+            self.take(key)
+        if len(self.buckets) > 100_000:  # many addresses: forget the ones that have refilled
+            now = self.clock()
+            self.buckets = {k: (t, last) for k, (t, last) in self.buckets.items()
+                            if t + (now - last) * self.rate < self.burst}
+
+    def exhausted(self, key: str) -> float | None:
+        """Seconds until ``key`` has a token again; None when it has one now."""
+        tokens, last = self.buckets.get(key, (self.burst, self.clock()))
+        tokens = min(self.burst, tokens + (self.clock() - last) * self.rate)
+        return None if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+
+# Failed API key checks per client address: a burst, then one a second. Past it every /v1 call of that address,
+# with a right key or a wrong one, is a 429 until the bucket refills, so keys cannot be guessed faster than
+# this (~600 guesses a second before). Clients behind one NAT address share the bucket.
+AUTH_FAILURE_BURST = 20
+AUTH_FAILURES_PER_S = 1.0
+
+
+def client_address(request) -> str:
+    """The client's address: the last X-Forwarded-For entry (the one our HAProxy appends, see
+    deployments/haproxy_guard.py), else the peer."""
+    forwarded = request.headers.getlist("x-forwarded-for")
+    if forwarded:
+        return forwarded[-1].split(",")[-1].strip()[:64]
+    return request.client.host if request.client else "unknown"
 
 
 def _reason(message: str) -> str:
@@ -205,22 +236,46 @@ def encode_image(array, fmt: str) -> bytes:
     return out.getvalue()
 
 
-def _parse_json(body: bytes) -> dict:
+# A JSON integer literal longer than this can be no valid value of the API (seeds are < 2**32; the largest
+# count is a few digits): it parses as infinity, so validation names the field and says it is out of range,
+# instead of Python's int-string limit (4300 digits) failing the whole body.
+MAX_INT_DIGITS = 40
+
+
+def _bounded_int(text: str) -> int | float:
+    return int(text) if len(text) <= MAX_INT_DIGITS else math.inf
+
+
+def loads_json(text: str | bytes):
+    """``json.loads`` for client input: deep nesting (RecursionError) and huge integers are a 400/422, never a
+    500 with a traceback."""
     try:
-        data = json.loads(body)
+        return json.loads(text, parse_int=_bounded_int)
+    except RecursionError:
+        raise ServiceError(400, "invalid_json", "the JSON is nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "msg", None) or type(exc).__name__
         raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {reason}") from None
+    except ValueError:
+        raise ServiceError(400, "invalid_json", "the body is not valid JSON") from None
+
+
+def _parse_json(body: bytes) -> dict:
+    data = loads_json(body)
     if not isinstance(data, dict):
         raise ServiceError(422, "invalid_parameter", "the body must be a JSON object")
     return data
 
 
-def _validate(model: type[BaseModel], data: dict) -> BaseModel:
+def _validate(model: type[BaseModel], data: dict, strict: bool = True) -> BaseModel:
+    """Strict types (``"seed": "12"``, ``"width": "64"``, ``"steps": true`` are refused) except for multipart
+    forms, whose fields are text by nature."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=strict)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    except RecursionError:
+        raise ServiceError(422, "invalid_parameter", "a field is nested too deeply") from None
 
 
 # -- the service ---------------------------------------------------------------------------------------
@@ -236,6 +291,7 @@ class IngressCore:
         self.store = make_store(self.args.identity_store)
         self.auth = Authenticator(self.args.auth.key_hashes_env) if self.args.auth.enabled else None
         self.limiter = RateLimiter(self.args.auth.rate_per_s, self.args.auth.burst) if self.args.auth.enabled else None
+        self.auth_failures = RateLimiter(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST)
         self._status_fn = status_fn
         self._app_name = app_name
         self._ready_cache: tuple[float, dict] | None = None
@@ -326,10 +382,18 @@ class IngressCore:
             self._refresh = asyncio.ensure_future(self.readiness())
         return self._ready_cache[1] if self._ready_cache else None
 
-    def authenticate(self, authorization: str | None) -> str | None:
+    def authenticate(self, authorization: str | None, client: str = "handle") -> str | None:
         if self.auth is None:
             return None
-        name = self.auth.check(authorization)
+        wait = self.auth_failures.exhausted(client)
+        if wait is not None:
+            raise ServiceError(429, "rate_limited", "too many failed API key checks from this address",
+                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        try:
+            name = self.auth.check(authorization)
+        except ServiceError:
+            self.auth_failures.spend(client)
+            raise
         self.limiter.take(name)
         return name
 
@@ -337,7 +401,7 @@ class IngressCore:
     def decode_generate(self, data: dict, files: dict[str, Any] | None = None):
         """A request dict (+ multipart files) -> (validated request, face image bytes | None, pose bytes | None)."""
         started = time.perf_counter()
-        req = _validate(self.models.GenerateRequest, data)
+        req = _validate(self.models.GenerateRequest, data, strict=files is None)
         limits = self.args.limits
         faces: list[bytes] | None = None
         pose: bytes | None = None
@@ -474,13 +538,14 @@ class IngressCore:
         limits = self.args.limits
         if files and files.get("face_images"):
             if data:
-                raise ServiceError(422, "invalid_parameter", f"unexpected fields {sorted(data)}")
+                raise ServiceError(422, "invalid_parameter",
+                                   f"unexpected fields {[k[:64] for k in sorted(data)[:8]]}")
             faces = list(files["face_images"])
             if not 1 <= len(faces) <= limits.max_faces:
                 raise ServiceError(422, "invalid_parameter", f"face_images: give 1 to {limits.max_faces} images",
                                    field="face_images")
         else:
-            req = _validate(self.models.IdentityCreateRequest, data)
+            req = _validate(self.models.IdentityCreateRequest, data, strict=files is None)
             faces = [decode_base64(s, f"face_images[{i}]") for i, s in enumerate(req.face_images)]
         for i, image in enumerate(faces):
             check_image(image, f"face_images[{i}]", limits.max_image_pixels)
@@ -517,7 +582,7 @@ class IngressCore:
         except Exception as exc:
             raise self._fail(ctx, exc) from None
         if record is None:
-            raise ServiceError(404, "not_found", f"identity {identity_id} not found")
+            raise ServiceError(404, "not_found", "identity not found")  # never echo the input
         return self.identity_view(record)
 
     async def serve_delete_identity(self, ctx: Ctx, identity_id: str) -> None:
@@ -526,7 +591,7 @@ class IngressCore:
         except Exception as exc:
             raise self._fail(ctx, exc) from None
         if not deleted:
-            raise ServiceError(404, "not_found", f"identity {identity_id} not found")
+            raise ServiceError(404, "not_found", "identity not found")  # never echo the input
 
     async def serve_list_identities(self, ctx: Ctx, limit: int) -> dict:
         try:
@@ -680,8 +745,10 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_form(request, body: bytes, max_files: int, limit: int) -> tuple[dict, dict]:
-    """multipart/form-data: file fields (raw bytes) and the other fields (JSON-decoded where they are JSON)."""
+async def read_form(request, body: bytes, max_files: int, limit: int,
+                    file_fields: tuple[str, ...] = ("face_images", "pose_image")) -> tuple[dict, dict]:
+    """multipart/form-data: file fields (raw bytes; only ``file_fields``, any other file part is refused) and the
+    other fields (JSON-decoded where they are JSON)."""
     from starlette.datastructures import UploadFile
 
     async def replay():
@@ -696,19 +763,19 @@ async def read_form(request, body: bytes, max_files: int, limit: int) -> tuple[d
     data: dict[str, Any] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
+            if key not in file_fields:
+                raise ServiceError(422, "invalid_parameter", f"{key[:64]}: unexpected file field", field=key[:64])
             content = await value.read()
             if key == "face_images":
                 files.setdefault("face_images", []).append(content)
             elif key == "pose_image":
                 files["pose_image"] = content
-            else:
-                raise ServiceError(422, "invalid_parameter", f"{key}: unexpected file field", field=key)
         elif key == "face_images":
             files.setdefault("face_images", []).append(decode_base64(value, "face_images"))
         elif key == "loras":
             try:
-                data["loras"] = json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError:
+                data["loras"] = loads_json(value) if value.strip() else {}
+            except ServiceError:
                 raise ServiceError(422, "invalid_parameter", "loras: must be a JSON object", field="loras") from None
         elif value == "" and key not in ("prompt", "negative_prompt"):
             continue  # an empty form field means "not given"
@@ -757,18 +824,19 @@ def build_http_app(core: IngressCore):
         bearer = HTTPBearer(auto_error=False, description="API key")
 
         async def auth(request: Request, _creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
-            request.state.api_key = core.authenticate(request.headers.get("authorization"))
+            request.state.api_key = core.authenticate(request.headers.get("authorization"), client_address(request))
     else:
         async def auth(request: Request):
             request.state.api_key = None
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
-    async def parse(request: Request, max_files: int) -> tuple[dict, dict | None]:
+    async def parse(request: Request, max_files: int,
+                    file_fields: tuple[str, ...] = ("face_images", "pose_image")) -> tuple[dict, dict | None]:
         body = await read_body(request, limits.max_body_bytes)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
-            return await read_form(request, body, max_files, limits.max_body_bytes)
+            return await read_form(request, body, max_files, limits.max_body_bytes, file_fields)
         if ctype not in ("", "application/json") and not ctype.endswith("+json"):
             raise ServiceError(415, "unsupported_media_type", "send application/json or multipart/form-data")
         return _parse_json(body), None
@@ -791,7 +859,7 @@ def build_http_app(core: IngressCore):
     async def create_identity(request: Request):
         ctx = Ctx(route="/v1/identities")
         try:
-            data, files = await parse(request, limits.max_faces)
+            data, files = await parse(request, limits.max_faces, ("face_images",))
         except Exception as exc:
             raise core._fail(ctx, exc) from None
         return JSONResponse(await core.serve_create_identity(ctx, data, files), status_code=201)
@@ -813,6 +881,19 @@ def build_http_app(core: IngressCore):
     @v1.get("/models", response_model=ModelList, responses=errors, summary="Models, LoRAs, styles, schedulers")
     async def models():
         return core.model_list()
+
+    @v1.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                  include_in_schema=False)
+    async def unknown(request: Request, path: str):
+        """Any other /v1 path: after auth (no route discovery without a key); 405 where the path exists."""
+        from starlette.routing import Match
+
+        allowed = sorted({m for r in v1.routes if r.endpoint is not unknown and getattr(r, "methods", None)
+                          and r.matches({**request.scope, "method": "__none__"})[0] == Match.PARTIAL
+                          for m in r.methods})
+        if allowed:
+            raise ServiceError(405, "method_not_allowed", "method not allowed", headers={"Allow": ", ".join(allowed)})
+        raise ServiceError(404, "not_found", "no such route")
 
     app.include_router(v1)
 
