@@ -292,6 +292,7 @@ class IngressCore:
         self.auth = Authenticator(self.args.auth.key_hashes_env) if self.args.auth.enabled else None
         self.limiter = RateLimiter(self.args.auth.rate_per_s, self.args.auth.burst) if self.args.auth.enabled else None
         self.auth_failures = RateLimiter(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST)
+        self.uploads = UploadSlots()
         self._status_fn = status_fn
         self._app_name = app_name
         self._ready_cache: tuple[float, dict] | None = None
@@ -319,9 +320,13 @@ class IngressCore:
     async def _deadline(self, ctx: Ctx, coro, timeout_s: float | None = None):
         """Run ``coro`` within the request's deadline; past it, cancel in-flight calls and answer 504."""
         timeout = min(timeout_s or self.args.request_timeout_s, self.args.request_timeout_s)
+        left = timeout - (time.perf_counter() - ctx.started)  # receiving the body counted against it
+        if left <= 0:
+            coro.close()
+            raise ServiceError(504, "timeout", f"the request did not finish within {timeout:g}s")
         task = asyncio.ensure_future(coro)
         try:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
+            done, _ = await asyncio.wait({task}, timeout=left)
         except asyncio.CancelledError:  # the client went away: stop the work too
             task.cancel()
             self._cancel_pending(ctx)
@@ -728,7 +733,41 @@ class Observe:
                                  time.perf_counter() - started)
 
 
-async def read_body(request, limit: int) -> bytes:
+# Request bodies received at once per client (its API key, else its address): a slow uploader holds its own
+# slots, not the replica's (64 requests in progress per Ingress replica).
+MAX_UPLOADS_PER_CLIENT = 4
+
+
+class UploadSlots:
+    def __init__(self, per_client: int = MAX_UPLOADS_PER_CLIENT):
+        self.per_client = per_client
+        self.active: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, who: str):
+        if self.active.get(who, 0) >= self.per_client:
+            raise ServiceError(429, "rate_limited", f"more than {self.per_client} uploads in progress from this "
+                               "client", headers={"Retry-After": "1"})
+        self.active[who] = self.active.get(who, 0) + 1
+        try:
+            yield
+        finally:
+            self.active[who] -= 1
+            if not self.active[who]:
+                del self.active[who]
+
+
+async def read_body(request, limit: int, deadline: float | None = None) -> bytes:
+    """The body, at most ``limit`` bytes, received by ``deadline`` (``time.perf_counter()``; the request's own
+    deadline: the time a client takes to send it counts) or a 408."""
+    try:
+        async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.perf_counter())):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise ServiceError(408, "timeout", "the request body was not received in time") from None
+
+
+async def _read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -831,9 +870,10 @@ def build_http_app(core: IngressCore):
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
-    async def parse(request: Request, max_files: int,
+    async def parse(request: Request, ctx: Ctx, max_files: int,
                     file_fields: tuple[str, ...] = ("face_images", "pose_image")) -> tuple[dict, dict | None]:
-        body = await read_body(request, limits.max_body_bytes)
+        with core.uploads.hold(getattr(request.state, "api_key", None) or client_address(request)):
+            body = await read_body(request, limits.max_body_bytes, ctx.started + args.request_timeout_s)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
             return await read_form(request, body, max_files, limits.max_body_bytes, file_fields)
@@ -847,7 +887,7 @@ def build_http_app(core: IngressCore):
     async def generate(request: Request):
         ctx = Ctx(route="/v1/generate")
         try:
-            data, files = await parse(request, limits.max_faces + 1)
+            data, files = await parse(request, ctx, limits.max_faces + 1)
         except Exception as exc:
             raise core._fail(ctx, exc) from None
         return JSONResponse(await core.serve_generate(ctx, data, files))
@@ -859,7 +899,7 @@ def build_http_app(core: IngressCore):
     async def create_identity(request: Request):
         ctx = Ctx(route="/v1/identities")
         try:
-            data, files = await parse(request, limits.max_faces, ("face_images",))
+            data, files = await parse(request, ctx, limits.max_faces, ("face_images",))
         except Exception as exc:
             raise core._fail(ctx, exc) from None
         return JSONResponse(await core.serve_create_identity(ctx, data, files), status_code=201)
