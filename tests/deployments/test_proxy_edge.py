@@ -333,3 +333,13 @@ def test_live_slowloris_is_cut_and_the_service_answers(serve_env):
     assert worst < 1.0
     answered = [c["data"] for c in conns if c["data"]]
     assert answered and all(_status_and_json(d)[0] == 408 for d in answered)
+
+
+def test_the_guard_never_execs_itself(tmp_path, monkeypatch):
+    """Ray's RAY_SERVE_HAPROXY_BINARY_PATH names the guard's launcher; the real binary is another file."""
+    from deployments.ray_env import write_guard_launcher
+
+    launcher = write_guard_launcher(tmp_path)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(launcher))
+    monkeypatch.delenv("INSTANTID_HAPROXY_BINARY", raising=False)
+    assert Path(real_binary()).resolve() != launcher.resolve()
