@@ -343,3 +343,24 @@ def test_the_guard_never_execs_itself(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(launcher))
     monkeypatch.delenv("INSTANTID_HAPROXY_BINARY", raising=False)
     assert Path(real_binary()).resolve() != launcher.resolve()
+
+
+def test_stop_haproxy_stops_only_this_setups_leftovers(hardened, tmp_path):
+    """The last line of cleanup (scripts/demo): HAProxy processes whose configuration lies under the private
+    directory are stopped; nothing else is looked at."""
+    from deployments.ray_env import haproxy_pids, stop_haproxy
+
+    path, *_ = hardened
+    orphan = subprocess.Popen([real_binary(), "-db", "-f", str(path)], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and orphan.pid not in haproxy_pids(tmp_path):
+            time.sleep(0.05)
+        assert haproxy_pids(tmp_path) == [orphan.pid]
+        assert haproxy_pids(tmp_path / "elsewhere") == []
+        assert stop_haproxy(tmp_path) == [orphan.pid]
+        assert orphan.wait(5) is not None and haproxy_pids(tmp_path) == []
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
