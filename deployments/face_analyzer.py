@@ -11,6 +11,7 @@ Errors leave as ``ServiceError`` (400 invalid_image, 422 no_face naming the imag
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import logging
 import threading
@@ -30,6 +31,10 @@ THUMBNAIL_SIDE = 128
 # the analysis canvas). 16 concurrent 4-face + pose requests of 4096x4096 PNGs once took a replica from 0.7 to
 # 3.9 GB; with this budget they wait their turn instead (~0.5 GB of pixels at a time).
 MAX_DECODED_PIXELS = 64 * 1024 * 1024
+# Threads that decode and analyse per replica. Few on purpose: each thread that allocates gets its own malloc
+# arena, and memory freed in one is not reused by another, so the replica's resident size grew with the number
+# of concurrent requests (asyncio's default pool runs up to 32) and stayed there.
+ANALYSIS_THREADS = 2
 
 
 class PixelBudget:
@@ -123,6 +128,7 @@ class FaceAnalysisCore:
 
         started = time.perf_counter()
         self.budget = PixelBudget(max_decoded_pixels)
+        self.pool = concurrent.futures.ThreadPoolExecutor(ANALYSIS_THREADS, thread_name_prefix="face-analysis")
         self.threads = threads
         self.analyzer = FaceAnalyzer(face_model, providers=["CPUExecutionProvider"], threads=threads)
         self.load_seconds = time.perf_counter() - started
@@ -207,7 +213,8 @@ class FaceAnalyzerDeployment:
             raise ServiceError(503, "unavailable", "the face model is not loaded", headers={"Retry-After": "5"})
         gone = threading.Event()  # set when the caller cancels (its deadline passed, its client left)
         try:
-            result = await asyncio.to_thread(self.core.predict, photos, pose, thumbnail, gone.is_set)
+            result = await asyncio.wrap_future(self.core.pool.submit(self.core.predict, photos, pose, thumbnail,
+                                                                     gone.is_set))
         except asyncio.CancelledError:
             gone.set()  # the thread stops at its next read or photo; the replica's slot is freed now
             raise

@@ -67,8 +67,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with 16-bit grayscale (PNG's I;16 and the 32-bit I mode Pillow may give it) scaled to 8 bits:
     Pillow's own conversion clips every value above 255 to white."""
     if image.mode.startswith("I;16") or image.mode == "I":
-        levels = np.asarray(image, dtype=np.uint32)
-        image = Image.fromarray((np.minimum(levels, 65535) >> 8).astype(np.uint8), mode="L")
+        levels = np.asarray(image)
+        if levels.dtype.kind == "i":  # mode I: 32-bit signed
+            levels = np.clip(levels, 0, 65535)
+        image = Image.fromarray((levels >> 8).astype(np.uint8))
     return image.convert("RGB")
 
 

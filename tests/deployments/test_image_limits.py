@@ -197,3 +197,21 @@ def test_face_analysis_stops_when_the_request_is_gone(tiny_bundle):
     with pytest.raises(DecodeAborted):
         core.predict([("face_images[0]", data)], should_stop=lambda: True)
     assert time.perf_counter() - started < 0.5
+
+
+# -- real sizes: no false refusals at the documented limits ----------------------------------------------------
+@pytest.mark.parametrize("size, progressive", [((4000, 2769), False), ((4000, 2769), True), ((4096, 4096), True)],
+                         ids=["phone-4000x2769", "phone-progressive", "limit-4096-progressive"])
+def test_real_size_photos_pass_the_bounds(size, progressive):
+    """A phone-size photo of noise (the costliest content to decode: ~8 MB baseline) and a progressive one at the
+    pixel limit pass the framing checks quickly and decode within the deadline."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).resize(size, Image.NEAREST).save(out, format="JPEG", quality=92, progressive=progressive)
+    data = out.getvalue()
+    started = time.perf_counter()
+    check_image(data, "face_images[0]", 4096 * 4096)
+    assert time.perf_counter() - started < 0.5
+    image = load_image(data, timeout_s=10)
+    assert image.size == size
