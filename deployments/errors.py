@@ -179,13 +179,15 @@ def validation_error(exc, *, prefix: tuple = ()) -> ServiceError:
 
 
 def field_name(loc) -> str:
-    """('face_images', 1) -> 'face_images[1]'; ('loras', 'x') -> 'loras.x'."""
+    """('face_images', 1) -> 'face_images[1]'; ('loras', 'x') -> 'loras.x'. A part that came from the client (a
+    dict key) is cut to 64 characters: input is never echoed at length."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            text = str(part)
+            out += ("." if out else "") + (text if len(text) <= 64 else text[:61] + "...")
     return out
 
 

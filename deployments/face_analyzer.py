@@ -11,6 +11,7 @@ Errors leave as ``ServiceError`` (400 invalid_image, 422 no_face naming the imag
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import logging
 import threading
@@ -26,6 +27,68 @@ from .profile import resolve_args
 log = logging.getLogger("instantid.serve")
 
 THUMBNAIL_SIDE = 128
+# Decoded pixels one replica holds at once (each costs ~4-8 bytes while decoding: 16-bit PNGs, RGB copies,
+# the analysis canvas). 16 concurrent 4-face + pose requests of 4096x4096 PNGs once took a replica from 0.7 to
+# 3.9 GB; with this budget they wait their turn instead (~0.5 GB of pixels at a time).
+MAX_DECODED_PIXELS = 64 * 1024 * 1024
+# Threads that decode and analyse per replica. Few on purpose: each thread that allocates gets its own malloc
+# arena, and memory freed in one is not reused by another, so the replica's resident size grew with the number
+# of concurrent requests (asyncio's default pool runs up to 32) and stayed there.
+ANALYSIS_THREADS = 2
+
+
+class PixelBudget:
+    """A counting semaphore over decoded pixels: a photo waits until its pixels fit (one that alone exceeds the
+    budget runs when nothing else holds any, so nothing waits forever)."""
+
+    def __init__(self, pixels: int):
+        self.pixels, self.used = int(pixels), 0
+        self.peak = 0  # the most pixels held at once (tests and benchmarks read it)
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, should_stop=None) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.pixels:
+                if should_stop is not None and should_stop():
+                    from instantid.image_limits import DecodeAborted
+
+                    raise DecodeAborted("the request is gone")
+                self._cond.wait(0.1)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            idle = self.used == 0
+            self._cond.notify_all()
+        if idle and n >= 4 * 1024 * 1024:
+            _return_memory()
+
+
+def _return_memory() -> None:
+    """Hand freed heap back to the OS once a large decode is done (glibc keeps it otherwise: the replica stayed
+    at 2.1 GB after the probe's attack)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _header_pixels(name: str, data: bytes) -> int:
+    """Pixels of an upload from its header (the Ingress checked it already; an unreadable one counts 1)."""
+    from PIL import Image
+
+    from instantid.image_limits import check_structure
+
+    check_structure(data, name)  # before Pillow walks the header: bounded
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return max(1, image.size[0] * image.size[1])
+    except Exception:
+        return 1
 
 
 def _face_info(face, source: str, canvas: tuple[int, int], image_size: tuple[int, int]) -> dict:
@@ -74,10 +137,12 @@ def replica_cpus() -> int | None:
 class FaceAnalysisCore:
     """The deployment's logic without Serve (used as is by the benchmark's in-process baseline)."""
 
-    def __init__(self, face_model: str, threads: int | None = None):
+    def __init__(self, face_model: str, threads: int | None = None, max_decoded_pixels: int = MAX_DECODED_PIXELS):
         from instantid.face import FaceAnalyzer
 
         started = time.perf_counter()
+        self.budget = PixelBudget(max_decoded_pixels)
+        self.pool = concurrent.futures.ThreadPoolExecutor(ANALYSIS_THREADS, thread_name_prefix="face-analysis")
         self.threads = threads
         self.analyzer = FaceAnalyzer(face_model, providers=["CPUExecutionProvider"], threads=threads)
         self.load_seconds = time.perf_counter() - started
@@ -85,38 +150,51 @@ class FaceAnalysisCore:
 
     # -- decode_request ------------------------------------------------------------------------------
     @staticmethod
-    def decode_request(items: list[tuple[str, bytes]]):
+    def decode_request(items: list[tuple[str, bytes]], should_stop=None):
         from instantid.face import load_image
 
-        return [(name, load_image(data, name=name)) for name, data in items]
+        return [(name, load_image(data, name=name, should_stop=should_stop)) for name, data in items]
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                thumbnail: bool = False) -> dict:
+                thumbnail: bool = False, should_stop=None) -> dict:
+        """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis."""
         from instantid.face import mean_embedding
         from instantid.identity import analyze_face
+        from instantid.image_limits import DecodeAborted
 
-        t0 = time.perf_counter()
-        decoded = self.decode_request(list(photos) + ([pose] if pose else []))
-        t1 = time.perf_counter()
-        with self._lock:
-            found = [(name, image, *analyze_face(self.analyzer, name, image)) for name, image in decoded]
-        t2 = time.perf_counter()
-        identity = found[:len(photos)]
-        result: dict = {"timings": {"decode_s": t1 - t0, "face_analysis_s": t2 - t1}}
-        if identity:
-            faces = [face for _, _, face, _ in identity]
-            result["embedding"] = mean_embedding(faces).astype(np.float32)
-            result["faces"] = [_face_info(face, name, canvas, image.size)
-                               for name, image, face, canvas in identity]
-            if thumbnail:
-                name, image, face, canvas = identity[0]
-                result["thumbnail"] = make_thumbnail(image, result["faces"][0]["bbox"])
-        name, image, face, canvas = found[-1] if pose else found[0]
-        # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
-        result["pose"] = {"kps": np.asarray(face.kps, dtype=np.float32), "canvas": [int(canvas[0]), int(canvas[1])],
-                          "face": _face_info(face, name, canvas, image.size)}
-        return result
+        items = list(photos) + ([pose] if pose else [])
+        pixels = sum(_header_pixels(name, data) for name, data in items)
+        self.budget.acquire(pixels, should_stop)
+        try:
+            t0 = time.perf_counter()
+            decoded = self.decode_request(items, should_stop)
+            t1 = time.perf_counter()
+            with self._lock:
+                found = []
+                for name, image in decoded:
+                    if should_stop is not None and should_stop():
+                        raise DecodeAborted("the request is gone")
+                    found.append((name, image, *analyze_face(self.analyzer, name, image)))
+            t2 = time.perf_counter()
+            identity = found[:len(photos)]
+            result: dict = {"timings": {"decode_s": t1 - t0, "face_analysis_s": t2 - t1}}
+            if identity:
+                faces = [face for _, _, face, _ in identity]
+                result["embedding"] = mean_embedding(faces).astype(np.float32)
+                result["faces"] = [_face_info(face, name, canvas, image.size)
+                                   for name, image, face, canvas in identity]
+                if thumbnail:
+                    name, image, face, canvas = identity[0]
+                    result["thumbnail"] = make_thumbnail(image, result["faces"][0]["bbox"])
+            name, image, face, canvas = found[-1] if pose else found[0]
+            # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
+            result["pose"] = {"kps": np.asarray(face.kps, dtype=np.float32),
+                              "canvas": [int(canvas[0]), int(canvas[1])],
+                              "face": _face_info(face, name, canvas, image.size)}
+            return result
+        finally:
+            self.budget.release(pixels)
 
 
 @serve.deployment(
@@ -147,8 +225,13 @@ class FaceAnalyzerDeployment:
             from .errors import ServiceError
 
             raise ServiceError(503, "unavailable", "the face model is not loaded", headers={"Retry-After": "5"})
+        gone = threading.Event()  # set when the caller cancels (its deadline passed, its client left)
         try:
-            result = await asyncio.to_thread(self.core.predict, photos, pose, thumbnail)
+            result = await asyncio.wrap_future(self.core.pool.submit(self.core.predict, photos, pose, thumbnail,
+                                                                     gone.is_set))
+        except asyncio.CancelledError:
+            gone.set()  # the thread stops at its next read or photo; the replica's slot is freed now
+            raise
         except Exception as exc:
             raise to_service_error(exc) from None
         metrics.stage("face_analysis", result["timings"]["face_analysis_s"])

@@ -60,7 +60,6 @@ from .models import (
 
 log = logging.getLogger("instantid.serve")
 
-ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP"}
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
 DOWN_STATES = {"UNHEALTHY", "DEPLOY_FAILED"}
@@ -106,7 +105,7 @@ class Authenticator:
 
 
 class RateLimiter:
-    """A token bucket per API key (per Ingress replica)."""
+    """A token bucket per API key (per Ingress replica); also one per client address for failed logins."""
 
     def __init__(self, rate_per_s: float, burst: int, clock=time.monotonic):
         self.rate, self.burst, self.clock = float(rate_per_s), float(burst), clock
@@ -122,6 +121,37 @@ class RateLimiter:
             raise ServiceError(429, "rate_limited", "too many requests for this API key",
                                headers={"Retry-After": str(retry)})
         self.buckets[key] = (tokens - 1.0, now)
+
+    def spend(self, key: str) -> None:
+        """Take a token if one is left, never raising: the next ``take`` refuses once they are gone."""
+        with contextlib.suppress(ServiceError):
+            self.take(key)
+        if len(self.buckets) > 100_000:  # many addresses: forget the ones that have refilled
+            now = self.clock()
+            self.buckets = {k: (t, last) for k, (t, last) in self.buckets.items()
+                            if t + (now - last) * self.rate < self.burst}
+
+    def exhausted(self, key: str) -> float | None:
+        """Seconds until ``key`` has a token again; None when it has one now."""
+        tokens, last = self.buckets.get(key, (self.burst, self.clock()))
+        tokens = min(self.burst, tokens + (self.clock() - last) * self.rate)
+        return None if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+
+# Failed API key checks per client address: a burst, then one a second. Past it every /v1 call of that address,
+# with a right key or a wrong one, is a 429 until the bucket refills, so keys cannot be guessed faster than
+# this (~600 guesses a second before). Clients behind one NAT address share the bucket.
+AUTH_FAILURE_BURST = 20
+AUTH_FAILURES_PER_S = 1.0
+
+
+def client_address(request) -> str:
+    """The client's address: the last X-Forwarded-For entry (the one our HAProxy appends, see
+    deployments/haproxy_guard.py), else the peer."""
+    forwarded = request.headers.getlist("x-forwarded-for")
+    if forwarded:
+        return forwarded[-1].split(",")[-1].strip()[:64]
+    return request.client.host if request.client else "unknown"
 
 
 def _reason(message: str) -> str:
@@ -157,9 +187,17 @@ def decode_base64(text: Any, where: str) -> bytes:
 
 
 def check_image(data: bytes, where: str, max_pixels: int) -> None:
-    """Format and size from the header only: refuse non-images and oversized images before decoding."""
+    """Format and size from the header only: refuse non-images, oversized images and hostile framing (bounded
+    work, ``instantid.image_limits``) before decoding. Blocking: callers run it off the event loop."""
     from PIL import Image
 
+    from instantid.errors import InvalidImageError
+    from instantid.image_limits import ACCEPTED_FORMATS, check_structure
+
+    try:
+        check_structure(data, where)
+    except InvalidImageError as exc:
+        raise ServiceError(400, "invalid_image", str(exc), field=where) from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height) = image.format, image.size
@@ -192,22 +230,46 @@ def encode_image(array, fmt: str) -> bytes:
     return out.getvalue()
 
 
-def _parse_json(body: bytes) -> dict:
+# A JSON integer literal longer than this can be no valid value of the API (seeds are < 2**32; the largest
+# count is a few digits): it parses as infinity, so validation names the field and says it is out of range,
+# instead of Python's int-string limit (4300 digits) failing the whole body.
+MAX_INT_DIGITS = 40
+
+
+def _bounded_int(text: str) -> int | float:
+    return int(text) if len(text) <= MAX_INT_DIGITS else math.inf
+
+
+def loads_json(text: str | bytes):
+    """``json.loads`` for client input: deep nesting (RecursionError) and huge integers are a 400/422, never a
+    500 with a traceback."""
     try:
-        data = json.loads(body)
+        return json.loads(text, parse_int=_bounded_int)
+    except RecursionError:
+        raise ServiceError(400, "invalid_json", "the JSON is nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "msg", None) or type(exc).__name__
         raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {reason}") from None
+    except ValueError:
+        raise ServiceError(400, "invalid_json", "the body is not valid JSON") from None
+
+
+def _parse_json(body: bytes) -> dict:
+    data = loads_json(body)
     if not isinstance(data, dict):
         raise ServiceError(422, "invalid_parameter", "the body must be a JSON object")
     return data
 
 
-def _validate(model: type[BaseModel], data: dict) -> BaseModel:
+def _validate(model: type[BaseModel], data: dict, strict: bool = True) -> BaseModel:
+    """Strict types (``"seed": "12"``, ``"width": "64"``, ``"steps": true`` are refused) except for multipart
+    forms, whose fields are text by nature."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=strict)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    except RecursionError:
+        raise ServiceError(422, "invalid_parameter", "a field is nested too deeply") from None
 
 
 # -- the service ---------------------------------------------------------------------------------------
@@ -223,6 +285,8 @@ class IngressCore:
         self.store = make_store(self.args.identity_store)
         self.auth = Authenticator(self.args.auth.key_hashes_env) if self.args.auth.enabled else None
         self.limiter = RateLimiter(self.args.auth.rate_per_s, self.args.auth.burst) if self.args.auth.enabled else None
+        self.auth_failures = RateLimiter(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST)
+        self.uploads = UploadSlots()
         self._status_fn = status_fn
         self._app_name = app_name
         self._ready_cache: tuple[float, dict] | None = None
@@ -250,9 +314,13 @@ class IngressCore:
     async def _deadline(self, ctx: Ctx, coro, timeout_s: float | None = None):
         """Run ``coro`` within the request's deadline; past it, cancel in-flight calls and answer 504."""
         timeout = min(timeout_s or self.args.request_timeout_s, self.args.request_timeout_s)
+        left = timeout - (time.perf_counter() - ctx.started)  # receiving the body counted against it
+        if left <= 0:
+            coro.close()
+            raise ServiceError(504, "timeout", f"the request did not finish within {timeout:g}s")
         task = asyncio.ensure_future(coro)
         try:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
+            done, _ = await asyncio.wait({task}, timeout=left)
         except asyncio.CancelledError:  # the client went away: stop the work too
             task.cancel()
             self._cancel_pending(ctx)
@@ -313,10 +381,18 @@ class IngressCore:
             self._refresh = asyncio.ensure_future(self.readiness())
         return self._ready_cache[1] if self._ready_cache else None
 
-    def authenticate(self, authorization: str | None) -> str | None:
+    def authenticate(self, authorization: str | None, client: str = "handle") -> str | None:
         if self.auth is None:
             return None
-        name = self.auth.check(authorization)
+        wait = self.auth_failures.exhausted(client)
+        if wait is not None:
+            raise ServiceError(429, "rate_limited", "too many failed API key checks from this address",
+                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        try:
+            name = self.auth.check(authorization)
+        except ServiceError:
+            self.auth_failures.spend(client)
+            raise
         self.limiter.take(name)
         return name
 
@@ -324,7 +400,7 @@ class IngressCore:
     def decode_generate(self, data: dict, files: dict[str, Any] | None = None):
         """A request dict (+ multipart files) -> (validated request, face image bytes | None, pose bytes | None)."""
         started = time.perf_counter()
-        req = _validate(self.models.GenerateRequest, data)
+        req = _validate(self.models.GenerateRequest, data, strict=files is None)
         limits = self.args.limits
         faces: list[bytes] | None = None
         pose: bytes | None = None
@@ -448,7 +524,8 @@ class IngressCore:
     async def serve_generate(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
         """Decode, run under the deadline, map errors: the one path for HTTP (JSON, multipart) and handles."""
         try:
-            req, faces, pose, decode_s = self.decode_generate(data, files)
+            # base64, validation and image header checks are CPU work on client bytes: off the event loop
+            req, faces, pose, decode_s = await asyncio.to_thread(self.decode_generate, data, files)
             ctx.timings["decode_s"] = decode_s
             metrics.stage("decode", decode_s)
             return await self._deadline(ctx, self.run_generate(ctx, req, faces, pose), req.timeout_s)
@@ -460,13 +537,14 @@ class IngressCore:
         limits = self.args.limits
         if files and files.get("face_images"):
             if data:
-                raise ServiceError(422, "invalid_parameter", f"unexpected fields {sorted(data)}")
+                raise ServiceError(422, "invalid_parameter",
+                                   f"unexpected fields {[k[:64] for k in sorted(data)[:8]]}")
             faces = list(files["face_images"])
             if not 1 <= len(faces) <= limits.max_faces:
                 raise ServiceError(422, "invalid_parameter", f"face_images: give 1 to {limits.max_faces} images",
                                    field="face_images")
         else:
-            req = _validate(self.models.IdentityCreateRequest, data)
+            req = _validate(self.models.IdentityCreateRequest, data, strict=files is None)
             faces = [decode_base64(s, f"face_images[{i}]") for i, s in enumerate(req.face_images)]
         for i, image in enumerate(faces):
             check_image(image, f"face_images[{i}]", limits.max_image_pixels)
@@ -484,7 +562,7 @@ class IngressCore:
 
     async def serve_create_identity(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
         try:
-            faces = self.decode_identity(data, files)
+            faces = await asyncio.to_thread(self.decode_identity, data, files)
             return await self._deadline(ctx, self.run_create_identity(ctx, faces))
         except Exception as exc:
             raise self._fail(ctx, exc) from None
@@ -503,7 +581,7 @@ class IngressCore:
         except Exception as exc:
             raise self._fail(ctx, exc) from None
         if record is None:
-            raise ServiceError(404, "not_found", f"identity {identity_id} not found")
+            raise ServiceError(404, "not_found", "identity not found")  # never echo the input
         return self.identity_view(record)
 
     async def serve_delete_identity(self, ctx: Ctx, identity_id: str) -> None:
@@ -512,7 +590,7 @@ class IngressCore:
         except Exception as exc:
             raise self._fail(ctx, exc) from None
         if not deleted:
-            raise ServiceError(404, "not_found", f"identity {identity_id} not found")
+            raise ServiceError(404, "not_found", "identity not found")  # never echo the input
 
     async def serve_list_identities(self, ctx: Ctx, limit: int) -> dict:
         try:
@@ -649,7 +727,41 @@ class Observe:
                                  time.perf_counter() - started)
 
 
-async def read_body(request, limit: int) -> bytes:
+# Request bodies received at once per client (its API key, else its address): a slow uploader holds its own
+# slots, not the replica's (64 requests in progress per Ingress replica).
+MAX_UPLOADS_PER_CLIENT = 4
+
+
+class UploadSlots:
+    def __init__(self, per_client: int = MAX_UPLOADS_PER_CLIENT):
+        self.per_client = per_client
+        self.active: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, who: str):
+        if self.active.get(who, 0) >= self.per_client:
+            raise ServiceError(429, "rate_limited", f"more than {self.per_client} uploads in progress from this "
+                               "client", headers={"Retry-After": "1"})
+        self.active[who] = self.active.get(who, 0) + 1
+        try:
+            yield
+        finally:
+            self.active[who] -= 1
+            if not self.active[who]:
+                del self.active[who]
+
+
+async def read_body(request, limit: int, deadline: float | None = None) -> bytes:
+    """The body, at most ``limit`` bytes, received by ``deadline`` (``time.perf_counter()``; the request's own
+    deadline: the time a client takes to send it counts) or a 408."""
+    try:
+        async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.perf_counter())):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise ServiceError(408, "timeout", "the request body was not received in time") from None
+
+
+async def _read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -666,8 +778,10 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_form(request, body: bytes, max_files: int, limit: int) -> tuple[dict, dict]:
-    """multipart/form-data: file fields (raw bytes) and the other fields (JSON-decoded where they are JSON)."""
+async def read_form(request, body: bytes, max_files: int, limit: int,
+                    file_fields: tuple[str, ...] = ("face_images", "pose_image")) -> tuple[dict, dict]:
+    """multipart/form-data: file fields (raw bytes; only ``file_fields``, any other file part is refused) and the
+    other fields (JSON-decoded where they are JSON)."""
     from starlette.datastructures import UploadFile
 
     async def replay():
@@ -682,19 +796,19 @@ async def read_form(request, body: bytes, max_files: int, limit: int) -> tuple[d
     data: dict[str, Any] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
+            if key not in file_fields:
+                raise ServiceError(422, "invalid_parameter", f"{key[:64]}: unexpected file field", field=key[:64])
             content = await value.read()
             if key == "face_images":
                 files.setdefault("face_images", []).append(content)
             elif key == "pose_image":
                 files["pose_image"] = content
-            else:
-                raise ServiceError(422, "invalid_parameter", f"{key}: unexpected file field", field=key)
         elif key == "face_images":
             files.setdefault("face_images", []).append(decode_base64(value, "face_images"))
         elif key == "loras":
             try:
-                data["loras"] = json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError:
+                data["loras"] = loads_json(value) if value.strip() else {}
+            except ServiceError:
                 raise ServiceError(422, "invalid_parameter", "loras: must be a JSON object", field="loras") from None
         elif value == "" and key not in ("prompt", "negative_prompt"):
             continue  # an empty form field means "not given"
@@ -743,18 +857,20 @@ def build_http_app(core: IngressCore):
         bearer = HTTPBearer(auto_error=False, description="API key")
 
         async def auth(request: Request, _creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
-            request.state.api_key = core.authenticate(request.headers.get("authorization"))
+            request.state.api_key = core.authenticate(request.headers.get("authorization"), client_address(request))
     else:
         async def auth(request: Request):
             request.state.api_key = None
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
-    async def parse(request: Request, max_files: int) -> tuple[dict, dict | None]:
-        body = await read_body(request, limits.max_body_bytes)
+    async def parse(request: Request, ctx: Ctx, max_files: int,
+                    file_fields: tuple[str, ...] = ("face_images", "pose_image")) -> tuple[dict, dict | None]:
+        with core.uploads.hold(getattr(request.state, "api_key", None) or client_address(request)):
+            body = await read_body(request, limits.max_body_bytes, ctx.started + args.request_timeout_s)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
-            return await read_form(request, body, max_files, limits.max_body_bytes)
+            return await read_form(request, body, max_files, limits.max_body_bytes, file_fields)
         if ctype not in ("", "application/json") and not ctype.endswith("+json"):
             raise ServiceError(415, "unsupported_media_type", "send application/json or multipart/form-data")
         return _parse_json(body), None
@@ -765,7 +881,7 @@ def build_http_app(core: IngressCore):
     async def generate(request: Request):
         ctx = Ctx(route="/v1/generate")
         try:
-            data, files = await parse(request, limits.max_faces + 1)
+            data, files = await parse(request, ctx, limits.max_faces + 1)
         except Exception as exc:
             raise core._fail(ctx, exc) from None
         return JSONResponse(await core.serve_generate(ctx, data, files))
@@ -777,7 +893,7 @@ def build_http_app(core: IngressCore):
     async def create_identity(request: Request):
         ctx = Ctx(route="/v1/identities")
         try:
-            data, files = await parse(request, limits.max_faces)
+            data, files = await parse(request, ctx, limits.max_faces, ("face_images",))
         except Exception as exc:
             raise core._fail(ctx, exc) from None
         return JSONResponse(await core.serve_create_identity(ctx, data, files), status_code=201)
@@ -799,6 +915,19 @@ def build_http_app(core: IngressCore):
     @v1.get("/models", response_model=ModelList, responses=errors, summary="Models, LoRAs, styles, schedulers")
     async def models():
         return core.model_list()
+
+    @v1.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                  include_in_schema=False)
+    async def unknown(request: Request, path: str):
+        """Any other /v1 path: after auth (no route discovery without a key); 405 where the path exists."""
+        from starlette.routing import Match
+
+        allowed = sorted({m for r in v1.routes if r.endpoint is not unknown and getattr(r, "methods", None)
+                          and r.matches({**request.scope, "method": "__none__"})[0] == Match.PARTIAL
+                          for m in r.methods})
+        if allowed:
+            raise ServiceError(405, "method_not_allowed", "method not allowed", headers={"Allow": ", ".join(allowed)})
+        raise ServiceError(404, "not_found", "no such route")
 
     app.include_router(v1)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from .config import AppArgs, Limits
 
@@ -28,6 +28,7 @@ DELIVERIES = ("inline", "s3")
 IDENTITY_ID_PATTERN = r"^id_[0-9a-f]{32}$"
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 8
+MAX_NAME_CHARS = 128  # a LoRA name (a key in ``loras``)
 
 _DOC_IMAGE = "Base64 image (JPEG, PNG or WebP; a data: URL prefix is accepted)."
 
@@ -49,6 +50,7 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
     Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
     side = _default_side(limits)
     LoraScale = Annotated[float, Field(ge=-2.0, le=2.0)]
+    LoraName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 
     class GenerateRequest(_Model):
         """Generate images of the identity in ``face_images`` (or a stored ``identity_id``)."""
@@ -77,7 +79,7 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
         scheduler: Scheduler = "default"
         base_model: Optional[ModelName] = Field(None, description="A configured model name (GET /v1/models); "
                                                                   "the default model when absent.")
-        loras: dict[str, LoraScale] = Field(default_factory=dict, max_length=MAX_LORAS,
+        loras: dict[LoraName, LoraScale] = Field(default_factory=dict, max_length=MAX_LORAS,
                                             description="LoRA name -> scale, among the base model's LoRAs.")
         output_format: Literal[OUTPUT_FORMATS] = "png"  # type: ignore[valid-type]
         delivery: Literal[DELIVERIES] = Field(  # type: ignore[valid-type]

@@ -10,7 +10,9 @@ ships (``scripts/demo`` does this).
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -32,11 +34,20 @@ LOCAL_ENV: dict[str, str] = {
 }
 
 
+def write_guard_launcher(directory: Path) -> Path:
+    """An executable that runs deployments/haproxy_guard.py with this Python (Ray wants one file to exec)."""
+    launcher = directory / "haproxy"
+    launcher.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m deployments.haproxy_guard \"$@\"\n")
+    launcher.chmod(0o755)
+    return launcher
+
+
 def private_haproxy_env() -> tuple[dict[str, str], Path]:
     """HAProxy's ports and files for one more local cluster on a machine (tests, benchmarks): by default every
     cluster uses the same ones (stats 8404, metrics 9101, /tmp/haproxy-serve). Returns the environment and
-    the new directory (the caller removes it). The directory is directly under /tmp: HAProxy refuses socket
-    paths over 97 characters, and Ray adds a 64-character subdirectory."""
+    the new directory (the caller removes it, after ``stop_haproxy``). The directory is directly under /tmp:
+    HAProxy refuses socket paths over 97 characters, and Ray adds a 64-character subdirectory. HAProxy runs
+    through deployments/haproxy_guard.py (timeouts, JSON errors, local-only stats, dies with its Ray proxy)."""
     directory = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
 
     def free_port() -> int:
@@ -51,13 +62,57 @@ def private_haproxy_env() -> tuple[dict[str, str], Path]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(directory / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(directory),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(directory / "server-state"),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(write_guard_launcher(directory)),
     }, directory)
+
+
+def haproxy_pids(directory: str | Path) -> list[int]:
+    """HAProxy processes started with a configuration under ``directory`` (one private setup's; never
+    another cluster's)."""
+    prefix = str(Path(directory).resolve()) + os.sep
+    pids = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-f" in argv and argv.index(b"-f") + 1 < len(argv) \
+                and argv[argv.index(b"-f") + 1].decode(errors="replace").startswith(prefix):
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_haproxy(directory: str | Path) -> list[int]:
+    """SIGTERM, then SIGKILL, every HAProxy of this private setup that outlived Ray (the guard makes HAProxy
+    die with its Ray proxy; this is the last line for anything that did not). Returns the pids stopped."""
+    import time
+
+    pids = haproxy_pids(directory)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.05)
+    return pids
 
 
 def main(argv: list[str] | None = None) -> None:
     """Print ``export`` lines: CLUSTER_ENV, or with ``--local`` LOCAL_ENV plus a private HAProxy setup (its
-    directory is ``$RAY_SERVE_HAPROXY_SERVER_STATE_BASE``, for the caller to remove)."""
-    local = "--local" in (argv if argv is not None else sys.argv[1:])
+    directory is ``$RAY_SERVE_HAPROXY_SERVER_STATE_BASE``, for the caller to remove). ``--stop-haproxy DIR``
+    stops what is left of that setup's HAProxy."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if argv[:1] == ["--stop-haproxy"] and len(argv) == 2:
+        stopped = stop_haproxy(argv[1])
+        if stopped:
+            print(f"stopped orphaned HAProxy {stopped}", file=sys.stderr)
+        return
+    local = "--local" in argv
     env = {**LOCAL_ENV, **private_haproxy_env()[0]} if local else CLUSTER_ENV
     for key, value in env.items():
         print(f"export {key}={shlex.quote(value)}")

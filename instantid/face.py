@@ -18,8 +18,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import weights
 from .errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
+from .image_limits import ACCEPTED_FORMATS, DecodeAborted, check_structure, open_bounded
 
-ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP"}
+# A photo that takes longer than this to decode is refused (a bounded-scan JPEG at the pixel limit takes ~1 s).
+DECODE_TIMEOUT_S = 10.0
 EMBEDDING_DIM = 512
 MODULES = ["detection", "recognition"]
 log = logging.getLogger(__name__)
@@ -30,19 +32,25 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """Decode a JPEG, PNG or WebP file (path) or upload (bytes) into an RGB image with EXIF orientation applied."""
+def load_image(source: str | Path | bytes, name: str | None = None, *, timeout_s: float = DECODE_TIMEOUT_S,
+               should_stop=None) -> Image.Image:
+    """Decode a JPEG (or a phone's MPO: its first frame), PNG or WebP file (path) or upload (bytes) into an RGB
+    image with EXIF orientation applied. The decode is bounded (``instantid.image_limits``): refused when its
+    framing is hostile, stopped past ``timeout_s`` or as soon as ``should_stop()`` is true."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "uploaded image"
-        stream = io.BytesIO(bytes(source))
+        data = bytes(source)
     else:
         label = name or str(source)
         try:
-            stream = io.BytesIO(Path(source).expanduser().read_bytes())
+            data = Path(source).expanduser().read_bytes()
         except OSError as exc:
             raise InvalidImageError(f"cannot read {label}: {exc.strerror or _one_line(exc)}") from exc
+    check_structure(data, label)
     try:
-        image = Image.open(stream)
+        image = open_bounded(data, label, timeout_s, should_stop)
+    except DecodeAborted:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"{label} is not a readable image (JPEG, PNG or WebP expected)") from exc
     # judge by decoded content, not by file name or declared content type
@@ -51,9 +59,22 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
     try:
         image.load()  # decode now: a truncated file fails here rather than deep inside the pipeline
         image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return _to_rgb(image)
+    except DecodeAborted:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"{label} is truncated or corrupt: {_one_line(exc)}") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with 16-bit grayscale (PNG's I;16 and the 32-bit I mode Pillow may give it) scaled to 8 bits:
+    Pillow's own conversion clips every value above 255 to white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        levels = np.asarray(image)
+        if levels.dtype.kind == "i":  # mode I: 32-bit signed
+            levels = np.clip(levels, 0, 65535)
+        image = Image.fromarray((levels >> 8).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def resize_for_analysis(image: Image.Image) -> Image.Image:

@@ -17,6 +17,7 @@ get alone (up to float rounding of batched matrix products).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +32,21 @@ from .attention import install_identity_adapter, set_identity_scale
 from .errors import InvalidParameterError, WeightsError
 from .resampler import Resampler
 from .schedulers import make_scheduler
+
+
+class _RedactTruncatedPrompt(logging.Filter):
+    """diffusers logs the part of a prompt past CLIP's 77 tokens as a warning; prompts are personal data and
+    never go to a log, so the record keeps only the fact."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "input was truncated" in str(record.msg):
+            record.msg, record.args = "a prompt was truncated to the text encoder's token limit", ()
+        return True
+
+
+for _module in {StableDiffusionXLControlNetPipeline.encode_prompt.__module__,
+                "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"}:
+    logging.getLogger(_module).addFilter(_RedactTruncatedPrompt())
 
 
 @dataclass

@@ -76,6 +76,39 @@ def test_api_conforms_and_never_5xx(api_schema, serve_env, method, path, mode):
     assert calls
 
 
+# The probe's hostile but valid JSON, which a schema-driven fuzzer does not produce: deep nesting, integers past
+# Python's int-string limit, deep objects in a multipart field. Each must be a 4xx JSON answer.
+HOSTILE_JSON = {
+    "nested-100k": b"[" * 100_000 + b"]" * 100_000,
+    "nested-object-field": b'{"prompt": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001,
+    "seed-5000-digits": b'{"seed": ' + b"9" * 5000 + b"}",
+    "guidance-5000-digits": b'{"guidance_scale": ' + b"9" * 5000 + b"}",
+    "width-negative-5000-digits": b'{"width": -' + b"9" * 5000 + b"}",
+    "float-5000-digits": b'{"guidance_scale": 1.' + b"9" * 5000 + b"}",
+    "exponent-huge": b'{"guidance_scale": 1e999999999}',
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/identities"])
+@pytest.mark.parametrize("name", sorted(HOSTILE_JSON))
+def test_hostile_json_never_5xx(http, path, name):
+    resp = http.post(path, content=HOSTILE_JSON[name], headers={"Content-Type": "application/json"})
+    key = f"POST {path} hostile-json {resp.status_code}"
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    assert 400 <= resp.status_code < 500 and set(resp.json()) == {"error"}, resp.text[:300]
+
+
+@pytest.mark.parametrize("loras", ['{"a":' * 50_000 + "1" + "}" * 50_000, "[" * 100_000, "9" * 5000])
+def test_hostile_multipart_loras_never_5xx(http, loras):
+    from serve_helpers import png_bytes
+
+    resp = http.post("/v1/generate", files=[("face_images", ("a.png", png_bytes(), "image/png"))],
+                     data={"loras": loras, "width": "64", "height": "64", "steps": "2"})
+    key = f"POST /v1/generate multipart-loras {resp.status_code}"
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    assert resp.status_code == 422 and resp.json()["error"]["field"] == "loras", resp.text[:300]
+
+
 def test_fuzz_summary():
     """Prints what the fuzzing above produced (status split per operation), for docs/reliability.md."""
     if COUNTS:

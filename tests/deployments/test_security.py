@@ -78,21 +78,27 @@ def test_logs_never_carry_keys_images_or_embeddings(tmp_path, monkeypatch, caplo
 
 @pytest.mark.serve
 def test_cluster_logs_never_carry_keys_or_images(http, face_b64, tiny_request, serve_env):
-    """Requests carrying a known secret and image through the live app; then grep every Ray/Serve log file of
-    the session (controller, proxy, replicas, access logs) for them."""
+    """Requests carrying a known secret, images and prompts (one past CLIP's 77 tokens, which diffusers reports)
+    through the live app; then grep every Ray/Serve log file of the session (controller, proxy, replicas,
+    access logs) for them."""
     import ray
 
     secret = "sk-probe-" + secrets.token_hex(16)
     marker_image = b64(png_bytes(color=(3, 141, 59)))  # a uniform image: 422 no_face, after a full analysis
+    prompt_word, negative_word = "qx" + secrets.token_hex(6), "qz" + secrets.token_hex(6)
+    long_prompt = " ".join(["portrait"] * 90 + [prompt_word] * 5)
     headers = {"Authorization": f"Bearer {secret}", "X-Api-Key": secret}
-    assert http.post("/v1/generate", json=tiny_request(face_images=[face_b64]), headers=headers).status_code == 200
+    assert http.post("/v1/generate", json=tiny_request(face_images=[face_b64], prompt=long_prompt,
+                                                       negative_prompt=negative_word),
+                     headers=headers).status_code == 200
     resp = http.post("/v1/generate", json=tiny_request(face_images=[marker_image]), headers=headers)
     assert resp.status_code == 422
     assert http.post("/v1/identities", json={"face_images": [face_b64]}, headers=headers).status_code == 201
     logs_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     files = [p for p in logs_dir.rglob("*") if p.is_file() and p.stat().st_size < 200_000_000]
     assert any("serve" in str(p) for p in files)
-    needles = [secret.encode(), face_b64[1000:1060].encode(), marker_image[20:80].encode()]
+    needles = [secret.encode(), face_b64[1000:1060].encode(), marker_image[20:80].encode(), prompt_word.encode(),
+               negative_word.encode()]
     for path in files:
         data = path.read_bytes()
         for needle in needles:
