@@ -52,6 +52,11 @@ class AuthConfig(_Strict):
     )
     rate_per_s: float = Field(2.0, gt=0, description="Token-bucket refill per API key.")
     burst: int = Field(10, ge=1, description="Token-bucket size per API key.")
+    admin_keys: list[str] = Field(
+        default_factory=list,
+        description="Key names (the 'name' of key_hashes_env entries) with the operators' scope: they see, use "
+        "and delete every key's identities. Any other key sees only the identities it created.",
+    )
 
 
 class AppArgs(_Strict):
