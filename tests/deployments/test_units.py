@@ -39,6 +39,9 @@ class FakeFace:
 
         self.analyze = _Method(analyze)
 
+    def options(self, **_):
+        return self
+
 
 class FakeGenerator:
     def __init__(self, fail: BaseException | None = None):
