@@ -24,6 +24,14 @@ class ModelSpec(_Strict):
     loras: dict[str, str] = Field(
         default_factory=dict, description="LoRAs requests may use with this model: name -> weights reference."
     )
+    megapixel_steps_per_s: float | None = Field(
+        None, gt=0,
+        description="Measured speed of one replica on this model: (width x height / 1e6) x steps x num_images per "
+        "second. A request whose cost needs longer than its deadline leaves is refused up front (422 too_costly). "
+        "None: no cost check.",
+    )
+    overhead_s: float = Field(0.0, ge=0, description="Fixed seconds per request on top of the cost (encoding, "
+                              "VAE decoding), used with megapixel_steps_per_s.")
 
 
 class BatchConfig(_Strict):

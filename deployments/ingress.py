@@ -83,6 +83,7 @@ class Ctx:
     pending: list = field(default_factory=list)
     api_key: str | None = None  # the caller's key name: the owner of identities it creates
     scope: str | None = None  # whose identities it may see (None: all; auth off, admin keys, handle API)
+    deadline: float | None = None  # time.time() when the request times out (504); backends stop work past it
 
 
 # -- auth --------------------------------------------------------------------------------------------
@@ -224,6 +225,26 @@ def _validate(model: type[BaseModel], data: dict) -> BaseModel:
         raise validation_error(exc) from None
 
 
+COST_FIELDS = ("width", "height", "steps", "num_images")
+
+
+def check_cost(spec, req, deadline: float | None) -> None:
+    """Refuse up front a generation that cannot finish before its deadline: its cost, width x height x steps x
+    num_images in megapixel-steps, over the model's measured ``megapixel_steps_per_s`` (``ModelSpec``), plus
+    the model's fixed ``overhead_s``, must fit in the time left. 422 naming the four fields."""
+    if spec.megapixel_steps_per_s is None or deadline is None:
+        return
+    cost = req.width * req.height * req.steps * req.num_images / 1e6
+    needed = spec.overhead_s + cost / spec.megapixel_steps_per_s
+    left = deadline - time.time()
+    if needed > left:
+        raise ServiceError(
+            422, "too_costly",
+            f"width x height x steps x num_images = {cost:.1f} megapixel-steps needs about {needed:.0f}s on model "
+            f"{spec.name!r}, more than the {max(left, 0):.0f}s left before this request's deadline; lower width, "
+            f"height, steps or num_images", field="steps", details=[{"field": f} for f in COST_FIELDS])
+
+
 # -- the service ---------------------------------------------------------------------------------------
 class IngressCore:
     """Everything the Ingress does, callable from HTTP routes and from DeploymentHandles."""
@@ -241,6 +262,7 @@ class IngressCore:
         self._status_fn = status_fn
         self._app_name = app_name
         self._ready_cache: tuple[float, dict] | None = None
+        self._probe_cache: tuple[float, dict] | None = None
         self._refresh: asyncio.Future | None = None
         self._status_messages: dict[str, str] = {}
         self._running: dict[str, int] = {}  # RUNNING replicas per deployment, from the last status read
@@ -276,6 +298,7 @@ class IngressCore:
     async def _deadline(self, ctx: Ctx, coro, timeout_s: float | None = None):
         """Run ``coro`` within the request's deadline; past it, cancel in-flight calls and answer 504."""
         timeout = min(timeout_s or self.args.request_timeout_s, self.args.request_timeout_s)
+        ctx.deadline = time.time() + timeout
         task = asyncio.ensure_future(coro)
         try:
             done, _ = await asyncio.wait({task}, timeout=timeout)
@@ -398,6 +421,7 @@ class IngressCore:
         if req.delivery == "s3" and not args.output_bucket:
             raise ServiceError(422, "invalid_parameter", "delivery: S3 delivery is not configured on this service",
                                field="delivery")
+        check_cost(spec, req, ctx.deadline)
         await self._backend_down(BACKENDS if req.identity_id is None or pose is not None else ("Generator",))
         prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt)
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -430,6 +454,7 @@ class IngressCore:
             "prompt": prompt, "negative_prompt": negative, "num_images": req.num_images, "seed": seed,
             "guidance_scale": req.guidance_scale, "ip_adapter_scale": req.ip_adapter_scale,
             "controlnet_conditioning_scale": req.controlnet_conditioning_scale, "loras": dict(req.loras),
+            "deadline": ctx.deadline,
         }
         # the response is the raw RGB arrays: their size is known before the call
         result_bytes = req.num_images * req.width * req.height * 3
@@ -589,6 +614,37 @@ class IngressCore:
         except Exception as exc:
             result = {"ready": False, "deployments": {}, "message": f"cannot read Serve status: {type(exc).__name__}"}
         self._ready_cache = (now, result)
+        return result
+
+    async def live_readiness(self, timeout_s: float = 2.0) -> dict:
+        """/readyz: Serve's view (``readiness``) and, when that says ready, each backend asked directly: a backend
+        whose queue is full, that does not answer within ``timeout_s``, or whose replica says it is not ready
+        (a Generator stuck on abandoned work) makes the service not ready. At most one probe a second."""
+        state = await self.readiness()
+        if not state["ready"]:
+            return state
+        now = time.monotonic()
+        if self._probe_cache and now - self._probe_cache[0] < 1.0:
+            return self._probe_cache[1]
+
+        async def ask(name: str, handle) -> str | None:
+            if name == "Generator" and self._running.get(name) == 0:
+                return None  # scaled to zero: asking would start a replica; Serve's view suffices
+            response = handle.ready.remote()
+            try:
+                answer = await asyncio.wait_for(asyncio.ensure_future(response), timeout_s)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(Exception):
+                    response.cancel()
+                return f"{name}: no answer within {timeout_s:g}s (busy or queue full)"
+            except Exception as exc:
+                return f"{name}: {from_exception(exc).message}"
+            return None if answer.get("ready") else f"{name}: {answer.get('error') or 'not ready'}"
+
+        problems = [p for p in await asyncio.gather(ask("FaceAnalyzer", self.face), ask("Generator", self.generator))
+                    if p]
+        result = state if not problems else {**state, "ready": False, "message": "not ready: " + "; ".join(problems)}
+        self._probe_cache = (now, result)
         return result
 
     def _serve_status(self) -> dict[str, str]:
@@ -853,7 +909,7 @@ def build_http_app(core: IngressCore):
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
              summary="Readiness: FaceAnalyzer and Generator have replicas with their models loaded")
     async def readyz():
-        state = await core.readiness()
+        state = await core.live_readiness()
         return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
     def openapi():
