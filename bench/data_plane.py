@@ -78,8 +78,9 @@ def main() -> None:
                         got = len(await handle.give.remote(n_bytes))
                     times.append(time.perf_counter() - t0)
                     assert got == n_bytes
-            except Exception as exc:
-                return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+            except Exception as exc:  # gRPC errors keep the reason in details(), not in the first line
+                reason = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+                return {"error": f"{type(exc).__name__}: {str(reason).splitlines()[0][:160]}"}
             return {"p50_ms": 1000 * statistics.median(times[1:]), "min_ms": 1000 * min(times[1:])}
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -156,3 +156,20 @@ def test_the_generator_reports_abandoned_work_on_its_device():
     assert gen.ready()["ready"] is False and "abandoned" in gen.ready()["error"]
     gen._running = [_job(1, deadline=time.time() - 1), _job(2)]  # someone still waits: the work is useful
     assert gen.ready()["ready"] is True
+
+
+@pytest.mark.serve
+def test_after_a_client_disconnects_the_generator_is_free_again_soon(serve_env, identity_id, tiny_request):
+    """A client that gives up after 3 s (its connection closed) stops its generation too (Serve cancels the
+    request, the Ingress cancels its backend call, the Generator drops the job at the next step): the next
+    request does not wait for the abandoned one (which would run until its 60 s deadline)."""
+    import httpx
+
+    body = tiny_request(identity_id=identity_id, width=256, height=256, steps=50, num_images=4)
+    with httpx.Client(base_url=serve_env.base_url, timeout=3) as impatient, pytest.raises(httpx.TimeoutException):
+        impatient.post("/v1/generate", json=body)
+    t0 = time.perf_counter()
+    with httpx.Client(base_url=serve_env.base_url, timeout=90) as client:
+        nxt = client.post("/v1/generate", json=tiny_request(identity_id=identity_id))
+    assert nxt.status_code == 200, nxt.text
+    assert time.perf_counter() - t0 < 40, "the next request waited behind abandoned work"
