@@ -147,7 +147,8 @@ def test_callback_drops_requests_rows_and_the_rest_go_on(pipe):
     """A request the step callback no longer wants leaves the batch (fewer UNet rows from the next step on, None
     in the result); the others end exactly as in a batch without it (up to batched-matmul rounding)."""
     r1 = request(seed=1, prompt="a", ip_adapter_scale=0.5, guidance_scale=3.0, num_images=2)
-    r2 = request(seed=2, prompt="", face_embedding=embedding(1), ip_adapter_scale=1.2, controlnet_conditioning_scale=0.5)
+    r2 = request(seed=2, prompt="", face_embedding=embedding(1), ip_adapter_scale=1.2,
+                 controlnet_conditioning_scale=0.5)
     r3 = request(seed=3, prompt="c", face_embedding=embedding(2), guidance_scale=2.0)
     rows = []
     hook = pipe.unet.register_forward_pre_hook(lambda _, args: rows.append(int(args[0].shape[0])))
