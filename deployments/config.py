@@ -24,6 +24,14 @@ class ModelSpec(_Strict):
     loras: dict[str, str] = Field(
         default_factory=dict, description="LoRAs requests may use with this model: name -> weights reference."
     )
+    megapixel_steps_per_s: float | None = Field(
+        None, gt=0,
+        description="Measured speed of one replica on this model: (width x height / 1e6) x steps x num_images per "
+        "second. A request whose cost needs longer than its deadline leaves is refused up front (422 too_costly). "
+        "None: no cost check.",
+    )
+    overhead_s: float = Field(0.0, ge=0, description="Fixed seconds per request on top of the cost (encoding, "
+                              "VAE decoding), used with megapixel_steps_per_s.")
 
 
 class BatchConfig(_Strict):
@@ -53,6 +61,11 @@ class AuthConfig(_Strict):
     )
     rate_per_s: float = Field(2.0, gt=0, description="Token-bucket refill per API key.")
     burst: int = Field(10, ge=1, description="Token-bucket size per API key.")
+    admin_keys: list[str] = Field(
+        default_factory=list,
+        description="Key names (the 'name' of key_hashes_env entries) with the operators' scope: they see, use "
+        "and delete every key's identities. Any other key sees only the identities it created.",
+    )
 
 
 class AppArgs(_Strict):

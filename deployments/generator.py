@@ -22,6 +22,11 @@ Throughput
 
 Generation is blocking: it runs in a worker thread (one at a time per replica, under a lock), so health
 checks, new arrivals and batching keep running on the event loop.
+
+Abandoned work stops: a job carries its request's deadline (wall-clock, set by the Ingress) and is marked
+cancelled when its caller goes away (Serve cancels ``generate`` when the Ingress cancels the call: client
+disconnect, 504). After each denoising step the pipeline's callback drops such jobs' rows from the batch; the
+others go on, and a batch with none left stops at once. Their callers get ``504 timeout``.
 """
 
 from __future__ import annotations
@@ -71,7 +76,12 @@ class Job:
     loras: dict[str, float] = field(default_factory=dict)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrived: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # time.time() past which nobody waits for the result
     cancelled: bool = False
+
+    def abandoned(self, now: float) -> bool:
+        """Its caller gave up (cancelled) or its deadline passed: its work is wasted."""
+        return self.cancelled or (self.deadline is not None and now > self.deadline)
 
     def key(self) -> tuple:
         """Requests with equal keys can share one denoising batch."""
@@ -102,12 +112,17 @@ def decode_request(job: dict) -> Job:
             ip_adapter_scale=float(job.get("ip_adapter_scale", 0.8)),
             controlnet_conditioning_scale=float(job.get("controlnet_conditioning_scale", 0.8)),
             loras={str(k): float(v) for k, v in (job.get("loras") or {}).items()},
+            deadline=None if job.get("deadline") is None else float(job["deadline"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidParameterError("request", f"malformed generation job: {exc}") from exc
     if min(canvas) <= 0:
         raise InvalidParameterError("kps", "canvas size must be positive")
     return out
+
+
+def abandoned_error() -> ServiceError:
+    return ServiceError(504, "timeout", "the request passed its deadline or was cancelled; its generation stopped")
 
 
 class LoadedModel:
@@ -153,9 +168,12 @@ class GeneratorCore:
         ]
         marks: dict[str, float] = {}
 
-        def on_step(step: int, total: int) -> None:
+        def on_step(step: int, total: int) -> list[int] | None:
             if step == total:
                 marks["denoised"] = time.perf_counter()
+            now = time.time()
+            wanted = [k for k, j in enumerate(jobs) if not j.abandoned(now)]
+            return wanted if len(wanted) < len(jobs) else None  # the others' rows leave the batch
 
         with self._lock:
             started = time.perf_counter()
@@ -166,7 +184,7 @@ class GeneratorCore:
         denoised = marks.get("denoised", finished)
         n_images = sum(j.num_images for j in jobs)
         return [
-            {
+            abandoned_error() if imgs is None else {
                 "images": [np.asarray(img.convert("RGB"), dtype=np.uint8) for img in imgs],
                 "seed": j.seed,
                 "model": model.name,
@@ -198,6 +216,7 @@ class Generator:
         self.loads: Counter[str] = Counter()
         self.batch_sizes: list[int] = []
         self._waiting: set[str] = set()
+        self._running: list[Job] = []  # the group on the device now
         self._queue: list[tuple[Job, asyncio.Future]] = []  # formed batches' jobs, waiting for the device
         self._pump_task: asyncio.Task | None = None
         self._run_batch.set_max_batch_size(self.args.batch.max_batch_size)
@@ -260,8 +279,16 @@ class Generator:
 
     def _next_group(self) -> list[tuple[Job, asyncio.Future]]:
         """The oldest waiting job and the compatible jobs behind it (same model and key), FIFO; jobs whose
-        callers gave up are dropped."""
-        live = [(job, fut) for job, fut in self._queue if not (job.cancelled or fut.done())]
+        callers gave up or whose deadline passed are dropped (answered 504, so their batch's others return)."""
+        now = time.time()
+        live = []
+        for job, fut in self._queue:
+            if fut.done():
+                continue
+            if job.abandoned(now):
+                fut.set_result(abandoned_error())
+            else:
+                live.append((job, fut))
         if not live:
             self._queue = []
             return []
@@ -310,11 +337,16 @@ class Generator:
             return [to_service_error(exc)] * len(jobs)
         load_s = time.perf_counter() - started if self.loads[name] > loads_before else None
         metrics.models_resident(len(self.resident_models()))
+        self._running = jobs
         try:
             outputs = await asyncio.to_thread(self.core.predict, model, jobs)
         except Exception as exc:
             return [to_service_error(exc)] * len(jobs)
-        self._record_batch(name, jobs, outputs, load_s)
+        finally:
+            self._running = []
+        done = [out for out in outputs if isinstance(out, dict)]
+        if done:
+            self._record_batch(name, jobs, done, load_s)
         return outputs
 
     def _record_batch(self, name: str, group: list[Job], outputs: list[dict], load_s: float | None) -> None:
@@ -352,7 +384,12 @@ class Generator:
         }
 
     def ready(self) -> dict:
-        return {"ready": self.ready_error is None, "error": self.ready_error}
+        """Live readiness (the Ingress's /readyz asks it): the model is loaded, and the device is not held by
+        work nobody waits for any more (it stops at the end of the current step)."""
+        error = self.ready_error
+        if error is None and self._running and all(j.abandoned(time.time()) for j in self._running):
+            error = "busy finishing a denoising step of abandoned work"
+        return {"ready": error is None, "error": error, "waiting": len(self._waiting)}
 
     def check_health(self) -> None:
         if self.ready_error is not None:

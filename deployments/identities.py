@@ -12,6 +12,9 @@ means one commit point:
   fails (S3 down) leaves nothing; the client gets 503 storage_unavailable and no id, so nothing reported
   created is ever lost.
 
+With auth on, a record carries ``owner``, the name of the API key that created it (None when auth is off or
+it came through the trusted handle API); ``visible_to`` is the one rule of who may see, use or delete it.
+
 Ids are ``id_`` + 32 hex digits, generated here and checked against that pattern before any path or key
 is built from them, so a request can never reach outside the store (no path traversal, no key injection).
 """
@@ -51,15 +54,23 @@ def encode_embedding(embedding: np.ndarray) -> str:
     return base64.b64encode(np.asarray(embedding, dtype="<f4").tobytes()).decode("ascii")
 
 
+def visible_to(record: dict, scope: str | None) -> bool:
+    """Whether a caller whose scope is ``scope`` (an API key name; None: every identity, i.e. auth off, an admin
+    key or the handle API) may see, use or delete ``record``. Records made before scoping have no owner and are
+    visible to unscoped callers only."""
+    return scope is None or record.get("owner") == scope
+
+
 def decode_embedding(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)
 
 
 def make_record(identity_id: str, *, embedding: np.ndarray, pose_kps, pose_canvas, faces: list[dict],
-                thumbnail: bytes | None) -> dict:
+                thumbnail: bytes | None, owner: str | None = None) -> dict:
     return {
         "version": RECORD_VERSION,
         "identity_id": _check(identity_id),
+        "owner": owner,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "num_photos": len(faces),
         "embedding_dim": int(np.asarray(embedding).size),
@@ -84,8 +95,24 @@ class IdentityStore:
     def delete(self, identity_id: str) -> bool:
         raise NotImplementedError
 
-    def list(self, limit: int = 100) -> list[dict]:
+    def entries(self) -> list[tuple[float, str]]:
+        """(modification time, id) of every record, newest first."""
         raise NotImplementedError
+
+    def list(self, limit: int = 100, owner: str | None = None) -> list[dict]:
+        """The newest ``limit`` records visible to ``owner`` (see ``visible_to``), as id + creation time. Scoped
+        listing reads records (newest first) until it has ``limit`` of them: its cost grows with the other
+        keys' identities in between."""
+        found = []
+        for t, identity_id in self.entries():
+            if len(found) >= limit:
+                break
+            if owner is not None:
+                record = self.get(identity_id)
+                if record is None or not visible_to(record, owner):
+                    continue
+            found.append({"identity_id": identity_id, "created_at": _iso(t)})
+        return found
 
 
 class DirectoryStore(IdentityStore):
@@ -139,7 +166,7 @@ class DirectoryStore(IdentityStore):
         except FileNotFoundError:
             return False
 
-    def list(self, limit: int = 100) -> list[dict]:
+    def entries(self) -> list[tuple[float, str]]:
         entries = []
         for path in self.root.glob("id_*.json"):
             if valid_identity_id(path.stem):
@@ -147,8 +174,7 @@ class DirectoryStore(IdentityStore):
                     entries.append((path.stat().st_mtime, path.stem))
                 except FileNotFoundError:  # deleted meanwhile
                     continue
-        entries.sort(reverse=True)
-        return [{"identity_id": i, "created_at": _iso(t)} for t, i in entries[:limit]]
+        return sorted(entries, reverse=True)
 
 
 class S3Store(IdentityStore):
@@ -212,7 +238,7 @@ class S3Store(IdentityStore):
         self.client.delete_object(Bucket=self.bucket, Key=key)
         return True
 
-    def list(self, limit: int = 100) -> list[dict]:
+    def entries(self) -> list[tuple[float, str]]:
         found = []
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
@@ -221,8 +247,7 @@ class S3Store(IdentityStore):
                 stem = name[:-5] if name.endswith(".json") else ""
                 if valid_identity_id(stem):
                     found.append((obj["LastModified"].timestamp(), stem))
-        found.sort(reverse=True)
-        return [{"identity_id": i, "created_at": _iso(t)} for t, i in found[:limit]]
+        return sorted(found, reverse=True)
 
 
 def _iso(t: float) -> str:

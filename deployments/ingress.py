@@ -42,7 +42,8 @@ from .api_keys import KeyHashSource
 from .config import AppArgs
 from .errors import (ServiceError, from_exception, install_handlers, json_response, storage_unavailable,
                      validation_error)
-from .identities import decode_embedding, make_record, make_store, new_identity_id, valid_identity_id
+from .identities import (decode_embedding, make_record, make_store, new_identity_id, valid_identity_id,
+                         visible_to)
 from .models import (
     DELIVERIES,
     MAX_SEED,
@@ -64,6 +65,11 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
 DOWN_STATES = {"UNHEALTHY", "DEPLOY_FAILED"}
 BACKENDS = ("FaceAnalyzer", "Generator")
+# A backend call whose request or response carries more than this goes by reference (an actor call; large
+# arguments and results through Ray's object store) instead of by value over Serve's gRPC data plane, which
+# refuses messages over 4 MiB (Ray's replica gRPC max message length) and is slower from ~1 MB on: 15 MB by
+# value 104 ms, by reference 19 ms; 48 MB 313 vs 19 ms (bench/data_plane.py, docs/reliability.md).
+BY_VALUE_MAX_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -75,6 +81,9 @@ class Ctx:
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, Any] = field(default_factory=dict)
     pending: list = field(default_factory=list)
+    api_key: str | None = None  # the caller's key name: the owner of identities it creates
+    scope: str | None = None  # whose identities it may see (None: all; auth off, admin keys, handle API)
+    deadline: float | None = None  # time.time() when the request times out (504); backends stop work past it
 
 
 # -- auth --------------------------------------------------------------------------------------------
@@ -272,6 +281,26 @@ def _validate(model: type[BaseModel], data: dict, strict: bool = True) -> BaseMo
         raise ServiceError(422, "invalid_parameter", "a field is nested too deeply") from None
 
 
+COST_FIELDS = ("width", "height", "steps", "num_images")
+
+
+def check_cost(spec, req, deadline: float | None) -> None:
+    """Refuse up front a generation that cannot finish before its deadline: its cost, width x height x steps x
+    num_images in megapixel-steps, over the model's measured ``megapixel_steps_per_s`` (``ModelSpec``), plus
+    the model's fixed ``overhead_s``, must fit in the time left. 422 naming the four fields."""
+    if spec.megapixel_steps_per_s is None or deadline is None:
+        return
+    cost = req.width * req.height * req.steps * req.num_images / 1e6
+    needed = spec.overhead_s + cost / spec.megapixel_steps_per_s
+    left = deadline - time.time()
+    if needed > left:
+        raise ServiceError(
+            422, "too_costly",
+            f"width x height x steps x num_images = {cost:.1f} megapixel-steps needs about {needed:.0f}s on model "
+            f"{spec.name!r}, more than the {max(left, 0):.0f}s left before this request's deadline; lower width, "
+            f"height, steps or num_images", field="steps", details=[{"field": f} for f in COST_FIELDS])
+
+
 # -- the service ---------------------------------------------------------------------------------------
 class IngressCore:
     """Everything the Ingress does, callable from HTTP routes and from DeploymentHandles."""
@@ -281,7 +310,8 @@ class IngressCore:
         self.models = build_models(self.args)
         self.face = face_analyzer
         self.generator = generator
-        self._generators: dict[str, Any] = {}
+        self._generators: dict[tuple[str, bool], Any] = {}
+        self._face_large = None
         self.store = make_store(self.args.identity_store)
         self.auth = Authenticator(self.args.auth.key_hashes_env) if self.args.auth.enabled else None
         self.limiter = RateLimiter(self.args.auth.rate_per_s, self.args.auth.burst) if self.args.auth.enabled else None
@@ -290,17 +320,29 @@ class IngressCore:
         self._status_fn = status_fn
         self._app_name = app_name
         self._ready_cache: tuple[float, dict] | None = None
+        self._probe_cache: tuple[float, dict] | None = None
         self._refresh: asyncio.Future | None = None
         self._status_messages: dict[str, str] = {}
         self._running: dict[str, int] = {}  # RUNNING replicas per deployment, from the last status read
         self._s3 = None
 
     # -- plumbing --------------------------------------------------------------------------------------
-    def _generator_for(self, model: str):
-        handle = self._generators.get(model)
+    def _generator_for(self, model: str, message_bytes: int = 0):
+        """The Generator's handle for ``model``, by reference when a message is over BY_VALUE_MAX_BYTES."""
+        large = message_bytes > BY_VALUE_MAX_BYTES
+        handle = self._generators.get((model, large))
         if handle is None:
-            handle = self._generators[model] = self.generator.options(multiplexed_model_id=model)
+            options = {"multiplexed_model_id": model, **({"_by_reference": True} if large else {})}
+            handle = self._generators[(model, large)] = self.generator.options(**options)
         return handle
+
+    def _face_for(self, message_bytes: int):
+        """The FaceAnalyzer's handle, by reference when the photos are over BY_VALUE_MAX_BYTES."""
+        if message_bytes <= BY_VALUE_MAX_BYTES:
+            return self.face
+        if self._face_large is None:
+            self._face_large = self.face.options(_by_reference=True)
+        return self._face_large
 
     @staticmethod
     async def _call(ctx: Ctx, response):
@@ -318,6 +360,7 @@ class IngressCore:
         if left <= 0:
             coro.close()
             raise ServiceError(504, "timeout", f"the request did not finish within {timeout:g}s")
+        ctx.deadline = time.time() + left
         task = asyncio.ensure_future(coro)
         try:
             done, _ = await asyncio.wait({task}, timeout=left)
@@ -381,6 +424,12 @@ class IngressCore:
             self._refresh = asyncio.ensure_future(self.readiness())
         return self._ready_cache[1] if self._ready_cache else None
 
+    def scope_of(self, api_key: str | None) -> str | None:
+        """The identity scope of a key: its own identities, or all of them for ``auth.admin_keys``."""
+        if self.auth is None or api_key is None or api_key in self.args.auth.admin_keys:
+            return None
+        return api_key
+
     def authenticate(self, authorization: str | None, client: str = "handle") -> str | None:
         if self.auth is None:
             return None
@@ -442,6 +491,7 @@ class IngressCore:
         if req.delivery == "s3" and not args.output_bucket:
             raise ServiceError(422, "invalid_parameter", "delivery: S3 delivery is not configured on this service",
                                field="delivery")
+        check_cost(spec, req, ctx.deadline)
         await self._backend_down(BACKENDS if req.identity_id is None or pose is not None else ("Generator",))
         prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt)
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -451,18 +501,18 @@ class IngressCore:
             record = await self._store("get", req.identity_id)
             ctx.timings["identity_load_s"] = time.perf_counter() - t0
             metrics.stage("identity_load", ctx.timings["identity_load_s"])
-            if record is None:
+            if record is None or not visible_to(record, ctx.scope):  # another key's: 404, as if absent
                 raise ServiceError(404, "not_found", f"identity {req.identity_id} not found", field="identity_id")
             embedding = decode_embedding(record["embedding"])
             face = {**record["faces"][0], "source": f"identity:{req.identity_id}"}
             kps, canvas = record["pose"]["kps"], record["pose"]["canvas"]
             if pose is not None:
-                analysis = await self._call(ctx, self.face.analyze.remote([], ("pose_image", pose)))
+                analysis = await self._call(ctx, self._face_for(len(pose)).analyze.remote([], ("pose_image", pose)))
                 self._face_timings(ctx, analysis)
                 kps, canvas, face = analysis["pose"]["kps"], analysis["pose"]["canvas"], analysis["pose"]["face"]
         else:
             photos = [(f"face_images[{i}]", data) for i, data in enumerate(faces)]
-            analysis = await self._call(ctx, self.face.analyze.remote(
+            analysis = await self._call(ctx, self._face_for(sum(map(len, faces)) + len(pose or b"")).analyze.remote(
                 photos, ("pose_image", pose) if pose is not None else None))
             self._face_timings(ctx, analysis)
             embedding = analysis["embedding"]
@@ -474,8 +524,11 @@ class IngressCore:
             "prompt": prompt, "negative_prompt": negative, "num_images": req.num_images, "seed": seed,
             "guidance_scale": req.guidance_scale, "ip_adapter_scale": req.ip_adapter_scale,
             "controlnet_conditioning_scale": req.controlnet_conditioning_scale, "loras": dict(req.loras),
+            "deadline": ctx.deadline,
         }
-        result = await self._call(ctx, self._generator_for(spec.name).generate.remote(job))
+        # the response is the raw RGB arrays: their size is known before the call
+        result_bytes = req.num_images * req.width * req.height * 3
+        result = await self._call(ctx, self._generator_for(spec.name, result_bytes).generate.remote(job))
         ctx.timings.update(result["timings"])
 
         t0 = time.perf_counter()
@@ -553,10 +606,10 @@ class IngressCore:
     async def run_create_identity(self, ctx: Ctx, faces: list[bytes]) -> dict:
         await self._backend_down(("FaceAnalyzer",))
         photos = [(f"face_images[{i}]", data) for i, data in enumerate(faces)]
-        analysis = await self._call(ctx, self.face.analyze.remote(photos, None, True))
+        analysis = await self._call(ctx, self._face_for(sum(map(len, faces))).analyze.remote(photos, None, True))
         record = make_record(new_identity_id(), embedding=analysis["embedding"], pose_kps=analysis["pose"]["kps"],
                              pose_canvas=analysis["pose"]["canvas"], faces=analysis["faces"],
-                             thumbnail=analysis.get("thumbnail"))
+                             thumbnail=analysis.get("thumbnail"), owner=ctx.api_key)
         await self._store("put", record)
         return self.identity_view(record)
 
@@ -580,13 +633,17 @@ class IngressCore:
             record = await self._store("get", identity_id) if valid_identity_id(identity_id) else None
         except Exception as exc:
             raise self._fail(ctx, exc) from None
-        if record is None:
+        if record is None or not visible_to(record, ctx.scope):  # another key's: 404, as if absent
             raise ServiceError(404, "not_found", "identity not found")  # never echo the input
         return self.identity_view(record)
 
     async def serve_delete_identity(self, ctx: Ctx, identity_id: str) -> None:
         try:
-            deleted = valid_identity_id(identity_id) and await self._store("delete", identity_id)
+            deleted = valid_identity_id(identity_id)
+            if deleted and ctx.scope is not None:  # another key's identity is left alone and reported absent
+                record = await self._store("get", identity_id)
+                deleted = record is not None and visible_to(record, ctx.scope)
+            deleted = deleted and await self._store("delete", identity_id)
         except Exception as exc:
             raise self._fail(ctx, exc) from None
         if not deleted:
@@ -594,7 +651,7 @@ class IngressCore:
 
     async def serve_list_identities(self, ctx: Ctx, limit: int) -> dict:
         try:
-            return {"identities": await self._store("list", limit)}
+            return {"identities": await self._store("list", limit, ctx.scope)}
         except Exception as exc:
             raise self._fail(ctx, exc) from None
 
@@ -629,6 +686,37 @@ class IngressCore:
         except Exception as exc:
             result = {"ready": False, "deployments": {}, "message": f"cannot read Serve status: {type(exc).__name__}"}
         self._ready_cache = (now, result)
+        return result
+
+    async def live_readiness(self, timeout_s: float = 2.0) -> dict:
+        """/readyz: Serve's view (``readiness``) and, when that says ready, each backend asked directly: a backend
+        whose queue is full, that does not answer within ``timeout_s``, or whose replica says it is not ready
+        (a Generator stuck on abandoned work) makes the service not ready. At most one probe a second."""
+        state = await self.readiness()
+        if not state["ready"]:
+            return state
+        now = time.monotonic()
+        if self._probe_cache and now - self._probe_cache[0] < 1.0:
+            return self._probe_cache[1]
+
+        async def ask(name: str, handle) -> str | None:
+            if name == "Generator" and self._running.get(name) == 0:
+                return None  # scaled to zero: asking would start a replica; Serve's view suffices
+            response = handle.ready.remote()
+            try:
+                answer = await asyncio.wait_for(asyncio.ensure_future(response), timeout_s)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(Exception):
+                    response.cancel()
+                return f"{name}: no answer within {timeout_s:g}s (busy or queue full)"
+            except Exception as exc:
+                return f"{name}: {from_exception(exc).message}"
+            return None if answer.get("ready") else f"{name}: {answer.get('error') or 'not ready'}"
+
+        problems = [p for p in await asyncio.gather(ask("FaceAnalyzer", self.face), ask("Generator", self.generator))
+                    if p]
+        result = state if not problems else {**state, "ready": False, "message": "not ready: " + "; ".join(problems)}
+        self._probe_cache = (now, result)
         return result
 
     def _serve_status(self) -> dict[str, str]:
@@ -864,6 +952,11 @@ def build_http_app(core: IngressCore):
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
+    def caller(route: str, request: Request) -> Ctx:
+        """A request's context with the caller's key name and identity scope (set by ``auth``)."""
+        api_key = getattr(request.state, "api_key", None)
+        return Ctx(route=route, api_key=api_key, scope=core.scope_of(api_key))
+
     async def parse(request: Request, ctx: Ctx, max_files: int,
                     file_fields: tuple[str, ...] = ("face_images", "pose_image")) -> tuple[dict, dict | None]:
         with core.uploads.hold(getattr(request.state, "api_key", None) or client_address(request)):
@@ -879,7 +972,7 @@ def build_http_app(core: IngressCore):
              openapi_extra=_body_doc("GenerateRequest",
                                      _multipart_schema(core.models.GenerateRequest, limits.max_faces)))
     async def generate(request: Request):
-        ctx = Ctx(route="/v1/generate")
+        ctx = caller("/v1/generate", request)
         try:
             data, files = await parse(request, ctx, limits.max_faces + 1)
         except Exception as exc:
@@ -891,7 +984,7 @@ def build_http_app(core: IngressCore):
              openapi_extra=_body_doc("IdentityCreateRequest",
                                      _multipart_schema(core.models.IdentityCreateRequest, limits.max_faces)))
     async def create_identity(request: Request):
-        ctx = Ctx(route="/v1/identities")
+        ctx = caller("/v1/identities", request)
         try:
             data, files = await parse(request, ctx, limits.max_faces, ("face_images",))
         except Exception as exc:
@@ -899,17 +992,18 @@ def build_http_app(core: IngressCore):
         return JSONResponse(await core.serve_create_identity(ctx, data, files), status_code=201)
 
     @v1.get("/identities", response_model=IdentityList, responses=errors, summary="List identities")
-    async def list_identities(limit: int = Query(100, ge=1, le=1000)):
-        return await core.serve_list_identities(Ctx(route="/v1/identities"), limit)
+    async def list_identities(request: Request, limit: int = Query(100, ge=1, le=1000)):
+        return await core.serve_list_identities(caller("/v1/identities", request), limit)
 
     @v1.get("/identities/{identity_id}", response_model=IdentityResponse, responses=errors,
             summary="Get an identity")
-    async def get_identity(identity_id: str):
-        return JSONResponse(await core.serve_get_identity(Ctx(route="/v1/identities/{identity_id}"), identity_id))
+    async def get_identity(request: Request, identity_id: str):
+        return JSONResponse(await core.serve_get_identity(caller("/v1/identities/{identity_id}", request),
+                                                          identity_id))
 
     @v1.delete("/identities/{identity_id}", status_code=204, responses=errors, summary="Delete an identity")
-    async def delete_identity(identity_id: str):
-        await core.serve_delete_identity(Ctx(route="/v1/identities/{identity_id}"), identity_id)
+    async def delete_identity(request: Request, identity_id: str):
+        await core.serve_delete_identity(caller("/v1/identities/{identity_id}", request), identity_id)
         return Response(status_code=204)
 
     @v1.get("/models", response_model=ModelList, responses=errors, summary="Models, LoRAs, styles, schedulers")
@@ -938,7 +1032,7 @@ def build_http_app(core: IngressCore):
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
              summary="Readiness: FaceAnalyzer and Generator have replicas with their models loaded")
     async def readyz():
-        state = await core.readiness()
+        state = await core.live_readiness()
         return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
     def openapi():
@@ -961,7 +1055,8 @@ def _fast_handle(handle):
     its router runs on the calling loop, not on a thread of its own (two thread hand-offs less per call, ~0.45 ms
     measured), and arguments go by value over Serve's gRPC data plane straight to the chosen replica instead of
     as a Ray actor call and, above 100 KiB, through the object store (3.8 -> 2.3 ms per call; 5.0 -> 2.6 ms with
-    a 128 KB photo)."""
+    a 128 KB photo). Calls with messages over BY_VALUE_MAX_BYTES switch back to by reference (``_face_for``,
+    ``_generator_for``)."""
     if not handle.is_initialized:
         handle._init(_run_router_in_separate_loop=False)
     return handle.options(_by_reference=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import PIL.Image
@@ -221,9 +221,13 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         steps: int = 30,
         scheduler: str = "default",
         output_type: str = "pil",
-        callback: Callable[[int, int], None] | None = None,
+        callback: Callable[[int, int], Iterable[int] | None] | None = None,
     ) -> list:
-        """Run ``requests`` as one denoising batch; returns one list of images per request."""
+        """Run ``requests`` as one denoising batch; returns one list of images per request.
+
+        ``callback(step, total)`` runs after each step. It may return the indices (into ``requests``) of the
+        requests to go on with: the others' rows leave the batch before the next step (their callers gave up)
+        and their entry in the result is None; the rest denoise exactly as they would have."""
         # 1. Check inputs
         self._check(requests, width, height, steps)
         device, dtype = self._execution_device, self.unet.dtype
@@ -291,6 +295,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
 
         # 7. Denoise
         n = len(timesteps)
+        n_requests = len(requests)
+        active = list(range(n_requests))  # positions in the caller's list of the requests still in the batch
         with self.progress_bar(total=n) as bar:
             for i, t in enumerate(timesteps):
                 scaled = [s.scale_model_input(x, t) for s, x in zip(schedulers, latents)]
@@ -310,13 +316,35 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 )[0]
                 latents = self._step(noise, t, latents, requests, schedulers, step_kwargs, counts, cfg)
                 bar.update()
-                if callback is not None:
-                    callback(i + 1, n)
+                wanted = callback(i + 1, n) if callback is not None else None
+                if wanted is None:
+                    continue
+                wanted = set(wanted)
+                keep = [k for k, position in enumerate(active) if position in wanted]
+                if not keep:
+                    return [None] * n_requests
+                if len(keep) < len(active):
+                    # drop the other requests' rows from every per-row input (layout: copies x requests x images)
+                    offsets = np.cumsum([0] + counts)
+                    rows = torch.tensor([c * offsets[-1] + offsets[k] + j for c in range(copies) for k in keep
+                                         for j in range(counts[k])], device=unet_context.device)
+                    active, requests, counts, latents, schedulers, step_kwargs = (
+                        [seq[k] for k in keep] for seq in (active, requests, counts, latents, schedulers, step_kwargs))
+                    unet_context, id_tokens, identity_image = unet_context[rows], id_tokens[rows], identity_image[rows]
+                    extra_images = {name: image[rows] for name, image in extra_images.items()}
+                    added = {key: value[rows] for key, value in added.items()}
+                    if timestep_cond is not None:  # guidance-embedding models run unguided: one copy
+                        timestep_cond = timestep_cond[rows]
+                    identity_window = [identity_window[k] for k in keep]
+                    extra_windows = {name: [w[k] for k in keep] for name, w in extra_windows.items()}
+                    set_identity_scale(self.unet, _rows([r.ip_adapter_scale for r in requests], counts, copies,
+                                                        id_tokens))
 
         # 8. Decode, per request (a request's images are decoded together, as the reference does)
-        if output_type == "latent":
-            return latents
-        return [self._decode(x, output_type) for x in latents]
+        results: list = [None] * n_requests
+        for position, x in zip(active, latents):
+            results[position] = x if output_type == "latent" else self._decode(x, output_type)
+        return results
 
     # -- steps of generate ---------------------------------------------------------------------------
     def _check(self, requests, width, height, steps) -> None:

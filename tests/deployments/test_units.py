@@ -26,6 +26,10 @@ class _Method:
         return self.fn(*args)
 
 
+async def _ready():
+    return {"ready": True, "error": None}
+
+
 class FakeFace:
     def __init__(self):
         async def analyze(photos, pose=None, thumbnail=False):
@@ -38,6 +42,10 @@ class FakeFace:
                     "timings": {"decode_s": 0.0, "face_analysis_s": 0.0}}
 
         self.analyze = _Method(analyze)
+        self.ready = _Method(_ready)
+
+    def options(self, **_):
+        return self
 
 
 class FakeGenerator:
@@ -53,6 +61,7 @@ class FakeGenerator:
                                 "batch_images": job["num_images"]}}
 
         self.generate = _Method(generate)
+        self.ready = _Method(_ready)
 
     def options(self, **_):
         return self

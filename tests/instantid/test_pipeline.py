@@ -141,3 +141,28 @@ def test_bad_sizes_and_mixed_batches_are_refused(pipe):
         run(pipe, request(), request(guidance_scale=1.0))
     with pytest.raises(InvalidParameterError, match="controls"):
         run(pipe, request(controls=[ControlInput("missing", Pose(KPS, (SIZE, SIZE)).draw())]))
+
+
+def test_callback_drops_requests_rows_and_the_rest_go_on(pipe):
+    """A request the step callback no longer wants leaves the batch (fewer UNet rows from the next step on, None
+    in the result); the others end exactly as in a batch without it (up to batched-matmul rounding)."""
+    r1 = request(seed=1, prompt="a", ip_adapter_scale=0.5, guidance_scale=3.0, num_images=2)
+    r2 = request(seed=2, prompt="", face_embedding=embedding(1), ip_adapter_scale=1.2,
+                 controlnet_conditioning_scale=0.5)
+    r3 = request(seed=3, prompt="c", face_embedding=embedding(2), guidance_scale=2.0)
+    rows = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _, args: rows.append(int(args[0].shape[0])))
+    try:
+        dropped = pipe.generate([r1, r2, r3], width=SIZE, height=SIZE, steps=4, output_type="latent",
+                                callback=lambda step, total: [0, 2] if step >= 2 else None)
+    finally:
+        hook.remove()
+    assert dropped[1] is None
+    assert rows == [2 * 4] * 2 + [2 * 3] * 2  # guided: two copies of (2 + 1 + 1) rows, then of (2 + 1)
+    kept = run(pipe, r1, r2, r3, steps=4)
+    for got, want in ((dropped[0], kept[0]), (dropped[2], kept[2])):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-4)
+    # nobody left: it stops at once and returns no images
+    calls = []
+    out = pipe.generate([r2], width=SIZE, height=SIZE, steps=5, callback=lambda step, total: calls.append(step) or [])
+    assert out == [None] and calls == [1]
