@@ -171,9 +171,9 @@ def _output_size(args, init_image) -> tuple[int | None, int | None]:
     from the pose canvas."""
     width, height = args.width, args.height
     if init_image is not None and (width is None or height is None):
-        from .face import resize_for_analysis
+        from .face import analysis_size
 
-        canvas = resize_for_analysis(init_image).size
+        canvas = analysis_size(*init_image.size)
         width, height = width or canvas[0], height or canvas[1]
     return width, height
 
