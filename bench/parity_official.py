@@ -20,6 +20,13 @@ Two adaptations are needed on the reference side and nothing else is changed the
   (needed by diffusers 0.25) does not map and silently re-initialises; when that is detected the reference
   runs on a converted copy of the bundle (symlinks, plus the prefixed text-encoder weights) under ``--out``.
 
+``--suite demo`` runs the official demo's two other pipelines against ours on a bundle with the real SDXL facts
+they hard-code (``make_tiny(..., sdxl_facts=True)``: CLIP's start/end ids, three UNet levels):
+``pipeline_stable_diffusion_xl_instantid_full.py`` (long-prompt weighting, ``control_mask``; diffusers 0.25.1 and
+0.27.2, whose pixels must agree) and ``pipeline_stable_diffusion_xl_instantid_img2img.py`` (diffusers 0.27.2).
+Ours runs ``prompt_weighting="lpw"`` / ``control_mask`` / ``init_image`` + ``strength``; the basic suite runs
+``prompt_weighting="none"`` (the basic official pipeline's plain encoding).
+
 ``--dump`` also saves intermediate tensors per case (prompt embeddings, ID tokens, the first ControlNet call,
 the UNet input and output of every step, the latents given to the VAE) so ``compare --dump`` can locate a
 divergence.
@@ -78,6 +85,82 @@ CASES = [
     case("cfg_64x64_long_prompt", prompt=LONG_PROMPT, negative_prompt=NEGATIVE.upper()),
     case("cfg_64x64_6steps_seed7", prompt=PROMPT, negative_prompt=NEGATIVE, steps=6, seed=7),
 ]
+
+
+# -- the demo suite: full pipeline (lpw, control mask) and img2img ----------------------------------------------
+DEMO_MEAN_TOLERANCE = 0.05  # issue 11's acceptance: mean |d| <= 0.05 of 255
+# over 77 tokens with the tiny vocabulary, every kind of weight the parser knows, as the demo's presets use them
+WEIGHTED_PROMPT = ("(analog film photo:1.3) of a [man], faded film, (desaturated), 35mm photo, ((grainy)), "
+                   "vignette, vintage, Kodachrome, [[Lomography]], (stained:1.2), highly detailed, found footage")
+WEIGHTED_NEGATIVE = "(lowres, low quality, worst quality:1.2), (text:1.2), watermark, painting, \\(drawing\\)"
+FACE_BOX = (0.22, 0.18, 0.80, 0.86)  # x1, y1, x2, y2 as fractions of the canvas
+
+
+def _style(name: str, prompt: str) -> tuple[str, str]:
+    """A preset from instantid/styles.json applied as the demo's ``apply_style`` (read here: no project import)."""
+    import json
+
+    style = json.loads((Path(__file__).resolve().parents[1] / "instantid" / "styles.json").read_text())[name]
+    return style["prompt"].replace("{prompt}", prompt), style["negative_prompt"] + " " + ""
+
+
+def demo_case(name, pipeline="full", **kw):
+    base = case(name, pipeline=pipeline, negative_prompt="", mask=False, strength=None, weighting="lpw")
+    if pipeline == "img2img":
+        base.update(strength=0.6, weighting="none")
+    base.update(kw)
+    return base
+
+
+_STYLE = _style("Watercolor", "a portrait of a person")
+DEMO_CASES = [
+    demo_case("full_cfg_lpw", prompt=WEIGHTED_PROMPT, negative_prompt=WEIGHTED_NEGATIVE),
+    demo_case("full_nocfg_lpw", prompt=WEIGHTED_PROMPT, negative_prompt=WEIGHTED_NEGATIVE, guidance_scale=1.0),
+    demo_case("full_cfg_mask", prompt=PROMPT, negative_prompt=NEGATIVE, mask=True),
+    demo_case("full_nocfg_mask", prompt=PROMPT, mask=True, guidance_scale=1.0),
+    demo_case("full_cfg_style_mask_w64xh96", width=64, height=96, prompt=_STYLE[0], negative_prompt=_STYLE[1],
+              mask=True, ip_adapter_scale=0.6, controlnet_conditioning_scale=0.7),
+    demo_case("img2img_cfg", "img2img", prompt=PROMPT, negative_prompt=NEGATIVE),
+    demo_case("img2img_nocfg", "img2img", prompt=PROMPT, guidance_scale=1.0),
+    demo_case("img2img_cfg_strength_1.0_6steps", "img2img", prompt=PROMPT, strength=1.0, steps=6, seed=7),
+    demo_case("img2img_cfg_strength_0.35_w96xh64", "img2img", width=96, height=64, prompt=LONG_PROMPT,
+              strength=0.35, steps=6),
+]
+
+
+def demo_mask(width: int, height: int) -> Image.Image:
+    """The control mask as the demo builds it from a face box: 255 inside ``int()`` corners, 0 elsewhere."""
+    mask = np.zeros([height, width, 3])
+    x1, y1, x2, y2 = (int(f * s) for f, s in zip(FACE_BOX, (width, height, width, height)))
+    mask[y1:y2, x1:x2] = 255
+    return Image.fromarray(mask.astype(np.uint8))
+
+
+def demo_init_image(width: int, height: int) -> Image.Image:
+    """A smooth picture with some texture, the init image of the img2img cases."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    rng = np.random.RandomState(3)
+    rgb = np.stack([200 * xx + 30, 180 * yy + 40, 120 * (1 - xx * yy) + 60], -1) + rng.randn(height, width, 3) * 12
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def run_demo_cases(call, out: Path, draw, pipelines: set[str]) -> None:
+    import torch
+
+    embedding = face_embedding()
+    for c in DEMO_CASES:
+        if c["pipeline"] not in pipelines:
+            continue
+        w, h = c["width"], c["height"]
+        kps_image = draw(w, h, case_kps(w, h))
+        extra = {"control_mask": demo_mask(w, h) if c["mask"] else None,
+                 "init_image": demo_init_image(w, h) if c["pipeline"] == "img2img" else None}
+        images = call(c, kps_image, embedding, torch.Generator("cpu").manual_seed(c["seed"]), **extra)
+        array = np.stack([np.asarray(im.convert("RGB")) for im in images])
+        np.save(out / f"{c['name']}.npy", array)
+        for k, im in enumerate(images):
+            im.save(out / f"{c['name']}_{k}.png")
+        print(f"{c['name']}: {array.shape}", flush=True)
 
 
 def case_kps(width: int, height: int) -> np.ndarray:
@@ -300,6 +383,48 @@ def reference(args) -> None:
     run_cases(pipe, call, out, lambda w, h, kps: official.draw_kps(Image.new("RGB", (w, h)), kps), args.dump)
 
 
+def reference_demo(args) -> None:
+    """The official full pipeline (any diffusers it runs on) and, on diffusers >= 0.27, the img2img pipeline."""
+    import diffusers
+    import torch
+    from diffusers.models import ControlNetModel
+
+    sys.path.insert(0, str(Path(args.official_repo).resolve()))
+    out = Path(args.out) / f"reference_{diffusers.__version__}"
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = _reference_bundle(Path(args.bundle), Path(args.out))
+    adapter = bundle / "instantid" / "ip-adapter.bin"
+    modules = {"full": "pipeline_stable_diffusion_xl_instantid_full"}
+    if tuple(int(v) for v in diffusers.__version__.split(".")[:2]) >= (0, 27):
+        modules["img2img"] = "pipeline_stable_diffusion_xl_instantid_img2img"
+    print(f"reference: diffusers {diffusers.__version__}, torch {torch.__version__}, pipelines {sorted(modules)}")
+    import importlib
+
+    for kind, module_name in modules.items():
+        official = importlib.import_module(module_name)
+        _fit_official_resampler(official, adapter)
+        controlnet = ControlNetModel.from_pretrained(bundle / "instantid" / "ControlNetModel",
+                                                     torch_dtype=torch.float32)
+        cls = (official.StableDiffusionXLInstantIDPipeline if kind == "full"
+               else official.StableDiffusionXLInstantIDImg2ImgPipeline)
+        pipe = cls.from_pretrained(bundle / "sdxl", controlnet=controlnet, torch_dtype=torch.float32)
+        pipe.load_ip_adapter_instantid(adapter)
+        pipe.set_progress_bar_config(disable=True)
+
+        def call(c, kps_image, embedding, generator, control_mask, init_image, pipe=pipe, kind=kind):
+            pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # the demo's line
+            pipe.set_ip_adapter_scale(c["ip_adapter_scale"])
+            common = dict(prompt=c["prompt"], negative_prompt=c["negative_prompt"], image_embeds=embedding,
+                          controlnet_conditioning_scale=c["controlnet_conditioning_scale"],
+                          num_inference_steps=c["steps"], guidance_scale=c["guidance_scale"], height=c["height"],
+                          width=c["width"], generator=generator)
+            if kind == "full":  # as gradio_demo/app.py calls it
+                return pipe(image=kps_image, control_mask=control_mask, **common).images
+            return pipe(image=init_image, control_image=kps_image, strength=c["strength"], **common).images  # infer_img2img.py
+
+        run_demo_cases(call, out, lambda w, h, kps: official.draw_kps(Image.new("RGB", (w, h)), kps), {kind})
+
+
 # -- our side -------------------------------------------------------------------------------------------------
 def ours(args) -> None:
     from instantid.keypoints import draw_keypoints
@@ -318,10 +443,75 @@ def ours(args) -> None:
             generator=generator, ip_adapter_scale=c["ip_adapter_scale"],
             controlnet_conditioning_scale=c["controlnet_conditioning_scale"],
             control_guidance_start=c["control_guidance_start"], control_guidance_end=c["control_guidance_end"],
-            scheduler="default",
+            scheduler="default", prompt_weighting="none",  # the basic official pipeline's plain encoding
         ).images
 
     run_cases(pipe, call, out, draw_keypoints, args.dump)
+
+
+def ours_demo(args) -> None:
+    from instantid.keypoints import draw_keypoints
+    from instantid.loading import load_pipeline
+
+    out = Path(args.out) / "ours"
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = Path(args.bundle)
+    pipe = load_pipeline(str(bundle / "sdxl"), str(bundle / "instantid"), device="cpu", dtype="float32")
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(c, kps_image, embedding, generator, control_mask, init_image):
+        return pipe(
+            c["prompt"], image_embeds=embedding, image=kps_image, negative_prompt=c["negative_prompt"],
+            height=c["height"], width=c["width"], num_inference_steps=c["steps"],
+            guidance_scale=c["guidance_scale"], generator=generator, ip_adapter_scale=c["ip_adapter_scale"],
+            controlnet_conditioning_scale=c["controlnet_conditioning_scale"], scheduler="default",
+            prompt_weighting=c["weighting"], control_mask=control_mask, init_image=init_image,
+            strength=c["strength"] or 0.8,
+        ).images
+
+    run_demo_cases(call, out, draw_keypoints, {"full", "img2img"})
+
+
+def compare_demo(args) -> int:
+    """Ours against every reference run present (reference_<diffusers version>/), and the references' full
+    pipeline against each other (0.25.1 vs 0.27.2)."""
+    root = Path(args.out)
+    refs = sorted(p for p in root.glob("reference_*") if p.is_dir() and p.name != "reference_bundle")
+    ours_dir = root / "ours"
+    failures, rows = [], []
+    for c in DEMO_CASES:
+        b = np.load(ours_dir / f"{c['name']}.npy").astype(np.float64)
+        for ref in refs:
+            path = ref / f"{c['name']}.npy"
+            if not path.is_file():
+                continue
+            a = np.load(path).astype(np.float64)
+            if a.shape != b.shape:
+                failures.append(c["name"])
+                rows.append((c["name"], ref.name, f"shape {a.shape} vs {b.shape}", "", "FAIL"))
+                continue
+            diff = np.abs(a - b)
+            ok = diff.mean() <= DEMO_MEAN_TOLERANCE
+            failures += [] if ok else [f"{c['name']} vs {ref.name}"]
+            rows.append((c["name"], ref.name, f"{diff.mean():.4f}", f"{diff.max():.0f}", "ok" if ok else "FAIL"))
+    if len(refs) > 1:  # the full pipeline's pixels on two diffusers versions
+        for c in DEMO_CASES:
+            found = [np.load(r / f"{c['name']}.npy") for r in refs if (r / f"{c['name']}.npy").is_file()]
+            if len(found) > 1:
+                same = all(np.array_equal(found[0], f) for f in found[1:])
+                rows.append((c["name"], " vs ".join(r.name[10:] for r in refs), "identical" if same else "DIFFER",
+                             "", "ok" if same else "FAIL"))
+                failures += [] if same else [f"{c['name']} across diffusers versions"]
+    missing = [c["name"] for c in DEMO_CASES if not any((r / f"{c['name']}.npy").is_file() for r in refs)]
+    if missing:
+        failures.append(f"no reference for {missing}")
+    width = max(len(r[0]) for r in rows) if rows else 10
+    print(f"demo suite: uint8 output, 0-255, tolerance mean <= {DEMO_MEAN_TOLERANCE}")
+    print(f"{'case':<{width}}  {'against':<24}  mean|d|  max|d|")
+    for name, against, mean, mx, verdict in rows:
+        print(f"{name:<{width}}  {against:<24}  {mean:>7}  {mx:>6}  {verdict}")
+    print("PARITY OK" if not failures else f"PARITY FAILED: {failures}")
+    return 1 if failures else 0
 
 
 # -- comparison -----------------------------------------------------------------------------------------------
@@ -402,12 +592,19 @@ def _dump_order(key: str):
 # -- driver ---------------------------------------------------------------------------------------------------
 def run_all(args) -> int:
     bundle = Path(args.bundle)
+    demo = args.suite == "demo"
     if not (bundle / ".complete").exists():
-        subprocess.run([sys.executable, "-c", f"from instantid.tiny import make_tiny; make_tiny({str(bundle)!r})"],
-                       check=True)
+        subprocess.run([sys.executable, "-c", f"from instantid.tiny import make_tiny; "
+                                              f"make_tiny({str(bundle)!r}, sdxl_facts={demo})"], check=True)
     common = ["--bundle", str(bundle), "--out", args.out] + (["--dump"] if args.dump else [])
     me = str(Path(__file__).resolve())
-    subprocess.run([args.ref_python, me, "reference", "--official-repo", args.official_repo, *common], check=True)
+    if demo:
+        for python in args.ref_python:
+            subprocess.run([python, me, "reference", "--suite", "demo", "--official-repo", args.official_repo,
+                            *common], check=True)
+        subprocess.run([sys.executable, me, "ours", "--suite", "demo", *common], check=True)
+        return compare_demo(args)
+    subprocess.run([args.ref_python[0], me, "reference", "--official-repo", args.official_repo, *common], check=True)
     subprocess.run([sys.executable, me, "ours", *common], check=True)
     return compare(args)
 
@@ -419,6 +616,9 @@ def main(argv=None) -> int:
         p = sub.add_parser(mode)
         p.add_argument("--out", default="/tmp/parity_out", help="output directory (both sides write under it)")
         p.add_argument("--dump", action="store_true", help="also save/compare intermediate tensors")
+        p.add_argument("--suite", choices=["basic", "demo"], default="basic",
+                       help="basic: the official basic pipeline; demo: its full (lpw, control mask) and img2img "
+                            "pipelines, on a bundle with SDXL's real token ids and levels")
         if mode in ("compare", "run"):
             p.add_argument("--details", action="store_true", help="print every intermediate tensor's difference")
         if mode in ("reference", "ours", "run"):
@@ -427,15 +627,18 @@ def main(argv=None) -> int:
             p.add_argument("--official-repo", required=True,
                            help="directory with the official pipeline_stable_diffusion_xl_instantid.py and ip_adapter/")
         if mode == "run":
-            p.add_argument("--ref-python", required=True, help="python of the reference venv (diffusers 0.25.1)")
+            p.add_argument("--ref-python", required=True, action="append",
+                           help="python of a reference venv (diffusers 0.25.1); with --suite demo, repeat for "
+                                "0.25.1 and 0.27.2 (img2img needs 0.27.2)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    demo = args.suite == "demo"
     if args.mode == "reference":
-        reference(args)
+        (reference_demo if demo else reference)(args)
     elif args.mode == "ours":
-        ours(args)
+        (ours_demo if demo else ours)(args)
     elif args.mode == "compare":
-        return compare(args)
+        return (compare_demo if demo else compare)(args)
     else:
         return run_all(args)
     return 0

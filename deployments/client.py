@@ -7,7 +7,7 @@
     client = InstantIDClient()                      # the "instantid" application
     identity = client.create_identity(["me.jpg"])   # paths, bytes or base64 strings
     out = client.generate({"identity_id": identity.identity_id, "prompt": "a watercolor portrait",
-                           "width": 1024, "height": 1024, "steps": 30})
+                           "steps": 30})            # size: the identity's pose canvas
     open("out.png", "wb").write(out.image_bytes()[0])
 
 Requests and responses are the HTTP API's models (``deployments.models``); the service validates
@@ -50,8 +50,9 @@ def _payload(request: GenerateRequest | dict | None, overrides: dict) -> dict:
     for key in ("face_images",):
         if data.get(key) is not None:
             data[key] = [encode_image(x) for x in data[key]]
-    if data.get("pose_image") is not None:
-        data["pose_image"] = encode_image(data["pose_image"])
+    for key in ("pose_image", "init_image"):
+        if data.get(key) is not None:
+            data[key] = encode_image(data[key])
     return data
 
 

@@ -74,6 +74,12 @@ class Job:
     ip_adapter_scale: float = 0.8
     controlnet_conditioning_scale: float = 0.8
     loras: dict[str, float] = field(default_factory=dict)
+    bbox: np.ndarray | None = None  # (4,) the pose face's box on ``canvas``
+    enhance_face_region: bool = False  # control mask = the face box on the output canvas
+    prompt_weighting: str = "lpw"
+    init_image: object | None = None  # img2img: a decoded PIL image
+    strength: float = 0.8
+    return_pose_image: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrived: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # time.time() past which nobody waits for the result
@@ -86,7 +92,8 @@ class Job:
     def key(self) -> tuple:
         """Requests with equal keys can share one denoising batch."""
         return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1,
-                tuple(sorted(self.loras.items())))
+                tuple(sorted(self.loras.items())),
+                self.strength if self.init_image is not None else None)  # img2img: timesteps cut by strength
 
 
 def _optional_str(value) -> str | None:
@@ -113,11 +120,20 @@ def decode_request(job: dict) -> Job:
             controlnet_conditioning_scale=float(job.get("controlnet_conditioning_scale", 0.8)),
             loras={str(k): float(v) for k, v in (job.get("loras") or {}).items()},
             deadline=None if job.get("deadline") is None else float(job["deadline"]),
+            bbox=None if job.get("bbox") is None else np.asarray(job["bbox"], dtype=np.float64).reshape(4),
+            enhance_face_region=bool(job.get("enhance_face_region", False)),
+            prompt_weighting=str(job.get("prompt_weighting", "lpw")),
+            strength=float(job.get("strength", 0.8)),
+            return_pose_image=bool(job.get("return_pose_image", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidParameterError("request", f"malformed generation job: {exc}") from exc
     if min(canvas) <= 0:
         raise InvalidParameterError("kps", "canvas size must be positive")
+    if job.get("init_image") is not None:  # decoded per request, so a bad one fails only its own request
+        from instantid.face import load_image
+
+        out.init_image = load_image(job["init_image"], "init_image")
     return out
 
 
@@ -156,16 +172,18 @@ class GeneratorCore:
         from instantid.pipeline import GenerationRequest
 
         first = jobs[0]
-        requests = [
-            GenerationRequest(
+        requests = []
+        for j in jobs:
+            pose = Pose(j.kps, j.canvas, j.bbox)
+            requests.append(GenerationRequest(
                 face_embedding=j.embedding,
-                keypoint_image=Pose(j.kps, j.canvas).draw(j.width, j.height),
+                keypoint_image=pose.draw(j.width, j.height),
                 prompt=j.prompt, negative_prompt=j.negative_prompt, num_images=j.num_images, seed=j.seed,
                 guidance_scale=j.guidance_scale, ip_adapter_scale=j.ip_adapter_scale,
                 controlnet_conditioning_scale=j.controlnet_conditioning_scale,
-            )
-            for j in jobs
-        ]
+                prompt_weighting=j.prompt_weighting, init_image=j.init_image, strength=j.strength,
+                control_mask=pose.face_mask(j.width, j.height) if j.enhance_face_region else None,
+            ))
         marks: dict[str, float] = {}
 
         def on_step(step: int, total: int) -> list[int] | None:
@@ -188,11 +206,12 @@ class GeneratorCore:
                 "images": [np.asarray(img.convert("RGB"), dtype=np.uint8) for img in imgs],
                 "seed": j.seed,
                 "model": model.name,
+                "pose_image": np.asarray(r.keypoint_image, dtype=np.uint8) if j.return_pose_image else None,
                 "timings": {"queue_s": started - j.arrived, "denoise_s": denoised - started,
                             "vae_decode_s": finished - denoised, "batch_size": len(jobs),
                             "batch_images": n_images},
             }
-            for j, imgs in zip(jobs, images)
+            for j, r, imgs in zip(jobs, requests, images)
         ]
 
 

@@ -57,6 +57,7 @@ from .models import (
     ModelList,
     Readiness,
     build_models,
+    default_size,
 )
 
 log = logging.getLogger("instantid.serve")
@@ -477,7 +478,32 @@ class IngressCore:
             check_image(pose, "pose_image", limits.max_image_pixels)
         return req, faces, pose, time.perf_counter() - started
 
-    async def run_generate(self, ctx: Ctx, req, faces: list[bytes] | None, pose: bytes | None) -> dict:
+    def decode_init_image(self, req, files: dict | None) -> bytes | None:
+        """img2img's init image (base64 field or multipart file), header-checked as the photos are."""
+        data = (decode_base64(req.init_image, "init_image") if req.init_image is not None
+                else (files or {}).get("init_image"))
+        if data is not None:
+            check_image(data, "init_image", self.args.limits.max_image_pixels)
+        return data
+
+    def output_size(self, req, canvas, kps, bbox, init_image: bytes | None) -> tuple[int, int]:
+        """The request's size, or the pose canvas's (the init image's after the demo's resize, for img2img);
+        422 naming width/height when the face cannot fit that canvas."""
+        from instantid.face import analysis_size
+        from instantid.keypoints import fit_canvas
+        from PIL import Image
+
+        source = tuple(canvas)
+        if init_image is not None:
+            with Image.open(io.BytesIO(init_image)) as image:
+                source = analysis_size(*image.size)
+        default = default_size(source, self.args.limits)
+        width, height = req.width or default[0], req.height or default[1]
+        fit_canvas(tuple(canvas), (width, height), kps, bbox)  # raises InvalidParameterError (422) if no fit
+        return width, height
+
+    async def run_generate(self, ctx: Ctx, req, faces: list[bytes] | None, pose: bytes | None,
+                           init_image: bytes | None = None) -> dict:
         from instantid.styles import apply_style
 
         args = self.args
@@ -518,9 +544,17 @@ class IngressCore:
             embedding = analysis["embedding"]
             kps, canvas, face = analysis["pose"]["kps"], analysis["pose"]["canvas"], analysis["pose"]["face"]
 
+        bbox = _canvas_bbox(face, canvas)
+        if req.enhance_face_region and bbox is None:
+            raise ServiceError(422, "invalid_parameter", "enhance_face_region: no face box is known",
+                               field="enhance_face_region")
+        width, height = self.output_size(req, canvas, kps, bbox, init_image)
         job = {
-            "model": spec.name, "embedding": embedding, "kps": kps, "canvas": canvas,
-            "width": req.width, "height": req.height, "steps": req.steps, "scheduler": req.scheduler,
+            "model": spec.name, "embedding": embedding, "kps": kps, "canvas": canvas, "bbox": bbox,
+            "enhance_face_region": req.enhance_face_region is not False and bbox is not None,
+            "prompt_weighting": req.prompt_weighting, "init_image": init_image, "strength": req.strength,
+            "return_pose_image": req.return_pose_image,
+            "width": width, "height": height, "steps": req.steps, "scheduler": req.scheduler,
             "prompt": prompt, "negative_prompt": negative, "num_images": req.num_images, "seed": seed,
             "guidance_scale": req.guidance_scale, "ip_adapter_scale": req.ip_adapter_scale,
             "controlnet_conditioning_scale": req.controlnet_conditioning_scale, "loras": dict(req.loras),
@@ -546,8 +580,10 @@ class IngressCore:
         ctx.timings["total_s"] = time.perf_counter() - ctx.started
         response = {
             "request_id": ctx.request_id, "images": images, "urls": urls, "format": req.output_format,
-            "width": req.width, "height": req.height, "seed": seed, "model": result["model"],
+            "width": width, "height": height, "seed": seed, "model": result["model"],
             "loras": dict(req.loras), "face": face,
+            "pose_image": (base64.b64encode(encode_image(result["pose_image"], "png")).decode("ascii")
+                           if result.get("pose_image") is not None else None),
             "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ctx.timings.items()},
         }
         return {k: v for k, v in response.items() if v is not None}
@@ -579,9 +615,10 @@ class IngressCore:
         try:
             # base64, validation and image header checks are CPU work on client bytes: off the event loop
             req, faces, pose, decode_s = await asyncio.to_thread(self.decode_generate, data, files)
+            init_image = await asyncio.to_thread(self.decode_init_image, req, files)
             ctx.timings["decode_s"] = decode_s
             metrics.stage("decode", decode_s)
-            return await self._deadline(ctx, self.run_generate(ctx, req, faces, pose), req.timeout_s)
+            return await self._deadline(ctx, self.run_generate(ctx, req, faces, pose, init_image), req.timeout_s)
         except Exception as exc:
             raise self._fail(ctx, exc) from None
 
@@ -815,6 +852,15 @@ class Observe:
                                  time.perf_counter() - started)
 
 
+def _canvas_bbox(face: dict, canvas) -> list[float] | None:
+    """The face box on the analysed canvas (FaceInfo reports it on the photo as uploaded)."""
+    if not face.get("bbox") or not face.get("image_size"):
+        return None
+    sx, sy = canvas[0] / face["image_size"][0], canvas[1] / face["image_size"][1]
+    x1, y1, x2, y2 = face["bbox"]
+    return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+
+
 # Request bodies received at once per client (its API key, else its address): a slow uploader holds its own
 # slots, not the replica's (64 requests in progress per Ingress replica).
 MAX_UPLOADS_PER_CLIENT = 4
@@ -889,8 +935,8 @@ async def read_form(request, body: bytes, max_files: int, limit: int,
             content = await value.read()
             if key == "face_images":
                 files.setdefault("face_images", []).append(content)
-            elif key == "pose_image":
-                files["pose_image"] = content
+            elif key in ("pose_image", "init_image"):
+                files[key] = content
         elif key == "face_images":
             files.setdefault("face_images", []).append(decode_base64(value, "face_images"))
         elif key == "loras":
@@ -919,6 +965,8 @@ def _multipart_schema(model: type[BaseModel], max_faces: int) -> dict:
                             "maxItems": max_faces, "description": "Photo files (repeat the field)."}
     if "pose_image" in props:
         props["pose_image"] = {"type": "string", "format": "binary", "description": "Pose photo file."}
+    if "init_image" in props:
+        props["init_image"] = {"type": "string", "format": "binary", "description": "img2img init image file."}
     if "loras" in props:
         props["loras"] = {"type": "string", "description": 'JSON object, e.g. {"name": 0.8}.'}
     return {"type": "object", "properties": props}
@@ -974,7 +1022,8 @@ def build_http_app(core: IngressCore):
     async def generate(request: Request):
         ctx = caller("/v1/generate", request)
         try:
-            data, files = await parse(request, ctx, limits.max_faces + 1)
+            data, files = await parse(request, ctx, limits.max_faces + 2,
+                                      ("face_images", "pose_image", "init_image"))
         except Exception as exc:
             raise core._fail(ctx, exc) from None
         return JSONResponse(await core.serve_generate(ctx, data, files))

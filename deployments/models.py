@@ -29,13 +29,23 @@ IDENTITY_ID_PATTERN = r"^id_[0-9a-f]{32}$"
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 8
 MAX_NAME_CHARS = 128  # a LoRA name (a key in ``loras``)
+PROMPT_WEIGHTINGS = ("none", "lpw")  # mirrors instantid.prompt_weighting.MODES
 
 _DOC_IMAGE = "Base64 image (JPEG, PNG or WebP; a data: URL prefix is accepted)."
 
 
-def _default_side(limits: Limits) -> int:
-    side = min(max(1024, limits.min_side), limits.max_side)
-    return max(8, side - side % 8)
+def default_size(canvas: tuple[int, int], limits: Limits) -> tuple[int, int]:
+    """The output size when the request gives none: the pose (or init image) canvas, scaled with one factor
+    into the service's side limits where it falls outside them, multiples of 8."""
+    w, h = canvas
+    scale = min(1.0, limits.max_side / max(w, h))
+    scale = max(scale, min(limits.min_side / min(w, h), limits.max_side / max(w, h)))
+
+    def side(v: float) -> int:
+        v = int(min(max(v, limits.min_side), limits.max_side))
+        return max(8, v - v % 8)
+
+    return side(w * scale), side(h * scale)
 
 
 class _Model(BaseModel):
@@ -48,7 +58,6 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
     ModelName = Literal[models] if models else str  # type: ignore[valid-type]
     StyleName = Literal[styles] if styles else str  # type: ignore[valid-type]
     Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
-    side = _default_side(limits)
     LoraScale = Annotated[float, Field(ge=-2.0, le=2.0)]
     LoraName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 
@@ -68,8 +77,20 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
             None, max_length=limits.max_prompt_chars,
             description="Absent: SDXL's zero negative embedding. A string, even empty, is encoded.")
         style: Optional[StyleName] = Field(None, description="A style preset applied to the prompts.")
-        width: int = Field(side, ge=limits.min_side, le=limits.max_side, multiple_of=8)
-        height: int = Field(side, ge=limits.min_side, le=limits.max_side, multiple_of=8)
+        width: Optional[int] = Field(
+            None, ge=limits.min_side, le=limits.max_side, multiple_of=8,
+            description="Absent: the pose canvas's width (the init image's with init_image), as the official demo "
+                        "does; another aspect than the pose's gets the face by cover-fit, never stretched.")
+        height: Optional[int] = Field(None, ge=limits.min_side, le=limits.max_side, multiple_of=8,
+                                      description="Absent: as width.")
+        prompt_weighting: Literal[PROMPT_WEIGHTINGS] = Field(  # type: ignore[valid-type]
+            "lpw", description="lpw: the demo's (text:1.3) weighting without a 77-token limit; none: plain CLIP.")
+        enhance_face_region: Optional[bool] = Field(
+            None, description="Identity and pose act only inside the face box, the prompt rules the rest. "
+                              "Absent: on (the face box is always known here), as the demo and Replicate.")
+        init_image: Optional[str] = Field(None, description=f"img2img: the picture to restyle. {_DOC_IMAGE}")
+        strength: float = Field(0.8, gt=0.0, le=1.0, description="img2img: the share of the schedule that runs.")
+        return_pose_image: bool = Field(False, description="Add the keypoint image IdentityNet got (base64 PNG).")
         steps: int = Field(min(30, limits.max_steps), ge=1, le=limits.max_steps, description="Denoising steps.")
         guidance_scale: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance; <= 1 disables it.")
         ip_adapter_scale: float = Field(0.8, ge=0.0, le=2.0, description="Strength of the identity tokens.")
@@ -176,6 +197,7 @@ class GenerateResponse(BaseModel):
     model: str = Field(description="The base model that generated the images.")
     loras: dict[str, float] = Field(default_factory=dict)
     face: FaceInfo = Field(description="The face whose keypoints set the pose.")
+    pose_image: Optional[str] = Field(None, description="Base64 PNG of the keypoint image (return_pose_image).")
     timings: Timings
 
     def image_bytes(self) -> list[bytes]:

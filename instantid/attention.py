@@ -22,12 +22,17 @@ class IdentityAttnProcessor(nn.Module):
 
     ``scale`` is a float, or a tensor of one value per batch row so that requests with different
     ``ip_adapter_scale`` can share one denoising batch.
+
+    ``region`` (the official full pipeline's control mask, "enhance non-face region") is None or a
+    (rows, H, W) tensor of per-row masks on the output canvas, 1 = face: the identity output is multiplied by it,
+    resized (nearest) to the layer's resolution exactly as the reference does. Rows without a mask hold ones.
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int = 16):
         super().__init__()
         self.num_tokens = num_tokens
         self.scale: float | torch.Tensor = 1.0
+        self.region: torch.Tensor | None = None
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
@@ -62,11 +67,15 @@ class IdentityAttnProcessor(nn.Module):
         query = attn.to_q(hidden_states)
         split = encoder_hidden_states.shape[1] - self.num_tokens
         text, ids = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
+        if attention_mask is not None:  # a padding mask over [text; ID tokens] (prompts of unequal length)
+            attention_mask = attention_mask[..., :split]
         if attn.norm_cross:
             text = attn.norm_encoder_hidden_states(text)
 
         out = self._attend(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
         id_out = self._attend(attn, query, self.to_k_ip(ids), self.to_v_ip(ids))
+        if self.region is not None:
+            id_out = id_out * region_at(self.region, id_out.shape[1]).to(id_out.dtype)
         scale = self.scale
         if isinstance(scale, torch.Tensor):
             scale = scale.to(device=id_out.device, dtype=id_out.dtype).view(-1, 1, 1)
@@ -78,6 +87,15 @@ class IdentityAttnProcessor(nn.Module):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def region_at(region: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(rows, H, W) masks at a layer of ``tokens`` positions, as (rows, tokens, 1): nearest, with the reference's
+    scale factor sqrt(H * W / tokens)."""
+    h, w = region.shape[-2:]
+    ratio = (h * w / tokens) ** 0.5
+    mask = F.interpolate(region[:, None], scale_factor=1 / ratio, mode="nearest")
+    return mask.reshape(region.shape[0], -1, 1)
 
 
 def install_identity_adapter(unet, state_dict: dict[str, torch.Tensor], num_tokens: int) -> None:
@@ -116,3 +134,9 @@ def identity_processors(unet) -> list[IdentityAttnProcessor]:
 def set_identity_scale(unet, scale: float | torch.Tensor) -> None:
     for proc in identity_processors(unet):
         proc.scale = scale
+
+
+def set_identity_region(unet, region: torch.Tensor | None) -> None:
+    """Per-row face-region masks (rows, H, W) for the identity branch, or None for none."""
+    for proc in identity_processors(unet):
+        proc.region = region

@@ -70,8 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", default="", help="text prompt (empty: image-only)")
     what.add_argument("--negative-prompt", default=None)
     what.add_argument("--style", default=None, help="named style preset (see instantid/styles.json)")
-    what.add_argument("--width", type=int, default=1024)
-    what.add_argument("--height", type=int, default=1024)
+    what.add_argument("--width", type=int, default=None,
+                      help="default: the init image's or pose photo's size after the demo's resize (1024 for bare "
+                           "--face-kps); another aspect gets the pose by cover-fit, never stretched")
+    what.add_argument("--height", type=int, default=None)
+    what.add_argument("--prompt-weighting", choices=["none", "lpw"], default=None,
+                      help="lpw (default): the demo's (text:1.3) weighting, no 77-token limit; none: plain CLIP")
+    what.add_argument("--enhance-face-region", action=argparse.BooleanOptionalAction, default=None,
+                      help="identity and pose act only in the face box (on by default when a photo gives one)")
+    what.add_argument("--control-mask", metavar="IMG", help="explicit region mask, white = face (resized to fit)")
+    what.add_argument("--init-image", metavar="IMG", help="img2img: restyle this picture keeping the identity")
+    what.add_argument("--strength", type=float, default=0.8, help="img2img: share of the schedule run, (0, 1]")
+    what.add_argument("--save-pose-image", metavar="PATH", help="also write the keypoint image IdentityNet got")
     what.add_argument("--steps", type=int, default=30)
     what.add_argument("--guidance-scale", type=float, default=5.0)
     what.add_argument("--ip-adapter-scale", type=float, default=0.8)
@@ -133,7 +143,7 @@ def _check_generate(args) -> None:
 
     for name in ("width", "height"):
         value = getattr(args, name)
-        if value <= 0 or value % 8:
+        if value is not None and (value <= 0 or value % 8):
             raise InvalidParameterError(f"--{name}", f"must be a positive multiple of 8, got {value}")
     if args.steps < 1:
         raise InvalidParameterError("--steps", "must be at least 1")
@@ -154,6 +164,19 @@ def _check_generate(args) -> None:
         raise InvalidParameterError("--output", f"extension must be one of {sorted(FORMATS)}, got {suffix!r}")
     if not Path(args.output).expanduser().resolve().parent.is_dir():
         raise InvalidParameterError("--output", f"directory {Path(args.output).parent} does not exist")
+    if not 0 < args.strength <= 1:
+        raise InvalidParameterError("--strength", f"must be in (0, 1], got {args.strength}")
+    if args.enhance_face_region and args.control_mask:
+        raise InvalidParameterError("--control-mask", "give --control-mask or --enhance-face-region, not both")
+    if args.enhance_face_region and not (args.face or args.pose):
+        raise InvalidParameterError("--enhance-face-region", "needs a face box: --face or --pose photos (bare "
+                                                             "--face-kps have none; use --control-mask)")
+    if args.save_pose_image:
+        pose_path = Path(args.save_pose_image).expanduser()
+        if pose_path.suffix.lower() not in FORMATS:
+            raise InvalidParameterError("--save-pose-image", f"extension must be one of {sorted(FORMATS)}")
+        if not pose_path.resolve().parent.is_dir():
+            raise InvalidParameterError("--save-pose-image", f"directory {pose_path.parent} does not exist")
 
 
 def _read_embedding(path: str) -> np.ndarray:
@@ -174,6 +197,18 @@ def _read_kps(path: str) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise InvalidParameterError("--face-kps", f"cannot read {path}: {exc}") from exc
     return validate_keypoints(data)
+
+
+def _output_size(args, init_image) -> tuple[int | None, int | None]:
+    """The explicit size; missing sides come from the init image after the demo's resize (img2img), else later
+    from the pose canvas."""
+    width, height = args.width, args.height
+    if init_image is not None and (width is None or height is None):
+        from .face import analysis_size
+
+        canvas = analysis_size(*init_image.size)
+        width, height = width or canvas[0], height or canvas[1]
+    return width, height
 
 
 def _output_paths(output: str, count: int) -> list[Path]:
@@ -228,12 +263,15 @@ def cmd_generate(args) -> int:
     faces = [(path, load_image(path)) for path in args.face]
     pose_photo = (args.pose, load_image(args.pose)) if args.pose else None
     controls = [load_image(path) for path in args.control_image]
+    control_mask = load_image(args.control_mask, f"--control-mask {args.control_mask}") if args.control_mask else None
+    init_image = load_image(args.init_image, f"--init-image {args.init_image}") if args.init_image else None
     embedding = _read_embedding(args.face_embedding) if args.face_embedding else None
     kps = _read_kps(args.face_kps) if args.face_kps else None
     loading = _loading()
     loading.pick_dtype(args.dtype, loading.pick_device(args.device))  # before any model (face model too) loads
 
-    pose = Pose(kps, (args.width, args.height)) if kps is not None else None
+    width, height = _output_size(args, init_image)
+    pose = Pose(kps, (width or 1024, height or 1024)) if kps is not None else None
     if faces or pose_photo:
         from .face import FaceAnalyzer
 
@@ -244,7 +282,13 @@ def cmd_generate(args) -> int:
         if pose_photo:
             pose = build_pose(analyzer, *pose_photo)
 
+    width, height = width or pose.size[0], height or pose.size[1]  # default: the pose photo's analysed canvas
+    keypoint_image = pose.draw(width, height)
+    if args.enhance_face_region is not False and pose.bbox is not None and control_mask is None:
+        control_mask = pose.face_mask(width, height)  # on by default wherever a face box is known, as the demo
+
     from .pipeline import ControlInput, GenerationRequest
+    from .prompt_weighting import DEFAULT
 
     loras = {f"lora{i}": path for i, (path, _) in enumerate(args.lora)}
     controlnets = {f"control{i}": ref for i, ref in enumerate(args.controlnet)}
@@ -254,16 +298,19 @@ def cmd_generate(args) -> int:
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
     scales = args.control_scale or [1.0] * len(controls)
     request = GenerationRequest(
-        face_embedding=embedding, keypoint_image=pose.draw(args.width, args.height), prompt=prompt,
+        face_embedding=embedding, keypoint_image=keypoint_image, prompt=prompt,
         negative_prompt=negative, num_images=args.num_images, seed=seed, guidance_scale=args.guidance_scale,
         ip_adapter_scale=args.ip_adapter_scale, controlnet_conditioning_scale=args.controlnet_conditioning_scale,
         control_guidance_start=args.control_guidance_start, control_guidance_end=args.control_guidance_end,
-        controls=[ControlInput(name, img.resize((args.width, args.height)), scale)
+        controls=[ControlInput(name, img.resize((width, height)), scale)
                   for name, img, scale in zip(controlnets, controls, scales)],
+        prompt_weighting=args.prompt_weighting or DEFAULT, control_mask=control_mask, init_image=init_image,
+        strength=args.strength,
     )
-    images = pipe.generate([request], width=args.width, height=args.height, steps=args.steps,
-                           scheduler=args.scheduler)[0]
+    images = pipe.generate([request], width=width, height=height, steps=args.steps, scheduler=args.scheduler)[0]
     paths = _output_paths(args.output, len(images))
+    if args.save_pose_image:
+        images, paths = [*images, keypoint_image], [*paths, Path(args.save_pose_image).expanduser()]
     _save_all(images, paths)
     for path in paths:
         print(path)

@@ -82,16 +82,26 @@ def resize_for_analysis(image: Image.Image) -> Image.Image:
 
     Kept step for step, rounding included, so detected keypoints and embeddings match the reference.
     """
-    w, h = image.size
+    (w_resize, h_resize), (new_w, new_h) = _analysis_sizes(*image.size)
+    image = image.resize([w_resize, h_resize], Image.BILINEAR)
+    return image.resize([new_w, new_h], Image.BILINEAR)
+
+
+def analysis_size(width: int, height: int) -> tuple[int, int]:
+    """The size ``resize_for_analysis`` gives a width x height image (the demo's output size for it)."""
+    return _analysis_sizes(width, height)[1]
+
+
+def _analysis_sizes(width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    w, h = width, height
     ratio = 1024 / min(h, w)
     w, h = round(ratio * w), round(ratio * h)
     ratio = 1280 / max(h, w)
     w_resize, h_resize = round(ratio * w), round(ratio * h)
     new_w, new_h = (w_resize // 64) * 64, (h_resize // 64) * 64
     if new_w == 0 or new_h == 0:  # the reference would crash on PIL; say why instead
-        raise InvalidImageError(f"image of {image.size[0]}x{image.size[1]} is too elongated to analyse")
-    image = image.resize([w_resize, h_resize], Image.BILINEAR)
-    return image.resize([new_w, new_h], Image.BILINEAR)
+        raise InvalidImageError(f"image of {width}x{height} is too elongated to analyse")
+    return (w_resize, h_resize), (new_w, new_h)
 
 
 @dataclass

@@ -12,19 +12,44 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .errors import InvalidParameterError
 from .face import Face, FaceAnalyzer, mean_embedding, resize_for_analysis
-from .keypoints import draw_keypoints, scale_keypoints
+from .keypoints import draw_keypoints, face_region_mask, fit_canvas
 
 
 @dataclass
 class Pose:
+    """Where the face is: keypoints (and, from a photo, the face box) on the canvas they were found on.
+
+    The output defaults to that canvas's size, as in the demo; another size gets the pose by cover-fit (one
+    scale, crop centred on the face), so the face is never stretched.
+    """
+
     kps: np.ndarray  # (5, 2) pixel coordinates on a canvas of ``size``
     size: tuple[int, int]  # (width, height)
+    bbox: np.ndarray | None = None  # (4,) x1, y1, x2, y2 on the same canvas; None for bare keypoints
+
+    def _size(self, width, height) -> tuple[int, int]:
+        return int(width or self.size[0]), int(height or self.size[1])
+
+    def keypoints_on(self, width: int | None = None, height: int | None = None) -> np.ndarray:
+        """The keypoints mapped onto a width x height canvas (default: the pose canvas itself)."""
+        target = self._size(width, height)
+        return fit_canvas(self.size, target, self.kps, self.bbox).apply(self.kps)
 
     def draw(self, width: int | None = None, height: int | None = None) -> Image.Image:
-        """The keypoint image on a width x height canvas (default: the analysed canvas itself)."""
-        width, height = width or self.size[0], height or self.size[1]
-        return draw_keypoints(width, height, scale_keypoints(self.kps, self.size, (width, height)))
+        """The keypoint image IdentityNet sees on a width x height canvas (default: the pose canvas)."""
+        w, h = self._size(width, height)
+        return draw_keypoints(w, h, self.keypoints_on(w, h))
+
+    def face_mask(self, width: int | None = None, height: int | None = None) -> Image.Image:
+        """The demo's face-region control mask on a width x height canvas; needs the face box."""
+        if self.bbox is None:
+            raise InvalidParameterError("enhance_face_region", "no face box is known (bare keypoints): give a "
+                                                               "control mask instead, or turn it off")
+        w, h = self._size(width, height)
+        fit = fit_canvas(self.size, (w, h), self.kps, self.bbox)
+        return face_region_mask(w, h, fit.apply(np.asarray(self.bbox).reshape(2, 2)).reshape(4))
 
 
 @dataclass
@@ -47,9 +72,9 @@ def build_identity(analyzer: FaceAnalyzer, photos: list[tuple[str, Image.Image]]
     found = [analyze_face(analyzer, name, image) for name, image in photos]
     faces = [face for face, _ in found]
     first, size = found[0]
-    return Identity(embedding=mean_embedding(faces), pose=Pose(first.kps.copy(), size), faces=faces)
+    return Identity(embedding=mean_embedding(faces), pose=Pose(first.kps.copy(), size, first.bbox.copy()), faces=faces)
 
 
 def build_pose(analyzer: FaceAnalyzer, name: str, image: Image.Image) -> Pose:
     face, size = analyze_face(analyzer, name, image)
-    return Pose(face.kps.copy(), size)
+    return Pose(face.kps.copy(), size, face.bbox.copy())

@@ -8,10 +8,13 @@ float-to-uint8 truncation), then a filled circle of radius 10 at each point.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from .errors import InvalidParameterError
 
 # left eye, right eye, nose, left mouth corner, right mouth corner
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
@@ -39,9 +42,56 @@ def draw_keypoints(width: int, height: int, kps) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def scale_keypoints(kps, source_size: tuple[int, int], target_size: tuple[int, int]) -> np.ndarray:
-    """Map keypoints from a (width, height) image onto a canvas of another (width, height)."""
+@dataclass(frozen=True)
+class CanvasFit:
+    """How a source canvas lands on a target canvas: ``target = source * scale + offset`` (one scale for x and y,
+    so faces keep their proportions)."""
+
+    scale: float
+    offset: tuple[float, float]
+
+    def apply(self, points) -> np.ndarray:
+        points = np.asarray(points, dtype=np.float64)
+        return points.reshape(-1, 2) * self.scale + np.asarray(self.offset)
+
+
+def fit_canvas(source_size: tuple[int, int], target_size: tuple[int, int], kps, bbox=None) -> CanvasFit:
+    """Cover-fit a (width, height) source onto a target canvas: one scale so the source covers the target, then
+    the crop window centred on the face (the box's centre, or the keypoints' when no box is known), kept inside
+    the source. Raises InvalidParameterError naming ``width``/``height`` when the face's keypoints fall outside.
+
+    Same aspect ratio: plain scaling, no offset (the demo's case, where the output takes the pose canvas's size).
+    """
+    (sw, sh), (tw, th) = source_size, target_size
+    scale = max(tw / sw, th / sh)
     kps = np.asarray(kps, dtype=np.float64).reshape(5, 2)
-    sx = target_size[0] / source_size[0]
-    sy = target_size[1] / source_size[1]
-    return kps * np.array([sx, sy])
+    centre = (np.asarray(bbox, dtype=np.float64).reshape(2, 2).mean(axis=0) if bbox is not None
+              else kps.mean(axis=0))
+    offset = []
+    for c, s_len, t_len in ((centre[0], sw, tw), (centre[1], sh, th)):
+        slack = t_len - s_len * scale  # <= 0: how much of the scaled source is cropped away on this axis
+        offset.append(float(np.clip(t_len / 2 - c * scale, slack, 0.0)) if slack < 0 else 0.0)
+    fit = CanvasFit(scale, (offset[0], offset[1]))
+    mapped = fit.apply(kps)
+    if not ((mapped >= 0).all() and (mapped[:, 0] < tw).all() and (mapped[:, 1] < th).all()):
+        axis = "width" if (mapped[:, 0] < 0).any() or (mapped[:, 0] >= tw).any() else "height"
+        raise InvalidParameterError(axis, f"the face does not fit on a {tw}x{th} canvas cut from the "
+                                          f"{sw}x{sh} pose canvas; use a size closer to its aspect ratio")
+    return fit
+
+
+def scale_keypoints(kps, source_size: tuple[int, int], target_size: tuple[int, int]) -> np.ndarray:
+    """Map keypoints from a (width, height) image onto a canvas of another (width, height) (cover-fit)."""
+    return fit_canvas(source_size, target_size, kps).apply(kps)
+
+
+def face_region_mask(width: int, height: int, bbox) -> Image.Image:
+    """The demo's "enhance non-face region" control mask: white inside the face box, black elsewhere (RGB).
+
+    Box corners are truncated to int as the demo does; a box reaching past the canvas is clipped to it (the demo
+    would wrap a negative corner around instead).
+    """
+    mask = np.zeros((height, width, 3), dtype=np.uint8)
+    x1, y1, x2, y2 = (max(0, int(v)) for v in np.asarray(bbox, dtype=np.float64).reshape(4))
+    mask[y1:y2, x1:x2] = 255
+    return Image.fromarray(mask)

@@ -10,6 +10,15 @@ current diffusers:
   order, each scaled by its conditioning scale times its guidance window [start, end];
 - initial latents (and ancestral noise) come from a CPU ``torch.Generator`` seeded per request.
 
+Three features of the official demo's full pipeline and of its img2img pipeline, per request:
+- ``prompt_weighting="lpw"``: the demo's long-prompt weighting (prompt_weighting.py); "none" is the basic pipeline's
+  plain encoding. Prompts of unequal encoded length share a batch by padding, masked out of the attention;
+- ``control_mask`` ("enhance non-face region"): IdentityNet's residuals are multiplied by the mask (bilinear) at
+  each residual's resolution, and every identity-attention output by it (nearest), so identity and pose act only
+  in the face region (white);
+- ``init_image``/``strength`` (img2img): the timesteps are cut by ``strength`` and the VAE-encoded init image is
+  noised at the first kept timestep with the request's own generator (SDXL ControlNet img2img of diffusers 0.27).
+
 ``generate`` takes several requests that share size, steps and scheduler and runs them as one denoising
 batch. Each request keeps its own latents, generator and scheduler state, so its images are the ones it would
 get alone (up to float rounding of batched matrix products).
@@ -27,8 +36,10 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+from torch.nn import functional as F
 
-from .attention import install_identity_adapter, set_identity_scale
+from . import prompt_weighting
+from .attention import install_identity_adapter, set_identity_region, set_identity_scale
 from .errors import InvalidParameterError, WeightsError
 from .resampler import Resampler
 from .schedulers import make_scheduler
@@ -77,6 +88,10 @@ class GenerationRequest:
     control_guidance_start: float = 0.0
     control_guidance_end: float = 1.0
     controls: list[ControlInput] = field(default_factory=list)
+    prompt_weighting: str = prompt_weighting.DEFAULT  # "none" or "lpw" (the demo's)
+    control_mask: PIL.Image.Image | None = None  # white = face region; resized to the canvas when it differs
+    init_image: PIL.Image.Image | None = None  # img2img: the picture to restyle (resized to the canvas)
+    strength: float = 0.8  # img2img: the share of the schedule that is run (0 < strength <= 1)
 
     def make_generator(self) -> torch.Generator:
         if self.generator is not None:
@@ -91,6 +106,22 @@ def _rows(values: list[float], counts: list[int], copies: int, like: torch.Tenso
         return values[0]
     per_block = [v for v, n in zip(values, counts) for _ in range(n)]
     return torch.tensor(per_block * copies, device=like.device, dtype=like.dtype)
+
+
+def _pad_text(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate text embeddings over the batch; when lengths differ (weighted prompts), pad with zeros and
+    return the (rows, tokens) attention mask that hides the padding. Equal lengths: no mask, as before."""
+    longest = max(e.shape[1] for e in embeds)
+    if all(e.shape[1] == longest for e in embeds):
+        return torch.cat(embeds), None
+    padded = [F.pad(e, (0, 0, 0, longest - e.shape[1])) for e in embeds]
+    mask = torch.cat([(torch.arange(longest) < e.shape[1]).repeat(e.shape[0], 1) for e in embeds])
+    return torch.cat(padded), mask.to(device=embeds[0].device, dtype=embeds[0].dtype)
+
+
+def _resized(region: torch.Tensor, like: torch.Tensor, mode: str) -> torch.Tensor:
+    """(rows, H, W) masks resized to a residual's (rows, C, h, w) resolution, as (rows, 1, h, w)."""
+    return F.interpolate(region[:, None], like.shape[-2:], mode=mode).to(like.dtype)
 
 
 def _scale(tensor: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -189,6 +220,10 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         controls: list[ControlInput] = (),
         output_type: str = "pil",
         callback: Callable[[int, int], None] | None = None,
+        prompt_weighting: str = prompt_weighting.DEFAULT,
+        control_mask: PIL.Image.Image | None = None,
+        init_image: PIL.Image.Image | None = None,
+        strength: float = 0.8,
     ) -> StableDiffusionXLPipelineOutput:
         request = GenerationRequest(
             face_embedding=image_embeds,
@@ -203,6 +238,10 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             control_guidance_start=control_guidance_start,
             control_guidance_end=control_guidance_end,
             controls=list(controls),
+            prompt_weighting=prompt_weighting,
+            control_mask=control_mask,
+            init_image=init_image,
+            strength=strength,
         )
         width = width or image.size[0]
         height = height or image.size[1]
@@ -216,8 +255,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         self,
         requests: list[GenerationRequest],
         *,
-        width: int,
-        height: int,
+        width: int | None = None,
+        height: int | None = None,
         steps: int = 30,
         scheduler: str = "default",
         output_type: str = "pil",
@@ -227,8 +266,13 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
 
         ``callback(step, total)`` runs after each step. It may return the indices (into ``requests``) of the
         requests to go on with: the others' rows leave the batch before the next step (their callers gave up)
-        and their entry in the result is None; the rest denoise exactly as they would have."""
+        and their entry in the result is None; the rest denoise exactly as they would have.
+        Size defaults to the first request's keypoint image (the pose canvas). img2img requests must share one
+        strength, and a batch is all img2img or none (their timesteps differ)."""
         # 1. Check inputs
+        if requests and requests[0].keypoint_image is not None:
+            width = width or requests[0].keypoint_image.size[0]
+            height = height or requests[0].keypoint_image.size[1]
         self._check(requests, width, height, steps)
         device, dtype = self._execution_device, self.unet.dtype
         cfg = requests[0].guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
@@ -238,10 +282,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         # 2. Encode prompts (text) and faces (ID tokens), per request, in the reference's [uncond, cond] order
         neg_embeds, pos_embeds, neg_pooled, pos_pooled, neg_ids, pos_ids = [], [], [], [], [], []
         for r in requests:
-            pe, ne, pp, npool = self.encode_prompt(
-                r.prompt, device=device, num_images_per_prompt=r.num_images, do_classifier_free_guidance=cfg,
-                negative_prompt=r.negative_prompt,
-            )
+            pe, ne, pp, npool = self._encode_text(r, device, cfg)
             pos_embeds.append(pe), pos_pooled.append(pp)
             if cfg:
                 neg_embeds.append(ne), neg_pooled.append(npool)
@@ -249,7 +290,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             pos_ids.append(cond_ids)
             if cfg:
                 neg_ids.append(uncond_ids)
-        prompt_embeds = torch.cat(neg_embeds + pos_embeds)
+        prompt_embeds, text_mask = _pad_text(neg_embeds + pos_embeds)
         pooled = torch.cat(neg_pooled + pos_pooled)
         id_tokens = torch.cat(neg_ids + pos_ids)
 
@@ -263,20 +304,31 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             for k, name in enumerate(extra_names)
         }
 
-        # 4. Prepare timesteps: one scheduler per request (their state advances independently)
+        region = self._region_batch(requests, counts, copies, width, height, device, prompt_embeds.dtype)
+
+        # 4. Prepare timesteps: one scheduler per request (their state advances independently); img2img keeps the
+        # last ``strength`` share of them
         schedulers = [make_scheduler(scheduler, self.scheduler.config) for _ in requests]
+        img2img = requests[0].init_image is not None
+        begin = (steps - min(int(steps * requests[0].strength), steps)) * schedulers[0].order if img2img else 0
         for s in schedulers:
             s.set_timesteps(steps, device=device)
-        timesteps = schedulers[0].timesteps
+            if img2img and hasattr(s, "set_begin_index"):
+                s.set_begin_index(begin)
+        timesteps = schedulers[0].timesteps[begin:]
 
         # 5. Prepare latents from each request's own CPU generator
         generators = [r.make_generator() for r in requests]
         shape_hw = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = [
-            randn_tensor((r.num_images, *shape_hw), generator=g, device=device, dtype=prompt_embeds.dtype)
-            * s.init_noise_sigma
-            for r, g, s in zip(requests, generators, schedulers)
-        ]
+        if img2img:
+            latents = [self._noised_init(r, g, s, timesteps[:1], width, height, device, prompt_embeds.dtype)
+                       for r, g, s in zip(requests, generators, schedulers)]
+        else:
+            latents = [
+                randn_tensor((r.num_images, *shape_hw), generator=g, device=device, dtype=prompt_embeds.dtype)
+                * s.init_noise_sigma
+                for r, g, s in zip(requests, generators, schedulers)
+            ]
         step_kwargs = [self.prepare_extra_step_kwargs(g, 0.0) for g in generators]
 
         # 6. SDXL micro-conditioning and per-row scales
@@ -288,6 +340,10 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         unet_context = torch.cat([prompt_embeds, id_tokens], dim=1)
         timestep_cond = self._timestep_cond(requests, device, prompt_embeds.dtype)
         set_identity_scale(self.unet, _rows([r.ip_adapter_scale for r in requests], counts, copies, id_tokens))
+        set_identity_region(self.unet, region)
+        encoder_mask = None
+        if text_mask is not None:  # prompts of unequal length: padding is masked out; ID tokens always attended
+            encoder_mask = torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], id_tokens.shape[1])], 1)
         identity_window = [(r.controlnet_conditioning_scale, r.control_guidance_start, r.control_guidance_end)
                            for r in requests]
         extra_windows = {name: [(r.controls[k].scale, r.controls[k].start, r.controls[k].end) for r in requests]
@@ -303,6 +359,9 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 model_input = torch.cat(scaled * copies)
                 down, mid = self._control(self.controlnet, model_input, t, id_tokens, identity_image, added,
                                           self._keep(identity_window, i, n), counts, copies)
+                if region is not None:  # the control mask acts on IdentityNet only, as in the reference
+                    down = [d * _resized(region, d, "bilinear") for d in down]
+                    mid = mid * _resized(region, mid, "bilinear")
                 for name in extra_names:
                     d2, m2 = self._control(self.extra_controlnets[name], model_input, t, id_tokens,
                                            extra_images[name], added, self._keep(extra_windows[name], i, n),
@@ -312,7 +371,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 noise = self.unet(
                     model_input, t, encoder_hidden_states=unet_context, timestep_cond=timestep_cond,
                     down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                    added_cond_kwargs=added, return_dict=False,
+                    added_cond_kwargs=added, encoder_attention_mask=encoder_mask, return_dict=False,
                 )[0]
                 latents = self._step(noise, t, latents, requests, schedulers, step_kwargs, counts, cfg)
                 bar.update()
@@ -322,6 +381,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 wanted = set(wanted)
                 keep = [k for k, position in enumerate(active) if position in wanted]
                 if not keep:
+                    set_identity_region(self.unet, None)
                     return [None] * n_requests
                 if len(keep) < len(active):
                     # drop the other requests' rows from every per-row input (layout: copies x requests x images)
@@ -335,10 +395,17 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                     added = {key: value[rows] for key, value in added.items()}
                     if timestep_cond is not None:  # guidance-embedding models run unguided: one copy
                         timestep_cond = timestep_cond[rows]
+                    if encoder_mask is not None:
+                        encoder_mask = encoder_mask[rows]
+                    if region is not None:
+                        region = region[rows]
+                        set_identity_region(self.unet, region)
                     identity_window = [identity_window[k] for k in keep]
                     extra_windows = {name: [w[k] for k in keep] for name, w in extra_windows.items()}
                     set_identity_scale(self.unet, _rows([r.ip_adapter_scale for r in requests], counts, copies,
                                                         id_tokens))
+
+        set_identity_region(self.unet, None)
 
         # 8. Decode, per request (a request's images are decoded together, as the reference does)
         results: list = [None] * n_requests
@@ -370,6 +437,62 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             for c in r.controls:
                 if c.name not in self.extra_controlnets:
                     raise InvalidParameterError("controls", f"unknown ControlNet {c.name!r}")
+            if r.prompt_weighting not in prompt_weighting.MODES:
+                raise InvalidParameterError("prompt_weighting", f"must be one of {list(prompt_weighting.MODES)}, "
+                                                                f"got {r.prompt_weighting!r}")
+            if (r.init_image is None) != (first.init_image is None):
+                raise InvalidParameterError("init_image", "a batch cannot mix img2img and text-to-image requests")
+            if r.init_image is not None:
+                if not 0 < r.strength <= 1:
+                    raise InvalidParameterError("strength", f"must be in (0, 1], got {r.strength}")
+                if r.strength != first.strength:
+                    raise InvalidParameterError("strength", "a batch must share one strength (its timesteps)")
+                if min(int(steps * r.strength), steps) < 1:
+                    raise InvalidParameterError("strength", f"{r.strength} of {steps} steps leaves no step to run")
+
+    def _encode_text(self, r: GenerationRequest, device, cfg: bool):
+        """(prompt, negative, pooled, negative pooled) for one request, one row per image."""
+        if r.prompt_weighting == "lpw":
+            pe, ne, pp, npool = prompt_weighting.encode_weighted_prompt(self, r.prompt, r.negative_prompt, device)
+            n = r.num_images
+            return pe.repeat(n, 1, 1), ne.repeat(n, 1, 1), pp.repeat(n, 1), npool.repeat(n, 1)
+        return self.encode_prompt(r.prompt, device=device, num_images_per_prompt=r.num_images,
+                                  do_classifier_free_guidance=cfg, negative_prompt=r.negative_prompt)
+
+    def _region_batch(self, requests, counts, copies, width, height, device, dtype) -> torch.Tensor | None:
+        """Per-row control masks (rows, H, W), 1 = face, from each mask's first channel; ones for rows without."""
+        if all(r.control_mask is None for r in requests):
+            return None
+        masks = []
+        for r, n in zip(requests, counts):
+            if r.control_mask is None:
+                mask = torch.ones(height, width)
+            else:
+                image = r.control_mask.convert("RGB")
+                if image.size != (width, height):
+                    image = image.resize((width, height), PIL.Image.BILINEAR)
+                mask = torch.from_numpy(np.array(image)[:, :, 0]).float() / 255.0
+            masks += [mask] * n
+        return torch.stack(masks * copies).to(device=device, dtype=dtype)
+
+    def _noised_init(self, r, generator, scheduler, first_t, width, height, device, dtype) -> torch.Tensor:
+        """img2img latents: the init image VAE-encoded (a sample, from the request's generator) and noised at the
+        first kept timestep, as diffusers 0.27's SDXL ControlNet img2img ``prepare_latents``."""
+        image = self.image_processor.preprocess(r.init_image.convert("RGB"), height=height, width=width)
+        image = image.to(device=device, dtype=dtype)
+        vae = self.vae
+        upcast = vae.config.force_upcast and vae.dtype != torch.float32
+        if upcast:
+            image = image.float()
+            vae.to(dtype=torch.float32)
+        try:
+            init = vae.encode(image).latent_dist.sample(generator)
+        finally:
+            if upcast:
+                vae.to(dtype=dtype)
+        init = (vae.config.scaling_factor * init.to(dtype)).repeat(r.num_images, 1, 1, 1)
+        noise = randn_tensor(init.shape, generator=generator, device=device, dtype=dtype)
+        return scheduler.add_noise(init, noise, first_t.repeat(r.num_images))
 
     def _encode_face(self, embedding, num_images, cfg, device, dtype):
         """ID tokens for one face; the unconditional branch projects an all-zero embedding."""

@@ -29,11 +29,18 @@ EMBED_DIM = 512  # ArcFace embedding width, as the real adapter expects
 NUM_TOKENS = 16
 
 
-def _tokenizer_files(directory: Path) -> None:
-    """A byte-level CLIP BPE vocabulary with no merges: every character is a token."""
+CLIP_BOS = 49406  # CLIP's start/end token ids, hard-coded by the demo's long-prompt weighting
+CLIP_VOCAB = 49408
+
+
+def _tokenizer_files(directory: Path, clip_ids: bool = False) -> None:
+    """A byte-level CLIP BPE vocabulary with no merges: every character is a token. ``clip_ids``: unused
+    filler entries put the start/end tokens at CLIP's own ids."""
     chars = _byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    if clip_ids:
+        vocab.update({f"<|unused{i}|>": i for i in range(len(vocab), CLIP_BOS)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)  # the highest id, as in CLIP: pooling picks it by argmax
     directory.mkdir(parents=True, exist_ok=True)
@@ -49,11 +56,11 @@ def _byte_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
-def _tokenizer(directory: Path):
+def _tokenizer(directory: Path, clip_ids: bool = False):
     """Write a tokenizer folder as SDXL's repos have it (vocab.json, merges.txt, configs) and load it."""
     from transformers import CLIPTokenizer
 
-    _tokenizer_files(directory)
+    _tokenizer_files(directory, clip_ids)
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "pad_token": "<|endoftext|>"}
     (directory / "special_tokens_map.json").write_text(json.dumps(specials))
@@ -72,17 +79,31 @@ def _text_encoder_config(vocab_size: int, width: int):
     )
 
 
-def tiny_unet():
+def tiny_unet(sdxl_levels: bool = False):
+    """Two levels, one layer each; ``sdxl_levels``: SDXL's three levels of two layers (nine down residuals at
+    1/8, 1/16, 1/32, as the demo's control mask hard-codes)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=8,
+    levels = dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
+    )
+    if sdxl_levels:
+        levels = dict(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 4),
+        )
+    return UNet2DConditionModel(
+        sample_size=8,
+        **levels,
         use_linear_projection=True,
         cross_attention_dim=CROSS_DIM,
         addition_embed_type="text_time",
@@ -106,13 +127,13 @@ def tiny_controlnet(unet):
     return net
 
 
-def write_sdxl(directory: Path):
+def write_sdxl(directory: Path, sdxl_facts: bool = False):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(SEED)
     tmp = directory / ".tokenizers"
-    tokenizer, tokenizer_2 = _tokenizer(tmp / "a"), _tokenizer(tmp / "b")
+    tokenizer, tokenizer_2 = _tokenizer(tmp / "a", sdxl_facts), _tokenizer(tmp / "b", sdxl_facts)
     vae = AutoencoderKL(
         block_out_channels=(16, 16, 16, 16), norm_num_groups=8, latent_channels=4, sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -127,7 +148,7 @@ def write_sdxl(directory: Path):
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=CLIPTextModel(_text_encoder_config(len(tokenizer), TEXT_WIDTH)),
         text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(len(tokenizer), TEXT_WIDTH_2)),
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=tiny_unet(), scheduler=scheduler,
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=tiny_unet(sdxl_facts), scheduler=scheduler,
         add_watermarker=False,
     )
     pipe.save_pretrained(directory, safe_serialization=True)
@@ -189,8 +210,11 @@ def write_lora(directory: Path, unet) -> Path:
     return directory / "pytorch_lora_weights.safetensors"
 
 
-def make_tiny(root: Path | str) -> Path:
-    """Write the whole tiny bundle under ``root``; idempotent and safe when several processes start at once."""
+def make_tiny(root: Path | str, sdxl_facts: bool = False) -> Path:
+    """Write the whole tiny bundle under ``root``; idempotent and safe when several processes start at once.
+
+    ``sdxl_facts``: the real SDXL facts the demo's pipelines hard-code (CLIP's start/end ids 49406/49407, three
+    UNet levels); slower, used by the parity harness."""
     import fcntl
     import os
     import tempfile
@@ -205,7 +229,7 @@ def make_tiny(root: Path | str) -> Path:
             return root
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
         try:
-            pipe = write_sdxl(staging / "sdxl")
+            pipe = write_sdxl(staging / "sdxl", sdxl_facts)
             write_instantid(staging / "instantid", pipe.unet)
             torch.manual_seed(SEED + 3)
             tiny_controlnet(pipe.unet).save_pretrained(staging / "controlnet-extra", safe_serialization=True)

@@ -125,8 +125,9 @@ def test_openapi_publishes_limits(http, serve_env):
     props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
     limits = serve_env.args["limits"]
     assert props["steps"]["maximum"] == limits["max_steps"]
-    assert props["width"]["maximum"] == limits["max_side"] and props["width"]["minimum"] == limits["min_side"]
-    assert props["width"]["multipleOf"] == 8
+    width = next(s for s in props["width"]["anyOf"] if s.get("type") == "integer")  # optional: the pose canvas
+    assert width["maximum"] == limits["max_side"] and width["minimum"] == limits["min_side"]
+    assert width["multipleOf"] == 8
     face_images = next(s for s in props["face_images"]["anyOf"] if s.get("type") == "array")
     assert face_images["maxItems"] == 4 and face_images["minItems"] == 1
     model_enum = next(s for s in props["base_model"]["anyOf"] if s.get("type") != "null")

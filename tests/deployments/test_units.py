@@ -214,7 +214,8 @@ def test_request_bounds_follow_limits():
     model = build_models(args).GenerateRequest
     props = model.model_json_schema()["properties"]
     assert props["steps"]["maximum"] == 12 and props["num_images"]["maximum"] == 2
-    assert props["width"]["maximum"] == 512 and props["width"]["default"] == 512
+    width = next(s for s in props["width"]["anyOf"] if s.get("type") == "integer")
+    assert width["maximum"] == 512 and props["width"]["default"] is None  # absent: the pose canvas's size
     # the client-side model uses the default limits and any model name
     GenerateRequest(identity_id="id_" + "a" * 32, base_model="anything", steps=100)
 

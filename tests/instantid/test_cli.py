@@ -165,15 +165,19 @@ def test_num_images_writes_numbered_files(tiny_bundle, photos, out, capfd):
 
 
 def test_face_embedding_and_kps_reproduce_the_face_path(tiny_bundle, photos, plain, out, tmp_path, capfd, seen):
-    from instantid.keypoints import draw_keypoints, scale_keypoints
+    from instantid.identity import Pose
+    from instantid.keypoints import draw_keypoints
 
     face, canvas = analyzed(tiny_bundle, photos["a"])
     embedding = save_embedding(tmp_path / "e.npy", face.embedding)
-    kps = scale_keypoints(face.kps, canvas, (64, 64))  # the same points, now on the output canvas
+    kps = Pose(face.kps, canvas, face.bbox).keypoints_on(64, 64)  # the same points, now on the output canvas
     (tmp_path / "k.json").write_text(json.dumps(kps.tolist()))
     from_files = generate(capfd, tiny_bundle, out / "files.png", "--face-embedding", str(embedding),
                           "--face-kps", str(tmp_path / "k.json"))
-    np.testing.assert_array_equal(from_files, read(plain))
+    # bare keypoints know no face box: compare with the face path without its default face-region mask
+    unmasked = generate(capfd, tiny_bundle, out / "unmasked.png", "--face", str(photos["a"]),
+                        "--no-enhance-face-region")
+    np.testing.assert_array_equal(from_files, unmasked)
 
     moved = kps + [[-14, 10]]  # the same face elsewhere on the canvas
     (tmp_path / "k2.json").write_text(json.dumps(moved.tolist()))
@@ -181,7 +185,7 @@ def test_face_embedding_and_kps_reproduce_the_face_path(tiny_bundle, photos, pla
                          "--face-kps", str(tmp_path / "k2.json"))
     np.testing.assert_array_equal(seen[0].face_embedding, face.embedding)
     # K.json is taken as points on the output canvas, drawn as IdentityNet's keypoint image
-    np.testing.assert_array_equal(np.asarray(seen[1].keypoint_image), np.asarray(draw_keypoints(64, 64, moved)))
+    np.testing.assert_array_equal(np.asarray(seen[2].keypoint_image), np.asarray(draw_keypoints(64, 64, moved)))
     assert not np.array_equal(elsewhere, read(plain))
 
 
