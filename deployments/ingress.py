@@ -285,13 +285,15 @@ def _validate(model: type[BaseModel], data: dict, strict: bool = True) -> BaseMo
 COST_FIELDS = ("width", "height", "steps", "num_images")
 
 
-def check_cost(spec, req, deadline: float | None) -> None:
+def check_cost(spec, req, deadline: float | None, size: tuple[int, int] | None = None) -> None:
     """Refuse up front a generation that cannot finish before its deadline: its cost, width x height x steps x
     num_images in megapixel-steps, over the model's measured ``megapixel_steps_per_s`` (``ModelSpec``), plus
-    the model's fixed ``overhead_s``, must fit in the time left. 422 naming the four fields."""
-    if spec.megapixel_steps_per_s is None or deadline is None:
+    the model's fixed ``overhead_s``, must fit in the time left. 422 naming the four fields. ``size`` is the
+    output size when the request leaves it to the photo (known only after face analysis)."""
+    width, height = size or (req.width, req.height)
+    if spec.megapixel_steps_per_s is None or deadline is None or not width or not height:
         return
-    cost = req.width * req.height * req.steps * req.num_images / 1e6
+    cost = width * height * req.steps * req.num_images / 1e6
     needed = spec.overhead_s + cost / spec.megapixel_steps_per_s
     left = deadline - time.time()
     if needed > left:
@@ -549,6 +551,7 @@ class IngressCore:
             raise ServiceError(422, "invalid_parameter", "enhance_face_region: no face box is known",
                                field="enhance_face_region")
         width, height = self.output_size(req, canvas, kps, bbox, init_image)
+        check_cost(spec, req, ctx.deadline, (width, height))  # again at the photo's size when none was given
         job = {
             "model": spec.name, "embedding": embedding, "kps": kps, "canvas": canvas, "bbox": bbox,
             "enhance_face_region": req.enhance_face_region is not False and bbox is not None,

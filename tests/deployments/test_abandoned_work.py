@@ -34,6 +34,14 @@ def test_a_request_too_costly_for_its_deadline_is_refused_up_front(tmp_path):
                  422, "too_costly")
 
 
+def test_a_photo_shaped_request_is_costed_at_the_size_it_gets(tmp_path):
+    """No width/height: the output takes the pose canvas's size, known after face analysis; the budget applies
+    to that size (a 422, never a 500 from the missing size)."""
+    client = _costed_client(tmp_path, megapixel_steps_per_s=0.01, overhead_s=0.0)
+    request = {k: v for k, v in _request(steps=100, num_images=4, timeout_s=10).items() if k not in ("width", "height")}
+    assert_error(client.post("/v1/generate", json=request), 422, "too_costly", field="steps")
+
+
 def test_no_speed_configured_means_no_cost_check(tmp_path):
     client = _costed_client(tmp_path)
     # 1677 megapixel-steps in 30 s: refused with any speed under 56 megapixel-steps/s, accepted without one
