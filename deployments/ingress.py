@@ -536,6 +536,7 @@ class IngressCore:
             "schedulers": list(SCHEDULERS), "styles": sorted(presets()),
             "output_formats": list(OUTPUT_FORMATS),
             "delivery": [d for d in DELIVERIES if d != "s3" or self.args.output_bucket],
+            "profile": self.args.profile,
         }
 
     async def readiness(self, fresh: bool = False) -> dict:
@@ -806,6 +807,9 @@ def build_http_app(core: IngressCore):
     async def models():
         return core.model_list()
 
+    from .playground import add_routes as add_playground  # POST /v1/faces:analyze, and the page at /
+
+    add_playground(app, v1, core, parse)
     app.include_router(v1)
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the Ingress answers")
