@@ -78,6 +78,11 @@ const FRIENDLY = {
   rate_limited: "Too many requests for this key; wait a moment.",
 };
 
+// What the user reads: a plain sentence for errors about a photo as a whole, else the API's message.
+function messageFor(err, item = err, where = null) {
+  return ((where || err.code === "no_face") && FRIENDLY[err.code]) || item.message;
+}
+
 function slotFor(field, where) {
   if (where) return where;
   if (!field) return "request";
@@ -97,7 +102,7 @@ function showError(err, where) {
   const items = err.details.length && !where ? err.details : [{field: err.field, message: err.message}];
   for (const item of items) {
     const slot = $("err-" + slotFor(item.field, where));
-    const text = (where && FRIENDLY[err.code]) || (err.code === "no_face" && FRIENDLY.no_face) || item.message;
+    const text = messageFor(err, item, where);
     slot.textContent = slot.textContent ? slot.textContent + " " + text : text;
     const input = document.querySelector(`[aria-describedby~="${slot.id}"]`);
     if (input) input.setAttribute("aria-invalid", "true");
@@ -182,7 +187,10 @@ function photoCard(photo, label, errId, onRemove) {
   remove.setAttribute("aria-describedby", err.id);
   remove.addEventListener("click", onRemove);
   li.append(remove);
-  if (photo.error) showError(photo.error, errId);
+  if (photo.error) {  // the card is not in the page yet: write its error slot directly
+    err.textContent = messageFor(photo.error, photo.error, errId);
+    li.classList.add("invalid");
+  }
   return li;
 }
 

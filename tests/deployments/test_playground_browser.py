@@ -1,0 +1,272 @@
+"""The playground in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by Selenium.
+
+- against the tiny-profile Serve app of this session (through HAProxy, as shipped): upload insightface's t1.jpg
+  (four times: the most photos a request takes), see the face box and keypoints, generate four images at the
+  deployment's largest size with the spinner showing, enlarge, reuse the seed; bad input shown beside its field;
+  a phone-width screen without sideways scrolling;
+- against an in-process Ingress with auth on (fake backends): the API-key box, the key only in the
+  Authorization header.
+
+Without the browser these tests skip, and say why. PLAYGROUND_SCREENSHOT=docs/playground.png writes the
+screenshot the README shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from serve_helpers import png_bytes
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+KEY = "sk-browser-" + "3" * 30
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        reason = ("browser tests skipped: no chromium/chromedriver on PATH "
+                  "(apt-get install -y chromium chromium-driver; .ci/run does)")
+        warnings.warn(reason)  # shown in pytest's summary even without -rs
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
+                "--disable-gpu", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver, predicate, timeout=120, message=""):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: predicate(d), message)
+
+
+def _by_id(driver, element_id):
+    return driver.find_element("id", element_id)
+
+
+def _set(driver, element_id, value):
+    """Set a range/number/select input as a user would (the page listens to input/change)."""
+    driver.execute_script(
+        "const el = document.getElementById(arguments[0]); el.value = arguments[1];"
+        "el.dispatchEvent(new Event('input', {bubbles: true})); el.dispatchEvent(new Event('change', {bubbles: true}));",
+        element_id, str(value))
+
+
+def _text(driver, element_id) -> str:
+    """An element's text, read in the page (cards are re-rendered: no stale references)."""
+    return driver.execute_script("const el = document.getElementById(arguments[0]); return el ? el.textContent : ''",
+                                 element_id)
+
+
+def _open(driver, url):
+    driver.get(url)
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(url)
+
+
+def _photos(tmp_path, face_photo, n) -> list[str]:
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"face{i}.jpg"
+        shutil.copy(face_photo, path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.serve
+def test_upload_generate_and_see_the_results(browser, serve_env, face_photo, tmp_path):
+    d = browser
+    _open(d, serve_env.base_url + "/")
+    _wait(d, lambda d: _by_id(d, "tiny-notice").is_displayed(), 60, "tiny-profile notice not shown")
+    assert "random weights" in _by_id(d, "tiny-notice").text
+    assert d.find_elements("css selector", "#styles input[type=radio]"), "style gallery from /v1/models is empty"
+    assert _by_id(d, "steps").get_attribute("max") == "50"  # the deployment's bound, from its OpenAPI schema
+
+    _by_id(d, "face-input").send_keys("\n".join(_photos(tmp_path, face_photo, 4)))
+    cards = "#face-list .photo"
+    _wait(d, lambda d: len(d.find_elements("css selector", f"{cards} svg.overlay")) == 4, 60,
+          "face boxes not drawn on the four photos")
+    overlay = d.find_element("css selector", f"{cards} svg.overlay")
+    assert len(overlay.find_elements("css selector", "rect.box")) == 1
+    assert len(overlay.find_elements("css selector", "circle.kp")) == 5
+    assert "face" in d.find_element("css selector", f"{cards} .caption").text
+
+    # the largest output this deployment allows (max_side 512, "as photo" keeps t1.jpg's shape), four images
+    _set(d, "steps", 2)
+    _set(d, "num_images", 4)
+    _set(d, "seed", 1234)
+    size_label = d.find_element("css selector", "#size option[value=photo]").text
+    assert "512" in size_label, size_label
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: _by_id(d, "progress").is_displayed(), 10, "no progress shown while generating")
+    assert d.execute_script("return document.getElementById('progress').position") == -1  # indeterminate
+    assert _by_id(d, "status").text.startswith("Generating")
+    assert not _by_id(d, "generate").is_enabled()
+    _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 4, 300,
+          "four result images did not appear")
+    assert not _by_id(d, "progress").is_displayed()
+    sizes = d.execute_script("return [...document.querySelectorAll('#results .result img')]"
+                             ".map(i => [i.naturalWidth, i.naturalHeight])")
+    assert all(max(s) == 512 and min(s) >= 256 for s in sizes), sizes
+    assert "seed 1234" in d.find_element("css selector", "#results .meta").text
+    assert _by_id(d, "status").text.startswith("Done")
+    link = d.find_element("css selector", "#results .result a[download]")
+    assert link.get_attribute("download") == "instantid-1234-1.png"
+    assert link.get_attribute("href").startswith("data:image/png;base64,")
+
+    # "use this seed" after a random one, enlarge next to the reference photo
+    _by_id(d, "dice").click()
+    assert _by_id(d, "seed").get_attribute("value") not in ("", "1234")
+    d.find_element("css selector", "#results .use-seed").click()
+    assert _by_id(d, "seed").get_attribute("value") == "1234"
+    d.find_element("css selector", "#results .thumb").click()
+    _wait(d, lambda d: _by_id(d, "viewer").is_displayed(), 5)
+    assert _by_id(d, "viewer-ref").get_attribute("src").startswith("data:image/jpeg")
+    assert _by_id(d, "viewer-img").get_attribute("src").startswith("data:image/png")
+    _by_id(d, "viewer-close").click()
+
+    shot = os.environ.get("PLAYGROUND_SCREENSHOT")
+    if shot:
+        d.set_window_size(1280, 1200)
+        d.execute_script("window.scrollTo(0, 0)")
+        Path(shot).parent.mkdir(parents=True, exist_ok=True)
+        d.save_screenshot(shot)
+    d.save_screenshot(str(tmp_path / "playground.png"))
+
+    # results are kept for the tab's session
+    d.refresh()
+    _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 4, 20, "results lost on reload")
+
+
+@pytest.mark.serve
+def test_bad_input_is_shown_beside_its_field(browser, serve_env, face_photo, tmp_path):
+    d = browser
+    _open(d, serve_env.base_url + "/")
+    _wait(d, lambda d: d.find_elements("css selector", "#base_model option"), 60)
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(png_bytes())
+    _by_id(d, "face-input").send_keys("\n".join([str(face_photo), str(blank)]))
+    # the photo without a face is flagged beside that photo, as soon as it is picked
+    _wait(d, lambda d: _text(d, "err-face-1") and "face" in _text(d, "face-list"), 60,
+          "no error beside the faceless photo")
+    assert _text(d, "err-face-1") == "No face found in this photo."
+    assert _text(d, "err-face-0") == ""
+    # the server's own validation (width not a multiple of 8) beside the width field; nothing else flagged
+    d.find_element("css selector", "#face-list .photo:nth-child(2) button").click()
+    _wait(d, lambda d: len(d.find_elements("css selector", "#face-list .photo")) == 1, 5)
+    _set(d, "size", "custom")
+    _set(d, "width", 100)
+    _set(d, "steps", 2)
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: _text(d, "err-width"), 60, "no error beside the width field")
+    assert "multiple of 8" in _text(d, "err-width")
+    assert _by_id(d, "width").get_attribute("aria-invalid") == "true"
+    assert _by_id(d, "err-request").text == "" and "{" not in d.find_element("tag name", "body").text
+    assert d.find_elements("css selector", "#results .result") == []
+
+
+@pytest.mark.serve
+def test_phone_width_needs_no_sideways_scrolling(browser, serve_env):
+    d = browser
+    try:
+        d.set_window_size(390, 844)
+        _open(d, serve_env.base_url + "/")
+        _wait(d, lambda d: d.find_elements("css selector", "#base_model option"), 60)
+        assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        generate = _by_id(d, "generate")
+        d.execute_script("arguments[0].scrollIntoView()", generate)
+        assert generate.is_displayed() and generate.rect["x"] + generate.rect["width"] <= 390
+    finally:
+        d.set_window_size(1280, 1000)
+
+
+# -- auth on: an in-process Ingress with fake backends, served by uvicorn on the loopback --------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def auth_server(tmp_path, monkeypatch):
+    import uvicorn
+
+    from deployments.config import AppArgs
+    from deployments.ingress import IngressCore, build_http_app
+    from test_units import FakeFace, FakeGenerator
+
+    monkeypatch.setenv("PG_BROWSER_KEYS", "pg:" + hashlib.sha256(KEY.encode()).hexdigest())
+    args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"),
+                                   "auth": {"enabled": True, "key_hashes_env": "PG_BROWSER_KEYS"}})
+    core = IngressCore(args, FakeFace(), FakeGenerator(),
+                       status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+    app = build_http_app(core)
+    seen: list[tuple[str, str, str]] = []  # (path, query, authorization) of every request the page made
+
+    async def recorder(scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            seen.append((scope["path"], scope["query_string"].decode(), headers.get(b"authorization", b"").decode()))
+        await app(scope, receive, send)
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(recorder, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_api_key_box_and_the_key_only_in_the_header(browser, auth_server, face_photo):
+    d = browser
+    url, seen = auth_server
+    _open(d, url + "/")
+    _wait(d, lambda d: _text(d, "err-api_key"), 30, "no API-key prompt on 401")
+    assert "API key" in _by_id(d, "err-api_key").text
+    assert _by_id(d, "tiny-notice").is_displayed() is False  # a real-profile server: no notice
+    _by_id(d, "api-key").send_keys(KEY)
+    d.find_element("css selector", "#key-form button[type=submit]").click()
+    _wait(d, lambda d: d.find_elements("css selector", "#base_model option"), 30, "models not loaded with the key")
+    assert _by_id(d, "err-api_key").text == ""
+    _by_id(d, "face-input").send_keys(str(face_photo))
+    _wait(d, lambda d: d.find_elements("css selector", "#face-list svg.overlay"), 30)
+    _set(d, "size", "custom")
+    _set(d, "width", 64)
+    _set(d, "height", 64)
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: d.find_elements("css selector", "#results .result img"), 30, "no result with the key")
+    api_calls = [s for s in seen if s[0].startswith("/v1/")]
+    assert {p for p, _, _ in api_calls} >= {"/v1/models", "/v1/faces:analyze", "/v1/generate"}
+    assert all(auth == "Bearer " + KEY for p, _, auth in api_calls if p != "/v1/models" or auth), api_calls
+    assert not any(KEY in path or KEY in query for path, query, _ in seen)
+    assert KEY not in d.current_url
+    # kept for this tab only (sessionStorage), and "Forget" drops it
+    assert d.execute_script("return sessionStorage.getItem('instantid.apiKey')") == KEY
+    _by_id(d, "key-forget").click()
+    assert d.execute_script("return sessionStorage.getItem('instantid.apiKey')") is None
