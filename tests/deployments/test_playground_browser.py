@@ -188,16 +188,18 @@ def test_bad_input_is_shown_beside_its_field(browser, serve_env, face_photo, tmp
 @pytest.mark.serve
 def test_phone_width_needs_no_sideways_scrolling(browser, serve_env):
     d = browser
-    try:
-        d.set_window_size(390, 844)
+    try:  # a phone's viewport (headless Chromium keeps windows at least 500 px wide: emulate the device)
+        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                          {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
         _open(d, serve_env.base_url + "/")
+        assert d.execute_script("return window.innerWidth") == 390
         _wait(d, lambda d: d.find_elements("css selector", "#base_model option"), 60)
         assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
         generate = _by_id(d, "generate")
         d.execute_script("arguments[0].scrollIntoView()", generate)
         assert generate.is_displayed() and generate.rect["x"] + generate.rect["width"] <= 390
     finally:
-        d.set_window_size(1280, 1000)
+        d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 # -- auth on: an in-process Ingress with fake backends, served by uvicorn on the loopback --------------------
@@ -261,8 +263,14 @@ def test_api_key_box_and_the_key_only_in_the_header(browser, auth_server, face_p
     _set(d, "height", 64)
     _by_id(d, "generate").click()
     _wait(d, lambda d: d.find_elements("css selector", "#results .result img"), 30, "no result with the key")
+    # store the photos as an identity, then generate from it
+    _by_id(d, "save-identity").click()
+    _wait(d, lambda d: d.execute_script("return document.getElementById('identity').value"), 30, "identity not saved")
+    assert _by_id(d, "identity-panel").is_displayed() and not _by_id(d, "photos-panel").is_displayed()
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 2, 30, "no identity result")
     api_calls = [s for s in seen if s[0].startswith("/v1/")]
-    assert {p for p, _, _ in api_calls} >= {"/v1/models", "/v1/faces:analyze", "/v1/generate"}
+    assert {p for p, _, _ in api_calls} >= {"/v1/models", "/v1/faces:analyze", "/v1/generate", "/v1/identities"}
     assert all(auth == "Bearer " + KEY for p, _, auth in api_calls if p != "/v1/models" or auth), api_calls
     assert not any(KEY in path or KEY in query for path, query, _ in seen)
     assert KEY not in d.current_url

@@ -196,6 +196,7 @@ function photoCard(photo, label, errId, onRemove) {
 
 function renderPhotos() {
   const list = $("face-list");
+  $("save-identity").hidden = !state.faces.length;
   list.replaceChildren(...state.faces.map((photo, i) => photoCard(photo, `Face photo ${i + 1}`, "face-" + i, () => {
     state.faces.splice(i, 1);
     renderPhotos();
@@ -239,6 +240,19 @@ async function loadIdentities(select) {
     ...list.identities.map((it) => new Option(`${it.identity_id.slice(0, 11)}… ${it.created_at || ""}`, it.identity_id)));
   if (select) sel.value = select;
   await showIdentity();
+}
+
+// POST /v1/identities with the photos picked, then generate from it: the photos need not be sent again.
+async function saveIdentity() {
+  clearErrors($("photos-panel"));
+  try {
+    const created = await api("v1/identities", {method: "POST", body: {face_images: state.faces.map((p) => p.dataUrl)}});
+    document.querySelector('input[name="source"][value="identity"]').click();
+    await loadIdentities(created.identity_id);
+    $("status").textContent = `Saved as ${created.identity_id}.`;
+  } catch (err) {
+    showError(err, err.field && /^face_images\[\d+\]/.test(err.field) ? null : "face_images");
+  }
 }
 
 async function showIdentity() {
@@ -544,6 +558,7 @@ function init() {
     updateSize();
   }));
   $("identity").addEventListener("change", showIdentity);
+  $("save-identity").addEventListener("click", saveIdentity);
   $("face-input").addEventListener("change", (e) => { addFaces(e.target.files).then(() => { e.target.value = ""; }); });
   $("pose-input").addEventListener("change", (e) => setPose(e.target.files[0]));
   const drop = $("face-drop");
