@@ -4,8 +4,9 @@
   (four times: the most photos a request takes), see the face box and keypoints, generate four images at the
   deployment's largest size with the spinner showing, enlarge, reuse the seed; bad input shown beside its field;
   a phone-width screen without sideways scrolling;
-- against an in-process Ingress with auth on (fake backends): the API-key box, the key only in the
-  Authorization header.
+- against an in-process Ingress with fake backends and the default limits: the API-key box and the key only in
+  the Authorization header, saving an identity, four 4096x4096 photos in and four 2048x2048 images out, a photo
+  over the pixel limit refused beside it, Cancel.
 
 Without the browser these tests skip, and say why. PLAYGROUND_SCREENSHOT=docs/playground.png writes the
 screenshot the README shows.
@@ -202,27 +203,59 @@ def test_phone_width_needs_no_sideways_scrolling(browser, serve_env):
         d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
-# -- auth on: an in-process Ingress with fake backends, served by uvicorn on the loopback --------------------
+# -- an in-process Ingress with fake backends (default limits), served by uvicorn on the loopback ----------
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@pytest.fixture()
-def auth_server(tmp_path, monkeypatch):
-    import uvicorn
+class SlowGenerator:
+    """A Generator that takes ``seconds`` per call."""
 
+    def __init__(self, seconds: float):
+        from test_units import FakeGenerator, _Method
+
+        inner = FakeGenerator()
+
+        async def generate(job):
+            import asyncio
+
+            await asyncio.sleep(seconds)
+            return await inner.generate.remote(job)
+
+        self.generate = _Method(generate)
+
+    def options(self, **_):
+        return self
+
+
+@pytest.fixture()
+def fake_server(tmp_path, monkeypatch):
+    """start(auth=False, generator=None) -> (base URL, [(path, query, authorization) of every request])."""
     from deployments.config import AppArgs
     from deployments.ingress import IngressCore, build_http_app
     from test_units import FakeFace, FakeGenerator
 
-    monkeypatch.setenv("PG_BROWSER_KEYS", "pg:" + hashlib.sha256(KEY.encode()).hexdigest())
-    args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"),
-                                   "auth": {"enabled": True, "key_hashes_env": "PG_BROWSER_KEYS"}})
-    core = IngressCore(args, FakeFace(), FakeGenerator(),
-                       status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
-    app = build_http_app(core)
+    servers = []
+
+    def start(auth: bool = False, generator=None):
+        monkeypatch.setenv("PG_BROWSER_KEYS", "pg:" + hashlib.sha256(KEY.encode()).hexdigest())
+        args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"),
+                                       "auth": {"enabled": auth, "key_hashes_env": "PG_BROWSER_KEYS"}})
+        core = IngressCore(args, FakeFace(), generator or FakeGenerator(),
+                           status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+        return _serve(build_http_app(core), servers)
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _serve(app, servers):
+    import uvicorn
+
     seen: list[tuple[str, str, str]] = []  # (path, query, authorization) of every request the page made
 
     async def recorder(scope, receive, send):
@@ -235,19 +268,16 @@ def auth_server(tmp_path, monkeypatch):
     server = uvicorn.Server(uvicorn.Config(recorder, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    servers.append((server, thread))
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return f"http://127.0.0.1:{port}", seen
 
 
-def test_api_key_box_and_the_key_only_in_the_header(browser, auth_server, face_photo):
+def test_api_key_box_and_the_key_only_in_the_header(browser, fake_server, face_photo):
     d = browser
-    url, seen = auth_server
+    url, seen = fake_server(auth=True)
     _open(d, url + "/")
     _wait(d, lambda d: _text(d, "err-api_key"), 30, "no API-key prompt on 401")
     assert "API key" in _by_id(d, "err-api_key").text
@@ -278,3 +308,64 @@ def test_api_key_box_and_the_key_only_in_the_header(browser, auth_server, face_p
     assert d.execute_script("return sessionStorage.getItem('instantid.apiKey')") == KEY
     _by_id(d, "key-forget").click()
     assert d.execute_script("return sessionStorage.getItem('instantid.apiKey')") is None
+
+
+def _big_photo(path: Path, side: int) -> str:
+    """A side x side JPEG (smooth, so it stays a few MB like a phone photo, not a noise-sized one)."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    rgb = np.stack([ramp[None, :].repeat(side, 0), ramp[:, None].repeat(side, 1),
+                    np.full((side, side), 128, np.float32)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(path, quality=90)
+    return str(path)
+
+
+def test_the_documented_limits_end_to_end(browser, fake_server, tmp_path):
+    """Default limits: four photos at max_image_pixels (4096x4096) go up, four 2048x2048 images come back and
+    are kept for the tab; a photo one pixel over the limit is refused beside that photo."""
+    d = browser
+    url, seen = fake_server()
+    _open(d, url + "/")
+    _wait(d, lambda d: d.find_elements("css selector", "#base_model option"), 30)
+    photos = [_big_photo(tmp_path / f"big{i}.jpg", 4096) for i in range(4)]
+    _by_id(d, "face-input").send_keys("\n".join(photos))
+    _wait(d, lambda d: len(d.find_elements("css selector", "#face-list svg.overlay")) == 4, 60, "big photos not analysed")
+    _set(d, "size", "custom")
+    _set(d, "width", 2048)
+    _set(d, "height", 2048)
+    _set(d, "num_images", 4)
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 4, 60, "no 2048 px results")
+    sizes = d.execute_script("return [...document.querySelectorAll('#results .result img')]"
+                             ".map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[2048, 2048]] * 4
+    d.refresh()
+    _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 4, 20, "results not kept")
+
+    assert d.find_elements("css selector", "#face-list .photo") == []  # photos are not kept, results are
+    _by_id(d, "face-input").send_keys(_big_photo(tmp_path / "over.jpg", 4097))
+    _wait(d, lambda d: _text(d, "err-face-0"), 60, "no error beside the oversized photo")
+    assert _text(d, "err-face-0") == "This image is too large for the server."
+
+
+def test_cancel_stops_waiting(browser, fake_server, face_photo):
+    d = browser
+    slow = SlowGenerator(seconds=3)
+    url, _ = fake_server(generator=slow)
+    _open(d, url + "/")
+    _wait(d, lambda d: d.find_elements("css selector", "#base_model option"), 30)
+    _by_id(d, "face-input").send_keys(str(face_photo))
+    _wait(d, lambda d: d.find_elements("css selector", "#face-list svg.overlay"), 30)
+    _set(d, "size", "custom")
+    _set(d, "width", 64)
+    _set(d, "height", 64)
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: _by_id(d, "cancel").is_displayed(), 10, "no cancel button while generating")
+    _by_id(d, "cancel").click()
+    _wait(d, lambda d: _text(d, "status") == "Cancelled.", 10)
+    assert _by_id(d, "generate").is_enabled() and not _by_id(d, "progress").is_displayed()
+    time.sleep(3.5)  # past the generator's time: the page dropped the request, so no result arrives late
+    assert d.find_elements("css selector", "#results .result") == []
+    assert _text(d, "err-request") == ""
