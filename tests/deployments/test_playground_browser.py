@@ -102,6 +102,11 @@ def test_upload_generate_and_see_the_results(browser, serve_env, face_photo, tmp
     assert "random weights" in _by_id(d, "tiny-notice").text
     assert d.find_elements("css selector", "#styles input[type=radio]"), "style gallery from /v1/models is empty"
     assert _by_id(d, "steps").get_attribute("max") == "50"  # the deployment's bound, from its OpenAPI schema
+    unlabelled = d.execute_script(
+        "return [...document.querySelectorAll('input, select, textarea, button')].filter(e => !(e.labels && "
+        "e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()).map(e => e.id || e.outerHTML)")
+    assert unlabelled == [], unlabelled  # every control has an accessible name (LoRA controls included)
+    assert d.find_elements("css selector", "#loras input[type=range]")
 
     _by_id(d, "face-input").send_keys("\n".join(_photos(tmp_path, face_photo, 4)))
     cards = "#face-list .photo"
