@@ -102,3 +102,18 @@ def test_static_files_ship_in_the_wheel(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ["index.html", *STATIC_FILES]:
         assert f"deployments/playground/static/{name}" in names, sorted(n for n in names if "playground" in n)
+
+
+@pytest.mark.serve
+def test_page_behind_a_route_prefix(serve_env):
+    """The second test app is served at /s3: its page lives at /s3/ and talks to /s3/v1/... (relative URLs)."""
+    import httpx
+
+    with httpx.Client(timeout=60) as client:
+        bare = client.get(serve_env.s3_base_url)
+        # <prefix> without the slash is redirected to <prefix>/, where the page's relative URLs resolve right
+        assert bare.status_code in (307, 308) and bare.headers["location"].endswith("/s3/"), bare.headers
+        page = client.get(serve_env.s3_base_url + "/")
+        assert page.status_code == 200 and 'src="playground/app.js"' in page.text
+        assert client.get(serve_env.s3_base_url + "/playground/app.js").status_code == 200
+        assert client.get(serve_env.s3_base_url + "/v1/models").json()["profile"] == "tiny"
