@@ -705,6 +705,7 @@ class IngressCore:
             "schedulers": list(SCHEDULERS), "styles": sorted(presets()),
             "output_formats": list(OUTPUT_FORMATS),
             "delivery": [d for d in DELIVERIES if d != "s3" or self.args.output_bucket],
+            "profile": self.args.profile,
         }
 
     async def readiness(self, fresh: bool = False) -> dict:
@@ -1061,6 +1062,10 @@ def build_http_app(core: IngressCore):
     @v1.get("/models", response_model=ModelList, responses=errors, summary="Models, LoRAs, styles, schedulers")
     async def models():
         return core.model_list()
+
+    from .playground import add_routes as add_playground  # POST /v1/faces:analyze, and the page at /
+
+    add_playground(app, v1, core, parse)  # before the catch-all below: routes match in order
 
     @v1.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                   include_in_schema=False)

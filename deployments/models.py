@@ -235,6 +235,7 @@ class ModelList(BaseModel):
     styles: list[str]
     output_formats: list[str]
     delivery: list[str]
+    profile: str = Field(description="tiny: random weights where none are configured (images are noise); real.")
 
 
 class ErrorDetail(BaseModel):

@@ -35,7 +35,7 @@ COUNTS: dict[str, int] = {}
 
 OPERATIONS = [("POST", "/v1/generate"), ("POST", "/v1/identities"), ("GET", "/v1/identities"),
               ("GET", "/v1/identities/{identity_id}"), ("DELETE", "/v1/identities/{identity_id}"),
-              ("GET", "/v1/models"), ("GET", "/healthz"), ("GET", "/readyz")]
+              ("GET", "/v1/models"), ("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/v1/faces:analyze")]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_every_operation_is_fuzzed(api_schema):
 
 
 # negative data only exists where the schema constrains something (bodies, the limit query parameter)
-NEGATIVE = [("POST", "/v1/generate"), ("POST", "/v1/identities"), ("GET", "/v1/identities")]
+NEGATIVE = [("POST", "/v1/generate"), ("POST", "/v1/identities"), ("GET", "/v1/identities"),
+            ("POST", "/v1/faces:analyze")]
 CASES = ([(m, p, schemathesis.GenerationMode.POSITIVE) for m, p in OPERATIONS]
          + [(m, p, schemathesis.GenerationMode.NEGATIVE) for m, p in NEGATIVE])
 
