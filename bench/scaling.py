@@ -253,12 +253,11 @@ class SimCluster:
         return [n for n in ray.nodes() if n["Alive"] and (group is None or group_of(n) == group)]
 
     def replicas(self, deployment: str) -> dict[str, int]:
+        """Replicas by state; raises LookupError while Serve reports no such deployment (e.g. while its
+        controller restarts)."""
         from ray import serve
 
-        try:
-            status = serve.status().applications[APP].deployments[deployment]
-        except KeyError:
-            return {}
+        status = serve.status().applications[APP].deployments[deployment]
         return {str(getattr(k, "value", k)): v for k, v in status.replica_states.items()}
 
     def replica_nodes(self, deployment: str) -> dict[str, str]:
@@ -391,8 +390,10 @@ class ClosedLoopLoad:
     """``concurrency`` clients, each sending its request again as soon as it is answered (httpx, threads).
     ``set(n)`` changes how many are active; the others idle. Every answer is kept as an ``Outcome``."""
 
-    def __init__(self, url: str, path: str, body: dict, timeout_s: float, t0: float, max_clients: int = 16):
+    def __init__(self, url: str, path: str, body: dict, timeout_s: float, t0: float, max_clients: int = 16,
+                 max_requests: int | None = None):
         self.url, self.path, self.body, self.timeout_s, self.t0 = url, path, body, timeout_s, t0
+        self.max_requests = max_requests
         self.outcomes: list[Outcome] = []
         self.active = 0
         self.in_flight = 0
@@ -414,6 +415,9 @@ class ClosedLoopLoad:
                     time.sleep(0.05)
                     continue
                 with self._lock:
+                    if self.max_requests is not None and len(self.outcomes) + self.in_flight >= self.max_requests:
+                        self.active = 0
+                        continue
                     self.in_flight += 1
                 self.outcomes.append(request_once(client, self.path, self.body, self.t0))
                 with self._lock:
@@ -547,9 +551,10 @@ class Scenario:
     def generate_body(self, identity: str) -> dict:
         return {"identity_id": identity, "width": self.size, "height": self.size, "steps": self.steps, "seed": 7}
 
-    def load(self, path: str, body: dict, max_clients: int = 16) -> ClosedLoopLoad:
+    def load(self, path: str, body: dict, max_clients: int = 16, max_requests: int | None = None) -> ClosedLoopLoad:
         # a client waits past the service's own deadline, so a request the service fails to end shows as lost
-        load = ClosedLoopLoad(self.cluster.http_url, path, body, self.request_timeout_s + 15, self.t0, max_clients)
+        load = ClosedLoopLoad(self.cluster.http_url, path, body, self.request_timeout_s + 15, self.t0, max_clients,
+                              max_requests)
         self.timeline.loads.append(load)
         return load
 
@@ -557,6 +562,7 @@ class Scenario:
         from ray import serve
 
         self.timeline.close()
+        self.timeline.samples.append(self.timeline.sample())  # the state at the end, whatever the period
         outcomes = sorted((o for load in self.timeline.loads for o in load.outcomes), key=lambda o: o.start)
         result = {
             "scenario": name, "time_scale": self.time_scale, "request_timeout_s": self.request_timeout_s,
@@ -574,9 +580,12 @@ def _app_running() -> bool:
     return app is not None and str(getattr(app.status, "value", app.status)) == "RUNNING"
 
 
-def scale_up_down(sc: Scenario, ramp: list[tuple[float, int]], settle_timeout_s: float = 180) -> dict:
+def scale_up_down(sc: Scenario, ramp: list[tuple[float, int]], settle_timeout_s: float = 180,
+                  hold_until_replicas: int | None = None, hold_timeout_s: float = 150) -> dict:
     """A load ramp (seconds, clients) drives Generator replicas and GPU nodes up; after it stops, both come
-    back down to the minimum after the scaled downscale delay and node idle timeout."""
+    back down to the minimum after the scaled downscale delay and node idle timeout. With
+    ``hold_until_replicas``, the last stage lasts until that many replicas run (at most ``hold_timeout_s``
+    more): on a busy machine a replica's start on a fresh node takes from seconds to a minute."""
     sc.deploy()
     body = sc.generate_body(sc.identity())
     load = sc.load("/v1/generate", body, max_clients=max(c for _, c in ramp))
@@ -584,6 +593,11 @@ def scale_up_down(sc: Scenario, ramp: list[tuple[float, int]], settle_timeout_s:
         sc.timeline.event(f"{clients} clients")
         load.set(clients)
         time.sleep(seconds)
+    if hold_until_replicas:
+        wait_for(lambda: sc.cluster.replicas("Generator").get("RUNNING", 0) >= hold_until_replicas,
+                 hold_timeout_s, f"{hold_until_replicas} Generator replicas under load")
+        sc.timeline.event(f"{hold_until_replicas} replicas running")
+        time.sleep(3)  # a few answers from both
     load.close()
     sc.timeline.event("load stopped")
     stopped = sc.timeline.now()
@@ -591,7 +605,9 @@ def scale_up_down(sc: Scenario, ramp: list[tuple[float, int]], settle_timeout_s:
     wait_for(lambda: sc.cluster.replicas("Generator").get("RUNNING", 0) == minimum
              and len(sc.cluster.nodes(GPU_GROUP)) == minimum, settle_timeout_s, "scale down to the minimum")
     sc.timeline.event("back at the minimum")
-    return sc.finish("scale_up_down", ramp=ramp, scaled_down_after_s=round(sc.timeline.now() - stopped, 1),
+    downscale_delay_s = generator_options(sc.time_scale, 1)["autoscaling_config"]["downscale_delay_s"]
+    return sc.finish("scale_up_down", ramp=ramp, downscale_delay_s=downscale_delay_s,
+                     node_idle_timeout_s=sc.cluster.idle_timeout_s, scaled_down_after_s=round(sc.timeline.now() - stopped, 1),
                      generator_min_replicas=minimum)
 
 
@@ -602,7 +618,7 @@ def scale_from_zero(sc: Scenario, idle_timeout_s: float = 120) -> dict:
     body = sc.generate_body(sc.identity())
     assert not sc.cluster.nodes(GPU_GROUP) and not sc.cluster.replicas("Generator").get("RUNNING")
     sc.timeline.event("first request")
-    load = sc.load("/v1/generate", body, max_clients=1)
+    load = sc.load("/v1/generate", body, max_clients=1, max_requests=1)
     load.set(1)
     wait_for(lambda: load.outcomes, sc.request_timeout_s + 20, "the first answer", period_s=0.2)
     load.close()
@@ -693,3 +709,108 @@ def _controller_answers() -> bool:
         return _app_running() and bool(serve.status().applications)
     except Exception:
         return False
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def plot(result: dict, path: Path) -> Path:
+    """Replicas and nodes (top) and p50/p95 latency with refusals (bottom) against time; events as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = [s for s in result["timeline"] if "error" not in s]
+    t = [s["t"] for s in samples]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    top.step(t, [s["generators_running"] for s in samples], where="post", label="Generator replicas (running)")
+    top.step(t, [s["generators_starting"] for s in samples], where="post", linestyle=":",
+             label="Generator replicas (starting)")
+    top.step(t, [s["gpu_nodes"] for s in samples], where="post", linestyle="--", label="GPU nodes")
+    if result["scenario"] == "node_loss":
+        top.step(t, [s["face_nodes"] for s in samples], where="post", linestyle="-.", label="face nodes")
+    top.plot(t, [s["in_flight"] for s in samples], color="grey", alpha=0.6, label="requests in flight")
+    top.set_ylabel("count")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.plot(t, [s["p95_s"] for s in samples], label="p95 latency (last 5 s)")
+    bottom.plot(t, [s["p50_s"] for s in samples], label="p50 latency (last 5 s)", alpha=0.7)
+    refused = [o for o in result["outcomes"] if o["status"] not in (200, 201)]
+    if refused:
+        bottom.scatter([o["end"] for o in refused], [o["end"] - o["start"] for o in refused], marker="x",
+                       color="red", label="503 (latency at answer)")
+    for at, what in result["events"]:
+        for axis in (top, bottom):
+            axis.axvline(at, color="black", alpha=0.3, linewidth=0.8)
+        top.annotate(what, (at, top.get_ylim()[1]), rotation=90, fontsize=7, va="top", ha="right")
+    bottom.set_ylabel("seconds")
+    bottom.set_xlabel(f"seconds (delays scaled 1/{result['time_scale']:g})")
+    bottom.legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"{result['scenario']}: {result['summary']['statuses']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+SCENARIOS = ("scale_up_down", "scale_from_zero", "node_loss")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", choices=SCENARIOS, action="append",
+                        help="run only these (repeatable); default: all, in the order listed")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scaling")
+    parser.add_argument("--time-scale", type=float, default=30.0,
+                        help="production autoscaling delays and the node idle timeout are divided by this")
+    parser.add_argument("--gpu-nodes", type=int, default=2, help="most GPU nodes (the Generator's max_replicas)")
+    parser.add_argument("--ramp", default="10:1,40:8,20:4",
+                        help="scale_up_down load: seconds:clients,... (closed-loop clients)")
+    parser.add_argument("--hold-until-replicas", type=int, default=None,
+                        help="scale_up_down: keep the last load stage until this many Generator replicas run")
+    parser.add_argument("--loss-clients", type=int, default=4, help="node_loss: closed-loop clients")
+    parser.add_argument("--loss-phase-s", type=float, default=10.0,
+                        help="node_loss: seconds of load before and after each fault")
+    parser.add_argument("--request-timeout", type=float, default=90.0, help="the app's request_timeout_s")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--tiny", type=Path, default=None, help="a tiny bundle (built under --out if absent)")
+    args = parser.parse_args(argv)
+
+    from instantid.tiny import make_tiny
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    tiny = args.tiny or args.out / "tiny"
+    if not (tiny / "sdxl").exists():
+        make_tiny(tiny)
+    ramp = [(float(s), int(c)) for s, c in (step.split(":") for step in args.ramp.split(","))]
+    # a GPU node idles out after autoscaler.idleTimeoutSeconds (helm values) over the same time scale
+    import yaml
+
+    idle_s = yaml.safe_load((ROOT / "helm" / "instantid-serve" / "values.yaml").read_text())["autoscaler"][
+        "idleTimeoutSeconds"] / args.time_scale
+    report: dict = {"time_scale": args.time_scale, "gpu_nodes": args.gpu_nodes, "node_idle_timeout_s": idle_s,
+                    "results": {}}
+    with SimCluster(max_gpu_nodes=args.gpu_nodes, idle_timeout_s=idle_s) as cluster:
+        for name in args.scenario or SCENARIOS:
+            started = time.monotonic()
+            sc = Scenario(cluster, tiny, args.out / "work", args.time_scale, args.request_timeout, args.steps)
+            if name == "scale_up_down":
+                result = scale_up_down(sc, ramp, hold_until_replicas=args.hold_until_replicas)
+            elif name == "scale_from_zero":
+                result = scale_from_zero(sc, idle_timeout_s=idle_s + 120)
+            else:
+                result = node_loss(sc, clients=args.loss_clients, before_s=args.loss_phase_s,
+                                   after_s=args.loss_phase_s)
+            result["wall_s"] = round(time.monotonic() - started, 1)
+            result["final_nodes"] = {g: len(cluster.nodes(g)) for g in (FACE_GROUP, GPU_GROUP)}
+            (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+            plot(result, args.out / f"{name}.png")
+            brief = {k: v for k, v in result.items() if k not in ("timeline", "outcomes", "after")}
+            report["results"][name] = brief
+            print(json.dumps(brief), flush=True)
+    report["processes_left"] = len(cluster._pids())  # after stop: must be 0
+    (args.out / "summary.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
