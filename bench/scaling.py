@@ -144,6 +144,9 @@ class SimCluster:
     face_nodes: int = 1
     idle_timeout_s: float = 10.0
     head_cpus: float = 1
+    # host:port of an external Redis: the GCS keeps its tables there (KubeRay gcsFaultToleranceOptions), so
+    # it can be restarted without losing the cluster
+    redis_address: str = ""
     temp_dir: str = ""
     gcs_address: str = ""
     http_url: str = ""
@@ -185,6 +188,8 @@ class SimCluster:
         # the head is the fake provider's head instance (id and type), as a KubeRay head pod is to its operator
         head_ids = {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID, "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
                     "RAY_NODE_TYPE_NAME": HEAD_TYPE}
+        if self.redis_address:
+            head_ids["RAY_REDIS_ADDRESS"] = self.redis_address  # what KubeRay sets on the head for GCS FT
         os.environ.update(head_ids)
         try:
             params = ray._private.parameter.RayParams(
@@ -297,6 +302,13 @@ class SimCluster:
         assert len(raylets) == 1, raylets
         return _kill_trees(raylets)
 
+    def restart_gcs(self, down_s: float) -> None:
+        """Kill the head's GCS server, leave it down ``down_s`` seconds, start it again on the same port (a
+        restarted head pod; with an external Redis it reloads the cluster's tables from there)."""
+        self._head.kill_gcs_server()
+        time.sleep(down_s)
+        self._head.start_gcs_server()
+
     def restart_controller(self) -> None:
         import ray
         from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
@@ -387,7 +399,8 @@ class Outcome:
 
 
 class ClosedLoopLoad:
-    """``concurrency`` clients, each sending its request again as soon as it is answered (httpx, threads).
+    """``concurrency`` clients, each sending its request again as soon as it is answered, after waiting out a
+    refusal's ``Retry-After`` (httpx, threads).
     ``set(n)`` changes how many are active; the others idle. Every answer is kept as an ``Outcome``."""
 
     def __init__(self, url: str, path: str, body: dict, timeout_s: float, t0: float, max_clients: int = 16,
@@ -419,9 +432,12 @@ class ClosedLoopLoad:
                         self.active = 0
                         continue
                     self.in_flight += 1
-                self.outcomes.append(request_once(client, self.path, self.body, self.t0))
+                outcome = request_once(client, self.path, self.body, self.t0)
+                self.outcomes.append(outcome)
                 with self._lock:
                     self.in_flight -= 1
+                if outcome.retry_after:  # a well-behaved client backs off as told (capped: the run is short)
+                    self._stop.wait(min(float(outcome.retry_after), 5.0))
 
     def close(self, timeout_s: float | None = None) -> None:
         """Stop sending; wait for the answers in flight (bounded by the client timeout)."""
@@ -702,6 +718,73 @@ def node_loss(sc: Scenario, clients: int = 4, before_s: float = 8, after_s: floa
                      after=[o.__dict__ for o in after])
 
 
+def head_recovery(sc: Scenario, redis_address: str, clients: int = 2, phase_s: float = 6,
+                  gcs_down_s: float = 10, recover_timeout_s: float = 120) -> dict:
+    """GCS fault tolerance: with the GCS's tables in an external Redis, kill the GCS under load, keep it down
+    ``gcs_down_s`` (less than the raylets' reconnect timeout, 60 s), start it again. Requests keep being
+    served meanwhile (the data plane does not go through the GCS); afterwards the same replicas serve and
+    Serve's control plane answers again."""
+    assert sc.cluster.redis_address == redis_address, "the cluster must have been started with this Redis"
+    sc.deploy(min_generators=1)
+    wait_for(lambda: sc.cluster.replicas("Generator").get("RUNNING", 0) == 1, recover_timeout_s, "a Generator")
+    identity = sc.identity()
+    before = sorted(sc.cluster.replica_nodes("Generator")) + sorted(sc.cluster.replica_nodes("FaceAnalyzer"))
+    load = sc.load("/v1/generate", sc.generate_body(identity), max_clients=clients)
+    load.set(clients)
+    time.sleep(phase_s)
+    down_at = sc.timeline.now()
+    sc.timeline.event("GCS killed")
+    sc.cluster.restart_gcs(gcs_down_s)
+    up_at = sc.timeline.now()
+    sc.timeline.event("GCS started")
+    wait_for(lambda: _controller_answers(), recover_timeout_s, "Serve's status after the GCS restart")
+    sc.timeline.event("status answers")
+    status_back_s = sc.timeline.now() - up_at
+    time.sleep(phase_s)
+    load.close()
+    after = sorted(sc.cluster.replica_nodes("Generator")) + sorted(sc.cluster.replica_nodes("FaceAnalyzer"))
+    phases = {"before": [o for o in load.outcomes if o.end < down_at],
+              "gcs_down": [o for o in load.outcomes if o.end >= down_at and o.start <= up_at],
+              "after": [o for o in load.outcomes if o.start > up_at]}
+    return sc.finish("head_recovery", gcs_down_s=round(up_at - down_at, 1), status_back_s=round(status_back_s, 1),
+                     same_replicas=before == after, replicas_before=before, replicas_after=after,
+                     phases={k: summarize(v) for k, v in phases.items()})
+
+
+class RedisServer:
+    """A private redis-server on 127.0.0.1 (Debian's package), nothing saved to disk."""
+
+    def __init__(self, work: Path):
+        import shutil
+
+        self.binary = shutil.which("redis-server")
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.work = work
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "RedisServer":
+        if not self.binary:
+            raise FileNotFoundError("redis-server not found (Debian: apt-get install redis-server)")
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.work)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers() -> bool:
+            with socket.socket() as sock:
+                sock.settimeout(0.5)
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(answers, 20, "redis-server to listen", period_s=0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
 def _controller_answers() -> bool:
     from ray import serve
 
@@ -752,7 +835,7 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
-SCENARIOS = ("scale_up_down", "scale_from_zero", "node_loss")
+SCENARIOS = ("scale_up_down", "scale_from_zero", "node_loss", "head_recovery")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -770,6 +853,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--loss-clients", type=int, default=4, help="node_loss: closed-loop clients")
     parser.add_argument("--loss-phase-s", type=float, default=10.0,
                         help="node_loss: seconds of load before and after each fault")
+    parser.add_argument("--gcs-down", type=float, default=10.0, help="head_recovery: seconds the GCS stays down")
     parser.add_argument("--request-timeout", type=float, default=90.0, help="the app's request_timeout_s")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tiny", type=Path, default=None, help="a tiny bundle (built under --out if absent)")
@@ -789,8 +873,24 @@ def main(argv: list[str] | None = None) -> dict:
         "idleTimeoutSeconds"] / args.time_scale
     report: dict = {"time_scale": args.time_scale, "gpu_nodes": args.gpu_nodes, "node_idle_timeout_s": idle_s,
                     "results": {}}
+    names = args.scenario or list(SCENARIOS)
+    report["processes_left"] = 0
+    for name in names:
+        if name == "head_recovery":
+            # its own cluster: the head starts with its GCS tables in a private Redis
+            with RedisServer(args.out / "redis") as redis:
+                with SimCluster(max_gpu_nodes=1, idle_timeout_s=idle_s, redis_address=redis.address) as cluster:
+                    sc = Scenario(cluster, tiny, args.out / "work", args.time_scale, args.request_timeout, args.steps)
+                    started = time.monotonic()
+                    result = head_recovery(sc, redis.address, gcs_down_s=args.gcs_down)
+                    _record(args.out, report, cluster, name, result, started)
+                report["processes_left"] += len(cluster._pids())
+    names = [n for n in names if n != "head_recovery"]
+    if not names:
+        (args.out / "summary.json").write_text(json.dumps(report, indent=1))
+        return report
     with SimCluster(max_gpu_nodes=args.gpu_nodes, idle_timeout_s=idle_s) as cluster:
-        for name in args.scenario or SCENARIOS:
+        for name in names:
             started = time.monotonic()
             sc = Scenario(cluster, tiny, args.out / "work", args.time_scale, args.request_timeout, args.steps)
             if name == "scale_up_down":
@@ -800,16 +900,20 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 result = node_loss(sc, clients=args.loss_clients, before_s=args.loss_phase_s,
                                    after_s=args.loss_phase_s)
-            result["wall_s"] = round(time.monotonic() - started, 1)
-            result["final_nodes"] = {g: len(cluster.nodes(g)) for g in (FACE_GROUP, GPU_GROUP)}
-            (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-            plot(result, args.out / f"{name}.png")
-            brief = {k: v for k, v in result.items() if k not in ("timeline", "outcomes", "after")}
-            report["results"][name] = brief
-            print(json.dumps(brief), flush=True)
-    report["processes_left"] = len(cluster._pids())  # after stop: must be 0
+            _record(args.out, report, cluster, name, result, started)
+    report["processes_left"] += len(cluster._pids())  # after stop: must be 0
     (args.out / "summary.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _record(out: Path, report: dict, cluster: SimCluster, name: str, result: dict, started: float) -> None:
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    result["final_nodes"] = {g: len(cluster.nodes(g)) for g in (FACE_GROUP, GPU_GROUP)}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / f"{name}.png")
+    brief = {k: v for k, v in result.items() if k not in ("timeline", "outcomes", "after")}
+    report["results"][name] = brief
+    print(json.dumps(brief), flush=True)
 
 
 if __name__ == "__main__":
