@@ -1,7 +1,8 @@
-"""Autoscaling on a multi-node Ray cluster simulated on one machine: scale up/down, from zero, node loss.
+"""Autoscaling on a multi-node Ray cluster simulated on one machine: scale up/down, from zero, node loss, and
+head recovery (GCS restart with its tables in Redis). Figures and plots: docs/scaling.md.
 
-    .venv/bin/python bench/scaling.py --out bench/results/scaling            # every scenario, plots + JSON
-    .venv/bin/python bench/scaling.py --scenario from_zero --out /tmp/s      # one scenario
+    .venv/bin/python bench/scaling.py --out /tmp/scaling                           # every scenario, plots + JSON
+    .venv/bin/python bench/scaling.py --scenario scale_from_zero --out /tmp/scaling  # one scenario
 
 The cluster is what KubeRay runs, shrunk onto one machine (docs/scaling.md):
 
@@ -803,7 +804,15 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    samples = [s for s in result["timeline"] if "error" not in s]
+    # a failed sample (cluster state unreadable: the GCS or controller down) leaves a gap in the lines
+    samples = result["timeline"]
+    nan = float("nan")
+    samples = [s if "error" not in s else {"t": s["t"], **{k: nan for k in (
+        "generators_running", "generators_starting", "gpu_nodes", "face_nodes", "in_flight", "p50_s", "p95_s")}}
+        for s in samples]
+    gaps = [{"t": (a["t"] + b["t"]) / 2, **{k: nan for k in a if k != "t"}}
+            for a, b in zip(samples, samples[1:]) if b["t"] - a["t"] > 3]  # a sample that hung, e.g. no GCS
+    samples = sorted(samples + gaps, key=lambda s: s["t"])
     t = [s["t"] for s in samples]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     top.step(t, [s["generators_running"] for s in samples], where="post", label="Generator replicas (running)")
@@ -815,12 +824,16 @@ def plot(result: dict, path: Path) -> Path:
     top.plot(t, [s["in_flight"] for s in samples], color="grey", alpha=0.6, label="requests in flight")
     top.set_ylabel("count")
     top.legend(loc="upper left", fontsize=8)
-    bottom.plot(t, [s["p95_s"] for s in samples], label="p95 latency (last 5 s)")
-    bottom.plot(t, [s["p50_s"] for s in samples], label="p50 latency (last 5 s)", alpha=0.7)
+    bottom.plot(t, [nan if s["p95_s"] is None else s["p95_s"] for s in samples], label="p95 latency (last 5 s)")
+    bottom.plot(t, [nan if s["p50_s"] is None else s["p50_s"] for s in samples], label="p50 latency (last 5 s)",
+                alpha=0.7)
+    served = [o for o in result["outcomes"] if o["status"] in (200, 201)]
+    bottom.scatter([o["end"] for o in served], [o["end"] - o["start"] for o in served], s=4, color="grey",
+                   alpha=0.5, label="each answer 200/201")
     refused = [o for o in result["outcomes"] if o["status"] not in (200, 201)]
     if refused:
         bottom.scatter([o["end"] for o in refused], [o["end"] - o["start"] for o in refused], marker="x",
-                       color="red", label="503 (latency at answer)")
+                       color="red", label="503/504 (latency at answer)")
     for at, what in result["events"]:
         for axis in (top, bottom):
             axis.axvline(at, color="black", alpha=0.3, linewidth=0.8)
