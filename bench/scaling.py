@@ -611,10 +611,13 @@ def scale_up_down(sc: Scenario, ramp: list[tuple[float, int]], settle_timeout_s:
         load.set(clients)
         time.sleep(seconds)
     if hold_until_replicas:
-        wait_for(lambda: sc.cluster.replicas("Generator").get("RUNNING", 0) >= hold_until_replicas,
-                 hold_timeout_s, f"{hold_until_replicas} Generator replicas under load")
-        sc.timeline.event(f"{hold_until_replicas} replicas running")
-        time.sleep(3)  # a few answers from both
+        try:
+            wait_for(lambda: sc.cluster.replicas("Generator").get("RUNNING", 0) >= hold_until_replicas,
+                     hold_timeout_s, f"{hold_until_replicas} Generator replicas under load")
+            sc.timeline.event(f"{hold_until_replicas} replicas running")
+            time.sleep(3)  # a few answers from both
+        except TimeoutError:  # recorded, not raised: the timeline shows how far it got (the test checks)
+            sc.timeline.event(f"{hold_until_replicas} replicas not running after {hold_timeout_s:g} s more")
     load.close()
     sc.timeline.event("load stopped")
     stopped = sc.timeline.now()
@@ -641,6 +644,7 @@ def scale_from_zero(sc: Scenario, idle_timeout_s: float = 120) -> dict:
     load.close()
     first = load.outcomes[0]
     sc.timeline.event(f"first answer {first.status}")
+    time.sleep(3)  # a few samples of the state it left
     return sc.finish("scale_from_zero", time_to_first_image_s=round(first.latency, 2),
                      first_status=first.status)
 
@@ -863,6 +867,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="scale_up_down load: seconds:clients,... (closed-loop clients)")
     parser.add_argument("--hold-until-replicas", type=int, default=None,
                         help="scale_up_down: keep the last load stage until this many Generator replicas run")
+    parser.add_argument("--hold-timeout", type=float, default=240.0, help="... but at most this many seconds")
     parser.add_argument("--loss-clients", type=int, default=4, help="node_loss: closed-loop clients")
     parser.add_argument("--loss-phase-s", type=float, default=10.0,
                         help="node_loss: seconds of load before and after each fault")
@@ -907,7 +912,8 @@ def main(argv: list[str] | None = None) -> dict:
             started = time.monotonic()
             sc = Scenario(cluster, tiny, args.out / "work", args.time_scale, args.request_timeout, args.steps)
             if name == "scale_up_down":
-                result = scale_up_down(sc, ramp, hold_until_replicas=args.hold_until_replicas)
+                result = scale_up_down(sc, ramp, hold_until_replicas=args.hold_until_replicas,
+                                       hold_timeout_s=args.hold_timeout)
             elif name == "scale_from_zero":
                 result = scale_from_zero(sc, idle_timeout_s=idle_s + 120)
             else:
