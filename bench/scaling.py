@@ -148,6 +148,8 @@ class SimCluster:
     # host:port of an external Redis: the GCS keeps its tables there (KubeRay gcsFaultToleranceOptions), so
     # it can be restarted without losing the cluster
     redis_address: str = ""
+    # where the autoscaler's log is copied at stop (the cluster's own directory is removed)
+    keep_logs_in: Path | None = None
     temp_dir: str = ""
     gcs_address: str = ""
     http_url: str = ""
@@ -217,8 +219,12 @@ class SimCluster:
         return {
             "cluster_name": os.path.basename(self.temp_dir), "max_workers": self.max_gpu_nodes + self.face_nodes,
             "upscaling_speed": 1.0, "idle_timeout_minutes": self.idle_timeout_s / 60,
+            # disable_node_updaters, as KubeRay's provider config has it: a node starts Ray itself. Without it
+            # the v2 reconciler tries to install Ray on a node that has not registered yet, the fake provider
+            # refuses, and after a few tries the node is terminated: on a loaded machine the GPU node of a
+            # scale-from-zero was killed that way before its raylet registered (seen in a test run).
             "provider": {"type": "fake_multinode", "gcs_address": self.gcs_address, "launch_multiple": True,
-                         "head_node_id": FAKE_HEAD_NODE_ID},
+                         "head_node_id": FAKE_HEAD_NODE_ID, "disable_node_updaters": True},
             "auth": {"ssh_user": "ray"}, "docker": {}, "available_node_types": node_types,
             "head_node_type": HEAD_TYPE, "file_mounts": {}, "cluster_synced_files": [],
             "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
@@ -344,6 +350,10 @@ class SimCluster:
                 self._head.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
             import shutil
 
+            if self.keep_logs_in is not None:
+                for log in Path(self.temp_dir).glob("session_*/logs/monitor.*"):
+                    self.keep_logs_in.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log, self.keep_logs_in / f"autoscaler-{os.path.basename(self.temp_dir)}-{log.name}")
             if self._haproxy_dir is not None:
                 shutil.rmtree(self._haproxy_dir, ignore_errors=True)
             shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -897,7 +907,8 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "head_recovery":
             # its own cluster: the head starts with its GCS tables in a private Redis
             with RedisServer(args.out / "redis") as redis:
-                with SimCluster(max_gpu_nodes=1, idle_timeout_s=idle_s, redis_address=redis.address) as cluster:
+                with SimCluster(max_gpu_nodes=1, idle_timeout_s=idle_s, redis_address=redis.address,
+                                keep_logs_in=args.out) as cluster:
                     sc = Scenario(cluster, tiny, args.out / "work", args.time_scale, args.request_timeout, args.steps)
                     started = time.monotonic()
                     result = head_recovery(sc, redis.address, gcs_down_s=args.gcs_down)
@@ -907,7 +918,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not names:
         (args.out / "summary.json").write_text(json.dumps(report, indent=1))
         return report
-    with SimCluster(max_gpu_nodes=args.gpu_nodes, idle_timeout_s=idle_s) as cluster:
+    with SimCluster(max_gpu_nodes=args.gpu_nodes, idle_timeout_s=idle_s, keep_logs_in=args.out) as cluster:
         for name in names:
             started = time.monotonic()
             sc = Scenario(cluster, tiny, args.out / "work", args.time_scale, args.request_timeout, args.steps)

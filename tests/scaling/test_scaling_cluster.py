@@ -32,7 +32,8 @@ def run_scenario(name: str, tmp_path: Path, tiny: Path, *extra: str, timeout_s: 
            "--steps", "1", "--gpu-nodes", "2", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    autoscaler = "".join(log.read_text()[-3000:] for log in sorted(out.glob("autoscaler-*monitor.log")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:] + autoscaler
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes_left"] == 0, "processes of the simulated cluster left running"
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -58,7 +59,8 @@ def _most(result: dict, key: str) -> int:
 def test_scale_from_zero_first_request_waits_for_a_node_and_succeeds(tmp_path, tiny_bundle):
     result = run_scenario("scale_from_zero", tmp_path, tiny_bundle, timeout_s=300)
     # no 503 while a GPU node and a replica came up: the one request waited and got its image
-    assert result["first_status"] == 200, result["outcomes"]
+    logs = "".join(log.read_text()[-4000:] for log in (tmp_path / "out").glob("autoscaler-*monitor.log"))
+    assert result["first_status"] == 200, (result["outcomes"], result["timeline"], logs)
     assert result["time_to_first_image_s"] < REQUEST_TIMEOUT_S
     first = next(s for s in result["timeline"] if "error" not in s)
     assert first["gpu_nodes"] == 0 and first["generators_running"] == 0, first
