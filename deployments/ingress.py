@@ -155,13 +155,14 @@ AUTH_FAILURE_BURST = 20
 AUTH_FAILURES_PER_S = 1.0
 
 
-def client_address(request) -> str:
-    """The client's address: the last X-Forwarded-For entry (the one our HAProxy appends, see
-    deployments/haproxy_guard.py), else the peer."""
+def client_address(request) -> str | None:
+    """The client's address: the last X-Forwarded-For entry, the one our HAProxy appends
+    (deployments/haproxy_guard.py). None without one: behind a proxy that does not add it (the chart's stock
+    HAProxy) the peer is the proxy, shared by every client, and limiting it would let one client lock out all."""
     forwarded = request.headers.getlist("x-forwarded-for")
     if forwarded:
-        return forwarded[-1].split(",")[-1].strip()[:64]
-    return request.client.host if request.client else "unknown"
+        return forwarded[-1].split(",")[-1].strip()[:64] or None
+    return None
 
 
 def _reason(message: str) -> str:
@@ -433,17 +434,19 @@ class IngressCore:
             return None
         return api_key
 
-    def authenticate(self, authorization: str | None, client: str = "handle") -> str | None:
+    def authenticate(self, authorization: str | None, client: str | None = None) -> str | None:
+        """The key's name; failed checks are throttled per client address when it is known."""
         if self.auth is None:
             return None
-        wait = self.auth_failures.exhausted(client)
+        wait = self.auth_failures.exhausted(client) if client else None
         if wait is not None:
             raise ServiceError(429, "rate_limited", "too many failed API key checks from this address",
                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
         try:
             name = self.auth.check(authorization)
         except ServiceError:
-            self.auth_failures.spend(client)
+            if client:
+                self.auth_failures.spend(client)
             raise
         self.limiter.take(name)
         return name
@@ -876,7 +879,10 @@ class UploadSlots:
         self.active: dict[str, int] = {}
 
     @contextlib.contextmanager
-    def hold(self, who: str):
+    def hold(self, who: str | None):
+        if who is None:  # an unknown client (see client_address): nothing to hold it to
+            yield
+            return
         if self.active.get(who, 0) >= self.per_client:
             raise ServiceError(429, "rate_limited", f"more than {self.per_client} uploads in progress from this "
                                "client", headers={"Retry-After": "1"})
