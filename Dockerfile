@@ -81,6 +81,11 @@ assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 # Serve configs (serve/*.yaml) for `serve run` / `serve deploy` outside Kubernetes.
 WORKDIR /home/ray/app
 COPY --chown=ray:users serve ./serve
+# The HAProxy Ray starts (RAY_SERVE_HAPROXY_BINARY_PATH, deployments/ray_env.py's CLUSTER_ENV): the hardened
+# one, deployments/haproxy_guard.py, which rewrites Ray's config and execs Ray's bundled binary.
+RUN printf '#!/bin/sh\nexec python -m deployments.haproxy_guard "$@"\n' > /home/ray/app/instantid-haproxy \
+ && chmod 755 /home/ray/app/instantid-haproxy \
+ && python -c "import deployments.haproxy_guard as g; g.real_binary()"
 
 # The dashboard, GCS, client, Serve HTTP and metrics ports KubeRay wires up.
 EXPOSE 8265 6379 10001 8000 8080

@@ -157,8 +157,8 @@ AUTH_FAILURES_PER_S = 1.0
 
 def client_address(request) -> str | None:
     """The client's address: the last X-Forwarded-For entry, the one our HAProxy appends
-    (deployments/haproxy_guard.py). None without one: behind a proxy that does not add it (the chart's stock
-    HAProxy) the peer is the proxy, shared by every client, and limiting it would let one client lock out all."""
+    (deployments/haproxy_guard.py). None without one: behind a proxy that does not add it (Serve's Python
+    proxy, ``serve.httpIngress: proxy``) the peer is the proxy, shared by every client, and limiting it would let one client lock out all."""
     forwarded = request.headers.getlist("x-forwarded-for")
     if forwarded:
         return forwarded[-1].split(",")[-1].strip()[:64] or None

@@ -134,3 +134,14 @@ def test_dockerignore_keeps_the_context_small():
         sources = [s for s in rest.split() if not s.startswith("--")][:-1]
         for source in sources:
             assert source.rstrip("*") in allowed, f"COPY {source} is excluded by .dockerignore"
+
+
+def test_the_image_writes_the_hardened_haproxy_launcher_the_cluster_env_names():
+    """CLUSTER_ENV (and so the chart) points Ray at deployments/haproxy_guard.py through a launcher: the image
+    must write it at exactly that path, executable, running the guard module (else HAProxy never starts)."""
+    from deployments.ray_env import CLUSTER_ENV
+
+    path = CLUSTER_ENV["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    runs = [rest for word, rest in instructions() if word == "RUN" and path in rest]
+    assert runs, f"no RUN writes {path}"
+    assert "deployments.haproxy_guard" in runs[0] and f"chmod 755 {path}" in runs[0]

@@ -186,6 +186,8 @@ Call with: dict "root" $ "component" <head|face|generator|warmup>.
 {{- /* the same as deployments.ray_env.CLUSTER_ENV (a test keeps them equal) */}}
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
+- name: RAY_SERVE_HAPROXY_BINARY_PATH
+  value: "/home/ray/app/instantid-haproxy"
 {{- end }}
 {{- if and $root.Values.huggingface.offline (ne .component "warmup") }}
 - name: HF_HUB_OFFLINE
