@@ -210,7 +210,9 @@ def ours(pipe, *, prompt, face_embedding, keypoint_image, num_images, width, hei
     from instantid.pipeline import GenerationRequest
 
     requests = [GenerationRequest(face_embedding=face_embedding, keypoint_image=keypoint_image, prompt=prompt,
-                                  seed=seed + i, guidance_scale=guidance_scale) for i in range(num_images)]
+                                  seed=seed + i, guidance_scale=guidance_scale,
+                                  prompt_weighting="none")  # the reference is the basic pipeline's plain encoding
+                for i in range(num_images)]
     return pipe.generate(requests, width=width, height=height, steps=steps, scheduler=scheduler,
                          output_type=output_type)
 
