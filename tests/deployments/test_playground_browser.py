@@ -143,8 +143,9 @@ def test_upload_generate_and_see_the_results(browser, serve_env, face_photo, tmp
     assert d.execute_script("return document.getElementById('progress').position") == -1  # indeterminate
     assert _by_id(d, "status").text.startswith("Generating")
     assert not _by_id(d, "generate").is_enabled()
-    _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 4, 300,
-          "four result images did not appear")
+    _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 4
+          or _text(d, "status") == "Failed.", 300, "four result images did not appear")
+    assert _text(d, "status").startswith("Done"), _text(d, "err-request")
     assert not _by_id(d, "progress").is_displayed()
     sizes = d.execute_script("return [...document.querySelectorAll('#results .result img')]"
                              ".map(i => [i.naturalWidth, i.naturalHeight])")

@@ -27,7 +27,9 @@ const state = {
 const OPTIONS = [
   {id: "enhance_face_region", add: (body) => { body.enhance_face_region = $("enhance_face_region").checked; }},
   {id: "prompt_weighting", add: (body) => { body.prompt_weighting = $("prompt_weighting").value; }},
-  {id: "init_image", add: (body) => { if (state.init) Object.assign(body, {init_image: state.init.dataUrl, strength: Number($("strength").value)}); }},
+  {id: "init_image", add: (body) => {
+    if (state.init) Object.assign(body, {init_image: state.init.dataUrl, strength: Number($("strength").value)});
+  }},
   {id: "return_pose_image", add: (body) => { if ($("return_pose_image").checked) body.return_pose_image = true; }},
 ];
 
