@@ -90,11 +90,15 @@ class IdentityAttnProcessor(nn.Module):
 
 
 def region_at(region: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(rows, H, W) masks at a layer of ``tokens`` positions, as (rows, tokens, 1): nearest, with the reference's
-    scale factor sqrt(H * W / tokens)."""
+    """(rows, H, W) latent-sized masks at a layer of ``tokens`` positions, as (rows, tokens, 1): nearest, as the
+    reference. The layer's grid is found by halving (H, W) rounding up, as the UNet's stride-2 downsamplers do:
+    the reference's scale factor sqrt(H * W / tokens) rounds down, one row short when a side is odd."""
     h, w = region.shape[-2:]
-    ratio = (h * w / tokens) ** 0.5
-    mask = F.interpolate(region[:, None], scale_factor=1 / ratio, mode="nearest")
+    while h * w > tokens:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != tokens:
+        raise ValueError(f"no UNet level of a {tuple(region.shape[-2:])} latent has {tokens} positions")
+    mask = F.interpolate(region[:, None], size=(h, w), mode="nearest")
     return mask.reshape(region.shape[0], -1, 1)
 
 

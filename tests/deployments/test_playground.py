@@ -51,7 +51,7 @@ def test_page_loads_nothing_from_elsewhere():
 
 
 def test_analyze_returns_each_photos_face_and_stores_nothing(tmp_path):
-    client = make_client(tmp_path)
+    client = make_client(tmp_path)  # fake backends: the face analyser's canvas sets the photo's shape
     photos = [b64(png_bytes()), b64(png_bytes(color=(9, 9, 9)))]
     resp = client.post("/v1/faces:analyze", json={"face_images": photos})
     assert resp.status_code == 200, resp.text
@@ -117,3 +117,21 @@ def test_page_behind_a_route_prefix(serve_env):
         assert page.status_code == 200 and 'src="playground/app.js"' in page.text
         assert client.get(serve_env.s3_base_url + "/playground/app.js").status_code == 200
         assert client.get(serve_env.s3_base_url + "/v1/models").json()["profile"] == "tiny"
+
+
+def test_as_photo_request_without_a_size_gets_the_photos_shape(tmp_path):
+    """What the playground sends for "as photo": no width/height (and img2img: the picture's shape). The Ingress
+    once multiplied the absent width to size the Generator's answer: a 500 for every such request."""
+    from PIL import Image
+    import base64
+    import io
+
+    client = make_client(tmp_path)  # fake backends: the face analyser's canvas sets the photo's shape
+    landscape = client.post("/v1/generate", json={"face_images": [b64(png_bytes((1280, 886)))], "steps": 2})
+    assert landscape.status_code == 200, landscape.text
+    body = landscape.json()
+    assert Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).size == (body["width"], body["height"])
+    restyled = client.post("/v1/generate", json={"face_images": [b64(png_bytes((1280, 886)))], "steps": 2,
+                                                 "init_image": b64(png_bytes((600, 900))), "strength": 0.5})
+    assert restyled.status_code == 200, restyled.text
+    assert restyled.json()["height"] > restyled.json()["width"]  # the picture to restyle's portrait shape

@@ -2,8 +2,10 @@
 
 - against the tiny-profile Serve app of this session (through HAProxy, as shipped): upload insightface's t1.jpg
   (four times: the most photos a request takes), see the face box and keypoints, generate four images at the
-  deployment's largest size with the spinner showing, enlarge, reuse the seed; bad input shown beside its field;
-  a phone-width screen without sideways scrolling;
+  deployment's largest size with the spinner showing, enlarge, reuse the seed; the request options (img2img from
+  a picture to restyle, the pose image shown, enhance face region, prompt weighting; "as photo" sends no size);
+  bad input shown beside its field (width, picture to restyle, strength); a phone-width screen without sideways
+  scrolling;
 - against an in-process Ingress with fake backends and the default limits: the API-key box and the key only in
   the Authorization header, saving an identity, four 4096x4096 photos in and four 2048x2048 images out, a photo
   over the pixel limit refused beside it, Cancel.
@@ -85,6 +87,20 @@ def _open(driver, url):
     driver.get(url)
 
 
+# Keeps the JSON bodies the page sends to /v1/generate in window.sentBodies (the test's view of the request).
+RECORD_BODIES = ("window.sentBodies = []; const send = window.fetch; window.fetch = (url, init) => {"
+                 " if (String(url).endsWith('/v1/generate')) window.sentBodies.push(JSON.parse(init.body));"
+                 " return send(url, init); };")
+
+
+def _image_sizes(driver, selector) -> list[list[int]]:
+    """[width, height] of each image matching ``selector``, once all have decoded."""
+    script = ("return [...document.querySelectorAll(arguments[0])].map(i => i.complete && i.naturalWidth ? "
+              "[i.naturalWidth, i.naturalHeight] : null)")
+    _wait(driver, lambda d: None not in d.execute_script(script, selector), 20, "images not decoded")
+    return driver.execute_script(script, selector)
+
+
 def _photos(tmp_path, face_photo, n) -> list[str]:
     paths = []
     for i in range(n):
@@ -121,19 +137,23 @@ def test_upload_generate_and_see_the_results(browser, serve_env, face_photo, tmp
     _set(d, "steps", 2)
     _set(d, "num_images", 4)
     _set(d, "seed", 1234)
-    size_label = d.find_element("css selector", "#size option[value=photo]").text
-    assert "512" in size_label, size_label
+    d.execute_script(RECORD_BODIES)
     _by_id(d, "generate").click()
     _wait(d, lambda d: _by_id(d, "progress").is_displayed(), 10, "no progress shown while generating")
     assert d.execute_script("return document.getElementById('progress').position") == -1  # indeterminate
     assert _by_id(d, "status").text.startswith("Generating")
     assert not _by_id(d, "generate").is_enabled()
-    _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 4, 300,
-          "four result images did not appear")
+    _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 4
+          or _text(d, "status") == "Failed.", 300, "four result images did not appear")
+    assert _text(d, "status").startswith("Done"), _text(d, "err-request")
     assert not _by_id(d, "progress").is_displayed()
     sizes = d.execute_script("return [...document.querySelectorAll('#results .result img')]"
                              ".map(i => [i.naturalWidth, i.naturalHeight])")
-    assert all(max(s) == 512 and min(s) >= 256 for s in sizes), sizes
+    assert all(max(s) == 512 and min(s) >= 256 and s[0] > s[1] for s in sizes), sizes  # t1.jpg is landscape
+    sent = d.execute_script("return window.sentBodies")[0]
+    assert "width" not in sent and "height" not in sent  # "as photo": the server sizes it
+    assert sent["enhance_face_region"] is True and sent["prompt_weighting"] == "lpw"  # the API's defaults
+    assert not {"init_image", "strength", "return_pose_image"} & set(sent)
     assert "seed 1234" in d.find_element("css selector", "#results .meta").text
     assert _by_id(d, "status").text.startswith("Done")
     link = d.find_element("css selector", "#results .result a[download]")
@@ -165,6 +185,50 @@ def test_upload_generate_and_see_the_results(browser, serve_env, face_photo, tmp
 
 
 @pytest.mark.serve
+def test_request_options_img2img_and_the_pose_image(browser, serve_env, face_photo, tmp_path):
+    """Each API option from its control: img2img restyles a portrait picture (the output takes its shape: "as
+    photo" leaves the size to the server), the keypoint image IdentityNet got is shown beside the result."""
+    from PIL import Image
+
+    d = browser
+    _open(d, serve_env.base_url + "/")
+    _wait(d, lambda d: d.find_elements("css selector", "#base_model option"), 60)
+    d.execute_script(RECORD_BODIES)
+    _by_id(d, "face-input").send_keys(str(face_photo))
+    _wait(d, lambda d: d.find_elements("css selector", "#face-list svg.overlay"), 60, "face not analysed")
+    portrait = tmp_path / "restyle.png"  # t1.jpg is landscape: a portrait output can only come from this one
+    Image.new("RGB", (600, 900), (170, 120, 90)).save(portrait)
+    _by_id(d, "init-input").send_keys(str(portrait))
+    _wait(d, lambda d: d.find_elements("css selector", "#init-list .photo img"), 10, "picture to restyle not shown")
+    assert "restyled" in d.find_element("css selector", "#init-list .caption").text
+    assert _by_id(d, "strength").get_attribute("value") == "0.8"  # the API's default, from its schema
+    _set(d, "strength", 0.5)
+    _by_id(d, "enhance_face_region").click()
+    _set(d, "prompt_weighting", "none")
+    _by_id(d, "return_pose_image").click()
+    _set(d, "steps", 4)
+    _set(d, "seed", 7)
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: _text(d, "status").startswith(("Done", "Failed")), 300, "no answer")
+    errors = d.execute_script("return [...document.querySelectorAll('.error')].map(e => e.textContent).join('')")
+    assert _text(d, "status").startswith("Done") and errors == "", (_text(d, "status"), errors)
+    assert d.find_elements("css selector", "#results .pose-result img"), "no pose image shown"
+    sent = d.execute_script("return window.sentBodies")
+    assert len(sent) == 1
+    assert sent[0]["init_image"].startswith("data:image/png;base64,") and sent[0]["strength"] == 0.5
+    assert sent[0]["enhance_face_region"] is False and sent[0]["prompt_weighting"] == "none"
+    assert sent[0]["return_pose_image"] is True and "width" not in sent[0] and "height" not in sent[0]
+    images = _image_sizes(d, "#results .result:not(.pose-result) img")
+    assert len(images) == 1 and images[0][1] == 512 and images[0][0] < 512, images  # the picture's shape
+    assert _image_sizes(d, "#results .pose-result img") == images  # the keypoint image at the output size
+    card = d.find_element("css selector", "#results .result .settings").text
+    assert "restyled, strength 0.5" in card and "plain CLIP prompt" in card, card
+    link = d.find_element("css selector", "#results .pose-result a[download]")
+    assert link.get_attribute("download") == "instantid-7-pose.png"
+    assert link.get_attribute("href").startswith("data:image/png;base64,")
+
+
+@pytest.mark.serve
 def test_bad_input_is_shown_beside_its_field(browser, serve_env, face_photo, tmp_path):
     d = browser
     _open(d, serve_env.base_url + "/")
@@ -188,6 +252,28 @@ def test_bad_input_is_shown_beside_its_field(browser, serve_env, face_photo, tmp
     assert "multiple of 8" in _text(d, "err-width")
     assert _by_id(d, "width").get_attribute("aria-invalid") == "true"
     assert _by_id(d, "err-request").text == "" and "{" not in d.find_element("tag name", "body").text
+    assert d.find_elements("css selector", "#results .result") == []
+
+    # a picture to restyle that is no image: beside that picture
+    _set(d, "size", "photo")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a picture at all")
+    _by_id(d, "init-input").send_keys(str(junk))
+    _wait(d, lambda d: d.find_elements("css selector", "#init-list .photo"), 10)
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: _text(d, "err-init"), 60, "no error beside the picture to restyle")
+    assert "not a readable image" in _text(d, "err-init")
+    assert _text(d, "err-width") == "" and _text(d, "err-request") == ""
+    # a strength the API refuses (the slider stops at its minimum: forced here), beside the slider
+    d.find_element("css selector", "#init-list .photo button").click()
+    _by_id(d, "init-input").send_keys(str(face_photo))
+    _wait(d, lambda d: d.find_elements("css selector", "#init-list .photo"), 10)
+    d.execute_script("const s = document.getElementById('strength'); s.min = 0; s.value = 0;")
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: _text(d, "err-strength"), 60, "no error beside the strength slider")
+    assert "greater than 0" in _text(d, "err-strength")
+    assert _by_id(d, "strength").get_attribute("aria-invalid") == "true"
+    assert _text(d, "err-init") == "" and _text(d, "err-request") == ""
     assert d.find_elements("css selector", "#results .result") == []
 
 

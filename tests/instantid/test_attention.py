@@ -113,3 +113,14 @@ def test_incomplete_or_foreign_adapter_is_refused(sdxl_unet, corrupt):
         state["140.to_k_ip.weight"] = torch.empty(640, 2048, device="meta")
     with pytest.raises(ValueError):
         install_identity_adapter(sdxl_unet, state, num_tokens=16)
+
+
+def test_region_follows_the_unets_grid_on_odd_latent_sides():
+    from instantid.attention import region_at
+
+    region = torch.zeros(2, 41, 64)
+    region[:, :20] = 1.0
+    for tokens, (h, w) in ((41 * 64, (41, 64)), (21 * 32, (21, 32)), (11 * 16, (11, 16))):  # stride 2 rounds up
+        mask = region_at(region, tokens)
+        assert mask.shape == (2, tokens, 1)
+        assert mask.view(2, h, w)[:, 0].eq(1).all() and mask.view(2, h, w)[:, -1].eq(0).all()

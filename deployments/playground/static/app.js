@@ -13,6 +13,7 @@ const state = {
   key: sessionStorage.getItem(KEY_STORE) || "",
   faces: [],      // {dataUrl, width, height, face, error}
   pose: null,     // same shape
+  init: null,     // img2img: the picture to restyle {dataUrl, width, height}
   identity: null, // GET /v1/identities/{id}
   models: null,   // GET /v1/models
   schema: {},     // GenerateRequest properties from /openapi.json: the deployment's bounds and defaults
@@ -21,9 +22,16 @@ const state = {
   running: null,  // {cancel()}
 };
 
-// Request fields added by later API versions plug in here: {id, add(body)} reading their own control in
-// #more-options (e.g. enhance_face_region: a checkbox; init_image: a file input plus a strength slider).
-const OPTIONS = [];
+// Request options: {id, add(body)}, each reading its own control in #more-options; the server's defaults
+// stand wherever the control leaves the field out.
+const OPTIONS = [
+  {id: "enhance_face_region", add: (body) => { body.enhance_face_region = $("enhance_face_region").checked; }},
+  {id: "prompt_weighting", add: (body) => { body.prompt_weighting = $("prompt_weighting").value; }},
+  {id: "init_image", add: (body) => {
+    if (state.init) Object.assign(body, {init_image: state.init.dataUrl, strength: Number($("strength").value)});
+  }},
+  {id: "return_pose_image", add: (body) => { if ($("return_pose_image").checked) body.return_pose_image = true; }},
+];
 
 // -- API ----------------------------------------------------------------------------------------------
 class ApiError extends Error {
@@ -89,6 +97,7 @@ function slotFor(field, where) {
   const photo = /^face_images\[(\d+)\]/.exec(field);
   if (photo) return $("err-face-" + photo[1]) ? "face-" + photo[1] : "face_images";
   if (field === "pose_image" && $("err-pose")) return "pose";
+  if (field === "init_image" && $("err-init")) return "init";
   if (field.startsWith("face_images")) return "face_images";
   if (field.startsWith("loras")) return "loras";
   if ((field === "width" || field === "height") && $("size").value !== "custom") return "size";
@@ -173,7 +182,7 @@ function photoCard(photo, label, errId, onRemove) {
   li.append(frame);
   const caption = document.createElement("p");
   caption.className = "caption";
-  caption.textContent = photo.face ? `face ${(photo.face.score * 100).toFixed(0)}%` : photo.error ? "" : "analysing…";
+  caption.textContent = photo.face ? `face ${(photo.face.score * 100).toFixed(0)}%` : photo.error ? "" : photo.note || "analysing…";
   li.append(caption);
   const err = document.createElement("p");
   err.className = "error";
@@ -208,6 +217,11 @@ function renderPhotos() {
     renderPhotos();
     updateSize();
   })] : []));
+  $("init-list").replaceChildren(...(state.init ? [photoCard(state.init, "Picture to restyle", "init", () => {
+    state.init = null;
+    $("init-input").value = "";
+    renderPhotos();
+  })] : []));
 }
 
 async function addFaces(files) {
@@ -229,6 +243,13 @@ async function setPose(file) {
   renderPhotos();
   updateSize();
   await analyze(state.pose);
+  renderPhotos();
+}
+
+// img2img: not analysed (any picture will do); the server checks it and resizes it to the output size.
+async function setInit(file) {
+  if (!file) return;
+  state.init = {...await readPhoto(file), note: "restyled at the output size"};
   renderPhotos();
 }
 
@@ -290,7 +311,7 @@ function applySchema(schema) {
     if (p.maximum !== undefined) el.max = p.maximum;
     if (p.default !== undefined && p.default !== null) el.value = p.default;
   };
-  ["ip_adapter_scale", "controlnet_conditioning_scale", "guidance_scale", "steps", "num_images"].forEach((n) => setRange(n, n));
+  ["ip_adapter_scale", "controlnet_conditioning_scale", "guidance_scale", "steps", "num_images", "strength"].forEach((n) => setRange(n, n));
   ["width", "height"].forEach((n) => setRange(n, n));
   if (prop("seed").maximum !== undefined) $("seed").max = prop("seed").maximum;
   state.maxFaces = prop("face_images").maxItems || 4;
@@ -349,29 +370,17 @@ function renderLoras() {
   }));
 }
 
-// "as photo": the pose photo's (else the first face's) shape at about the default area, in multiples of 8
-// within the deployment's bounds.
-function photoSize() {
-  const ref = state.pose || state.faces[0] || (state.identity && state.identity.faces[0] && {width: state.identity.faces[0].image_size[0], height: state.identity.faces[0].image_size[1]});
-  const side = prop("width").default || 1024, lo = prop("width").minimum || 64, hi = prop("width").maximum || 2048;
-  if (!ref || !ref.width || !ref.height) return [side, side];
-  let w = Math.sqrt(side * side * ref.width / ref.height), h = side * side / w;
-  const shrink = Math.min(1, hi / Math.max(w, h));
-  const snap = (v) => Math.min(hi, Math.max(lo, Math.round(v * shrink / 8) * 8));
-  return [snap(w), snap(h)];
-}
-
+// [width, height], or null for "as photo": the server then sizes the output from the pose photo (the picture
+// to restyle with img2img), as the official demo does (docs/api.md), so the page need not know how.
 function chosenSize() {
   const v = $("size").value;
   if (v === "custom") return [Number($("width").value), Number($("height").value)];
-  if (v === "photo") return photoSize();
+  if (v === "photo") return null;
   return v.split("x").map(Number);
 }
 
 function updateSize() {
   $("custom-size").hidden = $("size").value !== "custom";
-  const [w, h] = photoSize();
-  $("size").options[0].textContent = `as photo (${w} × ${h})`;
 }
 
 function buildRequest() {
@@ -385,7 +394,8 @@ function buildRequest() {
     scheduler: $("scheduler").value || "default",
     output_format: $("output_format").value || "png",
   };
-  [body.width, body.height] = chosenSize();
+  const size = chosenSize();
+  if (size) [body.width, body.height] = size;
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   const style = document.querySelector('input[name="style"]:checked');
   if (style && style.value) body.style = style.value;
@@ -474,7 +484,11 @@ function addResult(body, result, reference) {
   const settings = [`${result.width}×${result.height}`, `${body.steps} steps`, `guidance ${body.guidance_scale}`,
     `identity ${body.ip_adapter_scale}`, `IdentityNet ${body.controlnet_conditioning_scale}`, result.model,
     body.style || "", Object.entries(result.loras || {}).map(([k, v]) => `${k} ${v}`).join(", ")].filter(Boolean);
-  state.results.unshift({seed: result.seed, format: result.format, images, settings, reference,
+  if (body.init_image) settings.push(`restyled, strength ${body.strength}`);
+  if (body.prompt_weighting === "none") settings.push("plain CLIP prompt");
+  if (body.enhance_face_region === false) settings.push("whole-image identity");
+  const pose = result.pose_image ? "data:image/png;base64," + result.pose_image : null;
+  state.results.unshift({seed: result.seed, format: result.format, images, settings, reference, pose,
     prompt: body.prompt, at: new Date().toISOString()});
   state.results = state.results.slice(0, MAX_RESULTS);
   saveResults();
@@ -484,30 +498,50 @@ function addResult(body, result, reference) {
 function renderResults() {
   $("no-results").hidden = state.results.length > 0;
   const cards = [];
-  state.results.forEach((r) => r.images.forEach((src, i) => {
-    const li = document.createElement("li");
-    li.className = "result";
-    const label = `image ${i + 1} of seed ${r.seed}`;
-    li.innerHTML = '<button type="button" class="thumb"><img></button><p class="meta"></p><p class="settings"></p>' +
-      '<div class="result-actions"><a class="button" download>Download</a><button type="button" class="use-seed">Use this seed</button></div>';
-    const thumb = li.querySelector(".thumb");
-    thumb.setAttribute("aria-label", `Enlarge ${label} next to the reference photo`);
-    const img = li.querySelector("img");
-    img.src = src;
-    img.alt = `Generated ${label}: ${r.prompt || "(no prompt)"}`;
-    li.querySelector(".meta").textContent = `seed ${r.seed}` + (r.images.length > 1 ? ` · #${i + 1}` : "");
-    li.querySelector(".settings").textContent = r.settings.join(" · ");
-    const link = li.querySelector("a");
-    link.href = src;
-    link.download = `instantid-${r.seed}-${i + 1}.${r.format}`;
-    link.setAttribute("aria-label", "Download " + label);
-    const use = li.querySelector(".use-seed");
-    use.setAttribute("aria-label", `Use seed ${r.seed}`);
-    use.addEventListener("click", () => { $("seed").value = r.seed; $("seed").focus(); });
-    thumb.addEventListener("click", () => openViewer(r, src, i));
-    cards.push(li);
-  }));
+  state.results.forEach((r) => {
+    r.images.forEach((src, i) => {
+      const li = document.createElement("li");
+      li.className = "result";
+      const label = `image ${i + 1} of seed ${r.seed}`;
+      li.innerHTML = '<button type="button" class="thumb"><img></button><p class="meta"></p><p class="settings"></p>' +
+        '<div class="result-actions"><a class="button" download>Download</a><button type="button" class="use-seed">Use this seed</button></div>';
+      const thumb = li.querySelector(".thumb");
+      thumb.setAttribute("aria-label", `Enlarge ${label} next to the reference photo`);
+      const img = li.querySelector("img");
+      img.src = src;
+      img.alt = `Generated ${label}: ${r.prompt || "(no prompt)"}`;
+      li.querySelector(".meta").textContent = `seed ${r.seed}` + (r.images.length > 1 ? ` · #${i + 1}` : "");
+      li.querySelector(".settings").textContent = r.settings.join(" · ");
+      const link = li.querySelector("a");
+      link.href = src;
+      link.download = `instantid-${r.seed}-${i + 1}.${r.format}`;
+      link.setAttribute("aria-label", "Download " + label);
+      const use = li.querySelector(".use-seed");
+      use.setAttribute("aria-label", `Use seed ${r.seed}`);
+      use.addEventListener("click", () => { $("seed").value = r.seed; $("seed").focus(); });
+      thumb.addEventListener("click", () => openViewer(r, src, i));
+      cards.push(li);
+    });
+    if (r.pose) cards.push(poseCard(r));
+  });
   $("results").replaceChildren(...cards);
+}
+
+// The keypoint image IdentityNet got (return_pose_image), shown after that request's images.
+function poseCard(r) {
+  const li = document.createElement("li");
+  li.className = "result pose-result";
+  li.innerHTML = '<img><p class="meta"></p><p class="settings">The keypoints IdentityNet got</p>' +
+    '<div class="result-actions"><a class="button" download>Download</a></div>';
+  const img = li.querySelector("img");
+  img.src = r.pose;
+  img.alt = `Pose image of seed ${r.seed}: the face keypoints IdentityNet got`;
+  li.querySelector(".meta").textContent = `pose · seed ${r.seed}`;
+  const link = li.querySelector("a");
+  link.href = r.pose;
+  link.download = `instantid-${r.seed}-pose.png`;
+  link.setAttribute("aria-label", `Download the pose image of seed ${r.seed}`);
+  return li;
 }
 
 function openViewer(r, src, i) {
@@ -561,6 +595,7 @@ function init() {
   $("save-identity").addEventListener("click", saveIdentity);
   $("face-input").addEventListener("change", (e) => { addFaces(e.target.files).then(() => { e.target.value = ""; }); });
   $("pose-input").addEventListener("change", (e) => setPose(e.target.files[0]));
+  $("init-input").addEventListener("change", (e) => setInit(e.target.files[0]));
   const drop = $("face-drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
