@@ -173,7 +173,7 @@ class SimCluster:
         self._set_env(
             RAY_FAKE_CLUSTER="1", RAY_enable_autoscaler_v2="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
             RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # node address 127.0.0.1
-            RAY_metrics_report_interval_ms="1000", **LOCAL_ENV, **haproxy_env,
+            RAY_metrics_report_interval_ms="1000", **{**LOCAL_ENV, **haproxy_env},
         )
         try:
             self._start_head()

@@ -31,7 +31,8 @@ CLUSTER_ENV: dict[str, str] = {
 }
 
 LOCAL_ENV: dict[str, str] = {
-    **CLUSTER_ENV,
+    # the image's launcher path does not exist here: private_haproxy_env writes one per local setup
+    **{key: value for key, value in CLUSTER_ENV.items() if key != "RAY_SERVE_HAPROXY_BINARY_PATH"},
     # An Ingress replica that stops keeps serving this long so load balancers can deregister it (30 s by
     # default). On one machine nothing needs that time, and shutting down should not wait for it.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
