@@ -38,8 +38,9 @@ log = logging.getLogger("instantid.serve")
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 LOAD_BUCKETS = [0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
-# cosine similarity in [-1, 1]; fine steps where real InstantID outputs fall (docs/identity_score.md)
-SIMILARITY_BUCKETS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
+# cosine similarity in [-1, 1]; fine steps where real InstantID outputs fall (docs/identity_score.md). Ray
+# accepts only positive boundaries: the first bucket (<= 0.05) also holds every negative similarity.
+SIMILARITY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
 
 _SPECS = {
     "requests": ("counter", "instantid_requests", "Requests by route, method and status.",
