@@ -60,7 +60,8 @@ async def _regenerate(core, ctx, spec, job: dict, seeds: list[int]) -> list | No
     """One image per new seed (separate jobs, so each reproduces with its seed and num_images 1; the Generator
     batches them); None when the deadline's reserve is reached first."""
     size = job["width"] * job["height"] * 3
-    responses = [core._generator_for(spec.name, size).generate.remote({**job, "num_images": 1, "seed": seed})
+    responses = [core._generator_for(spec.name, size).generate.remote(
+        {**job, "num_images": 1, "seed": seed, "return_pose_image": False})
                  for seed in seeds]
     left = None if ctx.deadline is None else ctx.deadline - time.time() - DEADLINE_RESERVE_S
     try:

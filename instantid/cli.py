@@ -322,6 +322,7 @@ def cmd_generate(args) -> int:
     )
     images = pipe.generate([request], width=width, height=height, steps=args.steps, scheduler=args.scheduler)[0]
     paths = _output_paths(args.output, len(images))
+    outputs = list(zip(images, paths))  # what gets a score: not the keypoint image
     if args.save_pose_image:
         images, paths = [*images, keypoint_image], [*paths, Path(args.save_pose_image).expanduser()]
     _save_all(images, paths)
@@ -333,7 +334,7 @@ def cmd_generate(args) -> int:
 
         analyzer = analyzer if (faces or pose_photo) else FaceAnalyzer(args.face_model)
         references = [face.embedding for face in identity.faces] if faces else None
-        for image, path in zip(images, paths):  # the keypoint image (--save-pose-image) is not an output
+        for image, path in outputs:
             print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
     return 0
 

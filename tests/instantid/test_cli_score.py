@@ -81,12 +81,14 @@ def generate_args(bundle: Path, output: Path, *extra: str) -> list[str]:
 
 def test_generate_prints_each_files_score_and_no_score_skips_it(tiny_bundle, photos, analyzer, tmp_path, capfd):
     output = tmp_path / "out.png"
+    pose = tmp_path / "pose.png"
     code = main(generate_args(tiny_bundle, output, "--face", str(photos["a"]), "--face", str(photos["b"]),
-                              "--num-images", "2"))
+                              "--num-images", "2", "--save-pose-image", str(pose)))
     captured = capfd.readouterr()
     assert code == 0, captured.err
     paths = [tmp_path / "out-1.png", tmp_path / "out-2.png"]
-    assert captured.out.splitlines() == [str(p) for p in paths]  # stdout stays one path per line for scripts
+    assert captured.out.splitlines() == [str(p) for p in paths + [pose]]  # stdout: one path per line, for scripts
+    assert f"{pose}: identity" not in captured.err  # the keypoint image is not an output
     identity = build_identity(analyzer, [("a", load_image(photos["a"])), ("b", load_image(photos["b"]))])
     for path in paths:
         expected = score_image(analyzer, load_image(path), identity.embedding, [f.embedding for f in identity.faces])
