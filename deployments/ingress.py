@@ -568,7 +568,7 @@ class IngressCore:
             "deadline": ctx.deadline,
         }
         # the response is the raw RGB arrays: their size is known before the call
-        result_bytes = req.num_images * req.width * req.height * 3
+        result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
         result = await self._call(ctx, self._generator_for(spec.name, result_bytes).generate.remote(job))
         ctx.timings.update(result["timings"])
         arrays, identity = result["images"], None

@@ -81,3 +81,20 @@ def test_generate_returns_identity_per_image_and_exports_metrics(http, serve_env
         missing = [m for m in expected if m not in text]
         time.sleep(0 if not missing else 1)
     assert not missing, missing
+
+
+def test_core_scores_the_largest_request_the_limits_allow(tiny_bundle, photos):
+    """max_num_images (4) outputs at max_side (2048x2048): one call, every face found, the budget released."""
+    from deployments.config import Limits
+
+    limits = Limits()
+    core = FaceAnalysisCore(str(tiny_bundle / "antelopev2"), threads=1)
+    side = limits.max_side
+    outputs = [np.asarray(photos[i % 2].resize((side, side))) for i in range(limits.max_num_images)]
+    embedding = np.ones(512, np.float32)
+    result = core.score(outputs, embedding)
+    assert len(result["scores"]) == limits.max_num_images and all(s["face_found"] for s in result["scores"])
+    for s in result["scores"]:
+        x1, y1, x2, y2 = s["bbox"]
+        assert 0 <= x1 < x2 <= side and 0 <= y1 < y2 <= side
+    assert core.budget.peak == limits.max_num_images * side * side and core.budget.used == 0
