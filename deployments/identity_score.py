@@ -21,6 +21,10 @@ log = logging.getLogger("instantid.serve")
 # Kept free at the end of the deadline for encoding and answering: a retry round is not started (and one that
 # runs into it is cancelled, its images dropped) closer to the deadline than this.
 DEADLINE_RESERVE_S = 2.0
+# The longest a scoring call may take (4 outputs at 2048x2048 take a few seconds on a busy replica). Past it the
+# images go back unscored: a FaceAnalyzer with no replica (the app being deleted or redeployed while this
+# request drains) would otherwise hold the finished images until the Ingress is killed.
+SCORE_TIMEOUT_S = 10.0
 
 
 def below(score: dict, min_similarity: float | None) -> bool:
@@ -30,6 +34,10 @@ def below(score: dict, min_similarity: float | None) -> bool:
     return not score["face_found"] or score["similarity"] < min_similarity
 
 
+def _why(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
 def _better(new: dict, old: dict) -> bool:
     return new["face_found"] and (not old["face_found"] or new["similarity"] > old["similarity"])
 
@@ -37,7 +45,14 @@ def _better(new: dict, old: dict) -> bool:
 async def _score(core, ctx, images: list, embedding, references, model: str) -> list[dict]:
     """One FaceAnalyzer call for all of ``images``; by reference when they are large (as ``_face_for``)."""
     nbytes = sum(int(a.nbytes) for a in images)
-    result = await core._call(ctx, core._face_for(nbytes).score.remote(list(images), embedding, references))
+    response = core._face_for(nbytes).score.remote(list(images), embedding, references)
+    try:
+        async with asyncio.timeout(SCORE_TIMEOUT_S):
+            result = await core._call(ctx, response)
+    except TimeoutError:
+        with contextlib.suppress(Exception):
+            response.cancel()
+        raise
     ctx.timings["identity_score_s"] = ctx.timings.get("identity_score_s", 0.0) + result["timings"]["identity_score_s"]
     for score in result["scores"]:
         metrics.identity_scored(model, score["similarity"])
@@ -81,7 +96,7 @@ async def score_outputs(core, ctx, req, spec, job: dict, images: list, embedding
     try:
         scores = await _score(core, ctx, images, embedding, references, spec.name)
     except Exception as exc:  # a backend failure: the images stand without a score (cancellation passes)
-        log.warning("identity score failed, images returned without it: %s", str(exc).splitlines()[0][:200])
+        log.warning("identity score failed, images returned without it: %s", _why(exc))
         return images, None
     seeds: list[int | None] = [None] * len(images)
     attempts = [1] * len(images)
@@ -97,7 +112,7 @@ async def score_outputs(core, ctx, req, spec, job: dict, images: list, embedding
         try:
             fresh_scores = await _score(core, ctx, fresh, embedding, references, spec.name)
         except Exception as exc:
-            log.warning("identity score of regenerated images failed: %s", str(exc).splitlines()[0][:200])
+            log.warning("identity score of regenerated images failed: %s", _why(exc))
             break
         for i, image, score, seed in zip(todo, fresh, fresh_scores, new_seeds):
             attempts[i] += 1

@@ -217,3 +217,20 @@ def test_a_failing_score_still_returns_the_images(tmp_path):
 def test_bad_score_options_are_422(tmp_path, fields, field):
     resp = client(tmp_path, ScoringFace(), ValueGenerator([204])).post("/v1/generate", json=request(**fields))
     assert_error(resp, 422, "invalid_parameter", field)
+
+
+def test_a_face_analyzer_that_never_answers_costs_the_score_not_the_images(tmp_path, monkeypatch):
+    """As when the app is deleted while the request drains: the FaceAnalyzer has no replica left."""
+    monkeypatch.setattr(identity_score, "SCORE_TIMEOUT_S", 0.5)
+    face = ScoringFace()
+
+    async def hang(images, reference, references=None):
+        await asyncio.sleep(60)
+
+    face.score = _Method(hang)
+    http = client(tmp_path, face, ValueGenerator([204]))
+    started = time.perf_counter()
+    resp = http.post("/v1/generate", json=request(min_similarity=0.5))
+    assert resp.status_code == 200, resp.text
+    assert "identity" not in resp.json() and len(resp.json()["images"]) == 1
+    assert time.perf_counter() - started < 10
