@@ -3,6 +3,7 @@
 setup            load the insightface pack (CPU execution provider, as many threads as the replica's num_cpus)
 decode_request   raw image bytes (as uploaded; never re-encoded on the way) -> RGB images
 predict          the reference resize, the largest face per photo, mean embedding, pose keypoints
+score            generated images (RGB arrays) -> identity score each (instantid.scoring), batched per request
 encode_response  numpy arrays (embedding float32 (512,), keypoints (5, 2)) + a JPEG thumbnail when asked
 
 Errors leave as ``ServiceError`` (400 invalid_image, 422 no_face naming the image).
@@ -182,6 +183,8 @@ class FaceAnalysisCore:
             if identity:
                 faces = [face for _, _, face, _ in identity]
                 result["embedding"] = mean_embedding(faces).astype(np.float32)
+                # each photo's own embedding: outputs are scored against each reference photo too
+                result["embeddings"] = [np.asarray(face.embedding, dtype=np.float32) for face in faces]
                 result["faces"] = [_face_info(face, name, canvas, image.size)
                                    for name, image, face, canvas in identity]
                 if thumbnail:
@@ -193,6 +196,27 @@ class FaceAnalysisCore:
                               "canvas": [int(canvas[0]), int(canvas[1])],
                               "face": _face_info(face, name, canvas, image.size)}
             return result
+        finally:
+            self.budget.release(pixels)
+
+    def score(self, images: list[np.ndarray], reference: np.ndarray, references: list[np.ndarray] | None = None,
+              should_stop=None) -> dict:
+        """The identity score of each generated image (HxWx3 uint8 RGB) against the request's embedding (and each
+        reference photo's): ``instantid.scoring``, the same analysis as the reference photos had."""
+        from instantid.image_limits import DecodeAborted
+        from instantid.scoring import output_face, score_face
+
+        pixels = sum(int(a.shape[0]) * int(a.shape[1]) for a in images)
+        self.budget.acquire(pixels, should_stop)
+        try:
+            t0 = time.perf_counter()
+            scores = []
+            with self._lock:
+                for array in images:
+                    if should_stop is not None and should_stop():
+                        raise DecodeAborted("the request is gone")
+                    scores.append(score_face(*output_face(self.analyzer, array), reference, references).to_dict())
+            return {"scores": scores, "timings": {"identity_score_s": time.perf_counter() - t0}}
         finally:
             self.budget.release(pixels)
 
@@ -235,6 +259,24 @@ class FaceAnalyzerDeployment:
         except Exception as exc:
             raise to_service_error(exc) from None
         metrics.stage("face_analysis", result["timings"]["face_analysis_s"])
+        return result
+
+    async def score(self, images: list, reference, references: list | None = None) -> dict:
+        """Generated images (RGB arrays, one request's, in one call) -> each one's identity score."""
+        if self.core is None:
+            from .errors import ServiceError
+
+            raise ServiceError(503, "unavailable", "the face model is not loaded", headers={"Retry-After": "5"})
+        gone = threading.Event()
+        try:
+            result = await asyncio.wrap_future(self.core.pool.submit(self.core.score, images, reference, references,
+                                                                     gone.is_set))
+        except asyncio.CancelledError:
+            gone.set()
+            raise
+        except Exception as exc:
+            raise to_service_error(exc) from None
+        metrics.stage("identity_score", result["timings"]["identity_score_s"])
         return result
 
     def ready(self) -> dict:

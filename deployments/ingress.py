@@ -42,6 +42,7 @@ from .api_keys import KeyHashSource
 from .config import AppArgs
 from .errors import (ServiceError, from_exception, install_handlers, json_response, storage_unavailable,
                      validation_error)
+from .identity_score import score_outputs
 from .identities import (decode_embedding, make_record, make_store, new_identity_id, valid_identity_id,
                          visible_to)
 from .models import (
@@ -567,12 +568,16 @@ class IngressCore:
             "deadline": ctx.deadline,
         }
         # the response is the raw RGB arrays: their size is known before the call
-        result_bytes = req.num_images * width * height * 3
+        result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
         result = await self._call(ctx, self._generator_for(spec.name, result_bytes).generate.remote(job))
         ctx.timings.update(result["timings"])
+        arrays, identity = result["images"], None
+        if req.identity_score:  # per photo embeddings: only photos sent with this request have them
+            references = analysis.get("embeddings") if req.identity_id is None else None
+            arrays, identity = await score_outputs(self, ctx, req, spec, job, arrays, embedding, references)
 
         t0 = time.perf_counter()
-        encoded = await asyncio.to_thread(lambda: [encode_image(a, req.output_format) for a in result["images"]])
+        encoded = await asyncio.to_thread(lambda: [encode_image(a, req.output_format) for a in arrays])
         ctx.timings["encode_s"] = time.perf_counter() - t0
         metrics.stage("encode", ctx.timings["encode_s"])
         images = urls = None
@@ -590,6 +595,7 @@ class IngressCore:
             "loras": dict(req.loras), "face": face,
             "pose_image": (base64.b64encode(encode_image(result["pose_image"], "png")).decode("ascii")
                            if result.get("pose_image") is not None else None),
+            "identity": identity,
             "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ctx.timings.items()},
         }
         return {k: v for k, v in response.items() if v is not None}

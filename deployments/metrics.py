@@ -18,8 +18,12 @@ Ray prefixes application metrics with ``ray_`` on export and counters get ``_tot
 | instantid_model_loads             | counter   | model                  | pipeline loads (multiplexing misses)   |
 | instantid_models_loaded           | gauge     |                        | pipelines resident in a replica        |
 | instantid_images_generated        | counter   | model                  | images produced                        |
+| instantid_identity_similarity     | histogram | model                  | identity score (FaceSim) of each image |
+| instantid_identity_no_face        | counter   | model                  | images scored with no face found       |
+| instantid_identity_retries        | counter   | model                  | images regenerated under min_similarity|
 
-Stages: decode, face_analysis, identity_load, queue, model_load, denoise, vae_decode, encode, upload.
+Stages: decode, face_analysis, identity_load, queue, model_load, denoise, vae_decode, identity_score, encode,
+upload.
 Ray adds its own tags (WorkerId, NodeAddress, SessionName...). Outside a Ray worker (unit tests) the
 metrics degrade to no-ops.
 """
@@ -34,6 +38,9 @@ log = logging.getLogger("instantid.serve")
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 LOAD_BUCKETS = [0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
+# cosine similarity in [-1, 1]; fine steps where real InstantID outputs fall (docs/identity_score.md). Ray
+# accepts only positive boundaries: the first bucket (<= 0.05) also holds every negative similarity.
+SIMILARITY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
 
 _SPECS = {
     "requests": ("counter", "instantid_requests", "Requests by route, method and status.",
@@ -56,6 +63,13 @@ _SPECS = {
                     ("model",), None),
     "models_loaded": ("gauge", "instantid_models_loaded", "Pipelines resident in this replica.", (), None),
     "images_generated": ("counter", "instantid_images_generated", "Images generated.", ("model",), None),
+    "identity_similarity": ("histogram", "instantid_identity_similarity",
+                            "Identity score (cosine of ArcFace embeddings, output vs reference) of each image.",
+                            ("model",), SIMILARITY_BUCKETS),
+    "identity_no_face": ("counter", "instantid_identity_no_face", "Generated images in which no face was found.",
+                         ("model",), None),
+    "identity_retries": ("counter", "instantid_identity_retries",
+                         "Images regenerated because they scored under min_similarity.", ("model",), None),
 }
 
 
@@ -156,3 +170,17 @@ def models_resident(n: int) -> None:
 @_safe
 def images_generated(model: str, n: int) -> None:
     metric("images_generated").inc(n, tags={"model": model})
+
+
+@_safe
+def identity_scored(model: str, similarity: float | None) -> None:
+    """One generated image's identity score (None: no face in it)."""
+    if similarity is None:
+        metric("identity_no_face").inc(tags={"model": model})
+    else:
+        metric("identity_similarity").observe(float(similarity), tags={"model": model})
+
+
+@_safe
+def identity_retries(model: str, n: int) -> None:
+    metric("identity_retries").inc(n, tags={"model": model})

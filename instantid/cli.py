@@ -1,4 +1,4 @@
-"""The ``instantid`` command: generate, analyze, make-tiny, download.
+"""The ``instantid`` command: generate, score, analyze, make-tiny, download.
 
 Bad input gets one line on stderr and a non-zero exit, and nothing is written. Inputs are checked before any
 model is loaded, so a typo costs milliseconds, not a model load.
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     what.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     what.add_argument("--output", required=True, help="PATH.png/.jpg/.webp; -N suffixes for several images")
+    what.add_argument("--no-score", dest="score", action="store_false",
+                      help="skip the identity score printed (on stderr) next to each file written")
 
     ana = sub.add_parser("analyze", help="detect faces; print JSON and save embeddings")
     ana.add_argument("images", nargs="+", metavar="IMG")
@@ -106,7 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
 
     _add_download_parser(sub)
+    _add_score_parser(sub)
     return parser
+
+
+def _add_score_parser(sub) -> None:
+    score = sub.add_parser("score", help="identity similarity (FaceSim) of images to reference photos")
+    score.add_argument("images", nargs="+", metavar="IMG", help="generated images to score")
+    score.add_argument("--reference", action="append", default=[], metavar="IMG",
+                       help="reference photo; repeat for several (scored against their averaged embedding, "
+                            "and against each)")
+    score.add_argument("--face-embedding", metavar="E.npy", help="a saved 512-d embedding instead of --reference")
+    score.add_argument("--face-model", default="antelopev2", help="as for generate")
 
 
 def _add_download_parser(sub) -> None:
@@ -309,12 +322,51 @@ def cmd_generate(args) -> int:
     )
     images = pipe.generate([request], width=width, height=height, steps=args.steps, scheduler=args.scheduler)[0]
     paths = _output_paths(args.output, len(images))
+    outputs = list(zip(images, paths))  # what gets a score: not the keypoint image
     if args.save_pose_image:
         images, paths = [*images, keypoint_image], [*paths, Path(args.save_pose_image).expanduser()]
     _save_all(images, paths)
     for path in paths:
         print(path)
     print(f"seed: {seed}", file=sys.stderr)
+    if args.score:
+        from .face import FaceAnalyzer
+
+        analyzer = analyzer if (faces or pose_photo) else FaceAnalyzer(args.face_model)
+        references = [face.embedding for face in identity.faces] if faces else None
+        for image, path in outputs:
+            print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
+    return 0
+
+
+def _score_line(analyzer, image, embedding, references) -> str:
+    from .scoring import score_image
+
+    score = score_image(analyzer, image, embedding, references)
+    if not score.face_found:
+        return "no face found"
+    line = f"similarity {score.similarity:.4f}"
+    if score.per_reference:
+        line += " (per reference: " + ", ".join(f"{s:.4f}" for s in score.per_reference) + ")"
+    return line
+
+
+def cmd_score(args) -> int:
+    from .face import FaceAnalyzer, load_image
+    from .identity import build_identity
+
+    if bool(args.reference) == bool(args.face_embedding):
+        raise InvalidParameterError("--reference", "give either --reference IMG (repeatable) or --face-embedding")
+    embedding = _read_embedding(args.face_embedding) if args.face_embedding else None
+    references = [(path, load_image(path)) for path in args.reference]
+    images = [(path, load_image(path)) for path in args.images]  # all readable before any model loads
+    analyzer = FaceAnalyzer(args.face_model)
+    per_photo = None
+    if references:
+        identity = build_identity(analyzer, references)
+        embedding, per_photo = identity.embedding, [face.embedding for face in identity.faces]
+    for path, image in images:
+        print(f"{path}\t{_score_line(analyzer, image, embedding, per_photo)}")
     return 0
 
 
@@ -381,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     commands = {"generate": cmd_generate, "analyze": cmd_analyze, "make-tiny": cmd_make_tiny,
-                "download": cmd_download}
+                "download": cmd_download, "score": cmd_score}
     try:
         with warnings.catch_warnings():
             if not args.debug:  # libraries' deprecation notices are not the user's business

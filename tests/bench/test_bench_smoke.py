@@ -112,3 +112,12 @@ def test_download_verify_tiny(tmp_path, capsys):
     assert res["bytes"] == 1 << 20 and set(res["runs"]) == {"cold", "warm"}
     assert all(r["seconds"] > 0 for r in res["runs"].values())
     assert "verify" in capsys.readouterr().out
+
+
+def test_identity_score_tiny(tmp_path):
+    out = tmp_path / "score.json"
+    script("identity_score").main(["--tiny", "--sizes", "1024x1024", "--images", "1", "--repeats", "1",
+                                   "--out", str(out)])
+    res = json.loads(out.read_text())["sizes"]["1024x1024"]
+    # the photo scored against its own embedding: a face, and (resized, re-analysed) nearly the same embedding
+    assert res["face_found"] and res["similarity"] > 0.9 and res["median_s"] > 0

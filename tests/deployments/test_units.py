@@ -41,7 +41,12 @@ class FakeFace:
                     "thumbnail": b"jpeg" if thumbnail else None,
                     "timings": {"decode_s": 0.0, "face_analysis_s": 0.0}}
 
+        async def score(images, reference, references=None):  # no face in a fake output
+            return {"scores": [{"similarity": None, "face_found": False, "bbox": None}] * len(images),
+                    "timings": {"identity_score_s": 0.0}}
+
         self.analyze = _Method(analyze)
+        self.score = _Method(score)
         self.ready = _Method(_ready)
 
     def options(self, **_):
