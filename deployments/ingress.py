@@ -577,7 +577,10 @@ class IngressCore:
             arrays, identity = await score_outputs(self, ctx, req, spec, job, arrays, embedding, references)
 
         t0 = time.perf_counter()
-        encoded = await asyncio.to_thread(lambda: [encode_image(a, req.output_format) for a in arrays])
+        pose_array = result.get("pose_image")
+        encoded, pose_png = await asyncio.to_thread(lambda: (
+            [encode_image(a, req.output_format) for a in arrays],
+            encode_image(pose_array, "png") if pose_array is not None else None))
         ctx.timings["encode_s"] = time.perf_counter() - t0
         metrics.stage("encode", ctx.timings["encode_s"])
         images = urls = None
@@ -593,8 +596,7 @@ class IngressCore:
             "request_id": ctx.request_id, "images": images, "urls": urls, "format": req.output_format,
             "width": width, "height": height, "seed": seed, "model": result["model"],
             "loras": dict(req.loras), "face": face,
-            "pose_image": (base64.b64encode(encode_image(result["pose_image"], "png")).decode("ascii")
-                           if result.get("pose_image") is not None else None),
+            "pose_image": base64.b64encode(pose_png).decode("ascii") if pose_png is not None else None,
             "identity": identity,
             "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ctx.timings.items()},
         }
