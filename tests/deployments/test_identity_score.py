@@ -15,18 +15,7 @@ from deployments.config import AppArgs
 from deployments.ingress import BY_VALUE_MAX_BYTES, IngressCore, build_http_app
 from deployments.models import GenerateResponse
 from serve_helpers import assert_error, b64, png_bytes
-
-
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return self.fn(*args)
-
-
-async def _ready():
-    return {"ready": True, "error": None}
+from test_units import _Method, _ready  # the shared fake handle pieces
 
 
 PHOTO_EMBEDDINGS = [np.full(512, 1.0, np.float32), np.full(512, 3.0, np.float32)]
