@@ -80,11 +80,6 @@ def fit_canvas(source_size: tuple[int, int], target_size: tuple[int, int], kps, 
     return fit
 
 
-def scale_keypoints(kps, source_size: tuple[int, int], target_size: tuple[int, int]) -> np.ndarray:
-    """Map keypoints from a (width, height) image onto a canvas of another (width, height) (cover-fit)."""
-    return fit_canvas(source_size, target_size, kps).apply(kps)
-
-
 def face_region_mask(width: int, height: int, bbox) -> Image.Image:
     """The demo's "enhance non-face region" control mask: white inside the face box, black elsewhere (RGB).
 

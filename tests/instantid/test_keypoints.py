@@ -5,7 +5,7 @@ import pytest
 
 from instantid.errors import InvalidParameterError
 from instantid.identity import Pose
-from instantid.keypoints import COLORS, draw_keypoints, scale_keypoints
+from instantid.keypoints import COLORS, draw_keypoints, fit_canvas
 
 KPS = [[60, 70], [140, 70], [100, 110], [70, 150], [130, 150]]
 
@@ -46,7 +46,7 @@ def test_only_the_five_colours_and_their_dimmed_versions_appear():
 
 
 def test_scaling_onto_a_canvas_of_the_same_aspect_is_plain_scaling():
-    scaled = scale_keypoints(KPS, (200, 200), (400, 400))
+    scaled = fit_canvas((200, 200), (400, 400), KPS).apply(KPS)
     np.testing.assert_allclose(scaled, np.array(KPS) * 2)
     image = np.asarray(Pose(np.array(KPS, dtype=float), (200, 200)).draw(400, 400))
     assert image.shape == (400, 400, 3)
