@@ -268,21 +268,26 @@ def test_device_queue_merges_compatible_waiting_jobs_fifo():
 
     from deployments.generator import Generator, Job
 
-    def job(name, width=64, loras=None, model="m"):
+    def job(name, width=64, loras=None, model="m", guidance_scale=5.0):
         return Job(model=model, embedding=np.zeros(512, np.float32), kps=np.zeros((5, 2), np.float32),
-                   canvas=(64, 64), width=width, height=64, steps=2, loras=loras or {}, id=name)
+                   canvas=(64, 64), width=width, height=64, steps=2, loras=loras or {}, id=name,
+                   guidance_scale=guidance_scale)
 
     gen = Generator.func_or_class.__new__(Generator.func_or_class)
     gen.args = AppArgs.model_validate({"batch": {"max_batch_size": 3}})
     loop = asyncio.new_event_loop()
     try:
-        jobs = [job("a"), job("b", width=128), job("c"), job("d", loras={"x": 1.0}), job("e", model="other"),
-                job("f"), job("g"), job("h")]
-        jobs[5].cancelled = True
+        # "i" is unguided (guidance 1: no CFG copy), which the pipeline refuses to mix with guided rows (422);
+        # "c" is guided at another strength, which a batch can mix
+        jobs = [job("a"), job("i", guidance_scale=1.0), job("b", width=128), job("c", guidance_scale=3.0),
+                job("d", loras={"x": 1.0}), job("e", model="other"), job("f"), job("g"), job("h"),
+                job("j", guidance_scale=0.5)]
+        jobs[6].cancelled = True
         gen._queue = [(j, loop.create_future()) for j in jobs]
         first = [j.id for j, _ in gen._next_group()]
         assert first == ["a", "c", "g"]  # "f" was cancelled; at most max_batch_size
-        assert [j.id for j, _ in gen._queue] == ["b", "d", "e", "h"]
+        assert [j.id for j, _ in gen._queue] == ["i", "b", "d", "e", "h", "j"]
+        assert [j.id for j, _ in gen._next_group()] == ["i", "j"]  # both unguided
         assert [j.id for j, _ in gen._next_group()] == ["b"]
         assert [j.id for j, _ in gen._next_group()] == ["d"]
         assert [j.id for j, _ in gen._next_group()] == ["e"]
