@@ -141,6 +141,19 @@ OK_ROWS = [
 ]
 
 
+# The same for multipart/form-data bodies (a face file plus these text fields): (id, fields, status, code, field)
+MULTIPART_ROWS = [
+    ("multipart-loras-not-json", {"loras": "{tiny-lora: 1}"}, 422, "invalid_parameter", "loras"),
+    ("multipart-loras-truncated-json", {"loras": '{"tiny-lora": 1'}, 422, "invalid_parameter", "loras"),
+    ("multipart-loras-list", {"loras": '["tiny-lora"]'}, 422, "invalid_parameter", "loras"),
+    ("multipart-loras-number", {"loras": "0.8"}, 422, "invalid_parameter", "loras"),
+    ("multipart-loras-nan-scale", {"loras": '{"tiny-lora": NaN}'}, 422, "invalid_parameter", "loras.tiny-lora"),
+    ("multipart-loras-unknown", {"loras": '{"nope": 1}'}, 422, "invalid_parameter", "loras"),
+    ("multipart-steps-word", {"steps": "many"}, 422, "invalid_parameter", "steps"),
+    ("multipart-width-float", {"width": "64.5"}, 422, "invalid_parameter", "width"),
+]
+
+
 @pytest.fixture(scope="module")
 def substitutions(face_photo, face_b64, blank_b64) -> dict[str, str]:
     face = face_photo.read_bytes()
@@ -179,6 +192,16 @@ def test_odd_but_legal_input_succeeds(http, tiny_request, face_b64, name, fields
     resp = http.post("/v1/generate", json=tiny_request(face_images=[face_b64], **fields))
     assert resp.status_code == 200, resp.text[:500]
     assert len(resp.json()["images"]) == 1
+
+
+@pytest.mark.parametrize("name,fields,status,code,field", MULTIPART_ROWS, ids=[r[0] for r in MULTIPART_ROWS])
+def test_bad_multipart_input_is_refused_with_the_right_status(http, tiny_request, face_photo, name, fields, status,
+                                                             code, field):
+    form = {k: str(v) for k, v in tiny_request().items()}
+    form.update(fields)
+    files = [("face_images", ("me.jpg", face_photo.read_bytes(), "image/jpeg"))]
+    err = assert_error(http.post("/v1/generate", data=form, files=files), status, code, field)
+    assert field.split(".")[0] in err["message"], err
 
 
 def test_identity_creation_refuses_bombs_and_empty_lists(http, check_error):

@@ -85,14 +85,35 @@ def sdxl_unet():
         return UNet2DConditionModel(**SDXL_UNET)
 
 
-def test_sdxl_numbering_is_odd_slots(sdxl_unet):
-    keys = _official_numbering(sdxl_unet)
-    numbers = sorted({int(k.split(".")[0]) for k in keys})
-    assert numbers == list(range(1, 140, 2))  # 70 cross-attention layers after 70 self-attention ones
-    assert keys["1.to_k_ip.weight"] == (640, 2048)  # down_blocks.1
-    # the UNet registers up_blocks before mid_block, so the mid block's layers take the last numbers
-    assert keys["139.to_v_ip.weight"] == (1280, 2048)
-    assert list(sdxl_unet.attn_processors)[139].startswith("mid_block")
+def _sdxl_shaped_unet():
+    """SDXL's blocks, layers and transformer depths (so the same 140 attention slots in the same order) at toy
+    width, on CPU: the weights installed into it can be read back."""
+    config = {**SDXL_UNET, "block_out_channels": (32, 64, 64), "attention_head_dim": (1, 2, 2),
+              "cross_attention_dim": 8, "addition_time_embed_dim": 4, "projection_class_embeddings_input_dim": 32}
+    return UNet2DConditionModel(**config)
+
+
+def test_sdxl_numbering_is_odd_slots():
+    """The official checkpoint numbers every attention processor in the UNet's order and stores weights for the
+    cross-attention ones only: ``1``, ``3``, ... ``139``. Each key is tagged with its number; the product's
+    installer must put it on the layer the checkpoint meant."""
+    unet = _sdxl_shaped_unet()
+    state = {f"{i}.{part}.weight": torch.full((1, 1), float(i)) for i in range(1, 140, 2)
+             for part in ("to_k_ip", "to_v_ip")}
+    install_identity_adapter(unet, state, num_tokens=16)
+    installed = {name: int(p.to_k_ip.weight.item()) for name, p in unet.attn_processors.items()
+                 if isinstance(p, IdentityAttnProcessor)}
+    assert sorted(installed.values()) == list(range(1, 140, 2))  # 70 cross-attention layers after 70 self-attention
+    assert all(name.endswith("attn2.processor") for name in installed)
+    assert all(int(p.to_v_ip.weight.item()) == installed[name] for name, p in unet.attn_processors.items()
+               if isinstance(p, IdentityAttnProcessor))
+    # down_blocks.1 (2 x 2 layers) and .2 (2 x 10) hold slots 0-47; up_blocks.0 (3 x 10) 48-107, up_blocks.1
+    # (3 x 2) 108-119; the UNet registers up_blocks before mid_block, so the mid block (10) takes 120-139
+    assert installed["down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"] == 1
+    assert installed["down_blocks.2.attentions.1.transformer_blocks.9.attn2.processor"] == 47
+    assert installed["up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == 49
+    assert installed["up_blocks.1.attentions.2.transformer_blocks.1.attn2.processor"] == 119
+    assert installed["mid_block.attentions.0.transformer_blocks.9.attn2.processor"] == 139
 
 
 def test_official_layout_loads_without_missing_or_unexpected_keys(sdxl_unet):
