@@ -7,9 +7,11 @@ replay). The Ingress unwraps ``RayTaskError`` and maps everything else with ``fr
 unexpected becomes a generic 500 whose message carries the request id and never a traceback.
 
 Status codes:
-    400 invalid_json, invalid_base64, invalid_image, invalid_request
+    400 invalid_json, invalid_base64, invalid_image, invalid_request,
+        bad_request (a malformed multipart body or Content-Length)
     401 unauthorized                     404 not_found (identity or route)
-    405 method_not_allowed               413 body_too_large, image_too_large
+    405 method_not_allowed               408 timeout (the body did not arrive in time)
+    413 body_too_large, image_too_large  415 unsupported_media_type (neither JSON nor multipart)
     422 invalid_parameter (``field``), no_face (``field`` names the image)
         too_costly (width x height x steps x num_images cannot finish before the deadline; ``details`` names them)
     429 rate_limited (Retry-After)       500 internal
