@@ -47,9 +47,8 @@ def _payload(request: GenerateRequest | dict | None, overrides: dict) -> dict:
     else:
         data = dict(request or {})
     data.update(overrides)
-    for key in ("face_images",):
-        if data.get(key) is not None:
-            data[key] = [encode_image(x) for x in data[key]]
+    if data.get("face_images") is not None:
+        data["face_images"] = [encode_image(x) for x in data["face_images"]]
     for key in ("pose_image", "init_image"):
         if data.get(key) is not None:
             data[key] = encode_image(data[key])
@@ -117,7 +116,14 @@ class InstantIDClient:
         await self._await(self.handle.delete_identity.remote(identity_id))
 
     def list_identities(self, limit: int = 100) -> IdentityList:
+        """At most ``limit`` (1 to 1000) identities, as ``GET /v1/identities?limit=``."""
         return IdentityList.model_validate(self._result(self.handle.list_identities.remote(limit)))
+
+    async def list_identities_async(self, limit: int = 100) -> IdentityList:
+        return IdentityList.model_validate(await self._await(self.handle.list_identities.remote(limit)))
 
     def models(self) -> ModelList:
         return ModelList.model_validate(self._result(self.handle.list_models.remote()))
+
+    async def models_async(self) -> ModelList:
+        return ModelList.model_validate(await self._await(self.handle.list_models.remote()))

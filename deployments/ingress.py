@@ -47,6 +47,7 @@ from .identities import (decode_embedding, make_record, make_store, new_identity
                          visible_to)
 from .models import (
     DELIVERIES,
+    MAX_LIST_LIMIT,
     MAX_SEED,
     OUTPUT_FORMATS,
     SCHEDULERS,
@@ -59,6 +60,7 @@ from .models import (
     Readiness,
     build_models,
     default_size,
+    list_limit,
 )
 
 log = logging.getLogger("instantid.serve")
@@ -701,6 +703,7 @@ class IngressCore:
             raise ServiceError(404, "not_found", "identity not found")  # never echo the input
 
     async def serve_list_identities(self, ctx: Ctx, limit: int) -> dict:
+        limit = list_limit(limit)
         try:
             return {"identities": await self._store("list", limit, ctx.scope)}
         except Exception as exc:
@@ -812,7 +815,7 @@ class IngressCore:
         return await self._handle("delete_identity", self.serve_delete_identity, identity_id)
 
     async def list_identities(self, limit: int = 100) -> dict:
-        return await self._handle("list_identities", self.serve_list_identities, int(limit))
+        return await self._handle("list_identities", self.serve_list_identities, limit)
 
     async def list_models(self) -> dict:
         return self.model_list()
@@ -1059,7 +1062,7 @@ def build_http_app(core: IngressCore):
         return JSONResponse(await core.serve_create_identity(ctx, data, files), status_code=201)
 
     @v1.get("/identities", response_model=IdentityList, responses=errors, summary="List identities")
-    async def list_identities(request: Request, limit: int = Query(100, ge=1, le=1000)):
+    async def list_identities(request: Request, limit: int = Query(100, ge=1, le=MAX_LIST_LIMIT)):
         return await core.serve_list_identities(caller("/v1/identities", request), limit)
 
     @v1.get("/identities/{identity_id}", response_model=IdentityResponse, responses=errors,

@@ -31,6 +31,17 @@ MAX_LORAS = 8
 MAX_NAME_CHARS = 128  # a LoRA name (a key in ``loras``)
 PROMPT_WEIGHTINGS = ("none", "lpw")  # mirrors instantid.prompt_weighting.MODES
 MAX_IDENTITY_RETRIES = 3  # regeneration rounds one request may ask for (each bounded by its deadline too)
+MAX_LIST_LIMIT = 1000  # identities one list call returns at most (HTTP ``?limit=`` and the handle alike)
+
+def list_limit(value: Any) -> int:
+    """A list call's ``limit`` as given by any caller: an integer in 1..MAX_LIST_LIMIT, else a 422 naming it."""
+    from .errors import ServiceError
+
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIST_LIMIT:
+        raise ServiceError(422, "invalid_parameter", f"limit: must be an integer from 1 to {MAX_LIST_LIMIT}",
+                           field="limit")
+    return value
+
 
 _DOC_IMAGE = "Base64 image (JPEG, PNG or WebP; a data: URL prefix is accepted)."
 

@@ -56,3 +56,31 @@ def test_handle_client_async(client, face_photo):
     results = asyncio.run(main())
     assert [r.seed for r in results] == [0, 1]
     assert client.models().models[0].name == "tiny"
+
+
+def test_every_method_has_an_async_twin():
+    public = {name for name in vars(InstantIDClient) if not name.startswith("_")}
+    assert public, public
+    missing = sorted(name for name in public if not name.endswith("_async") and f"{name}_async" not in public)
+    assert not missing, missing
+
+
+def test_handle_list_and_models_async_twins(client, face_photo):
+    identity = client.create_identity([face_photo])
+
+    async def main():
+        return await asyncio.gather(client.list_identities_async(limit=1000), client.models_async())
+
+    listed, models = asyncio.run(main())
+    assert identity.identity_id in [i.identity_id for i in listed.identities]
+    assert models == client.models()
+    client.delete_identity(identity.identity_id)
+
+
+@pytest.mark.parametrize("limit", [0, 1001, -5, 10**12, "10", 2.5, True])
+def test_handle_list_identities_is_bounded_like_http(client, http, limit):
+    with pytest.raises(ServiceError) as err:
+        client.list_identities(limit)
+    assert (err.value.status, err.value.code, err.value.field) == (422, "invalid_parameter", "limit")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        assert http.get("/v1/identities", params={"limit": limit}).status_code == 422
