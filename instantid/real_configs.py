@@ -1,4 +1,5 @@
-"""The real models' architecture (configs only, no weights), for shape checks and full-size benchmarks.
+"""The real models' architecture (configs only, no weights), for shape checks and full-size benchmarks
+(bench/gpu_generate.py, bench/cold_start.py).
 
 SDXL base's UNet config is stabilityai/stable-diffusion-xl-base-1.0 ``unet/config.json``; InstantID's
 Resampler is width 1280, depth 4, 20 heads of 64, 16 queries, 512-d input, 2048-d output, feed-forward x4.
@@ -28,7 +29,6 @@ INSTANTID_RESAMPLER = {
     "dim": 1280, "depth": 4, "heads": 20, "num_queries": 16, "embedding_dim": 512, "output_dim": 2048, "ff_mult": 4,
 }
 
-# --- added for full-size benchmarks (bench/gpu_generate.py, bench/cold_start.py) -----------------------------
 # IdentityNet (InstantID's ``ControlNetModel/config.json``) is ``ControlNetModel.from_unet`` of SDXL base's UNet:
 # the UNet's encoder half (2 down blocks with 2 + 10 transformer layers, the mid block) plus the conditioning
 # embedding (16, 32, 96, 256) for the 3-channel keypoint image. About 1.25 B parameters.

@@ -30,7 +30,6 @@ NUM_TOKENS = 16
 
 
 CLIP_BOS = 49406  # CLIP's start/end token ids, hard-coded by the demo's long-prompt weighting
-CLIP_VOCAB = 49408
 
 
 def _tokenizer_files(directory: Path, clip_ids: bool = False) -> None:

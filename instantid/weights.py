@@ -48,7 +48,6 @@ def base_patterns(variant: str | None = None) -> list[str]:
     return ["*.json", "*.txt", *base_weights(variant)]
 
 
-BASE_WEIGHTS = base_weights()
 BASE_PATTERNS = base_patterns()
 
 
