@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, model_validator
 
 from .config import AppArgs, Limits
 
@@ -44,6 +44,42 @@ def list_limit(value: Any) -> int:
 
 
 _DOC_IMAGE = "Base64 image (JPEG, PNG or WebP; a data: URL prefix is accepted)."
+# An image as base64 text, with the schema saying what the Ingress's decoding accepts (400 ``invalid_base64`` /
+# ``invalid_image`` otherwise; the checks stay in the Ingress, the schema only publishes them): an optional
+# data: URL header, whitespace anywhere, complete padded quartets, at least one (an empty image is refused).
+_B64 = r"\s*[A-Za-z0-9+/]"
+BASE64_IMAGE_PATTERN = (rf"^\s*(?:data:[^,]*,)?(?:{_B64 * 4})*(?:{_B64 * 4}|{_B64 * 3}\s*=|{_B64 * 2}\s*=\s*=)\s*$")
+Base64Image = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1, "pattern": BASE64_IMAGE_PATTERN})]
+
+def _given(name: str, schema: dict) -> dict:
+    return {"required": [name], "properties": {name: schema}}
+
+
+# The generate request's rules across fields, in its schema as the validators below enforce them (422): exactly
+# one identity source (photos or a stored identity); retry_below_threshold needs min_similarity, which needs
+# identity_score.
+GENERATE_RULES = {
+    "oneOf": [_given("face_images", {"type": "array"}), _given("identity_id", {"type": "string"})],
+    "allOf": [
+        {"if": _given("retry_below_threshold", {"type": "integer", "minimum": 1}),
+         "then": _given("min_similarity", {"type": "number"})},
+        {"if": _given("min_similarity", {"type": "number"}),
+         "then": {"properties": {"identity_score": {"const": True}}}},
+    ],
+}
+
+
+def form_field_schema(schema: dict) -> dict:
+    """A JSON body property's schema as a multipart/form-data text field: a form cannot send ``null`` (an
+    absent or empty field is "not given"), so the ``null`` alternative goes."""
+    options = schema.get("anyOf")
+    if not options:
+        return schema
+    kept = [option for option in options if option.get("type") != "null"]
+    rest = {k: v for k, v in schema.items() if k != "anyOf" and not (k == "default" and v is None)}
+    if len(kept) == 1:
+        return {**rest, **kept[0]}
+    return {**rest, "anyOf": kept}
 
 
 def default_size(canvas: tuple[int, int], limits: Limits) -> tuple[int, int]:
@@ -76,14 +112,16 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
     class GenerateRequest(_Model):
         """Generate images of the identity in ``face_images`` (or a stored ``identity_id``)."""
 
-        face_images: Optional[list[str]] = Field(
+        model_config = ConfigDict(extra="forbid", json_schema_extra=GENERATE_RULES)
+
+        face_images: Optional[list[Base64Image]] = Field(
             None, min_length=1, max_length=limits.max_faces,
             description=f"1 to {limits.max_faces} photos of one person: {_DOC_IMAGE} Their embeddings are "
                         "averaged; the keypoints of the first one set the pose unless pose_image is given. "
                         "Exactly one of face_images and identity_id.")
         identity_id: Optional[str] = Field(None, pattern=IDENTITY_ID_PATTERN,
                                            description="A stored identity (POST /v1/identities).")
-        pose_image: Optional[str] = Field(None, description=f"Photo whose face keypoints set the pose. {_DOC_IMAGE}")
+        pose_image: Optional[Base64Image] = Field(None, description=f"Photo whose face keypoints set the pose. {_DOC_IMAGE}")
         prompt: str = Field("", max_length=limits.max_prompt_chars)
         negative_prompt: Optional[str] = Field(
             None, max_length=limits.max_prompt_chars,
@@ -100,7 +138,7 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
         enhance_face_region: Optional[bool] = Field(
             None, description="Identity and pose act only inside the face box, the prompt rules the rest. "
                               "Absent: on (the face box is always known here), as the demo and Replicate.")
-        init_image: Optional[str] = Field(None, description=f"img2img: the picture to restyle. {_DOC_IMAGE}")
+        init_image: Optional[Base64Image] = Field(None, description=f"img2img: the picture to restyle. {_DOC_IMAGE}")
         strength: float = Field(0.8, gt=0.0, le=1.0, description="img2img: the share of the schedule that runs.")
         return_pose_image: bool = Field(False, description="Add the keypoint image IdentityNet got (base64 PNG).")
         steps: int = Field(min(30, limits.max_steps), ge=1, le=limits.max_steps, description="Denoising steps.")
@@ -153,7 +191,7 @@ def _identity_model(limits: Limits):
     class IdentityCreateRequest(_Model):
         """Store an identity: the mean embedding, the first photo's keypoints and a thumbnail."""
 
-        face_images: list[str] = Field(min_length=1, max_length=limits.max_faces,
+        face_images: list[Base64Image] = Field(min_length=1, max_length=limits.max_faces,
                                        description=f"1 to {limits.max_faces} photos of one person. {_DOC_IMAGE}")
 
     return IdentityCreateRequest
