@@ -53,7 +53,8 @@ def _failures(output: str) -> str:
 def test_schemathesis_all_checks_all_phases(serve_env, tmp_path):
     counts = tmp_path / "statuses.txt"
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "INSTANTID_FUZZ_COUNTS": str(counts),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[2]),
+                                          os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{serve_env.base_url}/openapi.json",
            "--phases", "examples,coverage,fuzzing,stateful",
            "--checks", "all", "--exclude-checks", "positive_data_acceptance,not_a_server_error",  # hooks' forms
@@ -62,7 +63,7 @@ def test_schemathesis_all_checks_all_phases(serve_env, tmp_path):
            "--continue-on-failure", "--no-color", "--output-truncate", "false", "--report", "junit",
            "--report-dir", str(tmp_path)]
     started = time.monotonic()
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)  # its cache too
     (tmp_path / "schemathesis.txt").write_text(run.stdout + run.stderr)
     print(f"\nschemathesis: {time.monotonic() - started:.0f} s, output in {tmp_path / 'schemathesis.txt'}")
     lines = counts.read_text().splitlines() if counts.exists() else []
