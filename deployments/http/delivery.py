@@ -43,20 +43,24 @@ class S3Delivery:
         self.presign_expiry_s = presign_expiry_s
         self._s3 = None
 
+    @property
+    def client(self):
+        if self._s3 is None:  # bounded waits: a black-holed S3 is a fast 503 storage_unavailable, not a 504
+            from instantid.weights import s3_client
+
+            self._s3 = s3_client()
+        return self._s3
+
     def upload(self, encoded: list[bytes], fmt: str, request_id: str) -> list[str]:
         """Blocking: callers run it in a worker thread."""
         from instantid.weights import split_s3
 
-        if self._s3 is None:
-            import boto3
-
-            self._s3 = boto3.client("s3")
         bucket, prefix = split_s3(self.output_bucket)
         day = time.strftime("%Y/%m/%d", time.gmtime())
         urls = []
         for i, data in enumerate(encoded):
             key = "/".join(p for p in (prefix, day, f"{request_id}-{i}.{fmt}") if p)
-            self._s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=CONTENT_TYPES[fmt])
-            urls.append(self._s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=CONTENT_TYPES[fmt])
+            urls.append(self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
                                                         ExpiresIn=self.presign_expiry_s))
         return urls
