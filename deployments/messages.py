@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from instantid import defaults
+
 
 @dataclass
 class FaceAnalysisResult:
@@ -55,15 +57,15 @@ class GenerationTask:
     negative_prompt: str | None = None  # None: the zero negative embedding, as in the library
     num_images: int = 1
     seed: int = 0
-    guidance_scale: float = 5.0
-    ip_adapter_scale: float = 0.8
-    controlnet_conditioning_scale: float = 0.8
+    guidance_scale: float = defaults.GUIDANCE_SCALE
+    ip_adapter_scale: float = defaults.IP_ADAPTER_SCALE
+    controlnet_conditioning_scale: float = defaults.CONTROLNET_CONDITIONING_SCALE
     loras: dict[str, float] = field(default_factory=dict)
     bbox: Any = None  # (4,) the pose face's box on ``canvas``
     enhance_face_region: bool = False  # control mask = the face box on the output canvas
-    prompt_weighting: str = "lpw"
+    prompt_weighting: str = defaults.PROMPT_WEIGHTING
     init_image: Any = None  # img2img: the upload's bytes; the Generator decodes them on arrival (accept_task)
-    strength: float = 0.8
+    strength: float = defaults.IMG2IMG_STRENGTH
     return_pose_image: bool = False
     deadline: float | None = None  # time.time() past which nobody waits for the result
     # The Generator's own bookkeeping, reset when a task arrives there (accept_task): ``arrived`` is its clock.

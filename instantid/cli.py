@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import defaults
 from .errors import InstantIDError, InvalidParameterError
 
 EXIT_INPUT = 1  # the user's input or configuration is wrong
@@ -80,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="identity and pose act only in the face box (on by default when a photo gives one)")
     what.add_argument("--control-mask", metavar="IMG", help="explicit region mask, white = face (resized to fit)")
     what.add_argument("--init-image", metavar="IMG", help="img2img: restyle this picture keeping the identity")
-    what.add_argument("--strength", type=float, default=0.8, help="img2img: share of the schedule run, (0, 1]")
+    what.add_argument("--strength", type=float, default=defaults.IMG2IMG_STRENGTH, help="img2img: share of the schedule run, (0, 1]")
     what.add_argument("--save-pose-image", metavar="PATH", help="also write the keypoint image IdentityNet got")
-    what.add_argument("--steps", type=int, default=30)
-    what.add_argument("--guidance-scale", type=float, default=5.0)
-    what.add_argument("--ip-adapter-scale", type=float, default=0.8)
-    what.add_argument("--controlnet-conditioning-scale", type=float, default=0.8)
+    what.add_argument("--steps", type=int, default=defaults.STEPS)
+    what.add_argument("--guidance-scale", type=float, default=defaults.GUIDANCE_SCALE)
+    what.add_argument("--ip-adapter-scale", type=float, default=defaults.IP_ADAPTER_SCALE)
+    what.add_argument("--controlnet-conditioning-scale", type=float,
+                      default=defaults.CONTROLNET_CONDITIONING_SCALE)
     what.add_argument("--control-guidance-start", type=float, default=0.0)
     what.add_argument("--control-guidance-end", type=float, default=1.0)
     what.add_argument("--num-images", type=int, default=1)
