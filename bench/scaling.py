@@ -551,7 +551,7 @@ class Scenario:
         from ray import serve
 
         from deployments.app import bind
-        from deployments.profile import resolve_args
+        from deployments.tiny_profile import resolve_args
 
         identity_dir = self.work / "identities"
         identity_dir.mkdir(parents=True, exist_ok=True)

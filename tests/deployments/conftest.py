@@ -42,7 +42,7 @@ def serve_env(tiny_bundle, s3_server, tmp_path_factory):
     from ray.serve.api import RunTarget
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
     from deployments.ray_env import LOCAL_ENV, private_haproxy_env
 
     for bucket in (OUTPUT_BUCKET, IDENTITY_BUCKET):

@@ -92,7 +92,7 @@ def faults_app(serve_env):
     from ray import serve
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
 
     s3 = PrivateS3()
     s3.start()
@@ -255,7 +255,7 @@ def test_model_that_fails_to_load_is_not_ready_with_the_reason(serve_env, face_b
     from ray.serve.api import _run
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
 
     args = app_args(serve_env.tiny, models=[{"name": "broken", "base_model": "/nonexistent/sdxl-missing"}],
                     face_model="/nonexistent/face-pack-missing", request_timeout_s=20)
@@ -304,7 +304,7 @@ def test_model_that_fails_to_load_is_not_ready_with_the_reason(serve_env, face_b
 
 
 def test_readiness_reason_is_one_line_without_traceback():
-    from deployments.ingress import _reason
+    from deployments.backends import _reason
 
     serve_message = ("The deployment failed to start 3 times in a row. Error:\n  File \"generator.py\", line 351\n"
                      "    raise RuntimeError(f\"model not loaded: {self.ready_error}\")\n"

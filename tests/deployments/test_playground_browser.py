@@ -320,7 +320,8 @@ class SlowGenerator:
 def fake_server(tmp_path, monkeypatch):
     """start(auth=False, generator=None) -> (base URL, [(path, query, authorization) of every request])."""
     from deployments.config import AppArgs
-    from deployments.ingress import IngressCore, build_http_app
+    from deployments.http.app import build_http_app
+    from deployments.service import GenerationService
     from test_units import FakeFace, FakeGenerator
 
     servers = []
@@ -329,8 +330,8 @@ def fake_server(tmp_path, monkeypatch):
         monkeypatch.setenv("PG_BROWSER_KEYS", "pg:" + hashlib.sha256(KEY.encode()).hexdigest())
         args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"),
                                        "auth": {"enabled": auth, "key_hashes_env": "PG_BROWSER_KEYS"}})
-        core = IngressCore(args, FakeFace(), generator or FakeGenerator(),
-                           status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+        core = GenerationService(args, FakeFace(), generator or FakeGenerator(),
+                                 status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
         return _serve(build_http_app(core), servers)
 
     yield start
