@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -44,11 +43,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from deployments.ray_env import free_port  # noqa: E402  (after the path: run as a script)
 
 
 def _summary(latencies: list[float], wall: float) -> dict:
@@ -160,7 +155,7 @@ def run(args: dict, options: dict, body: dict, concurrencies: list[int], request
     from deployments.tiny_profile import resolve_args
     from deployments.ray_env import LOCAL_ENV, private_haproxy_env
 
-    port = _free_port()
+    port = free_port()
     # the cluster environment the app ships with (HAProxy ingress); Ray's processes inherit it
     haproxy_env, haproxy_dir = private_haproxy_env()
     os.environ.update({**LOCAL_ENV, **haproxy_env})

@@ -16,16 +16,12 @@ import pytest
 
 from serve_helpers import app_args, assert_error
 
+from deployments.ray_env import free_port
+
 pytestmark = pytest.mark.serve
 
 FAULTS_BUCKET = "instantid-test-faults"
 CLEAN_5XX = {503, 504}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(predicate, timeout_s: float, what: str, period_s: float = 0.5):
@@ -67,7 +63,7 @@ class PrivateS3:
     """A moto server of the faults app's own (same in-process backend as the session's), stoppable."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = None
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import threading
 import time
 import warnings
@@ -28,6 +27,8 @@ from pathlib import Path
 import pytest
 
 from serve_helpers import png_bytes
+
+from deployments.ray_env import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -295,12 +296,6 @@ def test_phone_width_needs_no_sideways_scrolling(browser, serve_env):
 
 
 # -- an in-process Ingress with fake backends (default limits), served by uvicorn on the loopback ----------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class SlowGenerator:
     """A Generator that takes ``seconds`` per call."""
 
@@ -356,7 +351,7 @@ def _serve(app, servers):
             seen.append((scope["path"], scope["query_string"].decode(), headers.get(b"authorization", b"").decode()))
         await app(scope, receive, send)
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(recorder, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
