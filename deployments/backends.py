@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from .errors import ServiceError, from_exception
+from .ray_compat import by_reference
 
 READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
 DOWN_STATES = {"UNHEALTHY", "DEPLOY_FAILED"}
@@ -61,8 +62,9 @@ class Backends:
         large = message_bytes > BY_VALUE_MAX_BYTES
         handle = self._generators.get((model, large))
         if handle is None:
-            options = {"multiplexed_model_id": model, **({"_by_reference": True} if large else {})}
-            handle = self._generators[(model, large)] = self.generator.options(**options)
+            handle = self._generators[(model, large)] = (by_reference(self.generator, multiplexed_model_id=model)
+                                                         if large else
+                                                         self.generator.options(multiplexed_model_id=model))
         return handle
 
     def face_for(self, message_bytes: int):
@@ -70,7 +72,7 @@ class Backends:
         if message_bytes <= BY_VALUE_MAX_BYTES:
             return self.face
         if self._face_large is None:
-            self._face_large = self.face.options(_by_reference=True)
+            self._face_large = by_reference(self.face)
         return self._face_large
 
     # -- readiness ---------------------------------------------------------------------------------------

@@ -141,13 +141,13 @@ class FaceAnalysisCore:
     """The deployment's logic without Serve (used as is by the benchmark's in-process baseline)."""
 
     def __init__(self, face_model: str, threads: int | None = None, max_decoded_pixels: int = MAX_DECODED_PIXELS):
-        from instantid.face import FaceAnalyzer
+        from instantid.face import FaceModel
 
         started = time.perf_counter()
         self.budget = PixelBudget(max_decoded_pixels)
         self.pool = concurrent.futures.ThreadPoolExecutor(ANALYSIS_THREADS, thread_name_prefix="face-analysis")
         self.threads = threads
-        self.analyzer = FaceAnalyzer(face_model, providers=["CPUExecutionProvider"], threads=threads)
+        self.analyzer = FaceModel(face_model, providers=["CPUExecutionProvider"], threads=threads)
         self.load_seconds = time.perf_counter() - started
         self._lock = threading.Lock()  # one analysis at a time per replica: onnxruntime already uses the cores
 

@@ -46,6 +46,7 @@ from instantid.weights import prefetch
 
 from . import metrics
 from .messages import GenerationResult, GenerationTask
+from .ray_compat import multiplexed_models
 from .errors import ServiceError, to_service_error
 from .tiny_profile import resolve_args
 
@@ -207,7 +208,7 @@ class Generator:
         return loaded
 
     # -- the request path ------------------------------------------------------------------------------
-    async def generate(self, task: GenerationTask) -> GenerationResult:
+    async def denoise(self, task: GenerationTask) -> GenerationResult:
         try:
             parsed = accept_task(task)
         except Exception as exc:
@@ -329,8 +330,7 @@ class Generator:
     # -- introspection and health -------------------------------------------------------------------
     def resident_models(self) -> list[str]:
         """Model ids in this replica's multiplexing LRU, least recently used first."""
-        wrapper = getattr(self._load_model_fn, "__serve_multiplex_wrapper", None)
-        return list(wrapper.models) if wrapper is not None else []
+        return multiplexed_models(self._load_model_fn)
 
     def stats(self) -> dict:
         return {

@@ -94,10 +94,12 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
         init_image: Optional[str] = Field(None, description=f"img2img: the picture to restyle. {_DOC_IMAGE}")
         strength: float = Field(defaults.IMG2IMG_STRENGTH, gt=0.0, le=1.0, description="img2img: the share of the schedule that runs.")
         return_pose_image: bool = Field(False, description="Add the keypoint image IdentityNet got (base64 PNG).")
-        steps: int = Field(min(defaults.STEPS, limits.max_steps), ge=1, le=limits.max_steps, description="Denoising steps.")
+        steps: int = Field(min(defaults.STEPS, limits.max_steps), ge=1, le=limits.max_steps,
+                           description="Denoising steps.")
         guidance_scale: float = Field(defaults.GUIDANCE_SCALE, ge=0.0, le=30.0,
                                       description="Classifier-free guidance; <= 1 disables it.")
-        ip_adapter_scale: float = Field(defaults.IP_ADAPTER_SCALE, ge=0.0, le=2.0, description="Strength of the identity tokens.")
+        ip_adapter_scale: float = Field(defaults.IP_ADAPTER_SCALE, ge=0.0, le=2.0,
+                                        description="Strength of the identity tokens.")
         controlnet_conditioning_scale: float = Field(defaults.CONTROLNET_CONDITIONING_SCALE, ge=0.0, le=2.0,
                                                      description="Strength of IdentityNet.")
         seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Random when absent; echoed back.")

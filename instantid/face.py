@@ -209,11 +209,12 @@ def check_instantid_pack(models: dict, model: str) -> None:
                     TRAINED_RECOGNIZER, TRAINED_ON)
 
 
-class FaceAnalyzer:
+class FaceModel:
     """insightface detection + recognition on a local, S3, hub or named pack (antelopev2 layout).
 
     Any pack whose detector gives five keypoints and whose recogniser gives 512-d embeddings loads, but
     InstantID's adapter was trained on antelopev2's embeddings: another recogniser loses the identity.
+    (The service's FaceAnalyzer deployment, deployments/face_analyzer.py, runs one per replica.)
     """
 
     def __init__(

@@ -138,7 +138,7 @@ class _Readiness:
         from test_units import FakeGenerator, _Method
 
         self.inner = FakeGenerator()
-        self.generate = self.inner.generate
+        self.denoise = self.inner.denoise
         self.ready = _Method(ready)
 
     def options(self, **_):
