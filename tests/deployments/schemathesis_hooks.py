@@ -64,7 +64,7 @@ def _breaks_generate_rules(case) -> bool:
     coverage phase labels such bodies positive, as it builds them property by property."""
     import jsonschema
 
-    from deployments.models import GENERATE_RULES
+    from deployments.schemas import GENERATE_RULES
 
     if (case.method.upper(), case.path) != ("POST", "/v1/generate") or not isinstance(case.body, dict):
         return False

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from deployments.face_analyzer import FaceAnalysisCore
-from instantid.face import FaceAnalyzer, analysis_size
+from instantid.face import FaceModel, analysis_size
 from instantid.identity import analyze_face
 
 
@@ -28,7 +28,7 @@ def core(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def library(tiny_bundle):
-    return FaceAnalyzer(str(tiny_bundle / "antelopev2"))
+    return FaceModel(str(tiny_bundle / "antelopev2"))
 
 
 # t1.jpg as shipped (1280x886, analysed on 1280x832) and two crops whose canvas scales both axes differently
@@ -51,12 +51,12 @@ def test_faces_are_reported_on_the_uploaded_photo_per_axis(core, library, face_p
     kps = [[x * sx, y * sy] for x, y in face.kps]
 
     result = core.predict([("face_images[0]", data)], thumbnail=True)
-    (reported,) = result["faces"]
+    (reported,) = result.faces
     assert reported["image_size"] == [width, height]
     np.testing.assert_allclose(reported["bbox"], box, rtol=1e-5)
     np.testing.assert_allclose(reported["kps"], kps, rtol=1e-5)
     # the pose: keypoints on the analysed canvas (what Pose.draw scales from), its face as uploaded
-    assert result["pose"]["canvas"] == list(canvas)
-    np.testing.assert_allclose(result["pose"]["kps"], face.kps, rtol=1e-6)
-    np.testing.assert_allclose(result["pose"]["face"]["bbox"], box, rtol=1e-5)
-    assert Image.open(io.BytesIO(result["thumbnail"])).size[0] > 0
+    assert list(result.pose_canvas) == list(canvas)
+    np.testing.assert_allclose(result.pose_kps, face.kps, rtol=1e-6)
+    np.testing.assert_allclose(result.pose_face["bbox"], box, rtol=1e-5)
+    assert Image.open(io.BytesIO(result.thumbnail)).size[0] > 0

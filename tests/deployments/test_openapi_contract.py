@@ -8,8 +8,9 @@ import re
 import jsonschema
 import pytest
 
-from deployments.ingress import ServiceError, decode_base64
-from deployments.models import BASE64_IMAGE_PATTERN, GENERATE_RULES
+from deployments.errors import ServiceError
+from deployments.http.readers import decode_base64
+from deployments.schemas import BASE64_IMAGE_PATTERN, GENERATE_RULES
 from test_units import make_client
 
 ID = "id_" + "0" * 32
