@@ -409,12 +409,30 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def tiny_usage(root: Path) -> str:
+    """How to generate with the tiny bundle at ``root``: the ``generate`` flags pointing at its folders."""
+    import shlex
+
+    def q(path: Path) -> str:
+        return shlex.quote(str(path))
+
+    return (
+        "tiny random weights: outputs are noise, for plumbing tests only. Generate with it:\n"
+        f"  instantid generate --base-model {q(root / 'sdxl')} --instantid {q(root / 'instantid')} \\\n"
+        f"      --face-model {q(root / 'antelopev2')} --face PHOTO.jpg --prompt 'a person' \\\n"
+        "      --width 64 --height 64 --steps 2 --output out.png\n"
+        f"  optional: --lora {q(root / 'lora' / 'pytorch_lora_weights.safetensors')}:0.8 "
+        f"--controlnet {q(root / 'controlnet-extra')} --control-image IMG\n"
+        f"The service's tiny profile uses it as tiny_dir: {q(root)}"
+    )
+
+
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
 
     root = make_tiny(args.directory)
-    print(root)
-    print("tiny random weights: outputs are noise, for plumbing tests only", file=sys.stderr)
+    print(root)  # stdout: the path alone, for scripts
+    print(tiny_usage(Path(root)), file=sys.stderr)
     return 0
 
 

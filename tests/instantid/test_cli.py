@@ -516,6 +516,24 @@ def test_make_tiny_writes_the_real_layouts(tmp_path, capfd):
     assert capfd.readouterr().out.strip() == str(root)
 
 
+def test_make_tiny_prints_generate_flags_that_work(tmp_path, capfd, face_photo):
+    """The usage make-tiny prints points generate at every folder it wrote (the face pack included); run as
+    printed (with the photo and the output filled in), it generates."""
+    import shlex
+
+    root = tmp_path / "my bundle"  # a space: the printed paths must be quoted
+    assert main(["make-tiny", str(root)]) == 0
+    usage = capfd.readouterr().err
+    for folder in ("sdxl", "instantid", "antelopev2", "controlnet-extra", "lora/pytorch_lora_weights.safetensors"):
+        assert shlex.quote(str(root / folder)) in usage, folder
+    command = usage.split("  instantid generate ", 1)[1].split("\n  optional:")[0].replace("\\\n", " ")
+    argv = shlex.split(command.replace("PHOTO.jpg", shlex.quote(str(face_photo)))
+                       .replace("out.png", shlex.quote(str(tmp_path / "out.png"))))
+    optional = shlex.split(usage.split("  optional: ", 1)[1].splitlines()[0].replace("IMG", shlex.quote(str(face_photo))))
+    assert main(["generate", *argv, *optional, "--device", "cpu", "--no-score"]) == 0
+    assert (tmp_path / "out.png").is_file()
+
+
 # --- the installed entry point -----------------------------------------------------------------------------
 
 
