@@ -24,7 +24,7 @@ from ray import serve
 
 from . import metrics
 from .errors import to_service_error
-from .messages import FaceAnalysisResult
+from .messages import BackendHealth, FaceAnalysisResult, ModelNotLoaded
 from .tiny_profile import resolve_args
 
 log = logging.getLogger("instantid.serve")
@@ -280,10 +280,10 @@ class FaceAnalyzerDeployment:
         metrics.stage("identity_score", result["timings"]["identity_score_s"])
         return result
 
-    def ready(self) -> dict:
-        return {"ready": self.core is not None, "error": self.load_error,
-                "threads": self.core.threads if self.core is not None else None}
+    def ready(self) -> BackendHealth:
+        loaded = self.core is not None
+        return BackendHealth(loaded, self.load_error, details={"threads": self.core.threads if loaded else None})
 
     def check_health(self) -> None:
-        if self.core is None:
-            raise RuntimeError(f"face model not loaded: {self.load_error}")
+        if self.core is None:  # Serve replaces the replica; its status carries the reason
+            raise ModelNotLoaded("face model", self.load_error)

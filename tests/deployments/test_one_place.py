@@ -84,3 +84,36 @@ def test_accepted_formats_are_refused_the_same_way_by_the_library_and_the_servic
         check_image(out.getvalue(), "photo", 1 << 20)
     assert (svc.value.status, svc.value.code) == (400, "invalid_image")
     assert str(lib.value) == svc.value.message == "photo is a GIF image; only JPEG, PNG and WebP are accepted"
+
+
+def test_model_not_loaded_is_written_and_read_in_one_place():
+    """check_health's failure reaches the Ingress only as text in Serve's status message (inside a traceback);
+    ModelNotLoaded both writes that text and finds it again, skipping the source line that raised it."""
+    from deployments.backends import _reason
+    from deployments.messages import ModelNotLoaded
+
+    for model in ("model", "face model"):
+        err = ModelNotLoaded(model, "WeightsError: weights not found: /x")
+        message = ("The deployment failed to start 3 times in a row. Error:\n  File \"generator.py\", line 351\n"
+                   f"    raise ModelNotLoaded({model!r}, f\"{{self.ready_error}}\")\n"
+                   f"deployments.messages.ModelNotLoaded: {err}\n")
+        assert ModelNotLoaded.reason_in(message) == f"{model} not loaded: WeightsError: weights not found: /x"
+        assert _reason(message) == str(err)
+    assert ModelNotLoaded.reason_in("Traceback (most recent call last):\n  File ...") is None
+    assert ModelNotLoaded.reason_in("") is None
+
+
+def test_backends_report_health_as_data(tmp_path):
+    from deployments.face_analyzer import FaceAnalyzerDeployment
+    from deployments.generator import Generator
+    from deployments.messages import BackendHealth, ModelNotLoaded
+
+    face = FaceAnalyzerDeployment.func_or_class.__new__(FaceAnalyzerDeployment.func_or_class)
+    face.core, face.load_error = None, "WeightsError: no pack"
+    assert face.ready() == BackendHealth(False, "WeightsError: no pack", details={"threads": None})
+    with pytest.raises(ModelNotLoaded) as exc:
+        face.check_health()
+    assert (exc.value.model, exc.value.error) == ("face model", "WeightsError: no pack")
+    gen = Generator.func_or_class.__new__(Generator.func_or_class)
+    gen.ready_error, gen._running, gen._waiting = None, [], {"a", "b"}
+    assert gen.ready() == BackendHealth(True, None, details={"waiting": 2})
