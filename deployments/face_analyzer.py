@@ -96,15 +96,8 @@ def _header_pixels(name: str, data: bytes) -> int:
 
 def _face_info(face, source: str, canvas: tuple[int, int], image_size: tuple[int, int]) -> dict:
     """A face in the coordinates of the photo as uploaded (analysis ran on a resized canvas)."""
-    sx, sy = image_size[0] / canvas[0], image_size[1] / canvas[1]
-    x1, y1, x2, y2 = (float(v) for v in face.bbox)
-    return {
-        "source": source,
-        "bbox": [x1 * sx, y1 * sy, x2 * sx, y2 * sy],
-        "score": float(face.score),
-        "kps": [[float(x) * sx, float(y) * sy] for x, y in np.asarray(face.kps)],
-        "image_size": [int(image_size[0]), int(image_size[1])],
-    }
+    scale = (image_size[0] / canvas[0], image_size[1] / canvas[1])
+    return {"source": source, **face.to_dict(scale), "image_size": [int(image_size[0]), int(image_size[1])]}
 
 
 def make_thumbnail(image, bbox: list[float], side: int = THUMBNAIL_SIDE) -> bytes:

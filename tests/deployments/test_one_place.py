@@ -117,3 +117,19 @@ def test_backends_report_health_as_data(tmp_path):
     gen = Generator.func_or_class.__new__(Generator.func_or_class)
     gen.ready_error, gen._running, gen._waiting = None, [], {"a", "b"}
     assert gen.ready() == BackendHealth(True, None, details={"waiting": 2})
+
+
+def test_face_serialisation_is_the_librarys():
+    """The service's FaceInfo is Face.to_dict on the photo's scale (x by width, y by height), plus its source."""
+    import numpy as np
+
+    from deployments.face_analyzer import _face_info
+    from instantid.face import Face
+
+    face = Face(bbox=np.array([10, 20, 30, 60], np.float32), score=np.float32(0.75),
+                kps=np.array([[10, 20], [30, 20], [20, 40], [12, 50], [28, 50]], np.float32),
+                embedding=np.zeros(512, np.float32))
+    # x and y scale differently (3 and 2), so a swapped axis shows
+    info = _face_info(face, "face_images[0]", (100, 200), (300, 400))
+    assert info == {"source": "face_images[0]", **face.to_dict((3.0, 2.0)), "image_size": [300, 400]}
+    assert info["bbox"] == [30.0, 40.0, 90.0, 120.0] and info["kps"][0] == [30.0, 40.0] and info["score"] == 0.75
