@@ -9,7 +9,7 @@ Steps:
    unet/, vae/, text_encoder{,_2}/ as float16 safetensors, tokenizers, scheduler) and ``instantid/``
    (``ControlNetModel/`` float16 safetensors, ``ip-adapter.bin`` a float32 torch pickle, as the official file
    is: 1.69 GB). Tensor names, shapes and dtypes are those the real checkpoints have (taken from the
-   models built from ``instantid.real_configs`` on the meta device); the values are random (normal, sigma
+   models built from ``tests/fixtures/real_configs.py`` on the meta device); the values are random (normal, sigma
    0.02), tiled from a 64 MiB random pool, since values do not change load time. Files are streamed to disk, so
    writing needs no model in memory. ``--tiny`` writes ``instantid.tiny.make_tiny``'s bundle instead.
 2. ``raw``: read every file fully (16 MiB ``readinto`` into one reused buffer): the floor for any loader.
@@ -57,6 +57,7 @@ from pathlib import Path
 BUFFER = 16 << 20
 POOL_BYTES = 64 << 20
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[1]))  # tests.fixtures (the real models' configs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,9 +120,9 @@ def write_full_layout(root: Path, dtype: str = "float16") -> None:
     from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from instantid import real_configs as rc
+    from tests.fixtures import real_configs as rc
     from instantid.resampler import Resampler
-    from instantid.tiny import _hidden_size, _tokenizer
+    from instantid.tiny.bundle import _hidden_size, _tokenizer
 
     sdxl, iid = root / "sdxl", root / "instantid"
     pool = _Pool(getattr(torch, dtype))

@@ -42,7 +42,7 @@ def photo(side: int) -> bytes:
 
 def main() -> None:
     from deployments.face_analyzer import MAX_DECODED_PIXELS, FaceAnalysisCore
-    from instantid.tiny_face import write_tiny_face_pack
+    from instantid.tiny.face_pack import write_tiny_face_pack
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=16)

@@ -1,7 +1,7 @@
 """Face analysis throughput of one FaceAnalyzer replica on the CPU (detector at det_size 640 + ArcFace).
 
     python bench/face_throughput.py --out face.json           # real-size antelopev2-shaped models (built here)
-    python bench/face_throughput.py --tiny --out face.json    # instantid.tiny_face's toy pack (CI smoke)
+    python bench/face_throughput.py --tiny --out face.json    # instantid.tiny.face_pack's toy pack (CI smoke)
 
 The real antelopev2 pack cannot be downloaded here, so this builds, with the ONNX helper API and random weights,
 two graphs with the real models' architecture and cost, under the real file names:
@@ -13,7 +13,7 @@ two graphs with the real models' architecture and cost, under the real file name
                           channels, PAFPN to 56 channels over strides 8/16/32, per-stride heads of 3 conv3x3 80-ch
                           layers with score/box/keypoint convolutions, 2 anchors; BatchNorm folded into the convs as
                           in a deployed graph). Random weights would report random faces, so the graph's outputs are
-                          those of ``instantid.tiny_face``'s analytic detector (one face where a face is expected),
+                          those of ``instantid.tiny.face_pack``'s analytic detector (one face where a face is expected),
                           plus zero times a reduction of the real heads' outputs: the whole network runs on every
                           image, and insightface's decoding, NMS, alignment and recognition run on a fixed number
                           of faces.
@@ -218,7 +218,7 @@ def scrfd_10g(tiny_detector: onnx.ModelProto, seed: int = 2) -> tuple[onnx.Model
 
 
 def build_pack(directory: Path) -> dict:
-    from instantid.tiny_face import DETECTOR_FILE, RECOGNIZER_FILE, write_tiny_face_pack
+    from instantid.tiny.face_pack import DETECTOR_FILE, RECOGNIZER_FILE, write_tiny_face_pack
 
     write_tiny_face_pack(directory)
     det, det_info = scrfd_10g(onnx.load(str(directory / DETECTOR_FILE)))
@@ -288,7 +288,7 @@ def spin_check(pack: Path, images: int, repeats: int) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="the toy pack of instantid.tiny_face (CI smoke)")
+    p.add_argument("--tiny", action="store_true", help="the toy pack of instantid.tiny.face_pack (CI smoke)")
     p.add_argument("--pack", help="an existing antelopev2-layout directory to measure instead")
     p.add_argument("--images", type=int, default=None, help="analyze() calls per round (default 10, tiny 3)")
     p.add_argument("--repeats", type=int, default=3)
@@ -308,10 +308,10 @@ def main(argv=None) -> dict:
         if not args.pack:
             t0 = time.perf_counter()
             if args.tiny:
-                from instantid.tiny_face import write_tiny_face_pack
+                from instantid.tiny.face_pack import write_tiny_face_pack
 
                 write_tiny_face_pack(pack)
-                res["models"] = "instantid.tiny_face toy pack (not real size)"
+                res["models"] = "instantid.tiny.face_pack toy pack (not real size)"
             else:
                 res["models"] = build_pack(pack)
             res["build_s"] = time.perf_counter() - t0

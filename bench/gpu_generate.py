@@ -4,7 +4,7 @@
     python bench/gpu_generate.py --tiny --out gpu-tiny.json                              # CI smoke, CPU, seconds
 
 Models: full-size SDXL UNet, IdentityNet (``ControlNetModel.from_unet`` of it), both CLIP text encoders, the
-VAE, InstantID's Resampler and the 70 ID-adapter projections, built from ``instantid.real_configs`` with random
+VAE, InstantID's Resampler and the 70 ID-adapter projections, built from ``tests/fixtures/real_configs.py`` with random
 weights directly on the device in the working dtype (``torch.device`` + default dtype: no CPU copy, no float32
 detour). Compute does not depend on weight values, so timings are those of the real models. The tokenizers are
 byte-level (``instantid.tiny``'s); text encoding is a negligible part of the time.
@@ -41,6 +41,7 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -49,6 +50,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures (the real models' configs)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KPS = np.array([[0.35, 0.40], [0.66, 0.39], [0.51, 0.56], [0.38, 0.73], [0.63, 0.72]])
@@ -74,8 +77,8 @@ def build_pipeline(tiny: bool, device: str, dtype: torch.dtype, seed: int = 0):
     from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from instantid import real_configs as rc
-    from instantid import tiny as tiny_mod
+    from tests.fixtures import real_configs as rc
+    from instantid.tiny import bundle as tiny_mod
     from instantid.pipeline import InstantIDPipeline
     from instantid.resampler import Resampler
 

@@ -2,7 +2,7 @@
 resize, detection at det_size 640, ArcFace on the largest face, cosine with the identity).
 
     python bench/identity_score.py --out score.json          # real-size antelopev2-shaped graphs (built here)
-    python bench/identity_score.py --tiny --out score.json   # instantid.tiny_face's toy pack
+    python bench/identity_score.py --tiny --out score.json   # instantid.tiny.face_pack's toy pack
 
 The real-size pack is bench/face_throughput.py's (random weights, the real models' architecture and cost). The
 "output" is a real photo at each ``--size`` (one face, as bench/face_throughput.py prepares it), scored against
@@ -28,7 +28,7 @@ from face_throughput import build_pack, photo, rounds  # noqa: E402
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="the toy pack of instantid.tiny_face")
+    p.add_argument("--tiny", action="store_true", help="the toy pack of instantid.tiny.face_pack")
     p.add_argument("--sizes", default="1024x1024,1280x768", help="output sizes WxH, comma separated")
     p.add_argument("--images", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="instantid-score-") as tmp:
         pack = Path(tmp) / "antelopev2"
         if args.tiny:
-            from instantid.tiny_face import write_tiny_face_pack
+            from instantid.tiny.face_pack import write_tiny_face_pack
 
             write_tiny_face_pack(pack)
         else:

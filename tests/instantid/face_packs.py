@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 import numpy as np
 
-from instantid.tiny_face import DETECTOR_FILE, RECOGNIZER_FILE
+from instantid.tiny.face_pack import DETECTOR_FILE, RECOGNIZER_FILE
 
 
 def pack_without_keypoints(pack: Path, dest: Path) -> Path:

@@ -6,7 +6,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from instantid.attention import IdentityAttnProcessor, install_identity_adapter, set_identity_scale
-from instantid.real_configs import SDXL_UNET
+from tests.fixtures.real_configs import SDXL_UNET
 
 
 def _softmax_attention(q, k, v, heads):

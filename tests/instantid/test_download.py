@@ -17,7 +17,7 @@ import pytest
 
 from fake_hub import FakeHub
 from instantid import sources, weights
-from instantid.tiny_face import DETECTOR_FILE, RECOGNIZER_FILE
+from instantid.tiny.face_pack import DETECTOR_FILE, RECOGNIZER_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE, IID, FACE_REPO = sources.BASE_MODEL.hub_repo, sources.INSTANTID.hub_repo, sources.FACE_MODEL.hub_repo

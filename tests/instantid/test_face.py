@@ -21,7 +21,7 @@ from instantid.face import (
     validate_embedding,
     validate_keypoints,
 )
-from instantid.tiny_face import DETECTOR_FILE, RECOGNIZER_FILE, write_tiny_face_pack
+from instantid.tiny.face_pack import DETECTOR_FILE, RECOGNIZER_FILE, write_tiny_face_pack
 
 
 @pytest.fixture(scope="module")

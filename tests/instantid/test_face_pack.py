@@ -11,7 +11,7 @@ import pytest
 from face_packs import pack_with_68_keypoints, pack_with_256d_recognizer, pack_without_keypoints
 from instantid.errors import WeightsError
 from instantid.face import FaceModel, is_hub_id, pack_dir
-from instantid.tiny_face import DETECTOR_FILE, RECOGNIZER_FILE
+from instantid.tiny.face_pack import DETECTOR_FILE, RECOGNIZER_FILE
 
 
 def test_detector_without_keypoints_is_refused(tiny_bundle, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from instantid.real_configs import INSTANTID_RESAMPLER
+from tests.fixtures.real_configs import INSTANTID_RESAMPLER
 from instantid.resampler import Resampler
 
 

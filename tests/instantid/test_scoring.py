@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 from instantid.face import FaceModel, load_image, mean_embedding
 from instantid.identity import build_identity
 from instantid.scoring import below_threshold, cosine, score_image
-from instantid.tiny_face import write_tiny_face_pack
+from instantid.tiny.face_pack import write_tiny_face_pack
 
 
 @pytest.fixture(scope="module")

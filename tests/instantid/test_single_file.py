@@ -1,12 +1,12 @@
 """A base model given as ONE ``.safetensors`` checkpoint in the original Stability/A1111 layout.
 
-The tiny SDXL directory is written in that layout (instantid.tiny_single_file) and loaded through
+The tiny SDXL directory is written in that layout (tests/fixtures/single_file.py) and loaded through
 ``load_pipeline(<file>, base_config=<diffusers dir>)``, offline. It must rebuild exactly the directory's weights
 and generate exactly the same latents; a file that is not such a checkpoint is a one-line WeightsError.
 
 The tiny bundle's two text encoders have different widths (24 and 40, SDXL's 768:1280 ratio): diffusers tells
 the two encoders apart in a single file by width. With equal widths the loader must refuse rather than run
-half-random (``tiny_single_file.with_text_widths`` makes such a copy).
+half-random (``single_file.with_text_widths`` makes such a copy).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from instantid.errors import WeightsError
 from instantid.identity import Pose
 from instantid.loading import load_pipeline
 from instantid.pipeline import GenerationRequest, InstantIDPipeline
-from instantid.tiny_single_file import (CLIP_L_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, with_text_widths,
+from tests.fixtures.single_file import (CLIP_L_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, with_text_widths,
                                         write_single_file)
 
 KPS = np.array([[20, 22], [44, 22], [32, 34], [23, 46], [41, 46]], dtype=float)

@@ -5,7 +5,7 @@
                    tokenizer{,_2}/, scheduler/) with SDXL's architecture at toy width;
 - ``instantid/``   the official InstantID layout: ``ControlNetModel/`` (IdentityNet) and ``ip-adapter.bin``
                    with ``image_proj`` (a Resampler) and ``ip_adapter`` (``{i}.to_k_ip.weight`` ...);
-- ``antelopev2/``  an insightface pack of tiny ONNX models (see tiny_face.py);
+- ``antelopev2/``  an insightface pack of tiny ONNX models (see face_pack.py);
 - ``controlnet-extra/`` a second ControlNet (an extra spatial ControlNet), and
 - ``lora/pytorch_lora_weights.safetensors`` a LoRA for the UNet.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .resampler import Resampler
+from ..resampler import Resampler
 
 SEED = 20240115
 # Text encoder widths in SDXL's ratio (768 : 1280); distinct widths also let single-file loaders tell them apart.
@@ -218,7 +218,7 @@ def make_tiny(root: Path | str, sdxl_facts: bool = False) -> Path:
     import os
     import tempfile
 
-    from .tiny_face import write_tiny_face_pack
+    from .face_pack import write_tiny_face_pack
 
     root = Path(root).expanduser()
     root.parent.mkdir(parents=True, exist_ok=True)
