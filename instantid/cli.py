@@ -37,6 +37,30 @@ def _lora(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
+def _person(value: str) -> tuple[list[str], int | None, tuple | None, str | None]:
+    """IMG[,IMG...] then optionally :N (group face index), @X1,Y1,X2,Y2 (box) or @K.json (keypoints file)."""
+    photos, index, box, kps = value, None, None, None
+    if "@" in value:
+        photos, where = value.rsplit("@", 1)
+        if where.lower().endswith(".json"):
+            kps = where
+        else:
+            try:
+                box = tuple(float(v) for v in where.split(","))
+            except ValueError:
+                box = ()
+            if len(box) != 4:
+                raise argparse.ArgumentTypeError(f"{where!r} is not a box X1,Y1,X2,Y2 nor a keypoints .json file")
+    else:
+        head, _, tail = value.rpartition(":")
+        if head and tail.isdigit():
+            photos, index = head, int(tail)
+    paths = [p for p in photos.split(",") if p]
+    if not paths:
+        raise argparse.ArgumentTypeError(f"no face photo in {value!r}")
+    return paths, index, box, kps
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instantid", description="InstantID identity-preserving generation.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
@@ -64,7 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reference photo; repeat for several (their embeddings are averaged)")
     who.add_argument("--face-embedding", metavar="E.npy", help="a saved 512-d embedding instead of --face")
     who.add_argument("--face-kps", metavar="K.json", help="five [x, y] points on the output canvas")
-    who.add_argument("--pose", metavar="IMG", help="take the keypoints from this photo instead")
+    who.add_argument("--pose", metavar="IMG", help="take the keypoints from this photo instead (with --person: "
+                                                   "the group photo whose faces, left to right, --person picks)")
+    who.add_argument("--person", action="append", default=[], type=_person, metavar="IMG[,IMG][:N|@BOX|@K.json]",
+                     help="one of 2-4 people in one picture, repeated (instead of --face): their photos, then "
+                          "where they go: :N the N-th face (0-based, left to right) of the --pose group photo "
+                          "(default: the person's position among the --person options), @X1,Y1,X2,Y2 a face box "
+                          "on the output canvas, or @K.json five keypoints on it. Each identity acts only in its "
+                          "face box grown by 25%% per side; regions may not overlap")
 
     what = gen.add_argument_group("generation")
     what.add_argument("--prompt", default="", help="text prompt (empty: image-only)")
@@ -164,7 +195,9 @@ def _check_generate(args) -> None:
         raise InvalidParameterError("--num-images", "must be at least 1")
     if args.scheduler not in NAMES:
         raise InvalidParameterError("--scheduler", f"unknown {args.scheduler!r}; choose one of {list(NAMES)}")
-    if bool(args.face) == bool(args.face_embedding):
+    if args.person:
+        _check_people(args)
+    elif bool(args.face) == bool(args.face_embedding):
         raise InvalidParameterError("--face", "give either --face IMG (repeatable) or --face-embedding E.npy")
     if args.face_embedding and not (args.face_kps or args.pose):
         raise InvalidParameterError("--face-kps", "--face-embedding needs --face-kps K.json or --pose IMG")
@@ -192,6 +225,57 @@ def _check_generate(args) -> None:
             raise InvalidParameterError("--save-pose-image", f"directory {pose_path.parent} does not exist")
 
 
+def _check_people(args) -> None:
+    from .people import MAX_PEOPLE
+
+    for flag, given in (("--face", args.face), ("--face-embedding", args.face_embedding),
+                        ("--face-kps", args.face_kps), ("--control-mask", args.control_mask),
+                        ("--enhance-face-region", args.enhance_face_region is not None)):
+        if given:
+            raise InvalidParameterError(flag, "not with --person (each person brings its face and region)")
+    if len(args.person) > MAX_PEOPLE:
+        raise InvalidParameterError("--person", f"at most {MAX_PEOPLE} people, got {len(args.person)}")
+    for i, (_, index, box, kps) in enumerate(args.person):
+        if box is None and kps is None and not args.pose:
+            raise InvalidParameterError("--person", f"person {i + 1} needs --pose GROUP.jpg (a face index), "
+                                                    "@X1,Y1,X2,Y2 or @K.json")
+
+
+def _read_people(args) -> list[tuple[list, "Placement"]]:
+    """Each --person's photos (read) and placement, before any model loads."""
+    from .face import load_image
+    from .people import Placement
+
+    out = []
+    for i, (paths, index, box, kps) in enumerate(args.person):
+        if box is not None:
+            placement = Placement(box=box)
+        elif kps is not None:
+            placement = Placement(keypoints=_read_kps(kps, "--person"))
+        else:
+            placement = Placement(face_index=i if index is None else index)
+        out.append(([(path, load_image(path)) for path in paths], placement))
+    return out
+
+
+def _people(persons, pose_photo, analyzer, width, height):
+    """The --person options as pipeline people on the output canvas (and that canvas's size)."""
+    from .identity import build_identity
+    from .people import group_faces, place_people
+
+    group = group_faces(analyzer, *pose_photo) if pose_photo else None
+    embeddings, placements, references = [], [], []
+    for photos, placement in persons:
+        identity = build_identity(analyzer, photos)
+        embeddings.append(identity.embedding)
+        references.append(identity.pose)
+        placements.append(placement)
+    if group is None and (width is None or height is None):
+        width, height = width or 1024, height or 1024
+    people, size = place_people(embeddings, placements, width, height, group=group, references=references)
+    return people, size, embeddings
+
+
 def _read_embedding(path: str) -> np.ndarray:
     from .face import validate_embedding
 
@@ -202,13 +286,13 @@ def _read_embedding(path: str) -> np.ndarray:
     return validate_embedding(data)
 
 
-def _read_kps(path: str) -> np.ndarray:
+def _read_kps(path: str, flag: str = "--face-kps") -> np.ndarray:
     from .face import validate_keypoints
 
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise InvalidParameterError("--face-kps", f"cannot read {path}: {exc}") from exc
+        raise InvalidParameterError(flag, f"cannot read {path}: {exc}") from exc
     return validate_keypoints(data)
 
 
@@ -280,25 +364,35 @@ def cmd_generate(args) -> int:
     init_image = load_image(args.init_image, f"--init-image {args.init_image}") if args.init_image else None
     embedding = _read_embedding(args.face_embedding) if args.face_embedding else None
     kps = _read_kps(args.face_kps) if args.face_kps else None
+    persons = _read_people(args)
     loading = _loading()
     loading.pick_dtype(args.dtype, loading.pick_device(args.device))  # before any model (face model too) loads
 
     width, height = _output_size(args, init_image)
-    pose = Pose(kps, (width or 1024, height or 1024)) if kps is not None else None
-    if faces or pose_photo:
+    people = []
+    if args.person:
         from .face import FaceAnalyzer
+        from .people import keypoints_overview
 
         analyzer = FaceAnalyzer(args.face_model)
-        if faces:
-            identity = build_identity(analyzer, faces)
-            embedding, pose = identity.embedding, pose or identity.pose
-        if pose_photo:
-            pose = build_pose(analyzer, *pose_photo)
+        people, (width, height), person_embeddings = _people(persons, pose_photo, analyzer, width, height)
+        embedding = keypoint_image = None
+    else:
+        pose = Pose(kps, (width or 1024, height or 1024)) if kps is not None else None
+        if faces or pose_photo:
+            from .face import FaceAnalyzer
 
-    width, height = width or pose.size[0], height or pose.size[1]  # default: the pose photo's analysed canvas
-    keypoint_image = pose.draw(width, height)
-    if args.enhance_face_region is not False and pose.bbox is not None and control_mask is None:
-        control_mask = pose.face_mask(width, height)  # on by default wherever a face box is known, as the demo
+            analyzer = FaceAnalyzer(args.face_model)
+            if faces:
+                identity = build_identity(analyzer, faces)
+                embedding, pose = identity.embedding, pose or identity.pose
+            if pose_photo:
+                pose = build_pose(analyzer, *pose_photo)
+
+        width, height = width or pose.size[0], height or pose.size[1]  # default: the pose photo's analysed canvas
+        keypoint_image = pose.draw(width, height)
+        if args.enhance_face_region is not False and pose.bbox is not None and control_mask is None:
+            control_mask = pose.face_mask(width, height)  # on by default wherever a face box is known, as the demo
 
     from .pipeline import ControlInput, GenerationRequest
     from .prompt_weighting import DEFAULT
@@ -318,13 +412,14 @@ def cmd_generate(args) -> int:
         controls=[ControlInput(name, img.resize((width, height)), scale)
                   for name, img, scale in zip(controlnets, controls, scales)],
         prompt_weighting=args.prompt_weighting or DEFAULT, control_mask=control_mask, init_image=init_image,
-        strength=args.strength,
+        strength=args.strength, people=people,
     )
     images = pipe.generate([request], width=width, height=height, steps=args.steps, scheduler=args.scheduler)[0]
     paths = _output_paths(args.output, len(images))
     outputs = list(zip(images, paths))  # what gets a score: not the keypoint image
     if args.save_pose_image:
-        images, paths = [*images, keypoint_image], [*paths, Path(args.save_pose_image).expanduser()]
+        pose_image = keypoints_overview(people) if people else keypoint_image
+        images, paths = [*images, pose_image], [*paths, Path(args.save_pose_image).expanduser()]
     _save_all(images, paths)
     for path in paths:
         print(path)
@@ -332,10 +427,13 @@ def cmd_generate(args) -> int:
     if args.score:
         from .face import FaceAnalyzer
 
-        analyzer = analyzer if (faces or pose_photo) else FaceAnalyzer(args.face_model)
+        analyzer = analyzer if (faces or pose_photo or people) else FaceAnalyzer(args.face_model)
         references = [face.embedding for face in identity.faces] if faces else None
         for image, path in outputs:
-            print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
+            if people:
+                print(f"{path}: {_people_score_line(analyzer, image, people, person_embeddings)}", file=sys.stderr)
+            else:
+                print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
     return 0
 
 
@@ -349,6 +447,16 @@ def _score_line(analyzer, image, embedding, references) -> str:
     if score.per_reference:
         line += " (per reference: " + ", ".join(f"{s:.4f}" for s in score.per_reference) + ")"
     return line
+
+
+def _people_score_line(analyzer, image, people, embeddings) -> str:
+    from .scoring import score_people
+
+    parts = []
+    for i, score in enumerate(score_people(analyzer, image, [p.region for p in people], embeddings)):
+        parts.append(f"person {i + 1} " + (f"similarity {score.similarity:.4f}" if score.face_found
+                                            else "no face found in its region"))
+    return "; ".join(parts)
 
 
 def cmd_score(args) -> int:

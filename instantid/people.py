@@ -189,6 +189,11 @@ def place_people(
     return people, (width, height)
 
 
+def keypoints_overview(people: list[Person]) -> Image.Image:
+    """Every person's keypoint image on one canvas (what the IdentityNet passes saw, together), for display."""
+    return Image.fromarray(np.maximum.reduce([np.asarray(p.keypoint_image.convert("RGB")) for p in people]))
+
+
 def group_faces(analyzer, name: str, image: Image.Image) -> tuple[list, tuple[int, int]]:
     """Every face of a group pose photo (after the reference resize), left to right, and the analysed size."""
     from .face import resize_for_analysis
