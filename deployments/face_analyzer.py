@@ -158,8 +158,9 @@ class FaceAnalysisCore:
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                thumbnail: bool = False, should_stop=None) -> dict:
-        """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis."""
+                thumbnail: bool = False, should_stop=None, group: bool = False) -> dict:
+        """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis.
+        ``group``: the pose photo is a group photo: every face of it, left to right (people)."""
         from instantid.face import mean_embedding
         from instantid.identity import analyze_face
         from instantid.image_limits import DecodeAborted
@@ -173,13 +174,25 @@ class FaceAnalysisCore:
             t1 = time.perf_counter()
             with self._lock:
                 found = []
-                for name, image in decoded:
+                for k, (name, image) in enumerate(decoded):
                     if should_stop is not None and should_stop():
                         raise DecodeAborted("the request is gone")
+                    if group and k == len(photos):
+                        from instantid.people import group_faces
+
+                        faces, canvas = group_faces(self.analyzer, name, image)
+                        group_result = {"canvas": [int(canvas[0]), int(canvas[1])],
+                                        "faces": [{"kps": np.asarray(f.kps, dtype=np.float32),
+                                                   "bbox": np.asarray(f.bbox, dtype=np.float32),
+                                                   "info": _face_info(f, name, canvas, image.size)} for f in faces]}
+                        found.append((name, image, faces[0], canvas))
+                        continue
                     found.append((name, image, *analyze_face(self.analyzer, name, image)))
             t2 = time.perf_counter()
             identity = found[:len(photos)]
             result: dict = {"timings": {"decode_s": t1 - t0, "face_analysis_s": t2 - t1}}
+            if group and pose:
+                result["group"] = group_result
             if identity:
                 faces = [face for _, _, face, _ in identity]
                 result["embedding"] = mean_embedding(faces).astype(np.float32)
@@ -244,7 +257,7 @@ class FaceAnalyzerDeployment:
             log.error("face model failed to load: %s", self.load_error)
 
     async def analyze(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                      thumbnail: bool = False) -> dict:
+                      thumbnail: bool = False, group: bool = False) -> dict:
         if self.core is None:
             from .errors import ServiceError
 
@@ -252,7 +265,7 @@ class FaceAnalyzerDeployment:
         gone = threading.Event()  # set when the caller cancels (its deadline passed, its client left)
         try:
             result = await asyncio.wrap_future(self.core.pool.submit(self.core.predict, photos, pose, thumbnail,
-                                                                     gone.is_set))
+                                                                     gone.is_set, group))
         except asyncio.CancelledError:
             gone.set()  # the thread stops at its next read or photo; the replica's slot is freed now
             raise

@@ -59,8 +59,8 @@ class Job:
     """One generation request as the Generator sees it (already validated and styled by the Ingress)."""
 
     model: str
-    embedding: np.ndarray  # (512,) float32
-    kps: np.ndarray  # (5, 2) on ``canvas``
+    embedding: np.ndarray | None  # (512,) float32; None with ``people``
+    kps: np.ndarray | None  # (5, 2) on ``canvas``; None with ``people``
     canvas: tuple[int, int]
     width: int
     height: int
@@ -80,6 +80,7 @@ class Job:
     init_image: object | None = None  # img2img: a decoded PIL image
     strength: float = 0.8
     return_pose_image: bool = False
+    people: list | None = None  # several identities, placed on the output canvas (deployments/people.py)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrived: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # time.time() past which nobody waits for the result
@@ -90,7 +91,9 @@ class Job:
         return self.cancelled or (self.deadline is not None and now > self.deadline)
 
     def key(self) -> tuple:
-        """Requests with equal keys can share one denoising batch."""
+        """Requests with equal keys can share one denoising batch. The number of people is not part of it: the
+        pipeline batches several-identity requests with single ones (extra IdentityNet passes run on the rows
+        that have those identities only)."""
         return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1,
                 tuple(sorted(self.loras.items())),
                 self.strength if self.init_image is not None else None)  # img2img: timesteps cut by strength
@@ -104,12 +107,16 @@ def decode_request(job: dict) -> Job:
     from instantid.errors import InvalidParameterError
     from instantid.face import validate_embedding, validate_keypoints
 
+    from .people import decode_people
+
     try:
-        canvas = (int(job["canvas"][0]), int(job["canvas"][1]))
+        people = decode_people(job.get("people"))
+        canvas = (int(job["width"]), int(job["height"])) if people else (int(job["canvas"][0]), int(job["canvas"][1]))
         out = Job(
             model=str(job["model"]),
-            embedding=validate_embedding(job["embedding"]),
-            kps=validate_keypoints(job["kps"]),
+            embedding=None if people else validate_embedding(job["embedding"]),
+            kps=None if people else validate_keypoints(job["kps"]),
+            people=people,
             canvas=canvas,
             width=int(job["width"]), height=int(job["height"]), steps=int(job["steps"]),
             scheduler=str(job.get("scheduler", "default")),
@@ -169,20 +176,24 @@ class GeneratorCore:
     def predict(self, model: LoadedModel, jobs: list[Job]) -> list[dict]:
         """One denoising batch for compatible jobs; one result (arrays + timings) per job."""
         from instantid.identity import Pose
+        from instantid.people import keypoints_overview
+
+        from .people import pipeline_people
         from instantid.pipeline import GenerationRequest
 
         first = jobs[0]
         requests = []
         for j in jobs:
-            pose = Pose(j.kps, j.canvas, j.bbox)
+            pose = Pose(j.kps, j.canvas, j.bbox) if not j.people else None
             requests.append(GenerationRequest(
                 face_embedding=j.embedding,
-                keypoint_image=pose.draw(j.width, j.height),
+                keypoint_image=pose.draw(j.width, j.height) if pose else None,
                 prompt=j.prompt, negative_prompt=j.negative_prompt, num_images=j.num_images, seed=j.seed,
                 guidance_scale=j.guidance_scale, ip_adapter_scale=j.ip_adapter_scale,
                 controlnet_conditioning_scale=j.controlnet_conditioning_scale,
                 prompt_weighting=j.prompt_weighting, init_image=j.init_image, strength=j.strength,
-                control_mask=pose.face_mask(j.width, j.height) if j.enhance_face_region else None,
+                control_mask=pose.face_mask(j.width, j.height) if pose and j.enhance_face_region else None,
+                people=pipeline_people(j.people, j.width, j.height) if j.people else [],
             ))
         marks: dict[str, float] = {}
 
@@ -206,7 +217,8 @@ class GeneratorCore:
                 "images": [np.asarray(img.convert("RGB"), dtype=np.uint8) for img in imgs],
                 "seed": j.seed,
                 "model": model.name,
-                "pose_image": np.asarray(r.keypoint_image, dtype=np.uint8) if j.return_pose_image else None,
+                "pose_image": np.asarray(r.keypoint_image if not r.people else keypoints_overview(r.people),
+                                         dtype=np.uint8) if j.return_pose_image else None,
                 "timings": {"queue_s": started - j.arrived, "denoise_s": denoised - started,
                             "vae_decode_s": finished - denoised, "batch_size": len(jobs),
                             "batch_images": n_images},

@@ -43,6 +43,7 @@ from .config import AppArgs
 from .errors import (ServiceError, from_exception, install_handlers, json_response, storage_unavailable,
                      validation_error)
 from .identity_score import score_outputs
+from .people import resolve_people
 from .identities import (decode_embedding, make_record, make_store, new_identity_id, valid_identity_id,
                          visible_to)
 from .models import (
@@ -472,7 +473,10 @@ class IngressCore:
         if faces is not None and req.identity_id is not None:
             raise ServiceError(422, "invalid_parameter", "give face_images or identity_id, not both",
                                field="face_images")
-        if faces is None and req.identity_id is None:
+        if req.people is not None and faces is not None:
+            raise ServiceError(422, "invalid_parameter", "people: replaces face_images; give one or the other",
+                               field="people")
+        if faces is None and req.identity_id is None and req.people is None:
             raise ServiceError(422, "invalid_parameter", "face_images or identity_id is required",
                                field="face_images")
         if faces is not None and not 1 <= len(faces) <= limits.max_faces:
@@ -528,7 +532,12 @@ class IngressCore:
         prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt)
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
 
-        if req.identity_id is not None:
+        plan = None
+        if req.people is not None:  # several identities: deployments/people.py
+            plan = await resolve_people(self, ctx, req, pose, init_image)
+            embedding = kps = canvas = face = bbox = None
+            width, height = plan.width, plan.height
+        elif req.identity_id is not None:
             t0 = time.perf_counter()
             record = await self._store("get", req.identity_id)
             ctx.timings["identity_load_s"] = time.perf_counter() - t0
@@ -550,11 +559,14 @@ class IngressCore:
             embedding = analysis["embedding"]
             kps, canvas, face = analysis["pose"]["kps"], analysis["pose"]["canvas"], analysis["pose"]["face"]
 
-        bbox = _canvas_bbox(face, canvas)
-        if req.enhance_face_region and bbox is None:
-            raise ServiceError(422, "invalid_parameter", "enhance_face_region: no face box is known",
-                               field="enhance_face_region")
-        width, height = self.output_size(req, canvas, kps, bbox, init_image)
+        if plan is None:
+            bbox = _canvas_bbox(face, canvas)
+            if req.enhance_face_region and bbox is None:
+                raise ServiceError(422, "invalid_parameter", "enhance_face_region: no face box is known",
+                                   field="enhance_face_region")
+            width, height = self.output_size(req, canvas, kps, bbox, init_image)
+        ctx.timings["identities"] = len(plan.job) if plan else 1
+        metrics.identities(ctx.timings["identities"])
         check_cost(spec, req, ctx.deadline, (width, height))  # again at the photo's size when none was given
         job = {
             "model": spec.name, "embedding": embedding, "kps": kps, "canvas": canvas, "bbox": bbox,
@@ -565,14 +577,14 @@ class IngressCore:
             "prompt": prompt, "negative_prompt": negative, "num_images": req.num_images, "seed": seed,
             "guidance_scale": req.guidance_scale, "ip_adapter_scale": req.ip_adapter_scale,
             "controlnet_conditioning_scale": req.controlnet_conditioning_scale, "loras": dict(req.loras),
-            "deadline": ctx.deadline,
+            "deadline": ctx.deadline, **({"people": plan.job} if plan else {}),
         }
         # the response is the raw RGB arrays: their size is known before the call
         result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
         result = await self._call(ctx, self._generator_for(spec.name, result_bytes).generate.remote(job))
         ctx.timings.update(result["timings"])
         arrays, identity = result["images"], None
-        if req.identity_score:  # per photo embeddings: only photos sent with this request have them
+        if req.identity_score and plan is None:  # per photo embeddings: only photos sent with this request have them
             references = analysis.get("embeddings") if req.identity_id is None else None
             arrays, identity = await score_outputs(self, ctx, req, spec, job, arrays, embedding, references)
 
@@ -595,7 +607,7 @@ class IngressCore:
         response = {
             "request_id": ctx.request_id, "images": images, "urls": urls, "format": req.output_format,
             "width": width, "height": height, "seed": seed, "model": result["model"],
-            "loras": dict(req.loras), "face": face,
+            "loras": dict(req.loras), "face": face, "people": plan.view if plan else None,
             "pose_image": base64.b64encode(pose_png).decode("ascii") if pose_png is not None else None,
             "identity": identity,
             "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ctx.timings.items()},

@@ -21,6 +21,7 @@ Ray prefixes application metrics with ``ray_`` on export and counters get ``_tot
 | instantid_identity_similarity     | histogram | model                  | identity score (FaceSim) of each image |
 | instantid_identity_no_face        | counter   | model                  | images scored with no face found       |
 | instantid_identity_retries        | counter   | model                  | images regenerated under min_similarity|
+| instantid_request_identities      | histogram |                        | identities per generate request (people)|
 
 Stages: decode, face_analysis, identity_load, queue, model_load, denoise, vae_decode, identity_score, encode,
 upload.
@@ -68,6 +69,9 @@ _SPECS = {
                             ("model",), SIMILARITY_BUCKETS),
     "identity_no_face": ("counter", "instantid_identity_no_face", "Generated images in which no face was found.",
                          ("model",), None),
+    "request_identities": ("histogram", "instantid_request_identities",
+                           "Identities per generate request (1, or 2-4 with people: IdentityNet runs once per "
+                           "identity per step).", (), [1, 2, 3, 4]),
     "identity_retries": ("counter", "instantid_identity_retries",
                          "Images regenerated because they scored under min_similarity.", ("model",), None),
 }
@@ -184,3 +188,8 @@ def identity_scored(model: str, similarity: float | None) -> None:
 @_safe
 def identity_retries(model: str, n: int) -> None:
     metric("identity_retries").inc(n, tags={"model": model})
+
+
+@_safe
+def identities(n: int) -> None:
+    metric("request_identities").observe(n)

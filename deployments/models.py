@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from .config import AppArgs, Limits
 
@@ -31,6 +31,7 @@ MAX_LORAS = 8
 MAX_NAME_CHARS = 128  # a LoRA name (a key in ``loras``)
 PROMPT_WEIGHTINGS = ("none", "lpw")  # mirrors instantid.prompt_weighting.MODES
 MAX_IDENTITY_RETRIES = 3  # regeneration rounds one request may ask for (each bounded by its deadline too)
+MAX_PEOPLE = 4  # mirrors instantid.people.MAX_PEOPLE; a test keeps the two equal
 
 _DOC_IMAGE = "Base64 image (JPEG, PNG or WebP; a data: URL prefix is accepted)."
 
@@ -53,6 +54,36 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _person_model(limits: Limits):
+    """One entry of ``people``: an identity and where it goes (instantid/people.py)."""
+    Coordinate = Annotated[float, Field(ge=0, le=limits.max_side)]
+    Point = Annotated[list[Coordinate], Field(min_length=2, max_length=2)]
+
+    class Person(_Model):
+        face_images: Optional[list[str]] = Field(
+            None, min_length=1, max_length=limits.max_faces,
+            description=f"1 to {limits.max_faces} photos of this person ({_DOC_IMAGE}), embeddings averaged.")
+        identity_id: Optional[str] = Field(None, pattern=IDENTITY_ID_PATTERN, description="A stored identity.")
+        face_index: Optional[int] = Field(None, ge=0, le=255, description="The face of pose_image this person "
+                                                                         "takes, counted left to right from 0.")
+        box: Optional[list[Coordinate]] = Field(
+            None, min_length=4, max_length=4, description="x1, y1, x2, y2: the face box on the output canvas; the "
+                                                          "person's own face keypoints are scaled into it.")
+        keypoints: Optional[list[Point]] = Field(
+            None, min_length=5, max_length=5, description="Five [x, y] keypoints on the output canvas (left eye, "
+                                                          "right eye, nose, mouth corners).")
+
+        @model_validator(mode="after")
+        def _one_each(self):
+            if (self.face_images is None) == (self.identity_id is None):
+                raise ValueError("give exactly one of face_images and identity_id")
+            if sum(x is not None for x in (self.face_index, self.box, self.keypoints)) != 1:
+                raise ValueError("give exactly one of face_index, box and keypoints")
+            return self
+
+    return Person
+
+
 def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tuple[str, ...] | None,
                     max_timeout: float | None):
     """The /v1/generate request with bounds from ``limits`` (and enums when names are given)."""
@@ -61,6 +92,7 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
     Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
     LoraScale = Annotated[float, Field(ge=-2.0, le=2.0)]
     LoraName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+    Person = _person_model(limits)
 
     class GenerateRequest(_Model):
         """Generate images of the identity in ``face_images`` (or a stored ``identity_id``)."""
@@ -72,6 +104,11 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
                         "Exactly one of face_images and identity_id.")
         identity_id: Optional[str] = Field(None, pattern=IDENTITY_ID_PATTERN,
                                            description="A stored identity (POST /v1/identities).")
+        people: Optional[list[Person]] = Field(  # type: ignore[valid-type]
+            None, min_length=1, max_length=MAX_PEOPLE,
+            description=f"1 to {MAX_PEOPLE} people in one picture, each confined to its face box grown by 25% per "
+                        "side (regions may not overlap); instead of face_images/identity_id. face_index needs "
+                        "pose_image; box and keypoints need width and height when there is no pose_image.")
         pose_image: Optional[str] = Field(None, description=f"Photo whose face keypoints set the pose. {_DOC_IMAGE}")
         prompt: str = Field("", max_length=limits.max_prompt_chars)
         negative_prompt: Optional[str] = Field(
@@ -118,6 +155,23 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
             0, ge=0, le=MAX_IDENTITY_RETRIES,
             description="Regenerate images under min_similarity with new seeds, at most this many more rounds, "
                         "keeping the best of each; rounds stop at the request's deadline.")
+
+        # fields declared after ``people`` see it in info.data: the 422 names the field at fault
+        @field_validator("people")
+        @classmethod
+        def _people_alone(cls, value, info):
+            if value is not None and (info.data.get("face_images") is not None
+                                      or info.data.get("identity_id") is not None):
+                raise ValueError("replaces face_images and identity_id: give one or the other")
+            return value
+
+        @field_validator("enhance_face_region", "min_similarity")
+        @classmethod
+        def _not_with_people(cls, value, info):
+            if value is not None and value is not False and info.data.get("people") is not None:
+                raise ValueError("not with people (each person's region already confines its identity; identity "
+                                 "scores are for one identity)")
+            return value
 
         @model_validator(mode="after")
         def _score_options(self):
@@ -185,6 +239,15 @@ class FaceInfo(BaseModel):
     image_size: list[int] = Field(description="Width and height of that image.")
 
 
+class PlacedPerson(BaseModel):
+    """One of ``people`` as generated, on the output canvas."""
+
+    region: list[int] = Field(description="x1, y1, x2, y2 (end-exclusive): where this identity acts.",
+                              min_length=4, max_length=4)
+    keypoints: list[list[float]] = Field(description="The five keypoints IdentityNet drew for this person.")
+    face: Optional[FaceInfo] = Field(None, description="The pose_image face it took (face_index).")
+
+
 class Timings(BaseModel):
     """Seconds spent per stage of this request (stages that did not run are absent)."""
 
@@ -205,6 +268,8 @@ class Timings(BaseModel):
     total_s: float = 0.0
     batch_size: int = Field(1, description="Requests that shared this request's denoising batch.")
     batch_images: int = Field(1, description="Images generated by that batch.")
+    identities: int = Field(1, description="Identities in this request (people: IdentityNet runs once per "
+                                           "identity per step).")
 
 
 class ImageIdentity(BaseModel):
@@ -233,7 +298,9 @@ class GenerateResponse(BaseModel):
     seed: int
     model: str = Field(description="The base model that generated the images.")
     loras: dict[str, float] = Field(default_factory=dict)
-    face: FaceInfo = Field(description="The face whose keypoints set the pose.")
+    face: Optional[FaceInfo] = Field(None, description="The face whose keypoints set the pose (absent with "
+                                                       "people).")
+    people: Optional[list[PlacedPerson]] = Field(None, description="With people: where each one went.")
     pose_image: Optional[str] = Field(None, description="Base64 PNG of the keypoint image (return_pose_image).")
     identity: Optional[list[ImageIdentity]] = Field(None, description="Per image, in order: its identity score.")
     timings: Timings

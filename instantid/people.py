@@ -39,6 +39,7 @@ class Person:
     face_embedding: np.ndarray  # (512,) raw ArcFace embedding (or the mean of several)
     keypoint_image: Image.Image  # its keypoints drawn on the output canvas
     region: tuple[int, int, int, int]  # x1, y1, x2, y2 on that canvas, the grown face box (pixels, end-exclusive)
+    keypoints: np.ndarray | None = None  # (5, 2) the drawn keypoints on that canvas, when known
 
     def region_mask(self) -> Image.Image:
         """The region as a control mask on the keypoint image's canvas (white inside)."""
@@ -184,7 +185,7 @@ def place_people(
         if not _in_canvas(kps, width, height):
             raise InvalidParameterError(field, f"the face falls outside the {width}x{height} canvas")
         people.append(Person(np.asarray(embedding, dtype=np.float32), draw_keypoints(width, height, kps),
-                             grown_region(box, width, height)))
+                             grown_region(box, width, height), np.asarray(kps, dtype=np.float64)))
     check_people(people)
     return people, (width, height)
 
