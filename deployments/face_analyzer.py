@@ -4,7 +4,8 @@ setup            load the insightface pack (CPU execution provider, as many thre
 decode_request   raw image bytes (as uploaded; never re-encoded on the way) -> RGB images
 predict          the reference resize, the largest face per photo, mean embedding, pose keypoints
 score            generated images (RGB arrays) -> identity score each (instantid.scoring), batched per request
-encode_response  numpy arrays (embedding float32 (512,), keypoints (5, 2)) + a JPEG thumbnail when asked
+encode_response  a ``FaceAnalysisResult`` (deployments/messages.py): numpy arrays (embedding float32 (512,), keypoints
+                 (5, 2)) + a JPEG thumbnail when asked
 
 Errors leave as ``ServiceError`` (400 invalid_image, 422 no_face naming the image).
 """
@@ -23,7 +24,8 @@ from ray import serve
 
 from . import metrics
 from .errors import to_service_error
-from .profile import resolve_args
+from .messages import FaceAnalysisResult
+from .tiny_profile import resolve_args
 
 log = logging.getLogger("instantid.serve")
 
@@ -158,9 +160,9 @@ class FaceAnalysisCore:
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                thumbnail: bool = False, should_stop=None, group: bool = False) -> dict:
+                thumbnail: bool = False, should_stop=None, group: bool = False) -> FaceAnalysisResult:
         """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis.
-        ``group``: the pose photo is a group photo: every face of it, left to right (people)."""
+        ``group``: the pose photo is a group photo (people): every face of it, left to right, in ``group``."""
         from instantid.face import mean_embedding
         from instantid.identity import analyze_face
         from instantid.image_limits import DecodeAborted
@@ -173,41 +175,37 @@ class FaceAnalysisCore:
             decoded = self.decode_request(items, should_stop)
             t1 = time.perf_counter()
             with self._lock:
-                found = []
+                found, group_faces = [], None
                 for k, (name, image) in enumerate(decoded):
                     if should_stop is not None and should_stop():
                         raise DecodeAborted("the request is gone")
                     if group and k == len(photos):
-                        from instantid.people import group_faces
+                        from instantid.people import group_faces as all_faces
 
-                        faces, canvas = group_faces(self.analyzer, name, image)
-                        group_result = {"canvas": [int(canvas[0]), int(canvas[1])],
-                                        "faces": [{"kps": np.asarray(f.kps, dtype=np.float32),
-                                                   "bbox": np.asarray(f.bbox, dtype=np.float32),
-                                                   "info": _face_info(f, name, canvas, image.size)} for f in faces]}
-                        found.append((name, image, faces[0], canvas))
+                        faces, canvas = all_faces(self.analyzer, name, image)
+                        group_faces = [{"kps": np.asarray(f.kps, dtype=np.float32),
+                                        "bbox": np.asarray(f.bbox, dtype=np.float32),
+                                        "info": _face_info(f, name, canvas, image.size)} for f in faces]
+                        found.append((name, image, max(faces, key=lambda f: f.area), canvas))
                         continue
                     found.append((name, image, *analyze_face(self.analyzer, name, image)))
             t2 = time.perf_counter()
             identity = found[:len(photos)]
-            result: dict = {"timings": {"decode_s": t1 - t0, "face_analysis_s": t2 - t1}}
-            if group and pose:
-                result["group"] = group_result
-            if identity:
-                faces = [face for _, _, face, _ in identity]
-                result["embedding"] = mean_embedding(faces).astype(np.float32)
-                # each photo's own embedding: outputs are scored against each reference photo too
-                result["embeddings"] = [np.asarray(face.embedding, dtype=np.float32) for face in faces]
-                result["faces"] = [_face_info(face, name, canvas, image.size)
-                                   for name, image, face, canvas in identity]
-                if thumbnail:
-                    name, image, face, canvas = identity[0]
-                    result["thumbnail"] = make_thumbnail(image, result["faces"][0]["bbox"])
             name, image, face, canvas = found[-1] if pose else found[0]
             # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
-            result["pose"] = {"kps": np.asarray(face.kps, dtype=np.float32),
-                              "canvas": [int(canvas[0]), int(canvas[1])],
-                              "face": _face_info(face, name, canvas, image.size)}
+            result = FaceAnalysisResult(pose_kps=np.asarray(face.kps, dtype=np.float32),
+                                  pose_canvas=[int(canvas[0]), int(canvas[1])],
+                                  pose_face=_face_info(face, name, canvas, image.size),
+                                  timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1}, group=group_faces)
+            if identity:
+                faces = [face for _, _, face, _ in identity]
+                result.embedding = mean_embedding(faces).astype(np.float32)
+                # each photo's own embedding: outputs are scored against each reference photo too
+                result.embeddings = [np.asarray(face.embedding, dtype=np.float32) for face in faces]
+                result.faces = [_face_info(face, name, canvas, image.size) for name, image, face, canvas in identity]
+                if thumbnail:
+                    name, image, face, canvas = identity[0]
+                    result.thumbnail = make_thumbnail(image, result.faces[0]["bbox"])
             return result
         finally:
             self.budget.release(pixels)
@@ -257,7 +255,7 @@ class FaceAnalyzerDeployment:
             log.error("face model failed to load: %s", self.load_error)
 
     async def analyze(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                      thumbnail: bool = False, group: bool = False) -> dict:
+                      thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
         if self.core is None:
             from .errors import ServiceError
 
@@ -271,7 +269,7 @@ class FaceAnalyzerDeployment:
             raise
         except Exception as exc:
             raise to_service_error(exc) from None
-        metrics.stage("face_analysis", result["timings"]["face_analysis_s"])
+        metrics.stage("face_analysis", result.timings["face_analysis_s"])
         return result
 
     async def score(self, images: list, reference, references: list | None = None) -> dict:

@@ -14,8 +14,9 @@ from test_demo_fields import RecordingGenerator
 from test_units import FakeFace, _Method
 
 from deployments.config import Limits
-from deployments.generator import GeneratorCore, LoadedModel, decode_request
-from deployments.models import MAX_PEOPLE, default_size
+from deployments.generator import GeneratorCore, LoadedModel, accept_task
+from deployments.messages import GenerationTask, PersonPlacement
+from deployments.schemas import MAX_PEOPLE, default_size
 from instantid.people import MAX_PEOPLE as LIBRARY_MAX_PEOPLE
 from instantid.people import REGION_MARGIN, grown_region
 
@@ -40,11 +41,11 @@ class GroupFace(FakeFace):
         async def analyze(photos, pose=None, thumbnail=False, group_photo=False):
             out = await single(photos, pose, thumbnail)
             if photos:  # a distinct embedding per person (the photo's byte length), a face in the middle
-                out["embedding"] = np.full(512, float(len(photos[0][1])), np.float32)
+                out.embedding = np.full(512, float(len(photos[0][1])), np.float32)
                 box, kps = face(512, 512, side=300)
-                out["pose"] = {"kps": kps, "canvas": [1024, 1024], "face": {
-                    "source": photos[0][0], "bbox": box.tolist(), "score": 0.9, "kps": kps.tolist(),
-                    "image_size": [1024, 1024]}}
+                out.pose_kps, out.pose_canvas = kps, [1024, 1024]
+                out.pose_face = {"source": photos[0][0], "bbox": box.tolist(), "score": 0.9, "kps": kps.tolist(),
+                                 "image_size": [1024, 1024]}
             if group_photo:
                 faces = []
                 for x, y in group:
@@ -52,7 +53,7 @@ class GroupFace(FakeFace):
                     faces.append({"kps": kps, "bbox": box, "info": {
                         "source": "pose_image", "bbox": box.tolist(), "score": 0.9, "kps": kps.tolist(),
                         "image_size": CANVAS}})
-                out["group"] = {"canvas": CANVAS, "faces": sorted(faces, key=lambda f: f["bbox"][0])}
+                out.pose_canvas, out.group = CANVAS, sorted(faces, key=lambda f: f["bbox"][0])
             return out
 
         self.analyze = _Method(analyze)
@@ -68,11 +69,12 @@ def people_request(*people, **fields):
 
 def post(tmp_path, body, gen=None, face=None):
     from deployments.config import AppArgs
-    from deployments.ingress import IngressCore, build_http_app
+    from deployments.http.app import build_http_app
+    from deployments.service import GenerationService
     from fastapi.testclient import TestClient
 
     args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids")})
-    core = IngressCore(args, face or GroupFace(), gen or RecordingGenerator(),
+    core = GenerationService(args, face or GroupFace(), gen or RecordingGenerator(),
                        status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
     return TestClient(build_http_app(core), raise_server_exceptions=False).post("/v1/generate", json=body)
 
@@ -88,16 +90,16 @@ def test_two_people_from_a_group_photo_reach_the_generator(tmp_path):
                                          return_pose_image=True), gen)
     assert resp.status_code == 200, resp.text
     job = gen.jobs[-1]
-    assert (job["width"], job["height"]) == default_size(tuple(CANVAS), Limits())  # the group canvas's
-    assert job["embedding"] is None and job["enhance_face_region"] is False and len(job["people"]) == 2
+    assert (job.width, job.height) == default_size(tuple(CANVAS), Limits())  # the group canvas's
+    assert job.embedding is None and job.enhance_face_region is False and len(job.people) == 2
     right, left = face(*GROUP[0]), face(*GROUP[1])  # face_index 2 = the rightmost, 0 = the leftmost
-    scale = max(job["width"] / CANVAS[0], job["height"] / CANVAS[1])  # cover-fit onto the output canvas
-    for person, (box, _) in zip(job["people"], (right, left)):
-        centre = (person["region"][0] + person["region"][2]) / 2
+    scale = max(job.width / CANVAS[0], job.height / CANVAS[1])  # cover-fit onto the output canvas
+    for person, (box, _) in zip(job.people, (right, left)):
+        centre = (person.region[0] + person.region[2]) / 2
         assert centre == pytest.approx((box[0] + box[2]) / 2 * scale, abs=6)
-    assert job["people"][0]["embedding"][0] != job["people"][1]["embedding"][0]
+    assert job.people[0].embedding[0] != job.people[1].embedding[0]
     body = resp.json()
-    assert "face" not in body and [p["region"] for p in body["people"]] == [p["region"] for p in job["people"]]
+    assert "face" not in body and [p["region"] for p in body["people"]] == [list(p.region) for p in job.people]
     assert body["people"][0]["face"]["bbox"] == right[0].tolist()
     assert body["timings"]["identities"] == 2 and "pose_image" in body
 
@@ -109,9 +111,9 @@ def test_boxes_and_keypoints_need_a_canvas_and_stay_on_it(tmp_path):
                                       {"face_images": [photo(20)], "keypoints": kps}],
                            "width": 1024, "height": 512, "steps": 2, "identity_score": False}, gen)
     assert resp.status_code == 200, resp.text
-    first, second = gen.jobs[-1]["people"]
-    assert first["region"] == list(grown_region([100, 100, 300, 340], 1024, 512))
-    np.testing.assert_allclose(second["kps"], kps)
+    first, second = gen.jobs[-1].people
+    assert first.region == grown_region([100, 100, 300, 340], 1024, 512)
+    np.testing.assert_allclose(second.kps, kps)
     assert REGION_MARGIN == 0.25
 
 
@@ -164,13 +166,16 @@ def test_overlapping_group_faces_are_refused(tmp_path):
 
 
 # -- the Generator's side --------------------------------------------------------------------------------------
-def _job(**fields):
+def _people():
     box_a, kps_a = face(20, 30, side=16)
     box_b, kps_b = face(60, 30, side=16)
-    people = [{"embedding": np.full(512, 3.0, np.float32), "kps": kps_a, "region": list(grown_region(box_a, 96, 64))},
-              {"embedding": np.full(512, -2.0, np.float32), "kps": kps_b, "region": list(grown_region(box_b, 96, 64))}]
-    return {"model": "tiny", "embedding": None, "kps": None, "canvas": None, "width": 96, "height": 64, "steps": 2,
-            "seed": 1, "people": people, **fields}
+    return [PersonPlacement(np.full(512, 3.0, np.float32), kps_a, grown_region(box_a, 96, 64)),
+            PersonPlacement(np.full(512, -2.0, np.float32), kps_b, grown_region(box_b, 96, 64))]
+
+
+def _job(**fields):
+    return GenerationTask(**{"model": "tiny", "embedding": None, "kps": None, "canvas": None, "width": 96,
+                             "height": 64, "steps": 2, "seed": 1, "people": _people(), **fields})
 
 
 def test_generator_builds_people_requests_and_batches_them_with_single_ones(tiny_bundle, monkeypatch):
@@ -178,14 +183,14 @@ def test_generator_builds_people_requests_and_batches_them_with_single_ones(tiny
     from instantid.loading import load_pipeline
     from instantid.pipeline import InstantIDPipeline
 
-    job = decode_request(_job(return_pose_image=True))
+    job = accept_task(_job(return_pose_image=True))
     assert job.people and job.embedding is None and job.canvas == (96, 64)
-    single = decode_request({"model": "tiny", "embedding": np.ones(512, np.float32),
-                             "kps": face(40, 30, side=16)[1], "canvas": [96, 64], "width": 96, "height": 64,
-                             "steps": 2, "seed": 2})
-    assert job.key() == single.key()  # the pipeline batches them together
+    single = accept_task(GenerationTask(model="tiny", embedding=np.ones(512, np.float32),
+                                        kps=face(40, 30, side=16)[1], canvas=(96, 64), width=96, height=64,
+                                        steps=2, seed=2))
+    assert job.batch_key() == single.batch_key()  # the pipeline batches them together
     with pytest.raises(Exception, match="people"):
-        decode_request(_job(people=_job()["people"] * 3))
+        accept_task(_job(people=_people() * 3))
 
     seen = []
     real = InstantIDPipeline.generate
@@ -196,10 +201,10 @@ def test_generator_builds_people_requests_and_batches_them_with_single_ones(tiny
     core = GeneratorCore(AppArgs.model_validate({}))
     out = core.predict(LoadedModel("tiny", pipe, 0.0), [job, single])
     people = seen[0][0].people
-    assert [p.region for p in people] == [tuple(p["region"]) for p in _job()["people"]]
+    assert [p.region for p in people] == [p.region for p in _people()]
     assert seen[0][1].people == [] and seen[0][1].face_embedding is not None
-    assert len(out) == 2 and out[0]["images"][0].shape == (64, 96, 3)
-    pose = out[0]["pose_image"]  # both people's keypoints
+    assert len(out) == 2 and out[0].images[0].shape == (64, 96, 3)
+    pose = out[0].pose_image  # both people's keypoints
     for p in people:
         x1, y1, x2, y2 = p.region
         assert pose[y1:y2, x1:x2].max() > 0
@@ -211,8 +216,8 @@ def test_face_analyzer_reports_every_group_face_left_to_right(tiny_bundle, face_
     core = FaceAnalysisCore(str(tiny_bundle / "antelopev2"), threads=1)
     data = open(face_photo, "rb").read()
     result = core.predict([], ("pose_image", data), group=True)
-    faces = result["group"]["faces"]
+    faces = result.group
     assert len(faces) == 2  # the tiny detector's small (top-left) and main faces
     assert faces[0]["bbox"][0] < faces[1]["bbox"][0]
     assert faces[0]["info"]["image_size"] == list(Image.open(io.BytesIO(data)).size)
-    assert result["group"]["canvas"] == result["pose"]["canvas"]
+    assert result.pose_face == max(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))["info"]

@@ -30,7 +30,7 @@ def full_size_url(serve_env, tmp_path_factory):
 
     from deployments.app import bind
     from deployments.config import Limits
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
     from serve_helpers import app_args
 
     args = app_args(serve_env.tiny, identity_store=str(serve_env.identity_dir), request_timeout_s=600,
