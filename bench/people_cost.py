@@ -10,7 +10,7 @@ Two measurements:
    after a warm-up, with the time spent inside IdentityNet and inside the UNet (forward hooks) and their call
    counts. The tiny model's IdentityNet/UNet proportion is a toy's; the ratio is the plumbing's, not SDXL's.
 2. FLOPs at the real architecture (``instantid.real_configs``: SDXL's UNet and IdentityNet = ControlNetModel
-   .from_unet of it) of one UNet pass and one IdentityNet pass at ``--size`` on PyTorch's meta device (shapes
+   .from_unet of it) of one UNet pass and one IdentityNet pass at ``--flops-size`` on PyTorch's meta device (shapes
    only: no weights, no arithmetic), counted by ``torch.utils.flop_counter``. Per step and identity count k the
    denoising work is UNet + k x IdentityNet, so the predicted ratio to one identity is
    (UNet + k x IdentityNet) / (UNet + IdentityNet): denoising dominates a generation, so this is the cost ratio
@@ -137,6 +137,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-people", type=int, default=4)
+    p.add_argument("--flops-size", type=int, default=1024, help="output side for the real architecture's FLOPs")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -145,7 +146,7 @@ def main(argv=None) -> dict:
               "settings": {"size": args.size, "steps": args.steps, "repeats": args.repeats, "guided": True},
               "tiny_cpu": wall_times(args.size, args.steps, args.repeats, args.max_people)}
     if args.flops:
-        result["real_architecture_flops"] = real_flops(args.size)
+        result["real_architecture_flops"] = real_flops(args.flops_size)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

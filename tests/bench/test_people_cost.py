@@ -7,7 +7,7 @@ from test_bench_smoke import script
 
 def test_people_cost_tiny(tmp_path):
     out = tmp_path / "people.json"
-    script("people_cost").main(["--size", "128", "--steps", "2", "--repeats", "1", "--out", str(out)])
+    script("people_cost").main(["--size", "128", "--steps", "2", "--repeats", "1", "--flops-size", "128", "--out", str(out)])
     res = json.loads(out.read_text())
     for k in ("1", "2", "3", "4"):
         r = res["tiny_cpu"][k]
