@@ -19,6 +19,11 @@ Three features of the official demo's full pipeline and of its img2img pipeline,
 - ``init_image``/``strength`` (img2img): the timesteps are cut by ``strength`` and the VAE-encoded init image is
   noised at the first kept timestep with the request's own generator (SDXL ControlNet img2img of diffusers 0.27).
 
+Several people in one picture (``people``, people.py): each identity gets its own slot of ID tokens, one
+region mask and its own IdentityNet pass (its keypoint image and ID tokens, residuals masked to its region and
+summed); attention.py confines each identity's tokens to its region. Extra ControlNets see the first person's
+ID tokens. A one-person request is exactly the single-identity request with its region as ``control_mask``.
+
 ``generate`` takes several requests that share size, steps and scheduler and runs them as one denoising
 batch. Each request keeps its own latents, generator and scheduler state, so its images are the ones it would
 get alone (up to float rounding of batched matrix products).

@@ -221,3 +221,19 @@ def test_face_analyzer_reports_every_group_face_left_to_right(tiny_bundle, face_
     assert faces[0]["bbox"][0] < faces[1]["bbox"][0]
     assert faces[0]["info"]["image_size"] == list(Image.open(io.BytesIO(data)).size)
     assert result.pose_face == max(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))["info"]
+
+
+def test_openapi_publishes_people_for_json_bodies_only(tmp_path):
+    from deployments.config import AppArgs
+    from deployments.http.app import build_http_app
+    from deployments.service import GenerationService
+    from fastapi.testclient import TestClient
+
+    core = GenerationService(AppArgs.model_validate({"identity_store": str(tmp_path / "ids")}), GroupFace(),
+                             RecordingGenerator(), status_fn=lambda: {})
+    schema = TestClient(build_http_app(core)).get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    assert "people" in components["GenerateRequest"]["properties"] and "Person" in components
+    body = schema["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
+    assert "people" not in body["multipart/form-data"]["schema"]["properties"]
+    assert "#/$defs/" not in str(schema)  # every reference resolves inside the document
