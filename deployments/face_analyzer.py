@@ -24,7 +24,7 @@ from ray import serve
 
 from . import metrics
 from .errors import to_service_error
-from .messages import FaceAnalysisResult
+from .messages import BackendHealth, FaceAnalysisResult, ModelNotLoaded
 from .tiny_profile import resolve_args
 
 log = logging.getLogger("instantid.serve")
@@ -96,15 +96,8 @@ def _header_pixels(name: str, data: bytes) -> int:
 
 def _face_info(face, source: str, canvas: tuple[int, int], image_size: tuple[int, int]) -> dict:
     """A face in the coordinates of the photo as uploaded (analysis ran on a resized canvas)."""
-    sx, sy = image_size[0] / canvas[0], image_size[1] / canvas[1]
-    x1, y1, x2, y2 = (float(v) for v in face.bbox)
-    return {
-        "source": source,
-        "bbox": [x1 * sx, y1 * sy, x2 * sx, y2 * sy],
-        "score": float(face.score),
-        "kps": [[float(x) * sx, float(y) * sy] for x, y in np.asarray(face.kps)],
-        "image_size": [int(image_size[0]), int(image_size[1])],
-    }
+    scale = (image_size[0] / canvas[0], image_size[1] / canvas[1])
+    return {"source": source, **face.to_dict(scale), "image_size": [int(image_size[0]), int(image_size[1])]}
 
 
 def make_thumbnail(image, bbox: list[float], side: int = THUMBNAIL_SIDE) -> bytes:
@@ -141,13 +134,13 @@ class FaceAnalysisCore:
     """The deployment's logic without Serve (used as is by the benchmark's in-process baseline)."""
 
     def __init__(self, face_model: str, threads: int | None = None, max_decoded_pixels: int = MAX_DECODED_PIXELS):
-        from instantid.face import FaceAnalyzer
+        from instantid.face import FaceModel
 
         started = time.perf_counter()
         self.budget = PixelBudget(max_decoded_pixels)
         self.pool = concurrent.futures.ThreadPoolExecutor(ANALYSIS_THREADS, thread_name_prefix="face-analysis")
         self.threads = threads
-        self.analyzer = FaceAnalyzer(face_model, providers=["CPUExecutionProvider"], threads=threads)
+        self.analyzer = FaceModel(face_model, providers=["CPUExecutionProvider"], threads=threads)
         self.load_seconds = time.perf_counter() - started
         self._lock = threading.Lock()  # one analysis at a time per replica: onnxruntime already uses the cores
 
@@ -163,9 +156,7 @@ class FaceAnalysisCore:
                 thumbnail: bool = False, should_stop=None, group: bool = False) -> FaceAnalysisResult:
         """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis.
         ``group``: the pose photo is a group photo (people): every face of it, left to right, in ``group``."""
-        from instantid.face import mean_embedding
-        from instantid.identity import analyze_face
-        from instantid.image_limits import DecodeAborted
+        from instantid.identity import analyze_faces, identity_of
 
         items = list(photos) + ([pose] if pose else [])
         pixels = sum(_header_pixels(name, data) for name, data in items)
@@ -175,37 +166,37 @@ class FaceAnalysisCore:
             decoded = self.decode_request(items, should_stop)
             t1 = time.perf_counter()
             with self._lock:
-                found, group_faces = [], None
-                for k, (name, image) in enumerate(decoded):
-                    if should_stop is not None and should_stop():
-                        raise DecodeAborted("the request is gone")
-                    if group and k == len(photos):
-                        from instantid.people import group_faces as all_faces
+                each = decoded[:-1] if group and pose else decoded
+                found = [(name, image, *analyzed) for (name, image), analyzed
+                         in zip(each, analyze_faces(self.analyzer, each, should_stop))]
+                group_found = None
+                if group and pose:  # every face of the pose photo, left to right; the largest stands for it
+                    from instantid.people import group_faces
 
-                        faces, canvas = all_faces(self.analyzer, name, image)
-                        group_faces = [{"kps": np.asarray(f.kps, dtype=np.float32),
-                                        "bbox": np.asarray(f.bbox, dtype=np.float32),
-                                        "info": _face_info(f, name, canvas, image.size)} for f in faces]
-                        found.append((name, image, max(faces, key=lambda f: f.area), canvas))
-                        continue
-                    found.append((name, image, *analyze_face(self.analyzer, name, image)))
+                    name, image = decoded[-1]
+                    faces, canvas = group_faces(self.analyzer, name, image)
+                    group_found = [{"kps": np.asarray(f.kps, dtype=np.float32),
+                                    "bbox": np.asarray(f.bbox, dtype=np.float32),
+                                    "info": _face_info(f, name, canvas, image.size)} for f in faces]
+                    found.append((name, image, max(faces, key=lambda f: f.area), canvas))
             t2 = time.perf_counter()
-            identity = found[:len(photos)]
             name, image, face, canvas = found[-1] if pose else found[0]
             # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
             result = FaceAnalysisResult(pose_kps=np.asarray(face.kps, dtype=np.float32),
-                                  pose_canvas=[int(canvas[0]), int(canvas[1])],
-                                  pose_face=_face_info(face, name, canvas, image.size),
-                                  timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1}, group=group_faces)
-            if identity:
-                faces = [face for _, _, face, _ in identity]
-                result.embedding = mean_embedding(faces).astype(np.float32)
+                                        pose_canvas=[int(canvas[0]), int(canvas[1])],
+                                        pose_face=_face_info(face, name, canvas, image.size),
+                                        timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1},
+                                        group=group_found)
+            photos_found = found[:len(photos)]
+            if photos_found:
+                identity = identity_of([(face, canvas) for _, _, face, canvas in photos_found])
+                result.embedding = identity.embedding.astype(np.float32)
                 # each photo's own embedding: outputs are scored against each reference photo too
-                result.embeddings = [np.asarray(face.embedding, dtype=np.float32) for face in faces]
-                result.faces = [_face_info(face, name, canvas, image.size) for name, image, face, canvas in identity]
+                result.embeddings = [np.asarray(face.embedding, dtype=np.float32) for face in identity.faces]
+                result.faces = [_face_info(face, name, canvas, image.size)
+                                for name, image, face, canvas in photos_found]
                 if thumbnail:
-                    name, image, face, canvas = identity[0]
-                    result.thumbnail = make_thumbnail(image, result.faces[0]["bbox"])
+                    result.thumbnail = make_thumbnail(photos_found[0][1], result.faces[0]["bbox"])
             return result
         finally:
             self.budget.release(pixels)
@@ -290,10 +281,10 @@ class FaceAnalyzerDeployment:
         metrics.stage("identity_score", result["timings"]["identity_score_s"])
         return result
 
-    def ready(self) -> dict:
-        return {"ready": self.core is not None, "error": self.load_error,
-                "threads": self.core.threads if self.core is not None else None}
+    def ready(self) -> BackendHealth:
+        loaded = self.core is not None
+        return BackendHealth(loaded, self.load_error, details={"threads": self.core.threads if loaded else None})
 
     def check_health(self) -> None:
-        if self.core is None:
-            raise RuntimeError(f"face model not loaded: {self.load_error}")
+        if self.core is None:  # Serve replaces the replica; its status carries the reason
+            raise ModelNotLoaded("face model", self.load_error)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-ID_RE = re.compile(r"^id_[0-9a-f]{32}$")
+ID_PATTERN = r"^id_[0-9a-f]{32}$"  # also the request schema's pattern for identity_id
+ID_RE = re.compile(ID_PATTERN)
 RECORD_VERSION = 1
 
 

@@ -77,7 +77,7 @@ async def _regenerate(core, ctx, spec, task: GenerationTask, seeds: list[int]) -
     """One image per new seed (separate tasks, so each reproduces with its seed and num_images 1; the Generator
     batches them); None when the deadline's reserve is reached first."""
     size = task.width * task.height * 3
-    responses = [core.backends.generator_for(spec.name, size).generate.remote(
+    responses = [core.backends.generator_for(spec.name, size).denoise.remote(
         dataclasses.replace(task, num_images=1, seed=seed, return_pose_image=False))
                  for seed in seeds]
     left = None if ctx.deadline is None else ctx.deadline - time.time() - DEADLINE_RESERVE_S

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from instantid import defaults
+
 
 @dataclass
 class FaceAnalysisResult:
@@ -69,15 +71,15 @@ class GenerationTask:
     negative_prompt: str | None = None  # None: the zero negative embedding, as in the library
     num_images: int = 1
     seed: int = 0
-    guidance_scale: float = 5.0
-    ip_adapter_scale: float = 0.8
-    controlnet_conditioning_scale: float = 0.8
+    guidance_scale: float = defaults.GUIDANCE_SCALE
+    ip_adapter_scale: float = defaults.IP_ADAPTER_SCALE
+    controlnet_conditioning_scale: float = defaults.CONTROLNET_CONDITIONING_SCALE
     loras: dict[str, float] = field(default_factory=dict)
     bbox: Any = None  # (4,) the pose face's box on ``canvas``
     enhance_face_region: bool = False  # control mask = the face box on the output canvas
-    prompt_weighting: str = "lpw"
+    prompt_weighting: str = defaults.PROMPT_WEIGHTING
     init_image: Any = None  # img2img: the upload's bytes; the Generator decodes them on arrival (accept_task)
-    strength: float = 0.8
+    strength: float = defaults.IMG2IMG_STRENGTH
     return_pose_image: bool = False
     people: list[PersonPlacement] | None = None
     deadline: float | None = None  # time.time() past which nobody waits for the result
@@ -110,3 +112,40 @@ class GenerationResult:
     model: str
     timings: dict[str, Any]
     pose_image: np.ndarray | None = None
+
+
+@dataclass
+class BackendHealth:
+    """A backend replica's health as data: what its ``ready()`` answers (the Ingress's /readyz asks each backend
+    directly). ``details``: the replica's own extra facts (requests waiting, threads). While its model is not
+    loaded, its ``check_health`` raises ``ModelNotLoaded`` to Serve instead."""
+
+    ready: bool
+    error: str | None = None  # one line: why not
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelNotLoaded(RuntimeError):
+    """A backend's failed health check. Serve passes only text from a replica to its deployment's status (the
+    exception in a traceback); this class writes that text and ``reason_in`` reads it back, so the format lives
+    here only."""
+
+    MARK = "not loaded: "
+
+    def __init__(self, model: str, error: str):
+        self.model, self.error = model, error
+        super().__init__(f"{model} {self.MARK}{error}")
+
+    @classmethod
+    def reason_in(cls, status_message: str) -> str | None:
+        """The one-line reason a ``ModelNotLoaded`` put into a Serve status message ('face model not loaded:
+        ...'), the last one when the message repeats it; None when there is none. Never a traceback line: the
+        source line that raised it (an f-string with braces) is skipped."""
+        found = None
+        for line in (status_message or "").splitlines():
+            for model in ("face model", "model"):  # the longer first: "model not loaded" is inside the other
+                at = line.find(f"{model} {cls.MARK}")
+                if at >= 0 and "{" not in line[at:]:
+                    found = line[at:][:300]
+                    break
+        return found

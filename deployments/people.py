@@ -69,11 +69,11 @@ async def resolve_people(service, ctx, req, pose: bytes | None, init_image: byte
                                    field=f"people[{i}].identity_id")
             return decode_embedding(record["embedding"]), reference(record["faces"][0], record["pose"]["kps"],
                                                                     record["pose"]["canvas"])
-        analysis = await service.analyze(ctx, person_photos)
+        analysis = await service.analyze_photos(ctx, person_photos)
         return analysis.embedding, reference(analysis.pose_face, analysis.pose_kps, analysis.pose_canvas)
 
     async def group_photo():
-        return None if pose is None else await service.analyze(ctx, [], ("pose_image", pose), group=True)
+        return None if pose is None else await service.analyze_photos(ctx, [], ("pose_image", pose), group=True)
 
     found = await asyncio.gather(group_photo(), *(identity(i, p, ph) for i, (p, ph) in
                                                   enumerate(zip(req.people, photos))))

@@ -162,7 +162,7 @@ class GenerationService:
             raise storage_unavailable() from None
 
     # -- generate ----------------------------------------------------------------------------------------
-    def decode_generate(self, data: dict, files: dict[str, Any] | None = None):
+    def validate_generate_request(self, data: dict, files: dict[str, Any] | None = None):
         """A request dict (+ multipart files) -> (validated request, face image bytes | None, pose bytes | None)."""
         started = time.perf_counter()
         req = _validate(self.models.GenerateRequest, data, strict=files is None)
@@ -196,7 +196,7 @@ class GenerationService:
             check_image(pose, "pose_image", limits.max_image_pixels)
         return req, faces, pose, time.perf_counter() - started
 
-    def decode_init_image(self, req, files: dict | None) -> bytes | None:
+    def validate_init_image(self, req, files: dict | None) -> bytes | None:
         """img2img's init image (base64 field or multipart file), header-checked as the photos are."""
         data = (decode_base64(req.init_image, "init_image") if req.init_image is not None
                 else (files or {}).get("init_image"))
@@ -220,7 +220,7 @@ class GenerationService:
         fit_canvas(tuple(canvas), (width, height), kps, bbox)  # raises InvalidParameterError (422) if no fit
         return width, height
 
-    async def run_generate(self, ctx: Ctx, req, faces: list[bytes] | None, pose: bytes | None,
+    async def generate_and_deliver(self, ctx: Ctx, req, faces: list[bytes] | None, pose: bytes | None,
                            init_image: bytes | None = None) -> dict:
         from instantid.styles import apply_style
 
@@ -256,11 +256,11 @@ class GenerationService:
             face = {**record["faces"][0], "source": f"identity:{req.identity_id}"}
             kps, canvas = record["pose"]["kps"], record["pose"]["canvas"]
             if pose is not None:
-                posed = await self.analyze(ctx, [], ("pose_image", pose))
+                posed = await self.analyze_photos(ctx, [], ("pose_image", pose))
                 kps, canvas, face = posed.pose_kps, posed.pose_canvas, posed.pose_face
         else:
             photos = [(f"face_images[{i}]", data) for i, data in enumerate(faces)]
-            analysis = await self.analyze(ctx, photos, ("pose_image", pose) if pose is not None else None)
+            analysis = await self.analyze_photos(ctx, photos, ("pose_image", pose) if pose is not None else None)
             embedding = analysis.embedding
             kps, canvas, face = analysis.pose_kps, analysis.pose_canvas, analysis.pose_face
 
@@ -286,7 +286,7 @@ class GenerationService:
         )
         # the response is the raw RGB arrays: their size is known before the call
         result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
-        result = await self._call(ctx, self.backends.generator_for(spec.name, result_bytes).generate.remote(task))
+        result = await self._call(ctx, self.backends.generator_for(spec.name, result_bytes).denoise.remote(task))
         ctx.timings.update(result.timings)
         arrays, identity = result.images, None
         if req.identity_score and plan is None:  # per photo embeddings: only photos sent with this request have them
@@ -316,8 +316,8 @@ class GenerationService:
         }
         return {k: v for k, v in response.items() if v is not None}
 
-    async def analyze(self, ctx: Ctx, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                      thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
+    async def analyze_photos(self, ctx: Ctx, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
+                             thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
         """The FaceAnalyzer's analysis of named photos (and a pose photo, every face of it with ``group``); its
         timings go into the request's."""
         size = sum(len(data) for _, data in photos) + (len(pose[1]) if pose is not None else 0)
@@ -327,20 +327,21 @@ class GenerationService:
         ctx.timings["face_analysis_s"] = analysis.timings["face_analysis_s"]
         return analysis
 
-    async def serve_generate(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
+    async def generate(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
         """Decode, run under the deadline, map errors: the one path for HTTP (JSON, multipart) and handles."""
         try:
             # base64, validation and image header checks are CPU work on client bytes: off the event loop
-            req, faces, pose, decode_s = await asyncio.to_thread(self.decode_generate, data, files)
-            init_image = await asyncio.to_thread(self.decode_init_image, req, files)
+            req, faces, pose, decode_s = await asyncio.to_thread(self.validate_generate_request, data, files)
+            init_image = await asyncio.to_thread(self.validate_init_image, req, files)
             ctx.timings["decode_s"] = decode_s
             metrics.stage("decode", decode_s)
-            return await self._deadline(ctx, self.run_generate(ctx, req, faces, pose, init_image), req.timeout_s)
+            return await self._deadline(ctx, self.generate_and_deliver(ctx, req, faces, pose, init_image),
+                                        req.timeout_s)
         except Exception as exc:
             raise self.fail(ctx, exc) from None
 
     # -- identities --------------------------------------------------------------------------------------
-    def decode_identity(self, data: dict, files: dict | None = None) -> list[bytes]:
+    def validate_identity_photos(self, data: dict, files: dict | None = None) -> list[bytes]:
         limits = self.args.limits
         if files and files.get("face_images"):
             if data:
@@ -357,20 +358,20 @@ class GenerationService:
             check_image(image, f"face_images[{i}]", limits.max_image_pixels)
         return faces
 
-    async def run_create_identity(self, ctx: Ctx, faces: list[bytes]) -> dict:
+    async def _create_identity(self, ctx: Ctx, faces: list[bytes]) -> dict:
         await self.backends.require(("FaceAnalyzer",))
         photos = [(f"face_images[{i}]", data) for i, data in enumerate(faces)]
-        analysis = await self.analyze(ctx, photos, None, thumbnail=True)
+        analysis = await self.analyze_photos(ctx, photos, None, thumbnail=True)
         record = make_record(new_identity_id(), embedding=analysis.embedding, pose_kps=analysis.pose_kps,
                              pose_canvas=analysis.pose_canvas, faces=analysis.faces,
                              thumbnail=analysis.thumbnail, owner=ctx.api_key)
         await self._store("put", record)
         return self.identity_view(record)
 
-    async def serve_create_identity(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
+    async def create_identity(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
         try:
-            faces = await asyncio.to_thread(self.decode_identity, data, files)
-            return await self._deadline(ctx, self.run_create_identity(ctx, faces))
+            faces = await asyncio.to_thread(self.validate_identity_photos, data, files)
+            return await self._deadline(ctx, self._create_identity(ctx, faces))
         except Exception as exc:
             raise self.fail(ctx, exc) from None
 
@@ -382,7 +383,7 @@ class GenerationService:
             "embedding_dim": record.get("embedding_dim", 512), "thumbnail": record.get("thumbnail"),
         }
 
-    async def serve_get_identity(self, ctx: Ctx, identity_id: str) -> dict:
+    async def get_identity(self, ctx: Ctx, identity_id: str) -> dict:
         try:
             record = await self._store("get", identity_id) if valid_identity_id(identity_id) else None
         except Exception as exc:
@@ -391,7 +392,7 @@ class GenerationService:
             raise ServiceError(404, "not_found", "identity not found")  # never echo the input
         return self.identity_view(record)
 
-    async def serve_delete_identity(self, ctx: Ctx, identity_id: str) -> None:
+    async def delete_identity(self, ctx: Ctx, identity_id: str) -> None:
         try:
             deleted = valid_identity_id(identity_id)
             if deleted and ctx.scope is not None:  # another key's identity is left alone and reported absent
@@ -403,27 +404,28 @@ class GenerationService:
         if not deleted:
             raise ServiceError(404, "not_found", "identity not found")  # never echo the input
 
-    async def serve_list_identities(self, ctx: Ctx, limit: int) -> dict:
+    async def list_identities(self, ctx: Ctx, limit: int) -> dict:
         try:
             return {"identities": await self._store("list", limit, ctx.scope)}
         except Exception as exc:
             raise self.fail(ctx, exc) from None
 
     # -- face analysis (the playground's POST /v1/faces:analyze) -----------------------------------------------
-    async def serve_analyze_faces(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
-        """Same input checks as creating an identity (``decode_identity``), same FaceAnalyzer call, nothing
+    async def analyze_faces(self, ctx: Ctx, data: dict, files: dict | None = None) -> dict:
+        """Same input checks as creating an identity (``validate_identity_photos``), same FaceAnalyzer call, nothing
         stored: the face each photo contributes."""
         try:
             started = time.perf_counter()
-            photos = await asyncio.to_thread(self.decode_identity, data, files)  # header checks: off the event loop
+            # header checks: off the event loop
+            photos = await asyncio.to_thread(self.validate_identity_photos, data, files)
             ctx.timings["decode_s"] = time.perf_counter() - started
-            return await self._deadline(ctx, self._analyze_faces(ctx, photos))
+            return await self._deadline(ctx, self._find_faces(ctx, photos))
         except Exception as exc:
             raise self.fail(ctx, exc) from None
 
-    async def _analyze_faces(self, ctx: Ctx, photos: list[bytes]) -> dict:
+    async def _find_faces(self, ctx: Ctx, photos: list[bytes]) -> dict:
         await self.backends.require(("FaceAnalyzer",))
-        analysis = await self.analyze(ctx, [(f"face_images[{i}]", data) for i, data in enumerate(photos)])
+        analysis = await self.analyze_photos(ctx, [(f"face_images[{i}]", data) for i, data in enumerate(photos)])
         ctx.timings["total_s"] = time.perf_counter() - ctx.started
         return {"faces": analysis.faces, "timings": {k: round(v, 6) for k, v in ctx.timings.items()}}
 

@@ -41,25 +41,22 @@ def check_image(data: bytes, where: str, max_pixels: int) -> None:
     from PIL import Image
 
     from instantid.errors import InvalidImageError
-    from instantid.image_limits import ACCEPTED_FORMATS, check_structure
+    from instantid.image_limits import check_format, check_structure, unreadable
 
     try:
         check_structure(data, where)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                fmt, (width, height) = image.format, image.size
+        except Image.DecompressionBombError:
+            raise ServiceError(413, "image_too_large", f"{where} has too many pixels", field=where) from None
+        except Exception:
+            raise unreadable(where) from None
+        if width < 1 or height < 1:
+            raise InvalidImageError(f"{where} claims a {width}x{height} size")
+        check_format(fmt, where)
     except InvalidImageError as exc:
         raise ServiceError(400, "invalid_image", str(exc), field=where) from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt, (width, height) = image.format, image.size
-    except Image.DecompressionBombError:
-        raise ServiceError(413, "image_too_large", f"{where} has too many pixels", field=where) from None
-    except Exception:
-        raise ServiceError(400, "invalid_image", f"{where} is not a readable image (JPEG, PNG or WebP expected)",
-                           field=where) from None
-    if width < 1 or height < 1:
-        raise ServiceError(400, "invalid_image", f"{where} claims a {width}x{height} size", field=where)
-    if fmt not in ACCEPTED_FORMATS:
-        raise ServiceError(400, "invalid_image", f"{where} is a {fmt} image; only JPEG, PNG and WebP are accepted",
-                           field=where)
     if width * height > max_pixels:
         raise ServiceError(413, "image_too_large",
                            f"{where} is {width}x{height}, more than {max_pixels} pixels", field=where)

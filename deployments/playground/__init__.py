@@ -65,7 +65,7 @@ def add_routes(app: FastAPI, v1: APIRouter, edge) -> None:
     async def analyze(request: Request):
         ctx = Ctx(route="/v1/faces:analyze")
         data, files = await edge.read(request, ctx, service.args.limits.max_faces, ("face_images",))
-        return JSONResponse(await service.serve_analyze_faces(ctx, data, files))
+        return JSONResponse(await service.analyze_faces(ctx, data, files))
 
     @app.get("/", include_in_schema=False)
     async def page():

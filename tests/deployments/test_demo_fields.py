@@ -25,7 +25,7 @@ class RecordingGenerator(FakeGenerator):
     def __init__(self):
         super().__init__()
         self.jobs = []
-        plain = self.generate.fn
+        plain = self.denoise.fn
 
         async def generate(job):
             self.jobs.append(job)
@@ -34,7 +34,7 @@ class RecordingGenerator(FakeGenerator):
                 out.pose_image = np.full((job.height, job.width, 3), 7, np.uint8)
             return out
 
-        self.generate = _Method(generate)
+        self.denoise = _Method(generate)
 
 
 def request(**fields):

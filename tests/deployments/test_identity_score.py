@@ -73,7 +73,7 @@ class ValueGenerator:
                                     timings={"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
                                              "batch_images": job.num_images})
 
-        self.generate, self.ready = _Method(generate), _Method(_ready)
+        self.denoise, self.ready = _Method(generate), _Method(_ready)
 
     def options(self, **_):
         return self

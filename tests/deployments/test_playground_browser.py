@@ -308,9 +308,9 @@ class SlowGenerator:
             import asyncio
 
             await asyncio.sleep(seconds)
-            return await inner.generate.remote(job)
+            return await inner.denoise.remote(job)
 
-        self.generate = _Method(generate)
+        self.denoise = _Method(generate)
 
     def options(self, **_):
         return self

@@ -15,7 +15,7 @@ from deployments.errors import ServiceError, from_exception
 from deployments.http.app import build_http_app
 from deployments.http.auth import RateLimiter
 from deployments.http.readers import decode_base64
-from deployments.messages import FaceAnalysisResult, GenerationResult, GenerationTask
+from deployments.messages import BackendHealth, FaceAnalysisResult, GenerationResult, GenerationTask
 from deployments.service import GenerationService
 from deployments.schemas import SCHEDULERS, GenerateRequest, build_models
 from instantid.errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
@@ -31,7 +31,7 @@ class _Method:
 
 
 async def _ready():
-    return {"ready": True, "error": None}
+    return BackendHealth(True)
 
 
 class FakeFace:
@@ -69,7 +69,7 @@ class FakeGenerator:
                                     timings={"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
                                              "batch_images": task.num_images})
 
-        self.generate = _Method(generate)
+        self.denoise = _Method(generate)
         self.ready = _Method(_ready)
 
     def options(self, **_):
@@ -301,13 +301,13 @@ def test_negative_prompt_absent_and_empty_stay_distinct(tmp_path):
     task the Generator receives keeps the difference."""
     tasks = []
     generator = FakeGenerator()
-    plain = generator.generate.fn
+    plain = generator.denoise.fn
 
     async def recording(task):
         tasks.append(task)
         return await plain(task)
 
-    generator.generate = _Method(recording)
+    generator.denoise = _Method(recording)
     client = make_client(tmp_path, generator=generator)
     for fields in ({}, {"negative_prompt": None}, {"negative_prompt": ""}, {"negative_prompt": "blurry"}):
         assert client.post("/v1/generate", json=_request(**fields)).status_code == 200

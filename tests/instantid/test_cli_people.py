@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from instantid.cli import main
-from instantid.face import FaceAnalyzer, load_image, resize_for_analysis
+from instantid.face import FaceModel, load_image, resize_for_analysis
 from instantid.people import grown_region, sorted_left_to_right
 from instantid.pipeline import InstantIDPipeline
 
@@ -50,7 +50,7 @@ def args(bundle, output, *extra, size=(W, H)):
 
 def embedding_of(bundle, path):
     canvas = resize_for_analysis(load_image(path))
-    return FaceAnalyzer(str(bundle / "antelopev2")).largest_face(canvas, str(path)).embedding
+    return FaceModel(str(bundle / "antelopev2")).largest_face(canvas, str(path)).embedding
 
 
 def test_people_from_a_group_photo_left_to_right(tiny_bundle, photos, tmp_path, capfd, seen):
@@ -66,7 +66,7 @@ def test_people_from_a_group_photo_left_to_right(tiny_bundle, photos, tmp_path, 
     np.testing.assert_array_equal(request.people[1].face_embedding, embedding_of(tiny_bundle, photos["b"]))
     # the default size is the group photo's analysed canvas; regions are its faces' boxes grown, face 1 for a
     canvas = resize_for_analysis(load_image(photos["group"]))
-    faces = sorted_left_to_right(FaceAnalyzer(str(tiny_bundle / "antelopev2")).analyze(canvas))
+    faces = sorted_left_to_right(FaceModel(str(tiny_bundle / "antelopev2")).analyze(canvas))
     assert (kwargs["width"], kwargs["height"]) == canvas.size
     assert request.people[0].region == grown_region(faces[1].bbox, *canvas.size)
     assert request.people[1].region == grown_region(faces[0].bbox, *canvas.size)
