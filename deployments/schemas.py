@@ -33,7 +33,6 @@ MAX_SEED = 2**32 - 1
 MAX_LORAS = 8
 MAX_NAME_CHARS = 128  # a LoRA name (a key in ``loras``)
 MAX_IDENTITY_RETRIES = 3  # regeneration rounds one request may ask for (each bounded by its deadline too)
-MAX_PEOPLE = 4  # mirrors instantid.people.MAX_PEOPLE; a test keeps the two equal
 
 _DOC_IMAGE = "Base64 image (JPEG, PNG or WebP; a data: URL prefix is accepted)."
 
@@ -107,8 +106,9 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
         identity_id: Optional[str] = Field(None, pattern=ID_PATTERN,
                                            description="A stored identity (POST /v1/identities).")
         people: Optional[list[Person]] = Field(  # type: ignore[valid-type]
-            None, min_length=1, max_length=MAX_PEOPLE,
-            description=f"1 to {MAX_PEOPLE} people in one picture, each confined to its face box grown by 25% per "
+            None, min_length=1, max_length=defaults.MAX_PEOPLE,
+            description=f"1 to {defaults.MAX_PEOPLE} people in one picture, each confined to its face box grown by "
+                        f"{defaults.REGION_MARGIN:.0%} per "
                         "side (regions may not overlap); instead of face_images/identity_id. face_index needs "
                         "pose_image; box and keypoints need width and height when there is no pose_image.")
         pose_image: Optional[str] = Field(None, description=f"Photo whose face keypoints set the pose. {_DOC_IMAGE}")

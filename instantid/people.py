@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .defaults import MAX_PEOPLE, REGION_MARGIN  # one place: the service's request schema reads them too
 from .errors import InvalidParameterError, NoFaceError
 from .keypoints import draw_keypoints, face_region_mask, fit_canvas
 
-MAX_PEOPLE = 4
-REGION_MARGIN = 0.25  # each side of a face box moves out by this share of the box's size along that axis
 BOX_PER_EYE_DISTANCE = 2.5  # a detector's face box is about 2.5 times the eye (or eye-to-mouth) distance wide
 
 

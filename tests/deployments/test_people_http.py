@@ -16,8 +16,7 @@ from test_units import FakeFace, _Method
 from deployments.config import Limits
 from deployments.generator import GeneratorCore, LoadedModel, accept_task
 from deployments.messages import GenerationTask, PersonPlacement
-from deployments.schemas import MAX_PEOPLE, default_size
-from instantid.people import MAX_PEOPLE as LIBRARY_MAX_PEOPLE
+from deployments.schemas import default_size
 from instantid.people import REGION_MARGIN, grown_region
 
 CANVAS = [1000, 500]
@@ -77,10 +76,6 @@ def post(tmp_path, body, gen=None, face=None):
     core = GenerationService(args, face or GroupFace(), gen or RecordingGenerator(),
                        status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
     return TestClient(build_http_app(core), raise_server_exceptions=False).post("/v1/generate", json=body)
-
-
-def test_limits_agree_with_the_library():
-    assert MAX_PEOPLE == LIBRARY_MAX_PEOPLE
 
 
 def test_two_people_from_a_group_photo_reach_the_generator(tmp_path):
