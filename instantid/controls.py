@@ -212,8 +212,9 @@ def prepare_controls(preprocessors: Preprocessors, specs: list[ControlSpec], siz
     for i, spec in enumerate(specs):
         if (spec.photo is None) == (spec.map is None):
             raise InvalidParameterError(f"controls[{i}]", "give a photo to derive the map from, or a ready map")
+        # RGB, as diffusers' control image processor converts every map (canny's is one channel)
         image = (spec.map.convert("RGB").resize(tuple(size)) if spec.map is not None
-                 else preprocessors.derive(spec.kind, spec.photo, size))
+                 else preprocessors.derive(spec.kind, spec.photo, size).convert("RGB"))
         scale = DEFAULT_SCALES.get(spec.kind, 1.0) if spec.scale is None else spec.scale
         inputs.append(ControlInput(spec.kind, image, scale, spec.start, spec.end))
     return inputs
