@@ -523,6 +523,9 @@ class IngressCore:
         if req.delivery == "s3" and not args.output_bucket:
             raise ServiceError(422, "invalid_parameter", "delivery: S3 delivery is not configured on this service",
                                field="delivery")
+        if not req.safety_checker and args.safety.enabled and not args.safety.allow_disable:
+            raise ServiceError(422, "invalid_parameter", "safety_checker: this service does not allow turning the "
+                               "safety checker off", field="safety_checker")
         check_cost(spec, req, ctx.deadline)
         await self._backend_down(BACKENDS if req.identity_id is None or pose is not None else ("Generator",))
         prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt)
@@ -565,7 +568,7 @@ class IngressCore:
             "prompt": prompt, "negative_prompt": negative, "num_images": req.num_images, "seed": seed,
             "guidance_scale": req.guidance_scale, "ip_adapter_scale": req.ip_adapter_scale,
             "controlnet_conditioning_scale": req.controlnet_conditioning_scale, "loras": dict(req.loras),
-            "deadline": ctx.deadline,
+            "deadline": ctx.deadline, "safety_checker": req.safety_checker,
         }
         # the response is the raw RGB arrays: their size is known before the call
         result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
@@ -597,7 +600,7 @@ class IngressCore:
             "width": width, "height": height, "seed": seed, "model": result["model"],
             "loras": dict(req.loras), "face": face,
             "pose_image": base64.b64encode(pose_png).decode("ascii") if pose_png is not None else None,
-            "identity": identity,
+            "identity": identity, "nsfw": result.get("nsfw"),
             "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ctx.timings.items()},
         }
         return {k: v for k, v in response.items() if v is not None}

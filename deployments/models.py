@@ -109,6 +109,8 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
         timeout_s: Optional[float] = Field(
             None, gt=0, le=max_timeout, description="Deadline for this request (at most the service's own); 504 "
                                                     "past it.")
+        safety_checker: bool = Field(True, description="false turns the output safety checker off for this "
+                                                       "request, where the service allows it (else 422).")
         identity_score: bool = Field(True, description="Score each image's face against the identity "
                                                        "(`identity` in the response); false skips its CPU cost.")
         min_similarity: Optional[float] = Field(
@@ -197,6 +199,9 @@ class Timings(BaseModel):
     model_load_s: Optional[float] = Field(None, description="Loading a model this request needed.")
     denoise_s: Optional[float] = Field(None, description="Prompt/face encoding and the denoising loop.")
     vae_decode_s: Optional[float] = None
+    control_maps_s: Optional[float] = Field(None, description="Deriving control maps from photos (Preprocessor).")
+    safety_check_s: Optional[float] = Field(None, description="The safety checker on the batch's images; it runs "
+                                                              "beside the next batch's denoising.")
     encode_s: Optional[float] = Field(None, description="Image encoding (png/jpeg/webp).")
     upload_s: Optional[float] = Field(None, description="S3 upload and URL presigning.")
     identity_score_s: Optional[float] = Field(None, description="Face analysis of the outputs (FaceAnalyzer).")
@@ -236,6 +241,8 @@ class GenerateResponse(BaseModel):
     face: FaceInfo = Field(description="The face whose keypoints set the pose.")
     pose_image: Optional[str] = Field(None, description="Base64 PNG of the keypoint image (return_pose_image).")
     identity: Optional[list[ImageIdentity]] = Field(None, description="Per image, in order: its identity score.")
+    nsfw: Optional[list[bool]] = Field(None, description="Per image, in order: flagged by the safety checker (with "
+                                                         "action blur, the image is blurred); absent when it is off.")
     timings: Timings
 
     def image_bytes(self) -> list[bytes]:
