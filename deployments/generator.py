@@ -128,15 +128,18 @@ def decode_request(job: dict) -> Job:
             prompt_weighting=str(job.get("prompt_weighting", "lpw")),
             strength=float(job.get("strength", 0.8)),
             return_pose_image=bool(job.get("return_pose_image", False)),
-            controls=[{"name": str(c["name"]), "map": np.asarray(c["map"], dtype=np.uint8),
-                       "scale": float(c["scale"]), "start": float(c["start"]), "end": float(c["end"])}
-                      for c in job.get("controls") or []],
+            controls=[{"name": str(c["name"]), "map": c["map"], "scale": float(c["scale"]),
+                       "start": float(c["start"]), "end": float(c["end"])} for c in job.get("controls") or []],
             safety_checker=bool(job.get("safety_checker", True)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidParameterError("request", f"malformed generation job: {exc}") from exc
     if min(canvas) <= 0:
         raise InvalidParameterError("kps", "canvas size must be positive")
+    if out.controls:  # maps on the output canvas; a ready map decoded here, per request, as the init image
+        from .controls import decode_maps
+
+        out.controls = decode_maps(out.controls, out.width, out.height)
     if job.get("init_image") is not None:  # decoded per request, so a bad one fails only its own request
         from instantid.face import load_image
 

@@ -42,6 +42,7 @@ from .api_keys import KeyHashSource
 from .config import AppArgs
 from .errors import (ServiceError, from_exception, install_handlers, json_response, storage_unavailable,
                      validation_error)
+from .controls import finish_control_maps, message_bytes, start_control_maps
 from .identity_score import score_outputs
 from .identities import (decode_embedding, make_record, make_store, new_identity_id, valid_identity_id,
                          visible_to)
@@ -530,6 +531,7 @@ class IngressCore:
         await self._backend_down(BACKENDS if req.identity_id is None or pose is not None else ("Generator",))
         prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt)
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        controls, maps = await start_control_maps(self, ctx, req, spec, faces, pose)  # beside the face analysis
 
         if req.identity_id is not None:
             t0 = time.perf_counter()
@@ -559,6 +561,7 @@ class IngressCore:
                                field="enhance_face_region")
         width, height = self.output_size(req, canvas, kps, bbox, init_image)
         check_cost(spec, req, ctx.deadline, (width, height))  # again at the photo's size when none was given
+        controls = await finish_control_maps(ctx, controls, maps)
         job = {
             "model": spec.name, "embedding": embedding, "kps": kps, "canvas": canvas, "bbox": bbox,
             "enhance_face_region": req.enhance_face_region is not False and bbox is not None,
@@ -568,10 +571,11 @@ class IngressCore:
             "prompt": prompt, "negative_prompt": negative, "num_images": req.num_images, "seed": seed,
             "guidance_scale": req.guidance_scale, "ip_adapter_scale": req.ip_adapter_scale,
             "controlnet_conditioning_scale": req.controlnet_conditioning_scale, "loras": dict(req.loras),
-            "deadline": ctx.deadline, "safety_checker": req.safety_checker,
+            "deadline": ctx.deadline, "safety_checker": req.safety_checker, "controls": controls,
         }
         # the response is the raw RGB arrays: their size is known before the call
         result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
+        result_bytes = max(result_bytes, message_bytes(controls))
         result = await self._call(ctx, self._generator_for(spec.name, result_bytes).generate.remote(job))
         ctx.timings.update(result["timings"])
         arrays, identity = result["images"], None
@@ -714,7 +718,8 @@ class IngressCore:
         from instantid.styles import presets
 
         return {
-            "models": [{"name": m.name, "loras": sorted(m.loras), "default": m.name == self.args.default_model}
+            "models": [{"name": m.name, "loras": sorted(m.loras), "controls": sorted(m.controlnets),
+                        "default": m.name == self.args.default_model}
                        for m in self.args.models],
             "schedulers": list(SCHEDULERS), "styles": sorted(presets()),
             "output_formats": list(OUTPUT_FORMATS),

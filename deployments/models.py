@@ -62,6 +62,21 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
     LoraScale = Annotated[float, Field(ge=-2.0, le=2.0)]
     LoraName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 
+    class ControlRequest(_Model):
+        """An extra spatial ControlNet beside IdentityNet (docs/api.md, "Controls")."""
+
+        type: str = Field(min_length=1, max_length=MAX_NAME_CHARS,
+                          description="A control type of the model (GET /v1/models `controls`): pose, canny and "
+                                      "depth derive their map from a photo; other names take a ready map.")
+        image: Optional[str] = Field(None, description=f"Photo to derive the map from. {_DOC_IMAGE} Absent (and no "
+                                                       "map): the pose photo, else the first face photo.")
+        map: Optional[str] = Field(None, description=f"A ready control map, used as is (resized to the output). "
+                                                     f"{_DOC_IMAGE}")
+        scale: Optional[float] = Field(None, ge=0.0, le=2.0, description="Conditioning scale. Absent: the demo's "
+                                       "default for the type (pose 0.4, canny 0.3, depth 0.5; 1.0 otherwise).")
+        start: float = Field(0.0, ge=0.0, le=1.0, description="Share of the steps before it acts.")
+        end: float = Field(1.0, ge=0.0, le=1.0, description="Share of the steps after which it stops.")
+
     class GenerateRequest(_Model):
         """Generate images of the identity in ``face_images`` (or a stored ``identity_id``)."""
 
@@ -109,6 +124,9 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
         timeout_s: Optional[float] = Field(
             None, gt=0, le=max_timeout, description="Deadline for this request (at most the service's own); 504 "
                                                     "past it.")
+        controls: list[ControlRequest] = Field(
+            default_factory=list, max_length=limits.max_controls,
+            description=f"At most {limits.max_controls} extra ControlNets (pose, canny, depth, ...) of the model.")
         safety_checker: bool = Field(True, description="false turns the output safety checker off for this "
                                                        "request, where the service allows it (else 422).")
         identity_score: bool = Field(True, description="Score each image's face against the identity "
@@ -271,6 +289,8 @@ class IdentityList(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     loras: list[str]
+    controls: list[str] = Field(default_factory=list, description="Control types a request may use in "
+                                                                  "`controls` with this model.")
     default: bool
 
 

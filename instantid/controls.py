@@ -205,7 +205,9 @@ class ControlSpec:
 
 def prepare_controls(preprocessors: Preprocessors, specs: list[ControlSpec], size: tuple[int, int]):
     """The pipeline's ``ControlInput``s (named by kind, as the ControlNets are loaded) for ``specs`` on a
-    ``size`` (width, height) canvas: a ready map is resized, a photo's map derived first."""
+    ``size`` (width, height) canvas: a ready map is resized; a photo's map is derived from the photo after the
+    demo's resize (min side 1024, max side 1280, as it resizes its face and pose photos), then resized."""
+    from .face import resize_for_analysis
     from .pipeline import ControlInput
 
     inputs = []
@@ -214,7 +216,7 @@ def prepare_controls(preprocessors: Preprocessors, specs: list[ControlSpec], siz
             raise InvalidParameterError(f"controls[{i}]", "give a photo to derive the map from, or a ready map")
         # RGB, as diffusers' control image processor converts every map (canny's is one channel)
         image = (spec.map.convert("RGB").resize(tuple(size)) if spec.map is not None
-                 else preprocessors.derive(spec.kind, spec.photo, size).convert("RGB"))
+                 else preprocessors.derive(spec.kind, resize_for_analysis(spec.photo), size).convert("RGB"))
         scale = DEFAULT_SCALES.get(spec.kind, 1.0) if spec.scale is None else spec.scale
         inputs.append(ControlInput(spec.kind, image, scale, spec.start, spec.end))
     return inputs

@@ -243,6 +243,10 @@ def make_tiny(root: Path | str, sdxl_facts: bool = False) -> Path:
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first process builds; the others wait and reuse it
         if (root / ".complete").exists():
+            if not (root / "safety-flag-all").exists():  # a bundle from before control types and safety
+                from diffusers import UNet2DConditionModel
+
+                write_control_models(root, UNet2DConditionModel.from_pretrained(root / "sdxl" / "unet"))
             return root
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
         try:

@@ -270,7 +270,7 @@ def test_extra_controlnet_changes_the_image(tiny_bundle, photos, plain, out, cap
 def test_control_type_derives_maps_from_the_photo_as_the_library(tiny_bundle, photos, plain, out, tmp_path, capfd,
                                                                    seen):
     from instantid.controls import DEFAULT_SCALES, Preprocessors
-    from instantid.face import load_image
+    from instantid.face import load_image, resize_for_analysis
 
     maps = tmp_path / "maps"
     maps.mkdir()
@@ -288,7 +288,7 @@ def test_control_type_derives_maps_from_the_photo_as_the_library(tiny_bundle, ph
     assert not np.array_equal(read(output), read(plain))
     # no --control-image: the maps come from the first face photo (no --pose), through the library, at 64x64
     library = Preprocessors(depth=str(tiny_bundle / "dpt"), pose=str(tiny_bundle / "dwpose"))
-    photo = load_image(str(photos["a"]))
+    photo = resize_for_analysis(load_image(str(photos["a"])))  # as the demo, the photo after its resize
     request = seen[-1]
     assert [(c.scale, c.start, c.end) for c in request.controls] == [(DEFAULT_SCALES[k], 0.0, 1.0)
                                                                       for k in ("pose", "canny", "depth")]
@@ -301,8 +301,8 @@ def test_control_type_derives_maps_from_the_photo_as_the_library(tiny_bundle, ph
                   "--control-image", str(photos["pose"])]
     generate(capfd, tiny_bundle, out / "other.png", "--face", str(photos["a"]), *pose_photo)
     np.testing.assert_array_equal(np.array(seen[-1].controls[0].image),
-                                  np.array(library.derive("canny", load_image(str(photos["pose"])),
-                                                          SIZE_INT).convert("RGB")))
+                                  np.array(library.derive("canny", resize_for_analysis(load_image(str(
+                                      photos["pose"]))), SIZE_INT).convert("RGB")))
 
 
 # --- bad input: one line, exit 1, nothing written ------------------------------------------------------------

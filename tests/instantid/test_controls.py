@@ -10,7 +10,7 @@ import torch
 from instantid.controls import (CONTROL_TYPES, DEFAULT_SCALES, ControlSpec, DepthEstimator, PoseEstimator,
                                 Preprocessors, canny_map, prepare_controls)
 from instantid.errors import InvalidParameterError, WeightsError
-from instantid.face import load_image
+from instantid.face import load_image, resize_for_analysis
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,9 @@ def test_prepare_controls_defaults_and_ready_maps(preprocessors, photo):
         ("pose", DEFAULT_SCALES["pose"], 0.0, 1.0), ("canny", DEFAULT_SCALES["canny"], 0.0, 1.0),
         ("depth", 0.9, 0.1, 0.8)]
     assert all(c.image.size == (64, 48) and c.image.mode == "RGB" for c in inputs)
-    assert np.array_equal(np.array(inputs[0].image), np.array(preprocessors.derive("pose", photo, (64, 48))))
+    demo_sized = resize_for_analysis(photo)  # the demo derives its maps from the resized photo
+    assert demo_sized.size != photo.size
+    assert np.array_equal(np.array(inputs[0].image), np.array(preprocessors.derive("pose", demo_sized, (64, 48))))
     assert (np.array(inputs[1].image) == 255).all()
 
 

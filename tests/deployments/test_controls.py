@@ -1,0 +1,160 @@
+"""``controls`` through the service's request path in one process: the Ingress core with the real FaceAnalyzer,
+control-map and Generator cores behind handle-shaped adapters (the Ray cluster tests cover the handles)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from deployments.config import AppArgs
+from deployments.controls import DEFAULT_SCALES as SERVICE_SCALES
+from deployments.controls import DERIVED, ControlMapsCore
+from deployments.errors import ServiceError
+from deployments.face_analyzer import FaceAnalysisCore
+from deployments.generator import GeneratorCore, decode_request
+from deployments.ingress import Ctx, IngressCore
+from deployments.profile import resolve_args
+from instantid.controls import CONTROL_TYPES, DEFAULT_SCALES, ControlSpec, Preprocessors, prepare_controls
+from instantid.face import load_image
+from serve_helpers import app_args, b64, png_bytes
+
+
+class _Call:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return asyncio.ensure_future(self.fn(*args))
+
+
+class LocalFace:
+    def __init__(self, args: AppArgs):
+        self.core = FaceAnalysisCore(args.face_model)
+        self.maps = ControlMapsCore(args.preprocessors.depth, args.preprocessors.pose)
+        self.calls: list = []
+
+        async def analyze(photos, pose=None, thumbnail=False):
+            return await asyncio.to_thread(self.core.predict, photos, pose, thumbnail)
+
+        async def control_maps(items):
+            self.calls.append(items)
+            return await self.maps.run(items)
+
+        self.analyze, self.control_maps = _Call(analyze), _Call(control_maps)
+
+    def options(self, **_):
+        return self
+
+
+class LocalGenerator:
+    def __init__(self, args: AppArgs):
+        self.core = GeneratorCore(args)
+        self.model = self.core.load("tiny")
+        self.jobs: list[dict] = []
+
+        async def generate(job):
+            self.jobs.append(job)
+            out = await asyncio.to_thread(self.core.predict, self.model, [decode_request(job)])
+            return self.core.screen([decode_request(job)], out)[0]
+
+        self.generate = _Call(generate)
+
+    def options(self, **_):
+        return self
+
+
+@pytest.fixture(scope="module")
+def service(tiny_bundle):
+    limits = {**app_args(tiny_bundle)["limits"], "max_controls": 4}
+    args = resolve_args(app_args(tiny_bundle, limits=limits, models=[{"name": "tiny", "base_model": str(tiny_bundle / "sdxl"),
+                                                       "controlnets": {k: str(tiny_bundle / f"controlnet-{k}")
+                                                                       for k in (*CONTROL_TYPES, "extra")}}]))
+    core = IngressCore(args, LocalFace(args), LocalGenerator(args))
+    core._backend_down = lambda names: asyncio.sleep(0)
+    return core
+
+
+@pytest.fixture(scope="module")
+def photos(face_photo):
+    face = face_photo.read_bytes()
+    mirrored = io.BytesIO()
+    ImageOps.mirror(Image.open(face_photo).convert("RGB")).save(mirrored, "PNG")
+    return {"face": face, "other": mirrored.getvalue()}
+
+
+def generate(service, **fields):
+    data = {"width": 64, "height": 64, "steps": 2, "seed": 11, "identity_score": False, **fields}
+    return asyncio.run(service.serve_generate(Ctx(route="/v1/generate"), data))
+
+
+def decoded(response) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(response["images"][0]))).convert("RGB"))
+
+
+def test_service_defaults_mirror_the_library():
+    assert DERIVED == CONTROL_TYPES and SERVICE_SCALES == DEFAULT_SCALES
+
+
+def test_controls_change_the_image_and_equal_the_library(service, photos, tiny_bundle):
+    plain = generate(service, face_images=[b64(photos["face"])])
+    ready = png_bytes((40, 30), (250, 10, 90))
+    controls = [{"type": "pose"}, {"type": "canny"}, {"type": "depth", "image": b64(photos["other"])},
+                {"type": "extra", "map": b64(ready), "scale": 0.7, "start": 0.1, "end": 0.9}]
+    response = generate(service, face_images=[b64(photos["face"])], controls=controls)
+    assert not np.array_equal(decoded(plain), decoded(response))
+    assert response["timings"]["control_maps_s"] > 0
+    # one call derived the three maps, concurrently with the face analysis
+    assert [(field, kind) for field, kind, _ in service.face.calls[-1]] == [
+        ("controls[0].image", "pose"), ("controls[1].image", "canny"), ("controls[2].image", "depth")]
+    # what the Generator applied is what the library builds from the same inputs
+    library = prepare_controls(
+        Preprocessors(depth=str(tiny_bundle / "dpt"), pose=str(tiny_bundle / "dwpose")),
+        [ControlSpec("pose", photo=load_image(photos["face"])), ControlSpec("canny", photo=load_image(photos["face"])),
+         ControlSpec("depth", photo=load_image(photos["other"])),
+         ControlSpec("extra", map=load_image(ready), scale=0.7, start=0.1, end=0.9)], (64, 64))
+    job = decode_request(service.generator.jobs[-1])
+    assert [(c["name"], c["scale"], c["start"], c["end"]) for c in job.controls] == [
+        (c.name, c.scale, c.start, c.end) for c in library]
+    for ours, theirs in zip(job.controls, library):
+        np.testing.assert_array_equal(ours["map"], np.asarray(theirs.image))
+    # and the image is the Generator's for exactly those library maps
+    job.controls = [{**c, "map": np.asarray(l.image)} for c, l in zip(job.controls, library)]
+    again = service.generator.core.predict(service.generator.model, [job])[0]["images"][0]
+    np.testing.assert_array_equal(decoded(response), again)
+
+
+def test_default_photo_is_the_pose_photo(service, photos):
+    generate(service, face_images=[b64(photos["face"])], pose_image=b64(photos["other"]), controls=[{"type": "canny"}])
+    assert service.face.calls[-1][0][2] == photos["other"]
+
+
+@pytest.mark.parametrize("control, status, code, field", [
+    ({"type": "segmentation"}, 422, "invalid_parameter", "controls[0].type"),
+    ({"type": "canny", "image": b64(b"not an image at all")}, 400, "invalid_image", "controls[0].image"),
+    ({"type": "canny", "image": "%%%"}, 400, "invalid_base64", "controls[0].image"),
+    ({"type": "canny", "map": b64(b"GIF89a....")}, 400, "invalid_image", "controls[0].map"),
+    ({"type": "extra"}, 422, "invalid_parameter", "controls[0].map"),
+    ({"type": "canny", "image": b64(png_bytes()), "map": b64(png_bytes())}, 422, "invalid_parameter", "controls[0]"),
+])
+def test_bad_controls_are_named(service, photos, control, status, code, field):
+    with pytest.raises(ServiceError) as caught:
+        generate(service, face_images=[b64(photos["face"])], controls=[control])
+    assert (caught.value.status, caught.value.code, caught.value.field) == (status, code, field)
+
+
+def test_bounds_and_identity_without_photo(service, photos):
+    with pytest.raises(ServiceError) as caught:
+        generate(service, face_images=[b64(photos["face"])], controls=[{"type": "canny"}] * 5)
+    assert caught.value.status == 422
+    with pytest.raises(ServiceError) as caught:
+        generate(service, face_images=[b64(photos["face"])], controls=[{"type": "canny", "scale": 3}])
+    assert caught.value.status == 422
+
+
+def test_models_list_control_types(service):
+    assert service.model_list()["models"][0]["controls"] == ["canny", "depth", "extra", "pose"]
