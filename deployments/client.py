@@ -53,6 +53,10 @@ def _payload(request: GenerateRequest | dict | None, overrides: dict) -> dict:
     for key in ("pose_image", "init_image"):
         if data.get(key) is not None:
             data[key] = encode_image(data[key])
+    data["controls"] = [{k: encode_image(v) if k in ("image", "map") and v is not None else v
+                         for k, v in dict(control).items()} for control in data.get("controls") or []]
+    if not data["controls"]:
+        del data["controls"]
     return data
 
 
