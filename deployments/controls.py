@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from .errors import ServiceError
+from .messages import ControlMaps
 
 DERIVED = ("pose", "canny", "depth")  # instantid.controls.CONTROL_TYPES (importing it pulls in no torch, but PIL)
 DEFAULT_SCALES = {"pose": 0.4, "canny": 0.3, "depth": 0.5}  # instantid.controls.DEFAULT_SCALES; a test keeps both
@@ -33,7 +34,7 @@ MAP_THREADS = 2
 def check_controls(req, spec, faces: list[bytes] | None, pose: bytes | None, max_pixels: int) -> list[dict]:
     """The request's controls as plain data: ``{name, scale, start, end}`` plus ``photo`` (bytes to derive the
     map from) or ``map`` (bytes of a ready map). Blocking (base64, headers): run off the event loop."""
-    from .ingress import check_image, decode_base64
+    from .http.readers import check_image, decode_base64
 
     out = []
     for i, control in enumerate(req.controls):
@@ -80,7 +81,7 @@ class ControlMapsCore:
         self.pool = concurrent.futures.ThreadPoolExecutor(MAP_THREADS, thread_name_prefix="control-maps")
         self._lock = threading.Lock()  # one map at a time: torch and onnxruntime already use the cores
 
-    def derive(self, items: list[tuple[str, str, bytes]], should_stop=None) -> dict:
+    def derive(self, items: list[tuple[str, str, bytes]], should_stop=None) -> ControlMaps:
         from instantid.errors import InvalidImageError
         from instantid.face import load_image, resize_for_analysis
 
@@ -93,9 +94,9 @@ class ControlMapsCore:
                 raise ServiceError(400, "invalid_image", str(exc).splitlines()[0], field=field) from None
             with self._lock:
                 maps.append(np.asarray(self.preprocessors.derive(kind, resize_for_analysis(photo)), dtype=np.uint8))
-        return {"maps": maps, "timings": {"control_maps_s": time.perf_counter() - started}}
+        return ControlMaps(maps, {"control_maps_s": time.perf_counter() - started})
 
-    async def run(self, items: list[tuple[str, str, bytes]]) -> dict:
+    async def run(self, items: list[tuple[str, str, bytes]]) -> ControlMaps:
         from .errors import to_service_error
 
         gone = threading.Event()
@@ -108,9 +109,9 @@ class ControlMapsCore:
             raise to_service_error(exc) from None
 
 
-def attach_maps(controls: list[dict], derived: dict | None) -> list[dict]:
+def attach_maps(controls: list[dict], derived: ControlMaps | None) -> list[dict]:
     """The Generator's ``controls``: each entry with its ``map`` (derived array, or the ready map's bytes)."""
-    maps = iter((derived or {}).get("maps", []))
+    maps = iter(derived.maps if derived is not None else [])
     out = []
     for c in controls:
         entry = {k: v for k, v in c.items() if k != "photo"}
@@ -147,7 +148,7 @@ def decode_maps(controls: list[dict], width: int, height: int) -> list[dict]:
 async def start_control_maps(core, ctx, req, spec, faces, pose) -> tuple[list[dict], asyncio.Future | None]:
     """Check the request's controls and start deriving their maps on the CPU face group (by reference: maps
     of a 1024-1280 canvas are megabytes), so they run while the same request's faces are analysed."""
-    from .ingress import BY_VALUE_MAX_BYTES
+    from .backends import BY_VALUE_MAX_BYTES
 
     if not req.controls:
         return [], None
@@ -155,7 +156,7 @@ async def start_control_maps(core, ctx, req, spec, faces, pose) -> tuple[list[di
     items = control_fields(controls)
     if not items:
         return controls, None
-    handle = core._face_for(BY_VALUE_MAX_BYTES + 1)
+    handle = core.backends.face_for(BY_VALUE_MAX_BYTES + 1)
     task = asyncio.ensure_future(core._call(ctx, handle.control_maps.remote(items)))
     # a failure elsewhere in the request leaves the result unread: consume it (its error is the request's own)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -167,7 +168,7 @@ async def finish_control_maps(ctx, controls: list[dict], task) -> list[dict]:
     derived = None
     if task is not None:
         derived = await task
-        ctx.timings["control_maps_s"] = derived["timings"]["control_maps_s"]
+        ctx.timings["control_maps_s"] = derived.timings["control_maps_s"]
     return attach_maps(controls, derived)
 
 

@@ -1,19 +1,20 @@
 """Generator deployment: IdentityNet + SDXL UNet, one GPU per replica in production, CPU in the local profile.
 
 setup            load the default model (so the replica is ready, or unhealthy, before it takes traffic)
-decode_request   a job dict from the Ingress -> a validated ``Job`` (embedding float32 (512,), keypoints on
-                 their canvas); the keypoint image is drawn here, at the output size
+decode_request   a ``GenerationTask`` from the Ingress (deployments/messages.py), checked by ``accept_task``
+                 (embedding float32 (512,), keypoints on their canvas); the keypoint image is drawn here, at the
+                 output size
 predict          ``pipe.generate`` once per compatible group: one denoising batch
-encode_response  uint8 HxWx3 arrays, per request; the Ingress encodes them once (png/jpeg/webp)
+encode_response  a ``GenerationResult`` per task: uint8 HxWx3 arrays; the Ingress encodes them once (png/jpeg/webp)
 
 Throughput
 - ``@serve.batch`` collects concurrent requests (``batch.max_batch_size``, ``batch.batch_wait_timeout_s``)
   and Serve splits its batches by multiplexed model id. Formed batches join one device queue; each time the
-  device is free, the oldest waiting request leads a group of every waiting request with the same model
-  and compatibility key (width, height, steps, scheduler, guided = guidance_scale > 1, LoRA set with
-  scales), up to ``max_batch_size``, and the group is ONE ``pipe.generate`` call. So requests that pile up
-  while a batch runs are merged too, not only those arriving within one wait window (with a wait of 0 a
-  lone request never waits). ``timings.batch_size`` reports the group size.
+  device is free, the oldest waiting request leads a group of every waiting request with the same
+  ``GenerationTask.batch_key()`` (model, width, height, steps, scheduler, guided = guidance_scale > 1, LoRA set
+  with scales, img2img strength), up to ``max_batch_size``, and the group is ONE ``pipe.generate`` call. So
+  requests that pile up while a batch runs are merged too, not only those arriving within one wait window
+  (with a wait of 0 a lone request never waits). ``timings.batch_size`` reports the group size.
 - ``@serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)``: the model id is the
   configured base model name (``ModelSpec.name``). A pipeline is loaded with all of that model's configured
   LoRAs, which are switched per group with ``pipe.set_loras`` (cheap), so LoRA sets never cost a reload or a
@@ -37,7 +38,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 from ray import serve
@@ -45,8 +45,10 @@ from ray import serve
 from instantid.weights import prefetch
 
 from . import metrics
+from .messages import GenerationResult, GenerationTask
+from .ray_compat import multiplexed_models
 from .errors import ServiceError, to_service_error
-from .profile import resolve_args
+from .tiny_profile import resolve_args
 
 log = logging.getLogger("instantid.serve")
 
@@ -54,97 +56,33 @@ log = logging.getLogger("instantid.serve")
 MAX_PENDING_BATCHES = 256
 
 
-@dataclass
-class Job:
-    """One generation request as the Generator sees it (already validated and styled by the Ingress)."""
-
-    model: str
-    embedding: np.ndarray  # (512,) float32
-    kps: np.ndarray  # (5, 2) on ``canvas``
-    canvas: tuple[int, int]
-    width: int
-    height: int
-    steps: int
-    scheduler: str = "default"
-    prompt: str = ""
-    negative_prompt: str | None = None  # None: the zero negative embedding, as in the library
-    num_images: int = 1
-    seed: int = 0
-    guidance_scale: float = 5.0
-    ip_adapter_scale: float = 0.8
-    controlnet_conditioning_scale: float = 0.8
-    loras: dict[str, float] = field(default_factory=dict)
-    bbox: np.ndarray | None = None  # (4,) the pose face's box on ``canvas``
-    enhance_face_region: bool = False  # control mask = the face box on the output canvas
-    prompt_weighting: str = "lpw"
-    init_image: object | None = None  # img2img: a decoded PIL image
-    strength: float = 0.8
-    return_pose_image: bool = False
-    controls: list[dict] = field(default_factory=list)  # {name, map (HxWx3 uint8 at width x height), scale, start, end}
-    safety_checker: bool = True  # off only where the service's safety.allow_disable lets the request say so
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    arrived: float = field(default_factory=time.perf_counter)
-    deadline: float | None = None  # time.time() past which nobody waits for the result
-    cancelled: bool = False
-
-    def abandoned(self, now: float) -> bool:
-        """Its caller gave up (cancelled) or its deadline passed: its work is wasted."""
-        return self.cancelled or (self.deadline is not None and now > self.deadline)
-
-    def key(self) -> tuple:
-        """Requests with equal keys can share one denoising batch."""
-        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1,
-                tuple(sorted(self.loras.items())),
-                self.strength if self.init_image is not None else None,  # img2img: timesteps cut by strength
-                tuple(c["name"] for c in self.controls))  # one batch runs the same extra ControlNets
-
-
-def _optional_str(value) -> str | None:
-    return None if value is None else str(value)
-
-
-def decode_request(job: dict) -> Job:
+def accept_task(task: GenerationTask) -> GenerationTask:
+    """A task as it arrives from the Ingress: its arrays checked and made contiguous float32 (a replica never
+    trusts what crossed the network to be shaped right), the img2img upload decoded (per task, so a bad one
+    fails only its own request), and the Generator's bookkeeping (id, arrival on this replica's clock) reset."""
     from instantid.errors import InvalidParameterError
-    from instantid.face import validate_embedding, validate_keypoints
+    from instantid.face import load_image, validate_embedding, validate_keypoints
 
+    if not isinstance(task, GenerationTask):
+        raise InvalidParameterError("request", f"expected a GenerationTask, got {type(task).__name__}")
     try:
-        canvas = (int(job["canvas"][0]), int(job["canvas"][1]))
-        out = Job(
-            model=str(job["model"]),
-            embedding=validate_embedding(job["embedding"]),
-            kps=validate_keypoints(job["kps"]),
-            canvas=canvas,
-            width=int(job["width"]), height=int(job["height"]), steps=int(job["steps"]),
-            scheduler=str(job.get("scheduler", "default")),
-            prompt=str(job.get("prompt", "")), negative_prompt=_optional_str(job.get("negative_prompt")),
-            num_images=int(job.get("num_images", 1)), seed=int(job.get("seed", 0)),
-            guidance_scale=float(job.get("guidance_scale", 5.0)),
-            ip_adapter_scale=float(job.get("ip_adapter_scale", 0.8)),
-            controlnet_conditioning_scale=float(job.get("controlnet_conditioning_scale", 0.8)),
-            loras={str(k): float(v) for k, v in (job.get("loras") or {}).items()},
-            deadline=None if job.get("deadline") is None else float(job["deadline"]),
-            bbox=None if job.get("bbox") is None else np.asarray(job["bbox"], dtype=np.float64).reshape(4),
-            enhance_face_region=bool(job.get("enhance_face_region", False)),
-            prompt_weighting=str(job.get("prompt_weighting", "lpw")),
-            strength=float(job.get("strength", 0.8)),
-            return_pose_image=bool(job.get("return_pose_image", False)),
-            controls=[{"name": str(c["name"]), "map": c["map"], "scale": float(c["scale"]),
-                       "start": float(c["start"]), "end": float(c["end"])} for c in job.get("controls") or []],
-            safety_checker=bool(job.get("safety_checker", True)),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidParameterError("request", f"malformed generation job: {exc}") from exc
-    if min(canvas) <= 0:
+        task.embedding = validate_embedding(task.embedding)
+        task.kps = validate_keypoints(task.kps)
+        task.canvas = (int(task.canvas[0]), int(task.canvas[1]))
+        if task.bbox is not None:
+            task.bbox = np.asarray(task.bbox, dtype=np.float64).reshape(4)
+    except (IndexError, TypeError, ValueError) as exc:
+        raise InvalidParameterError("request", f"malformed generation task: {exc}") from exc
+    if min(task.canvas) <= 0:
         raise InvalidParameterError("kps", "canvas size must be positive")
-    if out.controls:  # maps on the output canvas; a ready map decoded here, per request, as the init image
+    if isinstance(task.init_image, (bytes, bytearray, memoryview)):
+        task.init_image = load_image(task.init_image, "init_image")
+    if task.controls:  # maps on the output canvas; a ready map decoded here, per task, as the init image
         from .controls import decode_maps
 
-        out.controls = decode_maps(out.controls, out.width, out.height)
-    if job.get("init_image") is not None:  # decoded per request, so a bad one fails only its own request
-        from instantid.face import load_image
-
-        out.init_image = load_image(job["init_image"], "init_image")
-    return out
+        task.controls = decode_maps(task.controls, task.width, task.height)
+    task.id, task.arrived, task.cancelled = uuid.uuid4().hex, time.perf_counter(), False
+    return task
 
 
 def abandoned_error() -> ServiceError:
@@ -191,7 +129,7 @@ class GeneratorCore:
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(name, pipe, time.perf_counter() - started)
 
-    def predict(self, model: LoadedModel, jobs: list[Job]) -> list[dict]:
+    def predict(self, model: LoadedModel, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         """One denoising batch for compatible jobs; one result (arrays + timings) per job."""
         from PIL import Image
 
@@ -231,48 +169,47 @@ class GeneratorCore:
         denoised = marks.get("denoised", finished)
         n_images = sum(j.num_images for j in jobs)
         return [
-            abandoned_error() if imgs is None else {
-                "images": [np.asarray(img.convert("RGB"), dtype=np.uint8) for img in imgs],
-                "seed": j.seed,
-                "model": model.name,
-                "pose_image": np.asarray(r.keypoint_image, dtype=np.uint8) if j.return_pose_image else None,
-                "timings": {"queue_s": started - j.arrived, "denoise_s": denoised - started,
-                            "vae_decode_s": finished - denoised, "batch_size": len(jobs),
-                            "batch_images": n_images},
-            }
+            abandoned_error() if imgs is None else GenerationResult(
+                images=[np.asarray(img.convert("RGB"), dtype=np.uint8) for img in imgs],
+                seed=j.seed,
+                model=model.name,
+                pose_image=np.asarray(r.keypoint_image, dtype=np.uint8) if j.return_pose_image else None,
+                timings={"queue_s": started - j.arrived, "denoise_s": denoised - started,
+                         "vae_decode_s": finished - denoised, "batch_size": len(jobs), "batch_images": n_images},
+            )
             for j, r, imgs in zip(jobs, requests, images)
         ]
 
-    def screen(self, jobs: list[Job], outputs: list) -> list:
-        """The safety check of a finished batch: every image of the jobs that keep it on, in one pass. Adds
-        ``nsfw`` flags per image and ``safety_s``; blurs flagged images, or with ``refuse`` answers a job whose
+    def screen(self, jobs: list[GenerationTask], outputs: list) -> list:
+        """The safety check of a finished batch: every image of the tasks that keep it on, in one pass. Sets
+        ``nsfw`` flags per image and ``safety_check_s``; blurs flagged images, or with ``refuse`` answers a task whose
         images are all flagged with 422 unsafe_output (flagged images of a mixed result are blurred)."""
         from PIL import Image
 
         from instantid.safety import blur
 
         checker = self.safety_checker()
-        checked = [k for k, (j, out) in enumerate(zip(jobs, outputs)) if isinstance(out, dict) and j.safety_checker]
+        checked = [k for k, (j, out) in enumerate(zip(jobs, outputs))
+                   if isinstance(out, GenerationResult) and j.safety_checker]
         if checker is None or not checked:
             return outputs
         started = time.perf_counter()
-        images = [Image.fromarray(a) for k in checked for a in outputs[k]["images"]]
+        images = [Image.fromarray(a) for k in checked for a in outputs[k].images]
         flags = iter(checker.check(images))
         seconds = time.perf_counter() - started
         metrics.stage("safety_check", seconds)
         outputs = list(outputs)
         for k in checked:
             out = outputs[k]
-            nsfw = [next(flags) for _ in out["images"]]
-            metrics.images_flagged(out["model"], sum(nsfw))
+            nsfw = [next(flags) for _ in out.images]
+            metrics.images_flagged(out.model, sum(nsfw))
             if self.args.safety.action == "refuse" and all(nsfw):
                 outputs[k] = ServiceError(422, "unsafe_output", "the safety checker flagged every generated image",
                                           field="safety_checker")
                 continue
-            out["images"] = [np.asarray(blur(Image.fromarray(a))) if flag else a
-                             for a, flag in zip(out["images"], nsfw)]
-            out["nsfw"] = nsfw
-            out["timings"]["safety_check_s"] = seconds
+            out.images = [np.asarray(blur(Image.fromarray(a))) if flag else a for a, flag in zip(out.images, nsfw)]
+            out.nsfw = nsfw
+            out.timings["safety_check_s"] = seconds
         return outputs
 
 
@@ -297,8 +234,8 @@ class Generator:
         self.loads: Counter[str] = Counter()
         self.batch_sizes: list[int] = []
         self._waiting: set[str] = set()
-        self._running: list[Job] = []  # the group on the device now
-        self._queue: list[tuple[Job, asyncio.Future]] = []  # formed batches' jobs, waiting for the device
+        self._running: list[GenerationTask] = []  # the group on the device now
+        self._queue: list[tuple[GenerationTask, asyncio.Future]] = []  # formed batches' jobs, waiting for the device
         self._pump_task: asyncio.Task | None = None
         self._screening: set[asyncio.Task] = set()  # safety checks in flight (a reference keeps each alive)
         self._run_batch.set_max_batch_size(self.args.batch.max_batch_size)
@@ -329,9 +266,9 @@ class Generator:
         return loaded
 
     # -- the request path ------------------------------------------------------------------------------
-    async def generate(self, job: dict) -> dict:
+    async def denoise(self, task: GenerationTask) -> GenerationResult:
         try:
-            parsed = decode_request(job)
+            parsed = accept_task(task)
         except Exception as exc:
             raise to_service_error(exc) from None
         self._waiting.add(parsed.id)
@@ -348,7 +285,7 @@ class Generator:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05,  # both reset from AppArgs.batch in __init__
                  max_concurrent_batches=MAX_PENDING_BATCHES)
-    async def _run_batch(self, jobs: list[Job]) -> list[dict | ServiceError]:
+    async def _run_batch(self, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         """Serve's batch (formed within batch_wait_timeout_s) joins the device queue; see ``_pump``."""
         loop = asyncio.get_running_loop()
         futures = []
@@ -360,7 +297,7 @@ class Generator:
             self._pump_task = loop.create_task(self._pump())
         return list(await asyncio.gather(*futures))
 
-    def _next_group(self) -> list[tuple[Job, asyncio.Future]]:
+    def _next_group(self) -> list[tuple[GenerationTask, asyncio.Future]]:
         """The oldest waiting job and the compatible jobs behind it (same model and key), FIFO; jobs whose
         callers gave up or whose deadline passed are dropped (answered 504, so their batch's others return)."""
         now = time.time()
@@ -380,7 +317,7 @@ class Generator:
         group, rest = [], []
         for entry in live:
             job = entry[0]
-            if len(group) < limit and job.model == head.model and job.key() == head.key():
+            if len(group) < limit and job.batch_key() == head.batch_key():
                 group.append(entry)
             else:
                 rest.append(entry)
@@ -421,7 +358,7 @@ class Generator:
             results = [to_service_error(exc)] * len(group)
         _answer(group, results)
 
-    async def _predict_group(self, jobs: list[Job]) -> list[dict | ServiceError]:
+    async def _predict_group(self, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         name = jobs[0].model
         loads_before = self.loads[name]
         started = time.perf_counter()
@@ -438,31 +375,31 @@ class Generator:
             return [to_service_error(exc)] * len(jobs)
         finally:
             self._running = []
-        done = [out for out in outputs if isinstance(out, dict)]
+        done = [out for out in outputs if isinstance(out, GenerationResult)]
         if done:
             self._record_batch(name, jobs, done, load_s)
         return outputs
 
-    def _record_batch(self, name: str, group: list[Job], outputs: list[dict], load_s: float | None) -> None:
+    def _record_batch(self, name: str, group: list[GenerationTask], outputs: list[GenerationResult],
+                      load_s: float | None) -> None:
         n_images = sum(j.num_images for j in group)
         self.batch_sizes = (self.batch_sizes + [len(group)])[-1000:]
         metrics.batch(name, len(group), n_images)
         metrics.images_generated(name, n_images)
-        first = outputs[0]["timings"]
+        first = outputs[0].timings
         metrics.stage("denoise", first["denoise_s"])
         metrics.stage("vae_decode", first["vae_decode_s"])
         for out in outputs:
-            metrics.stage("queue", out["timings"]["queue_s"])
+            metrics.stage("queue", out.timings["queue_s"])
             if load_s is not None:
-                out["timings"]["model_load_s"] = load_s
+                out.timings["model_load_s"] = load_s
         if load_s is not None:
             metrics.stage("model_load", load_s)
 
     # -- introspection and health -------------------------------------------------------------------
     def resident_models(self) -> list[str]:
         """Model ids in this replica's multiplexing LRU, least recently used first."""
-        wrapper = getattr(self._load_model_fn, "__serve_multiplex_wrapper", None)
-        return list(wrapper.models) if wrapper is not None else []
+        return multiplexed_models(self._load_model_fn)
 
     def stats(self) -> dict:
         return {

@@ -1,5 +1,5 @@
 """``controls`` and the safety checker end to end on the cluster (HTTP and the handle client): the image changes
-with controls and equals the in-process request path's (itself held equal to the library in test_controls.py)."""
+with controls and equals the in-process request path's (itself held equal to the library in test_service_controls.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from deployments.client import InstantIDClient
-from deployments.ingress import Ctx, IngressCore
-from deployments.profile import resolve_args
+from deployments.service import Ctx, GenerationService
+from deployments.tiny_profile import resolve_args
 from serve_helpers import b64, png_bytes
-from test_controls import LocalFace, LocalGenerator
+from test_service_controls import LocalFace, LocalGenerator
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def mirrored(face_photo) -> bytes:
 @pytest.fixture(scope="module")
 def in_process(serve_env):
     args = resolve_args(serve_env.args)
-    core = IngressCore(args, LocalFace(args), LocalGenerator(args))
-    core._backend_down = lambda names: asyncio.sleep(0)
+    core = GenerationService(args, LocalFace(args), LocalGenerator(args))
+    core.backends.require = lambda names: asyncio.sleep(0)
     return core
 
 
@@ -40,7 +40,7 @@ def image(b64_png: str) -> np.ndarray:
 def same_image(a: np.ndarray, b: np.ndarray) -> None:
     """Equal up to float rounding: the replica runs torch on its num_cpus threads, this process on its own, and
     a reduction split otherwise can move a pixel by one 8-bit level (the in-process path is exact:
-    test_controls.py)."""
+    test_service_controls.py)."""
     diff = np.abs(a.astype(int) - b.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.001, (diff.max(), (diff > 0).mean())
 
@@ -55,12 +55,12 @@ def test_http_and_handle_controls_equal_the_in_process_path(http, in_process, fa
     assert not np.array_equal(image(plain.json()["images"][0]), image(controlled.json()["images"][0]))
     body = controlled.json()
     assert body["nsfw"] == [False] and body["timings"]["control_maps_s"] > 0 and "safety_check_s" in body["timings"]
-    local = asyncio.run(in_process.serve_generate(Ctx(route="/v1/generate"), {**base, "controls": controls[:3]}))
+    local = asyncio.run(in_process.generate(Ctx(route="/v1/generate"), {**base, "controls": controls[:3]}))
     same_image(image(body["images"][0]), image(local["images"][0]))
     # the handle client, with a ready map among them, as the in-process path
     mixed = [controls[0], controls[2], controls[3]]
     handle = InstantIDClient("instantid", timeout_s=120).generate(**base, controls=mixed)
-    local = asyncio.run(in_process.serve_generate(Ctx(route="/v1/generate"), {**base, "controls": mixed}))
+    local = asyncio.run(in_process.generate(Ctx(route="/v1/generate"), {**base, "controls": mixed}))
     same_image(np.asarray(Image.open(io.BytesIO(handle.image_bytes()[0])).convert("RGB")), image(local["images"][0]))
     assert handle.nsfw == [False]
 

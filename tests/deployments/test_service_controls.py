@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import io
 
 import numpy as np
@@ -16,9 +17,9 @@ from deployments.controls import DEFAULT_SCALES as SERVICE_SCALES
 from deployments.controls import DERIVED, ControlMapsCore
 from deployments.errors import ServiceError
 from deployments.face_analyzer import FaceAnalysisCore
-from deployments.generator import GeneratorCore, decode_request
-from deployments.ingress import Ctx, IngressCore
-from deployments.profile import resolve_args
+from deployments.generator import GeneratorCore, accept_task
+from deployments.service import Ctx, GenerationService
+from deployments.tiny_profile import resolve_args
 from instantid.controls import CONTROL_TYPES, DEFAULT_SCALES, ControlSpec, Preprocessors, prepare_controls
 from instantid.face import load_image
 from serve_helpers import app_args, b64, png_bytes
@@ -55,14 +56,19 @@ class LocalGenerator:
     def __init__(self, args: AppArgs):
         self.core = GeneratorCore(args)
         self.model = self.core.load("tiny")
-        self.jobs: list[dict] = []
+        self.jobs: list = []
 
-        async def generate(job):
-            self.jobs.append(job)
-            out = await asyncio.to_thread(self.core.predict, self.model, [decode_request(job)])
-            return self.core.screen([decode_request(job)], out)[0]
+        async def denoise(task):
+            task = copy.deepcopy(task)  # as it would cross a handle: the caller keeps its own
+            self.jobs.append(copy.deepcopy(task))
+            accept_task(task)
+            out = await asyncio.to_thread(self.core.predict, self.model, [task])
+            result = self.core.screen([task], out)[0]
+            if isinstance(result, Exception):
+                raise result
+            return result
 
-        self.generate = _Call(generate)
+        self.denoise = _Call(denoise)
 
     def options(self, **_):
         return self
@@ -74,8 +80,8 @@ def service(tiny_bundle):
     args = resolve_args(app_args(tiny_bundle, limits=limits, models=[{"name": "tiny", "base_model": str(tiny_bundle / "sdxl"),
                                                        "controlnets": {k: str(tiny_bundle / f"controlnet-{k}")
                                                                        for k in (*CONTROL_TYPES, "extra")}}]))
-    core = IngressCore(args, LocalFace(args), LocalGenerator(args))
-    core._backend_down = lambda names: asyncio.sleep(0)
+    core = GenerationService(args, LocalFace(args), LocalGenerator(args))
+    core.backends.require = lambda names: asyncio.sleep(0)
     return core
 
 
@@ -89,7 +95,7 @@ def photos(face_photo):
 
 def generate(service, **fields):
     data = {"width": 64, "height": 64, "steps": 2, "seed": 11, "identity_score": False, **fields}
-    return asyncio.run(service.serve_generate(Ctx(route="/v1/generate"), data))
+    return asyncio.run(service.generate(Ctx(route="/v1/generate"), data))
 
 
 def decoded(response) -> np.ndarray:
@@ -109,7 +115,7 @@ def test_controls_change_the_image_and_equal_the_library(service, photos, tiny_b
     assert not np.array_equal(decoded(plain), decoded(response))
     assert response["timings"]["control_maps_s"] > 0
     # one call derived the three maps, concurrently with the face analysis
-    assert [(field, kind) for field, kind, _ in service.face.calls[-1]] == [
+    assert [(field, kind) for field, kind, _ in service.backends.face.calls[-1]] == [
         ("controls[0].image", "pose"), ("controls[1].image", "canny"), ("controls[2].image", "depth")]
     # what the Generator applied is what the library builds from the same inputs
     library = prepare_controls(
@@ -117,20 +123,20 @@ def test_controls_change_the_image_and_equal_the_library(service, photos, tiny_b
         [ControlSpec("pose", photo=load_image(photos["face"])), ControlSpec("canny", photo=load_image(photos["face"])),
          ControlSpec("depth", photo=load_image(photos["other"])),
          ControlSpec("extra", map=load_image(ready), scale=0.7, start=0.1, end=0.9)], (64, 64))
-    job = decode_request(service.generator.jobs[-1])
+    job = accept_task(copy.deepcopy(service.backends.generator.jobs[-1]))
     assert [(c["name"], c["scale"], c["start"], c["end"]) for c in job.controls] == [
         (c.name, c.scale, c.start, c.end) for c in library]
     for ours, theirs in zip(job.controls, library):
         np.testing.assert_array_equal(ours["map"], np.asarray(theirs.image))
     # and the image is the Generator's for exactly those library maps
     job.controls = [{**c, "map": np.asarray(l.image)} for c, l in zip(job.controls, library)]
-    again = service.generator.core.predict(service.generator.model, [job])[0]["images"][0]
+    again = service.backends.generator.core.predict(service.backends.generator.model, [job])[0].images[0]
     np.testing.assert_array_equal(decoded(response), again)
 
 
 def test_default_photo_is_the_pose_photo(service, photos):
     generate(service, face_images=[b64(photos["face"])], pose_image=b64(photos["other"]), controls=[{"type": "canny"}])
-    assert service.face.calls[-1][0][2] == photos["other"]
+    assert service.backends.face.calls[-1][0][2] == photos["other"]
 
 
 @pytest.mark.parametrize("control, status, code, field", [
