@@ -23,11 +23,12 @@ import time
 
 import numpy as np
 
+from instantid.controls import CONTROL_TYPES as DERIVED  # no torch at import: the Ingress stays light
+from instantid.controls import DEFAULT_SCALES
+
 from .errors import ServiceError
 from .messages import ControlMaps
 
-DERIVED = ("pose", "canny", "depth")  # instantid.controls.CONTROL_TYPES (importing it pulls in no torch, but PIL)
-DEFAULT_SCALES = {"pose": 0.4, "canny": 0.3, "depth": 0.5}  # instantid.controls.DEFAULT_SCALES; a test keeps both
 MAP_THREADS = 2
 
 

@@ -13,8 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from deployments.config import AppArgs
-from deployments.controls import DEFAULT_SCALES as SERVICE_SCALES
-from deployments.controls import DERIVED, ControlMapsCore
+from deployments.controls import ControlMapsCore
 from deployments.errors import ServiceError
 from deployments.face_analyzer import FaceAnalysisCore
 from deployments.generator import GeneratorCore, accept_task
@@ -100,10 +99,6 @@ def generate(service, **fields):
 
 def decoded(response) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(response["images"][0]))).convert("RGB"))
-
-
-def test_service_defaults_mirror_the_library():
-    assert DERIVED == CONTROL_TYPES and SERVICE_SCALES == DEFAULT_SCALES
 
 
 def test_controls_change_the_image_and_equal_the_library(service, photos, tiny_bundle):
