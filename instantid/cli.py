@@ -367,6 +367,8 @@ def _control_inputs(args, controlnets: dict, controls: list, faces: list, pose_p
     (default photo: the pose photo, else the first face photo, as the demo)."""
     from .controls import ControlSpec, Preprocessors, prepare_controls
 
+    if not controlnets:
+        return []
     kinds = args.control_type or [None] * len(controlnets)
     if not controls:
         default = pose_photo or (faces[0] if faces else None)

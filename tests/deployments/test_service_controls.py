@@ -159,3 +159,52 @@ def test_bounds_and_identity_without_photo(service, photos):
 
 def test_models_list_control_types(service):
     assert service.model_list()["models"][0]["controls"] == ["canny", "depth", "extra", "pose"]
+
+
+def service_with(tiny_bundle, **overrides) -> GenerationService:
+    args = resolve_args(app_args(tiny_bundle, models=[{"name": "tiny", "base_model": str(tiny_bundle / "sdxl"),
+                                                       "controlnets": {k: str(tiny_bundle / f"controlnet-{k}")
+                                                                       for k in CONTROL_TYPES}}], **overrides))
+    core = GenerationService(args, LocalFace(args), LocalGenerator(args))
+    core.backends.require = lambda names: asyncio.sleep(0)
+    return core
+
+
+@pytest.mark.parametrize("action", ["blur", "refuse"])
+def test_flagged_outputs_through_the_service(tiny_bundle, photos, action):
+    from instantid.safety import blur
+
+    safety = {"enabled": True, "model": str(tiny_bundle / "safety-flag-all"), "action": action}
+    core = service_with(tiny_bundle, safety=safety)
+    if action == "refuse":
+        with pytest.raises(ServiceError) as caught:
+            generate(core, face_images=[b64(photos["face"])], num_images=2)
+        assert (caught.value.status, caught.value.code) == (422, "unsafe_output")
+        return
+    response = generate(core, face_images=[b64(photos["face"])], num_images=2)
+    assert response["nsfw"] == [True, True] and response["timings"]["safety_check_s"] > 0
+    task = accept_task(copy.deepcopy(core.backends.generator.jobs[-1]))
+    raw = core.backends.generator.core.predict(core.backends.generator.model, [task])[0].images[0]
+    np.testing.assert_array_equal(decoded(response), np.asarray(blur(Image.fromarray(raw))))
+
+
+def test_largest_request_with_controls_at_full_size(tiny_bundle, face_photo):
+    """Default limits: three controls, each from its own photo at the pixel limit (4096x4096), at 1024x1024."""
+    from deployments.config import Limits
+
+    side = int(Limits().max_image_pixels ** 0.5)
+    big = Image.open(face_photo).convert("RGB").resize((side, side))
+    photos = []
+    for k in range(3):
+        out = io.BytesIO()
+        (big if k == 0 else ImageOps.mirror(big) if k == 1 else ImageOps.flip(big)).save(out, "JPEG", quality=80)
+        photos.append(out.getvalue())
+    limits = {"max_body_bytes": 20 * 1024 * 1024}  # the defaults otherwise: 4096x4096 photos, sides to 2048
+    core = service_with(tiny_bundle, limits=limits, safety={"enabled": True}, request_timeout_s=900)
+    controls = [{"type": kind, "image": b64(data)} for kind, data in zip(CONTROL_TYPES, photos)]
+    response = generate(core, face_images=[b64(photos[0])], controls=controls, width=1024, height=1024,
+                        num_images=2)
+    assert response["width"] == 1024 and response["nsfw"] == [False, False]
+    assert decoded(response).shape == (1024, 1024, 3)
+    job = accept_task(copy.deepcopy(core.backends.generator.jobs[-1]))
+    assert [c["map"].shape for c in job.controls] == [(1024, 1024, 3)] * 3
