@@ -236,6 +236,7 @@ class FaceAnalyzerDeployment:
     def __init__(self, args: dict):
         self.args = resolve_args(args)
         self.core: FaceAnalysisCore | None = None
+        self._maps = None  # control map derivation, created on first use
         self.load_error: str | None = None
         try:
             self.core = FaceAnalysisCore(self.args.face_model, threads=replica_cpus())
@@ -279,6 +280,16 @@ class FaceAnalyzerDeployment:
         except Exception as exc:
             raise to_service_error(exc) from None
         metrics.stage("identity_score", result["timings"]["identity_score_s"])
+        return result
+
+    async def control_maps(self, items: list[tuple[str, str, bytes]]):
+        """(field, type, photo bytes) -> each photo's control map (deployments/controls.py), on this CPU group."""
+        if self._maps is None:
+            from .controls import ControlMapsCore
+
+            self._maps = ControlMapsCore(self.args.preprocessors.depth, self.args.preprocessors.pose)
+        result = await self._maps.run(items)
+        metrics.stage("control_maps", result.timings["control_maps_s"])
         return result
 
     def ready(self) -> BackendHealth:

@@ -22,9 +22,10 @@ Ray prefixes application metrics with ``ray_`` on export and counters get ``_tot
 | instantid_identity_no_face        | counter   | model                  | images scored with no face found       |
 | instantid_identity_retries        | counter   | model                  | images regenerated under min_similarity|
 | instantid_request_identities      | histogram |                        | identities per generate request (people)|
+| instantid_images_flagged          | counter   | model                  | images the safety checker flagged      |
 
-Stages: decode, face_analysis, identity_load, queue, model_load, denoise, vae_decode, identity_score, encode,
-upload.
+Stages: decode, face_analysis, control_maps, identity_load, queue, model_load, denoise, vae_decode, safety_check,
+identity_score, encode, upload.
 Ray adds its own tags (WorkerId, NodeAddress, SessionName...). Outside a Ray worker (unit tests) the
 metrics degrade to no-ops.
 """
@@ -74,6 +75,8 @@ _SPECS = {
                            "identity per step).", (), [1, 2, 3, 4]),
     "identity_retries": ("counter", "instantid_identity_retries",
                          "Images regenerated because they scored under min_similarity.", ("model",), None),
+    "images_flagged": ("counter", "instantid_images_flagged", "Generated images the safety checker flagged.",
+                       ("model",), None),
 }
 
 
@@ -193,3 +196,9 @@ def identity_retries(model: str, n: int) -> None:
 @_safe
 def identities(n: int) -> None:
     metric("request_identities").observe(n)
+
+
+@_safe
+def images_flagged(model: str, n: int) -> None:
+    if n:
+        metric("images_flagged").inc(n, tags={"model": model})

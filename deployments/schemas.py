@@ -95,6 +95,21 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
     LoraName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
     Person = _person_model(limits)
 
+    class ControlRequest(_Model):
+        """An extra spatial ControlNet beside IdentityNet (docs/api.md, "Controls")."""
+
+        type: str = Field(min_length=1, max_length=MAX_NAME_CHARS,
+                          description="A control type of the model (GET /v1/models `controls`): pose, canny and "
+                                      "depth derive their map from a photo; other names take a ready map.")
+        image: Optional[str] = Field(None, description=f"Photo to derive the map from. {_DOC_IMAGE} Absent (and no "
+                                                       "map): the pose photo, else the first face photo.")
+        map: Optional[str] = Field(None, description=f"A ready control map, used as is (resized to the output). "
+                                                     f"{_DOC_IMAGE}")
+        scale: Optional[float] = Field(None, ge=0.0, le=2.0, description="Conditioning scale. Absent: the demo's "
+                                       "default for the type (pose 0.4, canny 0.3, depth 0.5; 1.0 otherwise).")
+        start: float = Field(0.0, ge=0.0, le=1.0, description="Share of the steps before it acts.")
+        end: float = Field(1.0, ge=0.0, le=1.0, description="Share of the steps after which it stops.")
+
     class GenerateRequest(_Model):
         """Generate images of the identity in ``face_images`` (or a stored ``identity_id``)."""
 
@@ -152,6 +167,11 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
         timeout_s: Optional[float] = Field(
             None, gt=0, le=max_timeout, description="Deadline for this request (at most the service's own); 504 "
                                                     "past it.")
+        controls: list[ControlRequest] = Field(
+            default_factory=list, max_length=limits.max_controls,
+            description=f"At most {limits.max_controls} extra ControlNets (pose, canny, depth, ...) of the model.")
+        safety_checker: bool = Field(True, description="false turns the output safety checker off for this "
+                                                       "request, where the service allows it (else 422).")
         identity_score: bool = Field(True, description="Score each image's face against the identity "
                                                        "(`identity` in the response); false skips its CPU cost.")
         min_similarity: Optional[float] = Field(
@@ -266,6 +286,9 @@ class Timings(BaseModel):
     model_load_s: Optional[float] = Field(None, description="Loading a model this request needed.")
     denoise_s: Optional[float] = Field(None, description="Prompt/face encoding and the denoising loop.")
     vae_decode_s: Optional[float] = None
+    control_maps_s: Optional[float] = Field(None, description="Deriving control maps from photos (Preprocessor).")
+    safety_check_s: Optional[float] = Field(None, description="The safety checker on the batch's images; it runs "
+                                                              "beside the next batch's denoising.")
     encode_s: Optional[float] = Field(None, description="Image encoding (png/jpeg/webp).")
     upload_s: Optional[float] = Field(None, description="S3 upload and URL presigning.")
     identity_score_s: Optional[float] = Field(None, description="Face analysis of the outputs (FaceAnalyzer).")
@@ -309,6 +332,8 @@ class GenerateResponse(BaseModel):
     people: Optional[list[PlacedPerson]] = Field(None, description="With people: where each one went.")
     pose_image: Optional[str] = Field(None, description="Base64 PNG of the keypoint image (return_pose_image).")
     identity: Optional[list[ImageIdentity]] = Field(None, description="Per image, in order: its identity score.")
+    nsfw: Optional[list[bool]] = Field(None, description="Per image, in order: flagged by the safety checker (with "
+                                                         "action blur, the image is blurred); absent when it is off.")
     timings: Timings
 
     def image_bytes(self) -> list[bytes]:
@@ -337,6 +362,8 @@ class IdentityList(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     loras: list[str]
+    controls: list[str] = Field(default_factory=list, description="Control types a request may use in "
+                                                                  "`controls` with this model.")
     default: bool
 
 

@@ -32,6 +32,7 @@ from .errors import ServiceError, from_exception, storage_unavailable, validatio
 from .http.delivery import S3Delivery, encode_outputs, to_base64
 from .http.readers import check_image, decode_base64
 from .identities import decode_embedding, make_record, make_store, new_identity_id, valid_identity_id, visible_to
+from .controls import finish_control_maps, message_bytes, start_control_maps
 from .identity_score import score_outputs
 from .messages import FaceAnalysisResult, GenerationTask
 from .people import resolve_people
@@ -235,10 +236,14 @@ class GenerationService:
         if req.delivery == "s3" and self.s3 is None:
             raise ServiceError(422, "invalid_parameter", "delivery: S3 delivery is not configured on this service",
                                field="delivery")
+        if not req.safety_checker and args.safety.enabled and not args.safety.allow_disable:
+            raise ServiceError(422, "invalid_parameter", "safety_checker: this service does not allow turning the "
+                               "safety checker off", field="safety_checker")
         check_cost(spec, req, ctx.deadline)
         await self.backends.require(BACKENDS if req.identity_id is None or pose is not None else ("Generator",))
         prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt)
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        controls, maps = await start_control_maps(self, ctx, req, spec, faces, pose)  # beside the face analysis
 
         analysis = plan = None
         if req.people is not None:  # several identities: deployments/people.py
@@ -273,6 +278,7 @@ class GenerationService:
         ctx.timings["identities"] = len(plan.people) if plan else 1
         metrics.identities(ctx.timings["identities"])
         check_cost(spec, req, ctx.deadline, (width, height))  # again at the photo's size when none was given
+        controls = await finish_control_maps(ctx, controls, maps)
         task = GenerationTask(
             model=spec.name, embedding=embedding, kps=kps, canvas=canvas, bbox=bbox,
             enhance_face_region=req.enhance_face_region is not False and bbox is not None,
@@ -282,10 +288,12 @@ class GenerationService:
             prompt=prompt, negative_prompt=negative, num_images=req.num_images, seed=seed,
             guidance_scale=req.guidance_scale, ip_adapter_scale=req.ip_adapter_scale,
             controlnet_conditioning_scale=req.controlnet_conditioning_scale, loras=dict(req.loras),
-            deadline=ctx.deadline, people=plan.people if plan else None,
+            deadline=ctx.deadline, people=plan.people if plan else None, controls=controls,
+            safety_checker=req.safety_checker,
         )
         # the response is the raw RGB arrays: their size is known before the call
         result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
+        result_bytes = max(result_bytes, message_bytes(controls))  # derived maps travel in the task
         result = await self._call(ctx, self.backends.generator_for(spec.name, result_bytes).denoise.remote(task))
         ctx.timings.update(result.timings)
         arrays, identity = result.images, None
@@ -311,7 +319,7 @@ class GenerationService:
             "width": width, "height": height, "seed": seed, "model": result.model,
             "loras": dict(req.loras), "face": face, "people": plan.view if plan else None,
             "pose_image": to_base64(pose_png) if pose_png is not None else None,
-            "identity": identity,
+            "identity": identity, "nsfw": result.nsfw,
             "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ctx.timings.items()},
         }
         return {k: v for k, v in response.items() if v is not None}
@@ -434,7 +442,8 @@ class GenerationService:
         from instantid.styles import presets
 
         return {
-            "models": [{"name": m.name, "loras": sorted(m.loras), "default": m.name == self.args.default_model}
+            "models": [{"name": m.name, "loras": sorted(m.loras), "controls": sorted(m.controlnets),
+                        "default": m.name == self.args.default_model}
                        for m in self.args.models],
             "schedulers": list(SCHEDULERS), "styles": sorted(presets()),
             "output_formats": list(OUTPUT_FORMATS),

@@ -81,8 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:SCALE]")
     models.add_argument("--controlnet", action="append", default=[], metavar="REF",
                         help="extra spatial ControlNet; pair each with --control-image")
-    models.add_argument("--control-image", action="append", default=[], metavar="IMG")
-    models.add_argument("--control-scale", action="append", default=[], type=float, metavar="F")
+    models.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                        help="the control map itself, or with --control-type the photo to derive it from")
+    models.add_argument("--control-type", action="append", default=[], choices=["canny", "depth", "pose"],
+                        help="derive each --controlnet's map from its --control-image (default: the --pose photo, "
+                             "else the first --face) as the multi-ControlNet demo does; one per --controlnet")
+    models.add_argument("--control-scale", action="append", default=[], type=float, metavar="F",
+                        help="default: the demo's per type (pose 0.4, canny 0.3, depth 0.5), 1.0 for a ready map")
+    models.add_argument("--depth-model", default="Intel/dpt-hybrid-midas", metavar="REF",
+                        help="depth estimator for --control-type depth (transformers DPT layout)")
+    models.add_argument("--pose-model", default="yzd-v/DWPose", metavar="REF",
+                        help="DWPose ONNX files (yolox_l.onnx, dw-ll_ucoco_384.onnx) for --control-type pose")
 
     who = gen.add_argument_group("identity and pose")
     who.add_argument("--face", action="append", default=[], metavar="IMG",
@@ -114,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--init-image", metavar="IMG", help="img2img: restyle this picture keeping the identity")
     what.add_argument("--strength", type=float, default=defaults.IMG2IMG_STRENGTH, help="img2img: share of the schedule run, (0, 1]")
     what.add_argument("--save-pose-image", metavar="PATH", help="also write the keypoint image IdentityNet got")
+    what.add_argument("--save-control-maps", metavar="DIR",
+                      help="also write each extra ControlNet's map as DIR/control<N>-<type>.png")
     what.add_argument("--steps", type=int, default=defaults.STEPS)
     what.add_argument("--guidance-scale", type=float, default=defaults.GUIDANCE_SCALE)
     what.add_argument("--ip-adapter-scale", type=float, default=defaults.IP_ADAPTER_SCALE)
@@ -203,8 +214,13 @@ def _check_generate_args(args) -> None:
         raise InvalidParameterError("--face", "give either --face IMG (repeatable) or --face-embedding E.npy")
     if args.face_embedding and not (args.face_kps or args.pose):
         raise InvalidParameterError("--face-kps", "--face-embedding needs --face-kps K.json or --pose IMG")
-    if len(args.control_image) != len(args.controlnet):
-        raise InvalidParameterError("--control-image", "give one --control-image per --controlnet")
+    if args.control_type and len(args.control_type) != len(args.controlnet):
+        raise InvalidParameterError("--control-type", "give one --control-type per --controlnet, or none")
+    if len(args.control_image) != len(args.controlnet) and not (args.control_type and not args.control_image):
+        raise InvalidParameterError("--control-image", "give one --control-image per --controlnet (with "
+                                                       "--control-type they may all be left out: the pose photo)")
+    if args.save_control_maps and not Path(args.save_control_maps).expanduser().is_dir():
+        raise InvalidParameterError("--save-control-maps", f"{args.save_control_maps} is not a directory")
     if args.control_scale and len(args.control_scale) != len(args.controlnet):
         raise InvalidParameterError("--control-scale", "give one --control-scale per --controlnet, or none")
     suffix = Path(args.output).suffix.lower()
@@ -361,7 +377,7 @@ def cmd_generate(args) -> int:
     prompt, negative = apply_style(args.style, args.prompt, args.negative_prompt)
     faces = [(path, load_image(path)) for path in args.face]
     pose_photo = (args.pose, load_image(args.pose)) if args.pose else None
-    controls = [load_image(path) for path in args.control_image]
+    controls = [load_image(path, f"--control-image {path}") for path in args.control_image]
     control_mask = load_image(args.control_mask, f"--control-mask {args.control_mask}") if args.control_mask else None
     init_image = load_image(args.init_image, f"--init-image {args.init_image}") if args.init_image else None
     embedding = _read_embedding(args.face_embedding) if args.face_embedding else None
@@ -396,23 +412,23 @@ def cmd_generate(args) -> int:
         if args.enhance_face_region is not False and pose.bbox is not None and control_mask is None:
             control_mask = pose.face_mask(width, height)  # on by default wherever a face box is known, as the demo
 
-    from .pipeline import ControlInput, GenerationRequest
+    from .pipeline import GenerationRequest
     from .prompt_weighting import DEFAULT
 
     loras = {f"lora{i}": path for i, (path, _) in enumerate(args.lora)}
     controlnets = {f"control{i}": ref for i, ref in enumerate(args.controlnet)}
+    # maps before the pipeline: a bad preprocessor reference fails before the big load
+    control_inputs = _control_inputs(args, controlnets, controls, faces, pose_photo, (width, height))
     pipe = loading.load_pipeline(args.base_model, args.instantid, device=args.device, dtype=args.dtype,
                                  controlnets=controlnets, loras=loras, base_config=args.base_config)
     pipe.set_loras({f"lora{i}": scale for i, (_, scale) in enumerate(args.lora)})
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
-    scales = args.control_scale or [1.0] * len(controls)
     request = GenerationRequest(
         face_embedding=embedding, keypoint_image=keypoint_image, prompt=prompt,
         negative_prompt=negative, num_images=args.num_images, seed=seed, guidance_scale=args.guidance_scale,
         ip_adapter_scale=args.ip_adapter_scale, controlnet_conditioning_scale=args.controlnet_conditioning_scale,
         control_guidance_start=args.control_guidance_start, control_guidance_end=args.control_guidance_end,
-        controls=[ControlInput(name, img.resize((width, height)), scale)
-                  for name, img, scale in zip(controlnets, controls, scales)],
+        controls=control_inputs,
         prompt_weighting=args.prompt_weighting or DEFAULT, control_mask=control_mask, init_image=init_image,
         strength=args.strength, people=people,
     )
@@ -422,6 +438,11 @@ def cmd_generate(args) -> int:
     if args.save_pose_image:
         pose_image = keypoints_overview(people) if people else keypoint_image
         images, paths = [*images, pose_image], [*paths, Path(args.save_pose_image).expanduser()]
+    if args.save_control_maps:
+        maps = Path(args.save_control_maps).expanduser()
+        kinds = args.control_type or ["map"] * len(control_inputs)
+        images = [*images, *(c.image for c in control_inputs)]
+        paths = [*paths, *(maps / f"control{i}-{kind}.png" for i, kind in enumerate(kinds))]
     _save_all(images, paths)
     for path in paths:
         print(path)
@@ -437,6 +458,29 @@ def cmd_generate(args) -> int:
             else:
                 print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
     return 0
+
+
+def _control_inputs(args, controlnets: dict, controls: list, faces: list, pose_photo, size) -> list:
+    """Each --controlnet's input: its --control-image as the map, or with --control-type the map derived from it
+    (default photo: the pose photo, else the first face photo, as the demo)."""
+    from .controls import ControlSpec, Preprocessors, prepare_controls
+
+    if not controlnets:
+        return []
+    kinds = args.control_type or [None] * len(controlnets)
+    if not controls:
+        default = pose_photo or (faces[0] if faces else None)
+        if default is None:
+            raise InvalidParameterError("--control-image", "--control-type needs a photo: --control-image, --pose "
+                                                           "or --face")
+        controls = [default[1]] * len(controlnets)
+    scales = args.control_scale or [None if kind else 1.0 for kind in kinds]
+    specs = [ControlSpec(kind or "map", photo=image if kind else None, map=None if kind else image, scale=scale)
+             for kind, image, scale in zip(kinds, controls, scales)]
+    inputs = prepare_controls(Preprocessors(depth=args.depth_model, pose=args.pose_model), specs, size)
+    for control, name in zip(inputs, controlnets):
+        control.name = name
+    return inputs
 
 
 def _score_line(analyzer, image, embedding, references) -> str:
