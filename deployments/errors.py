@@ -14,6 +14,7 @@ Status codes:
     413 body_too_large, image_too_large  415 unsupported_media_type (neither JSON nor multipart)
     422 invalid_parameter (``field``), no_face (``field`` names the image)
         too_costly (width x height x steps x num_images cannot finish before the deadline; ``details`` names them)
+        unsafe_output (the safety checker flagged every image, ``safety.action: refuse``)
     429 rate_limited (Retry-After)       500 internal
     503 queue_full (Retry-After), unavailable (a backend down or its replica died mid-request),
         model_unavailable, storage_unavailable (S3 or the identity directory failing)

@@ -30,6 +30,7 @@ def multipart_schema(model: type[BaseModel], max_faces: int) -> dict:
     API refuses allowed (no null, no unknown field, no empty file)."""
     schema = model.model_json_schema()
     props = {k: form_field_schema(v) for k, v in schema["properties"].items()}
+    props.pop("people", None)  # nested objects: JSON bodies only (a form carries flat fields)
     file = {"type": "string", "format": "binary", "minLength": 1}  # an empty file is refused (400)
     props["face_images"] = {"type": "array", "items": file, "minItems": 1,
                             "maxItems": max_faces, "description": "Photo files (repeat the field)."}
@@ -41,7 +42,9 @@ def multipart_schema(model: type[BaseModel], max_faces: int) -> dict:
         props["loras"] = {"type": "string", "description": 'JSON object, e.g. {"name": 0.8}.'}
     # the JSON body's rules across fields; its if/then ones stay out (schemathesis 4.32's coverage phase cannot
     # judge file parts against conditionals, and the API enforces them the same)
-    rules = {k: schema[k] for k in ("required", "oneOf") if k in schema}
+    rules = {k: schema[k] for k in ("required",) if k in schema}
+    if "oneOf" in schema:  # the sources a form can carry (people are JSON only)
+        rules["oneOf"] = [rule for rule in schema["oneOf"] if set(rule["required"]) <= set(props)]
     return {"type": "object", "properties": props, "additionalProperties": False, **rules}
 
 

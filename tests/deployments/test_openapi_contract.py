@@ -57,7 +57,7 @@ def test_form_bodies_allow_nothing_the_api_refuses(schema, path):
                                                              if k in form["properties"]]
     assert all(f["format"] == "binary" and f["minLength"] == 1 for f in files)  # an empty file: 400
     if path == "/v1/generate":
-        assert form["oneOf"] == GENERATE_RULES["oneOf"]
+        assert form["oneOf"] == GENERATE_RULES["oneOf"][:2]  # people: JSON only
     else:
         assert form["required"] == ["face_images"]
 
@@ -73,6 +73,9 @@ def test_generate_rules_in_the_json_schema(schema):
     assert not valid({"identity_id": ID, "retry_below_threshold": 1})  # needs min_similarity
     assert not valid({"identity_id": ID, "min_similarity": 0.3, "identity_score": False})
     assert not valid({"face_images": [""]})  # empty image: 400
+    people = [{"identity_id": ID, "box": [0, 0, 32, 32]}]
+    assert not valid({"people": people, "identity_id": ID})
+    assert not valid({"people": people, "min_similarity": 0.2})
     assert not valid({"identity_id": ID, "pose_image": "00"})  # not base64: 400
 
 
