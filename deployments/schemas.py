@@ -98,6 +98,8 @@ def _person_model(limits: Limits):
     Point = Annotated[list[Coordinate], Field(min_length=2, max_length=2)]
 
     class Person(_Model):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": GENERATE_RULES["oneOf"][:2]})
+
         face_images: Optional[list[Base64Image]] = Field(
             None, min_length=1, max_length=limits.max_faces,
             description=f"1 to {limits.max_faces} photos of this person ({_DOC_IMAGE}), embeddings averaged.")

@@ -30,7 +30,8 @@ def multipart_schema(model: type[BaseModel], max_faces: int) -> dict:
     API refuses allowed (no null, no unknown field, no empty file)."""
     schema = model.model_json_schema()
     props = {k: form_field_schema(v) for k, v in schema["properties"].items()}
-    props.pop("people", None)  # nested objects: JSON bodies only (a form carries flat fields)
+    for nested in ("people", "controls"):  # lists of objects: JSON bodies only (a form carries flat fields)
+        props.pop(nested, None)
     file = {"type": "string", "format": "binary", "minLength": 1}  # an empty file is refused (400)
     props["face_images"] = {"type": "array", "items": file, "minItems": 1,
                             "maxItems": max_faces, "description": "Photo files (repeat the field)."}

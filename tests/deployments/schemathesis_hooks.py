@@ -5,7 +5,8 @@
   content: not a decodable JPEG/PNG/WebP (400 ``invalid_image``; an EMPTY image is not excused: the schema
   says ``minLength: 1``), too many pixels in its header (413 ``image_too_large``), no face in it (422
   ``no_face``), work that cannot finish before the deadline (422 ``too_costly``), and a LoRA name the chosen
-  model does not have (422 on ``loras``: a lookup, like an unknown identity's 404). Any other refusal of
+  model does not have (422 on ``loras``: a lookup, like an unknown identity's 404), and a form's ``loras``
+  text that does not parse as a JSON object (no schema keyword says "this string parses"). Any other refusal of
   a schema-valid request (``invalid_parameter``, ``invalid_json``, ...) fails, as in the stock check. Bodies
   that break the generate schema's rules across fields are not schema-valid, whatever schemathesis says.
 - ``not_a_server_error_beyond_deadline``: no 5xx, except the 504 of a request that set its own ``timeout_s``.
@@ -29,7 +30,7 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-CONTENT_REFUSALS = {"invalid_image", "image_too_large", "no_face", "too_costly", "unknown_lora"}
+CONTENT_REFUSALS = {"invalid_image", "image_too_large", "no_face", "too_costly", "unknown_lora", "form_loras_not_json"}
 FACE_OPERATIONS = {("POST", "/v1/identities"), ("POST", "/v1/faces:analyze")}
 
 
@@ -54,6 +55,8 @@ def _error_code(response) -> str | None:
             return None  # the schema says minLength 1: not excused
         if error.get("field") == "loras" and "unknown LoRA" in message:
             return "unknown_lora"  # which LoRAs exist depends on the model chosen: a lookup, as a 404
+        if error.get("field") == "loras" and "must be a JSON object" in message:
+            return "form_loras_not_json"  # a form's loras field is JSON text: no schema keyword says "parses"
         return error.get("code")
     except Exception:
         return None
