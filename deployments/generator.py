@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -84,6 +85,7 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # time.time() past which nobody waits for the result
     cancelled: bool = False
+    on_step: object | None = None  # called (step, total) after each denoising step (a job's progress)
 
     def abandoned(self, now: float) -> bool:
         """Its caller gave up (cancelled) or its deadline passed: its work is wasted."""
@@ -189,6 +191,9 @@ class GeneratorCore:
         def on_step(step: int, total: int) -> list[int] | None:
             if step == total:
                 marks["denoised"] = time.perf_counter()
+            for j in jobs:
+                if j.on_step is not None:
+                    j.on_step(step, total)
             now = time.time()
             wanted = [k for k, j in enumerate(jobs) if not j.abandoned(now)]
             return wanted if len(wanted) < len(jobs) else None  # the others' rows leave the batch
@@ -270,6 +275,45 @@ class Generator:
             parsed = decode_request(job)
         except Exception as exc:
             raise to_service_error(exc) from None
+        return await self._generate(parsed)
+
+    async def generate_stream(self, job: dict, progress_interval_s: float = 0.25):
+        """``generate`` for jobs, streamed (``handle.options(stream=True)``): ``{"progress": {"step", "total"}}``
+        after denoising steps, at most one per ``progress_interval_s`` (and the last step), then
+        ``{"result": ...}``. Cancelling the stream stops this request's rows at the next step."""
+        try:
+            parsed = decode_request(job)
+        except Exception as exc:
+            raise to_service_error(exc) from None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        last = [-math.inf]
+
+        def on_step(step: int, total: int) -> None:  # the worker thread
+            now = time.monotonic()
+            if step == total or now - last[0] >= progress_interval_s:
+                last[0] = now
+                loop.call_soon_threadsafe(events.put_nowait, {"progress": {"step": step, "total": total}})
+
+        parsed.on_step = on_step
+        task = asyncio.ensure_future(self._generate(parsed))
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                break
+            yield {"result": task.result()}
+        finally:
+            parsed.cancelled = True  # a no-op when done; the caller went away otherwise
+            task.cancel()
+
+    async def _generate(self, parsed: Job) -> dict:
         self._waiting.add(parsed.id)
         metrics.queue_length(len(self._waiting))
         try:

@@ -330,6 +330,9 @@ class IngressCore:
         self._status_messages: dict[str, str] = {}
         self._running: dict[str, int] = {}  # RUNNING replicas per deployment, from the last status read
         self._s3 = None
+        from .jobs import JobService  # the job core under /v1/jobs and the Replicate surface
+
+        self.jobs = JobService(self, self.args.jobs)
 
     # -- plumbing --------------------------------------------------------------------------------------
     def _generator_for(self, model: str, message_bytes: int = 0):
@@ -510,6 +513,17 @@ class IngressCore:
 
     async def run_generate(self, ctx: Ctx, req, faces: list[bytes] | None, pose: bytes | None,
                            init_image: bytes | None = None) -> dict:
+        prepared = await self.prepare_generation(ctx, req, faces, pose, init_image)
+        job = prepared["job"]
+        # the response is the raw RGB arrays: their size is known before the call
+        result_bytes = req.num_images * job["width"] * job["height"] * 3  # the resolved size
+        result = await self._call(ctx, self._generator_for(job["model"], result_bytes).generate.remote(job))
+        return await self.complete_generation(ctx, req, prepared, result)
+
+    async def prepare_generation(self, ctx: Ctx, req, faces: list[bytes] | None, pose: bytes | None,
+                                 init_image: bytes | None = None) -> dict:
+        """Everything before the Generator: checks, the identity or face analysis, the output size. Returns
+        the Generator's job and what ``complete_generation`` needs (plain data: a job keeps it in its record)."""
         from instantid.styles import apply_style
 
         args = self.args
@@ -567,14 +581,20 @@ class IngressCore:
             "controlnet_conditioning_scale": req.controlnet_conditioning_scale, "loras": dict(req.loras),
             "deadline": ctx.deadline,
         }
-        # the response is the raw RGB arrays: their size is known before the call
-        result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
-        result = await self._call(ctx, self._generator_for(spec.name, result_bytes).generate.remote(job))
+        # per photo embeddings for the identity score: only photos sent with this request have them
+        references = analysis.get("embeddings") if req.identity_id is None else None
+        return {"job": job, "face": face, "embedding": embedding, "references": references}
+
+    async def complete_generation(self, ctx: Ctx, req, prepared: dict, result: dict) -> dict:
+        """Everything after the Generator: identity score, encoding, delivery; the /v1/generate response."""
+        job, face = prepared["job"], prepared["face"]
+        spec = self.args.model(job["model"])
+        width, height, seed = job["width"], job["height"], job["seed"]
         ctx.timings.update(result["timings"])
         arrays, identity = result["images"], None
-        if req.identity_score:  # per photo embeddings: only photos sent with this request have them
-            references = analysis.get("embeddings") if req.identity_id is None else None
-            arrays, identity = await score_outputs(self, ctx, req, spec, job, arrays, embedding, references)
+        if req.identity_score:
+            arrays, identity = await score_outputs(self, ctx, req, spec, job, arrays, prepared["embedding"],
+                                                   prepared["references"])
 
         t0 = time.perf_counter()
         pose_array = result.get("pose_image")
@@ -816,6 +836,36 @@ class IngressCore:
 
     async def list_models(self) -> dict:
         return self.model_list()
+
+    async def submit_job(self, request: dict) -> dict:
+        """Handle API: the POST /v1/jobs JSON body -> the job (deployments/http/surfaces/jobs.py's view)."""
+        from .http.surfaces.jobs import SURFACE, job_view
+
+        async def submit(ctx, data):
+            webhook = data.pop("webhook", None)
+            return job_view(*await self.jobs.submit(ctx, data, webhook=webhook, meta={"surface": SURFACE}))
+
+        return await self._handle("submit_job", submit, dict(request))
+
+    async def job(self, job_id: str, wait_s: float = 0.0) -> dict:
+        """Handle API: the job, once it ends or after ``wait_s`` seconds."""
+        from .http.surfaces.jobs import job_view
+
+        async def get(ctx, job_id):
+            return job_view(job_id, await self.jobs.wait(ctx, job_id, min(float(wait_s), 60.0)))
+
+        return await self._handle("job", get, job_id)
+
+    async def cancel_job(self, job_id: str) -> dict:
+        from .http.surfaces.jobs import job_view
+
+        async def cancel(ctx, job_id):
+            return job_view(job_id, await self.jobs.cancel(ctx, job_id))
+
+        return await self._handle("cancel_job", cancel, job_id)
+
+    async def check_health(self) -> None:
+        self.jobs.start()  # a replica runs queued jobs even before its first request
 
 
 # -- HTTP --------------------------------------------------------------------------------------------------
@@ -1080,6 +1130,9 @@ def build_http_app(core: IngressCore):
     from .playground import add_routes as add_playground  # POST /v1/faces:analyze, and the page at /
 
     add_playground(app, v1, core, parse)  # before the catch-all below: routes match in order
+    from .http.surfaces import jobs as jobs_surface
+
+    jobs_surface.add_routes(v1, core, caller, parse)
 
     @v1.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                   include_in_schema=False)

@@ -21,6 +21,11 @@ Ray prefixes application metrics with ``ray_`` on export and counters get ``_tot
 | instantid_identity_similarity     | histogram | model                  | identity score (FaceSim) of each image |
 | instantid_identity_no_face        | counter   | model                  | images scored with no face found       |
 | instantid_identity_retries        | counter   | model                  | images regenerated under min_similarity|
+| instantid_jobs                    | counter   | status                 | jobs submitted (queued) and ended      |
+| instantid_job_queue_wait_seconds  | histogram |                        | job submitted -> a replica starts it   |
+| instantid_job_first_step_seconds  | histogram |                        | job started -> first denoising step    |
+| instantid_job_cancellations       | counter   | state                  | cancels, by the job's state then       |
+| instantid_webhooks                | counter   | outcome                | webhook deliveries: delivered, failed  |
 
 Stages: decode, face_analysis, identity_load, queue, model_load, denoise, vae_decode, identity_score, encode,
 upload.
@@ -70,6 +75,15 @@ _SPECS = {
                          ("model",), None),
     "identity_retries": ("counter", "instantid_identity_retries",
                          "Images regenerated because they scored under min_similarity.", ("model",), None),
+    "jobs": ("counter", "instantid_jobs", "Jobs by status: queued counts submissions, the others endings.",
+             ("status",), None),
+    "job_queue_wait": ("histogram", "instantid_job_queue_wait_seconds",
+                       "Seconds from a job's submission to a replica starting it.", (), LOAD_BUCKETS),
+    "job_first_step": ("histogram", "instantid_job_first_step_seconds",
+                       "Seconds from a job's start to its first denoising step.", (), LATENCY_BUCKETS),
+    "job_cancellations": ("counter", "instantid_job_cancellations", "Cancelled jobs by their state then.",
+                          ("state",), None),
+    "webhooks": ("counter", "instantid_webhooks", "Webhook deliveries by outcome.", ("outcome",), None),
 }
 
 
@@ -184,3 +198,28 @@ def identity_scored(model: str, similarity: float | None) -> None:
 @_safe
 def identity_retries(model: str, n: int) -> None:
     metric("identity_retries").inc(n, tags={"model": model})
+
+
+@_safe
+def job_status(status: str) -> None:
+    metric("jobs").inc(tags={"status": status})
+
+
+@_safe
+def job_started(queue_wait_s: float) -> None:
+    metric("job_queue_wait").observe(max(0.0, queue_wait_s))
+
+
+@_safe
+def job_first_step(seconds: float) -> None:
+    metric("job_first_step").observe(max(0.0, seconds))
+
+
+@_safe
+def job_cancelled(state: str) -> None:
+    metric("job_cancellations").inc(tags={"state": state})
+
+
+@_safe
+def webhook(outcome: str) -> None:
+    metric("webhooks").inc(tags={"outcome": outcome})

@@ -1,0 +1,1 @@
+"""Thin HTTP modules over the request core (see docs/architecture.md)."""
