@@ -1,0 +1,118 @@
+"""Jobs on Ray Serve with a real redis-server: progress from the tiny pipeline's steps, cancel of one request in
+a denoising batch while the other goes on, and a job that outlives the Ingress replica that ran it. The OpenAI
+and Replicate surfaces are driven by their real clients against the same application."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from redis_server import redis_server
+from serve_helpers import app_args
+from test_faults import _replica_actors, _wait
+
+pytestmark = pytest.mark.serve
+
+APP, PREFIX = "jobs", "/jobsapp"
+WEBHOOK_SECRET = "serve-test-secret"
+
+
+@pytest.fixture(scope="module")
+def jobs_app(serve_env, tmp_path_factory):
+    from ray import serve
+
+    from deployments.app import bind
+    from deployments.profile import resolve_args
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        args = app_args(serve_env.tiny, identity_store=str(tmp_path_factory.mktemp("ids")), request_timeout_s=60,
+                        batch={"max_batch_size": 4, "batch_wait_timeout_s": 0.3},
+                        jobs={"redis_url": url, "lease_s": 3, "progress_interval_s": 0.1})
+        env = {"runtime_env": {"env_vars": {"INSTANTID_WEBHOOK_SECRET": WEBHOOK_SECRET}}}
+        app = bind(resolve_args(args), {
+            "Ingress": {"ray_actor_options": {"num_cpus": 0.1, **env}, "health_check_period_s": 1},
+            "FaceAnalyzer": {"ray_actor_options": {"num_cpus": 0.1}},
+            "Generator": {"ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 1},
+        })
+        started = time.perf_counter()
+        serve.run(app, name=APP, route_prefix=PREFIX)
+        print(f"\njobs app up in {time.perf_counter() - started:.1f}s")
+        try:
+            with httpx.Client(base_url=serve_env.base_url + PREFIX, timeout=60) as client:
+                yield client
+        finally:
+            if APP in serve.status().applications:
+                serve.delete(APP)
+
+
+def _poll(http, job_id, until=("succeeded", "failed", "canceled"), timeout=90.0) -> tuple[dict, list]:
+    """The job once its status is in ``until``, and the (status, step) pairs seen on the way."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = http.get(f"/v1/jobs/{job_id}")
+        assert resp.status_code == 200, resp.text
+        job = resp.json()
+        seen.append((job["status"], (job.get("progress") or {}).get("step")))
+        if job["status"] in until:
+            return job, seen
+        assert time.monotonic() < deadline, seen[-5:]
+        time.sleep(0.05)
+
+
+def test_a_job_reports_denoising_progress_and_ends_with_the_images(jobs_app, face_b64):
+    body = {"face_images": [face_b64], "width": 256, "height": 256, "steps": 30, "seed": 5}
+    resp = jobs_app.post("/v1/jobs", json=body)
+    assert resp.status_code == 202, resp.text
+    job, seen = _poll(jobs_app, resp.json()["id"])
+    assert job["status"] == "succeeded", job
+    steps = sorted({s for status, s in seen if status == "running" and s})
+    print(f"\nprogress steps seen: {steps}")
+    assert len(steps) >= 2 and steps[0] < 30, steps  # updates while denoising, not only at the end
+    assert job["progress"] == {"step": 30, "total": 30}
+    sync = jobs_app.post("/v1/generate", json=body).json()
+    assert job["result"]["images"] == sync["images"]  # the same seed gives the /v1/generate images
+    assert job["result"]["request_id"] == job["id"]
+
+
+def test_cancel_stops_one_request_of_a_batch_and_the_other_finishes(jobs_app, face_b64):
+    body = {"face_images": [face_b64], "width": 256, "height": 256, "steps": 50, "seed": 1}
+    first, second = (jobs_app.post("/v1/jobs", json=body).json() for _ in range(2))
+    _poll(jobs_app, first["id"], until=("running",))
+    deadline = time.monotonic() + 60
+    while (jobs_app.get(f"/v1/jobs/{first['id']}").json().get("progress") or {}).get("step", 0) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    resp = jobs_app.post(f"/v1/jobs/{first['id']}/cancel")
+    assert resp.status_code == 200 and resp.json()["status"] == "canceled", resp.text
+    stopped_at = resp.json()["progress"]["step"]
+    assert stopped_at < 50, resp.json()
+    other, _ = _poll(jobs_app, second["id"])
+    assert other["status"] == "succeeded", other
+    assert other["result"]["timings"]["batch_size"] == 2  # they shared a batch; it went on without the first
+    assert "result" not in jobs_app.get(f"/v1/jobs/{first['id']}").json()
+
+
+def test_a_job_outlives_the_ingress_replica_running_it(jobs_app, face_b64):
+    import ray
+
+    body = {"face_images": [face_b64], "width": 256, "height": 256, "steps": 50, "seed": 2}
+    job = jobs_app.post("/v1/jobs", json=body).json()
+    _poll(jobs_app, job["id"], until=("running",))
+    names = _replica_actors(APP, "Ingress")
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    t0 = time.monotonic()
+    _wait(lambda: any(n not in names for n in _replica_actors(APP, "Ingress")), 60, "a new Ingress replica")
+
+    def finished():
+        try:
+            return jobs_app.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+
+    _wait(finished, 90, "the job to be taken over and finish")
+    print(f"\njob finished {time.monotonic() - t0:.1f}s after its Ingress replica was killed")
+    assert jobs_app.get(f"/v1/jobs/{job['id']}").json()["result"]["images"]
