@@ -1001,10 +1001,10 @@ async def read_form(request, body: bytes, max_files: int, limit: int,
             if key not in file_fields:
                 raise ServiceError(422, "invalid_parameter", f"{key[:64]}: unexpected file field", field=key[:64])
             content = await value.read()
-            if key == "face_images":
-                files.setdefault("face_images", []).append(content)
-            elif key in ("pose_image", "init_image"):
+            if key in ("pose_image", "init_image"):
                 files[key] = content
+            else:  # face_images, or a surface's own file fields (the OpenAI surface's image / image[])
+                files.setdefault(key, []).append(content)
         elif key == "face_images":
             files.setdefault("face_images", []).append(decode_base64(value, "face_images"))
         elif key == "loras":
@@ -1148,6 +1148,10 @@ def build_http_app(core: IngressCore):
         raise ServiceError(404, "not_found", "no such route")
 
     app.include_router(v1)
+    from .http.surfaces import openai_images, replicate  # each only translates shapes to and from the core
+
+    openai_images.add_routes(app, core, parse, client_address)
+    replicate.add_routes(app, core, client_address)
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the Ingress answers")
     async def healthz():

@@ -116,3 +116,54 @@ def test_a_job_outlives_the_ingress_replica_running_it(jobs_app, face_b64):
     _wait(finished, 90, "the job to be taken over and finish")
     print(f"\njob finished {time.monotonic() - t0:.1f}s after its Ingress replica was killed")
     assert jobs_app.get(f"/v1/jobs/{job['id']}").json()["result"]["images"]
+
+
+# -- the OpenAI and Replicate surfaces, with their real clients --------------------------------------------
+def test_openai_sdk_edit_at_768x1024_and_its_error_classes(jobs_app, face_photo, blank_b64):
+    import base64
+    import io
+
+    import openai
+    from PIL import Image
+
+    client = openai.OpenAI(base_url=f"{jobs_app.base_url}/openai/v1", api_key="unused", max_retries=0)
+    photo = face_photo.read_bytes()
+    out = client.images.edit(image=[("a.jpg", photo, "image/jpeg"), ("b.jpg", photo, "image/jpeg")],
+                             prompt="a watercolor portrait", n=2, size="768x1024", model="tiny",
+                             extra_body={"steps": 2, "seed": 9})
+    assert len(out.data) == 2 and out.model_extra["seed"] == 9
+    for item in out.data:
+        with Image.open(io.BytesIO(base64.b64decode(item.b64_json))) as image:
+            assert image.size == (768, 1024)
+    with pytest.raises(openai.UnprocessableEntityError) as caught:  # a photo with no face
+        client.images.edit(image=("blank.png", base64.b64decode(blank_b64), "image/png"), prompt="x",
+                           size="256x256", extra_body={"steps": 2})
+    assert caught.value.body["code"] == "no_face" and caught.value.body["param"] == "image"
+    with pytest.raises(openai.UnprocessableEntityError) as caught:  # a bad size
+        client.images.edit(image=("a.jpg", photo, "image/jpeg"), prompt="x", size="1000x3000")
+    assert caught.value.body["param"] == "size"
+
+
+def test_replicate_client_run_and_cancel(jobs_app, face_b64):
+    import io
+
+    import replicate
+    from PIL import Image
+
+    client = replicate.Client(api_token="unused", base_url=f"{jobs_app.base_url}/replicate")
+    face = "data:image/jpeg;base64," + face_b64
+    outputs = client.run("instantid/tiny", input={"image": face, "width": 256, "height": 256, "steps": 2,
+                                                  "num_images": 2})
+    assert len(outputs) == 2
+    for item in outputs:
+        with Image.open(io.BytesIO(item.read())) as image:
+            assert image.size == (256, 256)
+    prediction = client.predictions.create(model="instantid/tiny", input={"face_images": [face], "width": 512,
+                                                                          "height": 512, "steps": 50}, wait=False)
+    deadline = time.monotonic() + 60
+    while prediction.progress is None:
+        assert time.monotonic() < deadline, prediction.status
+        time.sleep(0.1)
+        prediction.reload()
+    prediction.cancel()
+    assert prediction.status == "canceled" and prediction.progress.current < 50, prediction.logs

@@ -1,0 +1,27 @@
+"""Pieces the non-native surfaces share: authentication inside their own error shape, size strings."""
+
+from __future__ import annotations
+
+import re
+
+from ...errors import ServiceError
+
+SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def authenticate(core, request, client_address) -> str | None:
+    """The /v1 API keys, rate limit and failed-login throttle; sets ``request.state.api_key``. Raises
+    ServiceError: the surface re-raises it in its own shape."""
+    request.state.api_key = core.authenticate(request.headers.get("authorization"), client_address(request))
+    return request.state.api_key
+
+
+def parse_size(size, field: str = "size") -> tuple[int, int] | None:
+    """'WxH' -> (W, H); 'auto' or absent -> None (the photo's size)."""
+    if size is None or size == "auto":
+        return None
+    match = SIZE.match(size) if isinstance(size, str) else None
+    if match is None:
+        raise ServiceError(422, "invalid_parameter", f"{field}: expected 'WIDTHxHEIGHT' (e.g. '1024x1024') or "
+                           "'auto'", field=field)
+    return int(match.group(1)), int(match.group(2))
