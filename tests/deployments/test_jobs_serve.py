@@ -29,7 +29,9 @@ def jobs_app(serve_env, tmp_path_factory):
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         args = app_args(serve_env.tiny, identity_store=str(tmp_path_factory.mktemp("ids")), request_timeout_s=60,
                         batch={"max_batch_size": 4, "batch_wait_timeout_s": 0.3},
-                        jobs={"redis_url": url, "lease_s": 3, "progress_interval_s": 0.1})
+                        jobs={"redis_url": url, "lease_s": 3, "progress_interval_s": 0.1},
+                        limits={"max_body_bytes": 20_000_000, "max_image_pixels": 1500 * 1500, "max_steps": 50,
+                                "min_side": 64, "max_side": 1024})
         env = {"runtime_env": {"env_vars": {"INSTANTID_WEBHOOK_SECRET": WEBHOOK_SECRET}}}
         app = bind(resolve_args(args), {
             "Ingress": {"ray_actor_options": {"num_cpus": 0.1, **env}, "health_check_period_s": 1},
@@ -126,7 +128,8 @@ def test_openai_sdk_edit_at_768x1024_and_its_error_classes(jobs_app, face_photo,
     import openai
     from PIL import Image
 
-    client = openai.OpenAI(base_url=f"{jobs_app.base_url}/openai/v1", api_key="unused", max_retries=0)
+    base = str(jobs_app.base_url).rstrip("/")
+    client = openai.OpenAI(base_url=f"{base}/openai/v1", api_key="unused", max_retries=0)
     photo = face_photo.read_bytes()
     out = client.images.edit(image=[("a.jpg", photo, "image/jpeg"), ("b.jpg", photo, "image/jpeg")],
                              prompt="a watercolor portrait", n=2, size="768x1024", model="tiny",
@@ -150,7 +153,7 @@ def test_replicate_client_run_and_cancel(jobs_app, face_b64):
     import replicate
     from PIL import Image
 
-    client = replicate.Client(api_token="unused", base_url=f"{jobs_app.base_url}/replicate")
+    client = replicate.Client(api_token="unused", base_url=f"{str(jobs_app.base_url).rstrip('/')}/replicate")
     face = "data:image/jpeg;base64," + face_b64
     outputs = client.run("instantid/tiny", input={"image": face, "width": 256, "height": 256, "steps": 2,
                                                   "num_images": 2})
