@@ -170,3 +170,32 @@ def test_replicate_client_run_and_cancel(jobs_app, face_b64):
         prediction.reload()
     prediction.cancel()
     assert prediction.status == "canceled" and prediction.progress.current < 50, prediction.logs
+
+
+# -- the handle client -------------------------------------------------------------------------------------
+def test_handle_client_jobs(jobs_app, face_photo):
+    import asyncio
+
+    from deployments.client import InstantIDClient, ServiceError
+
+    client = InstantIDClient(APP, timeout_s=120)
+    job = client.submit_job(face_images=[face_photo], width=64, height=64, steps=2, seed=6)
+    assert job["status"] in ("queued", "running") and job["id"].startswith("job_")
+    done = client.wait_job(job["id"], timeout_s=60)
+    assert done["status"] == "succeeded" and done["result"]["seed"] == 6
+    assert client.job(job["id"])["result"]["images"] == done["result"]["images"]
+    long = client.submit_job(face_images=[face_photo], width=512, height=512, steps=50)
+    with pytest.raises(ServiceError) as err:
+        client.wait_job(long["id"], timeout_s=0.5)
+    assert err.value.status == 504
+    assert client.cancel_job(long["id"])["status"] == "canceled"
+    with pytest.raises(ServiceError) as err:
+        client.submit_job(face_images=[b"not an image"], width=64, height=64)
+    assert err.value.status == 400 and err.value.code == "invalid_image"
+
+    async def run_async():
+        submitted = await client.submit_job_async(face_images=[face_photo], width=64, height=64, steps=2)
+        assert (await client.job_async(submitted["id"]))["id"] == submitted["id"]
+        return await client.wait_job_async(submitted["id"], timeout_s=60)
+
+    assert asyncio.run(run_async())["status"] == "succeeded"
