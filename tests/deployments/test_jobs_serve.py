@@ -199,3 +199,25 @@ def test_handle_client_jobs(jobs_app, face_photo):
         return await client.wait_job_async(submitted["id"], timeout_s=60)
 
     assert asyncio.run(run_async())["status"] == "succeeded"
+
+
+def test_zz_a_job_whose_generator_replica_dies_runs_again(jobs_app, face_b64):
+    """Last in this file: it kills the jobs app's Generator."""
+    import ray
+
+    from test_faults import _replaced
+
+    body = {"face_images": [face_b64], "width": 512, "height": 512, "steps": 50, "seed": 8}
+    job = jobs_app.post("/v1/jobs", json=body).json()
+    deadline = time.monotonic() + 60
+    while (jobs_app.get(f"/v1/jobs/{job['id']}").json().get("progress") or {}).get("step", 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [old] = _replica_actors(APP, "Generator")
+    ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
+    t0 = time.monotonic()
+    done, seen = _poll(jobs_app, job["id"], timeout=180)
+    print(f"\nGenerator killed mid-job: the job ended {done['status']} {time.monotonic() - t0:.1f}s later")
+    assert done["status"] == "succeeded", done
+    assert done["result"]["images"] and done["progress"] == {"step": 50, "total": 50}
+    _wait(lambda: _replaced(APP, "Generator", old), 60, "a new Generator replica")
