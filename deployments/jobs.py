@@ -32,7 +32,7 @@ import numpy as np
 from . import metrics
 from .errors import ServiceError, from_exception, unwrap
 from .identities import visible_to
-from .job_store import TERMINAL, make_job_store
+from .job_store import TERMINAL, MemoryJobStore, make_job_store
 from .webhooks import WebhookSender
 
 log = logging.getLogger("instantid.serve")
@@ -104,6 +104,9 @@ class JobService:
         self.core = core
         self.config = config
         self.store = make_job_store(config)
+        if isinstance(self.store, MemoryJobStore) and core.args.profile == "real":
+            log.warning("jobs: no Redis URL (jobs.redis_url or $%s): job records live in this replica only",
+                        config.redis_url_env)
         self.webhooks = WebhookSender(config.webhooks)
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         # the final job as each surface shows it (for webhooks): meta["surface"] -> formatter
