@@ -282,7 +282,11 @@ class JobService:
         try:
             if webhook is not None:
                 self.webhooks.check(webhook)
-            if await self.store.queued() >= self.config.max_queued:  # before any work; submit checks again
+            try:
+                queued = await self.store.queued()
+            except Exception as exc:
+                raise self._store_down(exc) from None
+            if queued >= self.config.max_queued:  # before any work; submit checks again
                 raise self._queue_full()
             req, faces, pose, decode_s = await asyncio.to_thread(core.decode_generate, data, files)
             init_image = await asyncio.to_thread(core.decode_init_image, req, files)

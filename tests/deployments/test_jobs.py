@@ -286,3 +286,14 @@ def test_webhook_urls_outside_the_allowlist_or_without_a_secret_are_refused(tmp_
                          field="webhook")
         for url in ("https://hooks.example.com/x", "https://a.corp.example/y"):
             assert client.post("/v1/jobs", json=_request(webhook=url)).status_code == 202
+
+
+def test_redis_down_is_503_storage_unavailable_never_a_500(tmp_path):
+    from redis_server import _free_port
+
+    client, _ = client_for(tmp_path, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    with client:
+        resp = client.post("/v1/jobs", json=_request())
+        assert_error(resp, 503, "storage_unavailable")
+        assert resp.headers["retry-after"]
+        assert_error(client.get("/v1/jobs/job_" + "0" * 24), 503, "storage_unavailable")
