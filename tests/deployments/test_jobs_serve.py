@@ -27,7 +27,7 @@ def jobs_app(serve_env, tmp_path_factory):
     from deployments.profile import resolve_args
 
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        args = app_args(serve_env.tiny, identity_store=str(tmp_path_factory.mktemp("ids")), request_timeout_s=60,
+        args = app_args(serve_env.tiny, identity_store=str(tmp_path_factory.mktemp("ids")), request_timeout_s=300,
                         batch={"max_batch_size": 4, "batch_wait_timeout_s": 0.3},
                         jobs={"redis_url": url, "lease_s": 3, "progress_interval_s": 0.1},
                         limits={"max_body_bytes": 20_000_000, "max_image_pixels": 1500 * 1500, "max_steps": 50,
@@ -77,6 +77,49 @@ def test_a_job_reports_denoising_progress_and_ends_with_the_images(jobs_app, fac
     sync = jobs_app.post("/v1/generate", json=body).json()
     assert job["result"]["images"] == sync["images"]  # the same seed gives the /v1/generate images
     assert job["result"]["request_id"] == job["id"]
+
+
+def test_a_1024_job_of_4_images_and_its_events_through_the_proxy(jobs_app, face_b64, serve_env):
+    """The largest output this app allows (1024², 4 images: 12 MB of arrays, streamed back by reference, ~MBs
+    of PNG in the Redis record), watched through Server-Sent Events over HAProxy; then the job metrics."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    body = {"face_images": [face_b64], "width": 1024, "height": 1024, "steps": 2, "num_images": 4, "seed": 3,
+            "guidance_scale": 1.0}
+    job = jobs_app.post("/v1/jobs", json=body).json()
+    events = []
+    with jobs_app.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=300) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line[5:])))
+    names = [n for n, _ in events]
+    assert names[-1] == "done" and "progress" in names, names
+    steps = [e.get("progress", {}).get("step") for n, e in events if n == "progress" and e["status"] == "running"]
+    print(f"\n1024² x4 job: events {names}, steps {steps}")
+    final = events[-1][1]
+    assert final["status"] == "succeeded", final.get("error")
+    assert len(final["result"]["images"]) == 4
+    for image in final["result"]["images"]:
+        with Image.open(io.BytesIO(base64.b64decode(image))) as decoded:
+            assert decoded.size == (1024, 1024)
+    expected = ["ray_instantid_jobs_total{", 'status="succeeded"', "ray_instantid_job_queue_wait_seconds_bucket",
+                "ray_instantid_job_first_step_seconds_bucket"]
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(serve_env.metrics_url, timeout=10).text
+        missing = [m for m in expected if m not in text]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, missing
 
 
 def test_cancel_stops_one_request_of_a_batch_and_the_other_finishes(jobs_app, face_b64):
