@@ -19,7 +19,7 @@ two graphs with the real models' architecture and cost, under the real file name
                           of faces.
 
 FLOPs of the built graphs are counted from their convolutions and matrix products (2 per multiply-add) and
-reported. Timing: ``FaceAnalyzer.analyze`` on a real photo (a single-face photo shipped with insightface,
+reported. Timing: ``FaceModel.analyze`` (instantid.face) on a real photo (a single-face photo shipped with insightface,
 resized as the official demo does; its top-left corner is made uniform so that the analytic detector reports
 one face), after warm-up; median of ``--repeats`` rounds of ``--images`` calls each.
 Also the detector and the recogniser alone (onnxruntime sessions as insightface configures them).
@@ -300,7 +300,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     images = args.images or (3 if args.tiny else 10)
 
-    from instantid.face import FaceAnalyzer
+    from instantid.face import FaceModel
 
     res = {"tiny": args.tiny, "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory(prefix="instantid-face-") as tmp:
@@ -317,7 +317,7 @@ def main(argv=None) -> dict:
             res["build_s"] = time.perf_counter() - t0
         res["files_mb"] = {f.name: f.stat().st_size / 1e6 for f in sorted(pack.glob("*.onnx"))}
         t0 = time.perf_counter()
-        analyzer = FaceAnalyzer(str(pack), providers=["CPUExecutionProvider"], det_size=(640, 640))
+        analyzer = FaceModel(str(pack), providers=["CPUExecutionProvider"], det_size=(640, 640))
         res["init_s"] = time.perf_counter() - t0
         image = photo(tiny_faces=args.two_faces)
         faces = analyzer.analyze(image)

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out")
     args = p.parse_args(argv)
 
-    from instantid.face import FaceAnalyzer
+    from instantid.face import FaceModel
     from instantid.scoring import score_image
 
     res = {"tiny": args.tiny, "threads": args.threads,
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
             write_tiny_face_pack(pack)
         else:
             build_pack(pack)
-        analyzer = FaceAnalyzer(str(pack), providers=["CPUExecutionProvider"], threads=args.threads)
+        analyzer = FaceModel(str(pack), providers=["CPUExecutionProvider"], threads=args.threads)
         base = photo()
         reference = analyzer.analyze(base)[0].embedding
         for size in args.sizes.split(","):

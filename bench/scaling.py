@@ -37,6 +37,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deployments.ray_env import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = "instantid"
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # the fake provider's head id (ray.autoscaler._private.fake_multi_node)
@@ -49,12 +51,6 @@ FACE_RESOURCE = "cpu_pool"  # helm values faceWorker.customResource.name
 _MONITOR = ("import sys, runpy, ray.autoscaler._private.providers as p; path = sys.argv.pop(1); "
             "p._DEFAULT_CONFIGS['fake_multinode'] = lambda: path; sys.argv[0] = 'monitor'; "
             "runpy.run_module('ray.autoscaler.v2.monitor', run_name='__main__')")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -197,7 +193,7 @@ class SimCluster:
         try:
             params = ray._private.parameter.RayParams(
                 num_cpus=self.head_cpus, num_gpus=0, temp_dir=self.temp_dir, node_ip_address="127.0.0.1",
-                gcs_server_port=_free_port(), dashboard_port=_free_port(), include_dashboard=False,
+                gcs_server_port=free_port(), dashboard_port=free_port(), include_dashboard=False,
                 no_monitor=True, min_worker_port=0, max_worker_port=0, object_store_memory=100 * 2**20,
                 # node death seen in ~3 s instead of ~15-30 s (a deleted pod's raylet stops answering the same way)
                 _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
@@ -246,7 +242,7 @@ class SimCluster:
         from ray import serve
 
         ray.init(address=self.gcs_address, _node_ip_address="127.0.0.1", log_to_driver=False)
-        port = _free_port()
+        port = free_port()
         # one machine: proxies on every node would all want the same port, so HTTP enters on the head only
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         self.http_url = f"http://127.0.0.1:{port}"
@@ -555,7 +551,7 @@ class Scenario:
         from ray import serve
 
         from deployments.app import bind
-        from deployments.profile import resolve_args
+        from deployments.tiny_profile import resolve_args
 
         identity_dir = self.work / "identities"
         identity_dir.mkdir(parents=True, exist_ok=True)
@@ -773,7 +769,7 @@ class RedisServer:
         import shutil
 
         self.binary = shutil.which("redis-server")
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.work = work
         self.proc: subprocess.Popen | None = None

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -44,11 +43,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from deployments.ray_env import free_port  # noqa: E402  (after the path: run as a script)
 
 
 def _summary(latencies: list[float], wall: float) -> dict:
@@ -80,7 +75,7 @@ class InProcess:
 
         from deployments.face_analyzer import FaceAnalysisCore
         from deployments.generator import GeneratorCore
-        from deployments.profile import resolve_args
+        from deployments.tiny_profile import resolve_args
 
         torch.set_num_threads(threads)
         self.args = resolve_args(args)
@@ -88,27 +83,28 @@ class InProcess:
         self.gen = GeneratorCore(self.args)
         self.model = self.gen.load(self.args.default_model)
 
-    def _analyse(self, req: dict) -> dict:
-        from deployments.ingress import check_image, decode_base64
+    def _analyse(self, req: dict):
+        from deployments.http.readers import check_image, decode_base64
+        from deployments.messages import GenerationTask
 
         data = decode_base64(req["face_images"][0], "face_images[0]")
         check_image(data, "face_images[0]", self.args.limits.max_image_pixels)
         analysis = self.face.predict([("face_images[0]", data)])
-        return {"model": self.args.default_model, "embedding": analysis["embedding"],
-                "kps": analysis["pose"]["kps"], "canvas": analysis["pose"]["canvas"], "width": req["width"],
-                "height": req["height"], "steps": req["steps"], "seed": req["seed"], "prompt": req["prompt"],
-                "_face": analysis["pose"]["face"]}
+        task = GenerationTask(model=self.args.default_model, embedding=analysis.embedding, kps=analysis.pose_kps,
+                              canvas=analysis.pose_canvas, width=req["width"], height=req["height"],
+                              steps=req["steps"], seed=req["seed"], prompt=req["prompt"])
+        return task, analysis.pose_face
 
     @staticmethod
-    def _respond(job: dict, out: dict) -> str:
-        from deployments.ingress import encode_image
+    def _respond(face: dict, out) -> str:
+        from deployments.http.delivery import encode_image
 
-        images = [base64.b64encode(encode_image(a, "png")).decode() for a in out["images"]]
-        return json.dumps({"images": images, "seed": out["seed"], "face": job["_face"], "timings": out["timings"]})
+        images = [base64.b64encode(encode_image(a, "png")).decode() for a in out.images]
+        return json.dumps({"images": images, "seed": out.seed, "face": face, "timings": out.timings})
 
     def wave(self, body: dict, c: int) -> list[float]:
         """c simultaneous requests: analyse each, generate in batches of max_batch_size, respond."""
-        from deployments.generator import decode_request
+        from deployments.generator import accept_task
 
         started = time.perf_counter()
         reqs = [json.loads(json.dumps(body)) for _ in range(c)]  # parse cost, as a server would pay
@@ -116,9 +112,9 @@ class InProcess:
         done, batch = [], self.args.batch.max_batch_size
         for i in range(0, len(jobs), batch):
             chunk = jobs[i:i + batch]
-            outs = self.gen.predict(self.model, [decode_request(j) for j in chunk])
-            for job, out in zip(chunk, outs):
-                self._respond(job, out)
+            outs = self.gen.predict(self.model, [accept_task(task) for task, _ in chunk])
+            for (_, face), out in zip(chunk, outs):
+                self._respond(face, out)
                 done.append(time.perf_counter() - started)
         return done
 
@@ -156,10 +152,10 @@ def run(args: dict, options: dict, body: dict, concurrencies: list[int], request
     from ray import serve
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
     from deployments.ray_env import LOCAL_ENV, private_haproxy_env
 
-    port = _free_port()
+    port = free_port()
     # the cluster environment the app ships with (HAProxy ingress); Ray's processes inherit it
     haproxy_env, haproxy_dir = private_haproxy_env()
     os.environ.update({**LOCAL_ENV, **haproxy_env})

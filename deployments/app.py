@@ -14,7 +14,7 @@ from __future__ import annotations
 from ray.serve import Application
 
 from .config import AppArgs
-from .profile import resolve_args
+from .tiny_profile import resolve_args
 
 APP_NAME = "instantid"
 DEPLOYMENT_NAMES = ("Ingress", "FaceAnalyzer", "Generator")

@@ -10,7 +10,7 @@
                            "steps": 30})            # size: the identity's pose canvas
     open("out.png", "wb").write(out.image_bytes()[0])
 
-Requests and responses are the HTTP API's models (``deployments.models``); the service validates
+Requests and responses are the HTTP API's models (``deployments.schemas``); the service validates
 requests against its own configured limits. Errors raise ``ServiceError`` with the HTTP ``status``,
 ``code``, ``message`` and ``field`` the HTTP API would answer. The handle API is meant for trusted,
 in-cluster callers: it bypasses API keys and rate limits. Each method has an ``_async`` twin for use
@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .errors import ServiceError, from_exception
-from .models import GenerateRequest, GenerateResponse, IdentityList, IdentityResponse, ModelList
+from .schemas import GenerateRequest, GenerateResponse, IdentityList, IdentityResponse, ModelList
 
 __all__ = ["InstantIDClient", "ServiceError", "encode_image", "GenerateRequest", "GenerateResponse",
            "IdentityResponse"]

@@ -4,7 +4,8 @@ setup            load the insightface pack (CPU execution provider, as many thre
 decode_request   raw image bytes (as uploaded; never re-encoded on the way) -> RGB images
 predict          the reference resize, the largest face per photo, mean embedding, pose keypoints
 score            generated images (RGB arrays) -> identity score each (instantid.scoring), batched per request
-encode_response  numpy arrays (embedding float32 (512,), keypoints (5, 2)) + a JPEG thumbnail when asked
+encode_response  a ``FaceAnalysisResult`` (deployments/messages.py): numpy arrays (embedding float32 (512,), keypoints
+                 (5, 2)) + a JPEG thumbnail when asked
 
 Errors leave as ``ServiceError`` (400 invalid_image, 422 no_face naming the image).
 """
@@ -23,7 +24,8 @@ from ray import serve
 
 from . import metrics
 from .errors import to_service_error
-from .profile import resolve_args
+from .messages import FaceAnalysisResult
+from .tiny_profile import resolve_args
 
 log = logging.getLogger("instantid.serve")
 
@@ -139,13 +141,13 @@ class FaceAnalysisCore:
     """The deployment's logic without Serve (used as is by the benchmark's in-process baseline)."""
 
     def __init__(self, face_model: str, threads: int | None = None, max_decoded_pixels: int = MAX_DECODED_PIXELS):
-        from instantid.face import FaceAnalyzer
+        from instantid.face import FaceModel
 
         started = time.perf_counter()
         self.budget = PixelBudget(max_decoded_pixels)
         self.pool = concurrent.futures.ThreadPoolExecutor(ANALYSIS_THREADS, thread_name_prefix="face-analysis")
         self.threads = threads
-        self.analyzer = FaceAnalyzer(face_model, providers=["CPUExecutionProvider"], threads=threads)
+        self.analyzer = FaceModel(face_model, providers=["CPUExecutionProvider"], threads=threads)
         self.load_seconds = time.perf_counter() - started
         self._lock = threading.Lock()  # one analysis at a time per replica: onnxruntime already uses the cores
 
@@ -158,7 +160,7 @@ class FaceAnalysisCore:
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                thumbnail: bool = False, should_stop=None) -> dict:
+                thumbnail: bool = False, should_stop=None) -> FaceAnalysisResult:
         """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis."""
         from instantid.face import mean_embedding
         from instantid.identity import analyze_face
@@ -179,22 +181,21 @@ class FaceAnalysisCore:
                     found.append((name, image, *analyze_face(self.analyzer, name, image)))
             t2 = time.perf_counter()
             identity = found[:len(photos)]
-            result: dict = {"timings": {"decode_s": t1 - t0, "face_analysis_s": t2 - t1}}
-            if identity:
-                faces = [face for _, _, face, _ in identity]
-                result["embedding"] = mean_embedding(faces).astype(np.float32)
-                # each photo's own embedding: outputs are scored against each reference photo too
-                result["embeddings"] = [np.asarray(face.embedding, dtype=np.float32) for face in faces]
-                result["faces"] = [_face_info(face, name, canvas, image.size)
-                                   for name, image, face, canvas in identity]
-                if thumbnail:
-                    name, image, face, canvas = identity[0]
-                    result["thumbnail"] = make_thumbnail(image, result["faces"][0]["bbox"])
             name, image, face, canvas = found[-1] if pose else found[0]
             # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
-            result["pose"] = {"kps": np.asarray(face.kps, dtype=np.float32),
-                              "canvas": [int(canvas[0]), int(canvas[1])],
-                              "face": _face_info(face, name, canvas, image.size)}
+            result = FaceAnalysisResult(pose_kps=np.asarray(face.kps, dtype=np.float32),
+                                  pose_canvas=[int(canvas[0]), int(canvas[1])],
+                                  pose_face=_face_info(face, name, canvas, image.size),
+                                  timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1})
+            if identity:
+                faces = [face for _, _, face, _ in identity]
+                result.embedding = mean_embedding(faces).astype(np.float32)
+                # each photo's own embedding: outputs are scored against each reference photo too
+                result.embeddings = [np.asarray(face.embedding, dtype=np.float32) for face in faces]
+                result.faces = [_face_info(face, name, canvas, image.size) for name, image, face, canvas in identity]
+                if thumbnail:
+                    name, image, face, canvas = identity[0]
+                    result.thumbnail = make_thumbnail(image, result.faces[0]["bbox"])
             return result
         finally:
             self.budget.release(pixels)
@@ -244,7 +245,7 @@ class FaceAnalyzerDeployment:
             log.error("face model failed to load: %s", self.load_error)
 
     async def analyze(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                      thumbnail: bool = False) -> dict:
+                      thumbnail: bool = False) -> FaceAnalysisResult:
         if self.core is None:
             from .errors import ServiceError
 
@@ -258,7 +259,7 @@ class FaceAnalyzerDeployment:
             raise
         except Exception as exc:
             raise to_service_error(exc) from None
-        metrics.stage("face_analysis", result["timings"]["face_analysis_s"])
+        metrics.stage("face_analysis", result.timings["face_analysis_s"])
         return result
 
     async def score(self, images: list, reference, references: list | None = None) -> dict:

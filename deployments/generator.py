@@ -1,19 +1,20 @@
 """Generator deployment: IdentityNet + SDXL UNet, one GPU per replica in production, CPU in the local profile.
 
 setup            load the default model (so the replica is ready, or unhealthy, before it takes traffic)
-decode_request   a job dict from the Ingress -> a validated ``Job`` (embedding float32 (512,), keypoints on
-                 their canvas); the keypoint image is drawn here, at the output size
+decode_request   a ``GenerationTask`` from the Ingress (deployments/messages.py), checked by ``accept_task``
+                 (embedding float32 (512,), keypoints on their canvas); the keypoint image is drawn here, at the
+                 output size
 predict          ``pipe.generate`` once per compatible group: one denoising batch
-encode_response  uint8 HxWx3 arrays, per request; the Ingress encodes them once (png/jpeg/webp)
+encode_response  a ``GenerationResult`` per task: uint8 HxWx3 arrays; the Ingress encodes them once (png/jpeg/webp)
 
 Throughput
 - ``@serve.batch`` collects concurrent requests (``batch.max_batch_size``, ``batch.batch_wait_timeout_s``)
   and Serve splits its batches by multiplexed model id. Formed batches join one device queue; each time the
-  device is free, the oldest waiting request leads a group of every waiting request with the same model
-  and compatibility key (width, height, steps, scheduler, guided = guidance_scale > 1, LoRA set with
-  scales), up to ``max_batch_size``, and the group is ONE ``pipe.generate`` call. So requests that pile up
-  while a batch runs are merged too, not only those arriving within one wait window (with a wait of 0 a
-  lone request never waits). ``timings.batch_size`` reports the group size.
+  device is free, the oldest waiting request leads a group of every waiting request with the same
+  ``GenerationTask.batch_key()`` (model, width, height, steps, scheduler, guided = guidance_scale > 1, LoRA set
+  with scales, img2img strength), up to ``max_batch_size``, and the group is ONE ``pipe.generate`` call. So
+  requests that pile up while a batch runs are merged too, not only those arriving within one wait window
+  (with a wait of 0 a lone request never waits). ``timings.batch_size`` reports the group size.
 - ``@serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)``: the model id is the
   configured base model name (``ModelSpec.name``). A pipeline is loaded with all of that model's configured
   LoRAs, which are switched per group with ``pipe.set_loras`` (cheap), so LoRA sets never cost a reload or a
@@ -38,7 +39,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 from ray import serve
@@ -46,8 +46,10 @@ from ray import serve
 from instantid.weights import prefetch
 
 from . import metrics
+from .messages import GenerationResult, GenerationTask
+from .ray_compat import multiplexed_models
 from .errors import ServiceError, to_service_error
-from .profile import resolve_args
+from .tiny_profile import resolve_args
 
 log = logging.getLogger("instantid.serve")
 
@@ -55,88 +57,29 @@ log = logging.getLogger("instantid.serve")
 MAX_PENDING_BATCHES = 256
 
 
-@dataclass
-class Job:
-    """One generation request as the Generator sees it (already validated and styled by the Ingress)."""
-
-    model: str
-    embedding: np.ndarray  # (512,) float32
-    kps: np.ndarray  # (5, 2) on ``canvas``
-    canvas: tuple[int, int]
-    width: int
-    height: int
-    steps: int
-    scheduler: str = "default"
-    prompt: str = ""
-    negative_prompt: str | None = None  # None: the zero negative embedding, as in the library
-    num_images: int = 1
-    seed: int = 0
-    guidance_scale: float = 5.0
-    ip_adapter_scale: float = 0.8
-    controlnet_conditioning_scale: float = 0.8
-    loras: dict[str, float] = field(default_factory=dict)
-    bbox: np.ndarray | None = None  # (4,) the pose face's box on ``canvas``
-    enhance_face_region: bool = False  # control mask = the face box on the output canvas
-    prompt_weighting: str = "lpw"
-    init_image: object | None = None  # img2img: a decoded PIL image
-    strength: float = 0.8
-    return_pose_image: bool = False
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    arrived: float = field(default_factory=time.perf_counter)
-    deadline: float | None = None  # time.time() past which nobody waits for the result
-    cancelled: bool = False
-    on_step: object | None = None  # called (step, total) after each denoising step (a job's progress)
-
-    def abandoned(self, now: float) -> bool:
-        """Its caller gave up (cancelled) or its deadline passed: its work is wasted."""
-        return self.cancelled or (self.deadline is not None and now > self.deadline)
-
-    def key(self) -> tuple:
-        """Requests with equal keys can share one denoising batch."""
-        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1,
-                tuple(sorted(self.loras.items())),
-                self.strength if self.init_image is not None else None)  # img2img: timesteps cut by strength
-
-
-def _optional_str(value) -> str | None:
-    return None if value is None else str(value)
-
-
-def decode_request(job: dict) -> Job:
+def accept_task(task: GenerationTask) -> GenerationTask:
+    """A task as it arrives from the Ingress: its arrays checked and made contiguous float32 (a replica never
+    trusts what crossed the network to be shaped right), the img2img upload decoded (per task, so a bad one
+    fails only its own request), and the Generator's bookkeeping (id, arrival on this replica's clock) reset."""
     from instantid.errors import InvalidParameterError
-    from instantid.face import validate_embedding, validate_keypoints
+    from instantid.face import load_image, validate_embedding, validate_keypoints
 
+    if not isinstance(task, GenerationTask):
+        raise InvalidParameterError("request", f"expected a GenerationTask, got {type(task).__name__}")
     try:
-        canvas = (int(job["canvas"][0]), int(job["canvas"][1]))
-        out = Job(
-            model=str(job["model"]),
-            embedding=validate_embedding(job["embedding"]),
-            kps=validate_keypoints(job["kps"]),
-            canvas=canvas,
-            width=int(job["width"]), height=int(job["height"]), steps=int(job["steps"]),
-            scheduler=str(job.get("scheduler", "default")),
-            prompt=str(job.get("prompt", "")), negative_prompt=_optional_str(job.get("negative_prompt")),
-            num_images=int(job.get("num_images", 1)), seed=int(job.get("seed", 0)),
-            guidance_scale=float(job.get("guidance_scale", 5.0)),
-            ip_adapter_scale=float(job.get("ip_adapter_scale", 0.8)),
-            controlnet_conditioning_scale=float(job.get("controlnet_conditioning_scale", 0.8)),
-            loras={str(k): float(v) for k, v in (job.get("loras") or {}).items()},
-            deadline=None if job.get("deadline") is None else float(job["deadline"]),
-            bbox=None if job.get("bbox") is None else np.asarray(job["bbox"], dtype=np.float64).reshape(4),
-            enhance_face_region=bool(job.get("enhance_face_region", False)),
-            prompt_weighting=str(job.get("prompt_weighting", "lpw")),
-            strength=float(job.get("strength", 0.8)),
-            return_pose_image=bool(job.get("return_pose_image", False)),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidParameterError("request", f"malformed generation job: {exc}") from exc
-    if min(canvas) <= 0:
+        task.embedding = validate_embedding(task.embedding)
+        task.kps = validate_keypoints(task.kps)
+        task.canvas = (int(task.canvas[0]), int(task.canvas[1]))
+        if task.bbox is not None:
+            task.bbox = np.asarray(task.bbox, dtype=np.float64).reshape(4)
+    except (IndexError, TypeError, ValueError) as exc:
+        raise InvalidParameterError("request", f"malformed generation task: {exc}") from exc
+    if min(task.canvas) <= 0:
         raise InvalidParameterError("kps", "canvas size must be positive")
-    if job.get("init_image") is not None:  # decoded per request, so a bad one fails only its own request
-        from instantid.face import load_image
-
-        out.init_image = load_image(job["init_image"], "init_image")
-    return out
+    if isinstance(task.init_image, (bytes, bytearray, memoryview)):
+        task.init_image = load_image(task.init_image, "init_image")
+    task.id, task.arrived, task.cancelled, task.on_step = uuid.uuid4().hex, time.perf_counter(), False, None
+    return task
 
 
 def abandoned_error() -> ServiceError:
@@ -168,7 +111,7 @@ class GeneratorCore:
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(name, pipe, time.perf_counter() - started)
 
-    def predict(self, model: LoadedModel, jobs: list[Job]) -> list[dict]:
+    def predict(self, model: LoadedModel, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         """One denoising batch for compatible jobs; one result (arrays + timings) per job."""
         from instantid.identity import Pose
         from instantid.pipeline import GenerationRequest
@@ -207,15 +150,14 @@ class GeneratorCore:
         denoised = marks.get("denoised", finished)
         n_images = sum(j.num_images for j in jobs)
         return [
-            abandoned_error() if imgs is None else {
-                "images": [np.asarray(img.convert("RGB"), dtype=np.uint8) for img in imgs],
-                "seed": j.seed,
-                "model": model.name,
-                "pose_image": np.asarray(r.keypoint_image, dtype=np.uint8) if j.return_pose_image else None,
-                "timings": {"queue_s": started - j.arrived, "denoise_s": denoised - started,
-                            "vae_decode_s": finished - denoised, "batch_size": len(jobs),
-                            "batch_images": n_images},
-            }
+            abandoned_error() if imgs is None else GenerationResult(
+                images=[np.asarray(img.convert("RGB"), dtype=np.uint8) for img in imgs],
+                seed=j.seed,
+                model=model.name,
+                pose_image=np.asarray(r.keypoint_image, dtype=np.uint8) if j.return_pose_image else None,
+                timings={"queue_s": started - j.arrived, "denoise_s": denoised - started,
+                         "vae_decode_s": finished - denoised, "batch_size": len(jobs), "batch_images": n_images},
+            )
             for j, r, imgs in zip(jobs, requests, images)
         ]
 
@@ -240,8 +182,8 @@ class Generator:
         self.loads: Counter[str] = Counter()
         self.batch_sizes: list[int] = []
         self._waiting: set[str] = set()
-        self._running: list[Job] = []  # the group on the device now
-        self._queue: list[tuple[Job, asyncio.Future]] = []  # formed batches' jobs, waiting for the device
+        self._running: list[GenerationTask] = []  # the group on the device now
+        self._queue: list[tuple[GenerationTask, asyncio.Future]] = []  # formed batches' jobs, waiting for the device
         self._pump_task: asyncio.Task | None = None
         self._run_batch.set_max_batch_size(self.args.batch.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.args.batch.batch_wait_timeout_s)
@@ -270,19 +212,19 @@ class Generator:
         return loaded
 
     # -- the request path ------------------------------------------------------------------------------
-    async def generate(self, job: dict) -> dict:
+    async def denoise(self, task: GenerationTask) -> GenerationResult:
         try:
-            parsed = decode_request(job)
+            parsed = accept_task(task)
         except Exception as exc:
             raise to_service_error(exc) from None
-        return await self._generate(parsed)
+        return await self._denoise(parsed)
 
-    async def generate_stream(self, job: dict, progress_interval_s: float = 0.25):
-        """``generate`` for jobs, streamed (``handle.options(stream=True)``): ``{"progress": {"step", "total"}}``
+    async def denoise_stream(self, task: GenerationTask, progress_interval_s: float = 0.25):
+        """``denoise`` for jobs, streamed (``handle.options(stream=True)``): ``{"progress": {"step", "total"}}``
         after denoising steps, at most one per ``progress_interval_s`` (and the last step), then
-        ``{"result": ...}``. Cancelling the stream stops this request's rows at the next step."""
+        ``{"result": GenerationResult}``. Cancelling the stream stops this task's rows at the next step."""
         try:
-            parsed = decode_request(job)
+            parsed = accept_task(task)
         except Exception as exc:
             raise to_service_error(exc) from None
         loop = asyncio.get_running_loop()
@@ -296,11 +238,11 @@ class Generator:
                 loop.call_soon_threadsafe(events.put_nowait, {"progress": {"step": step, "total": total}})
 
         parsed.on_step = on_step
-        task = asyncio.ensure_future(self._generate(parsed))
+        work = asyncio.ensure_future(self._denoise(parsed))
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     yield getter.result()
                     continue
@@ -308,12 +250,12 @@ class Generator:
                 while not events.empty():
                     yield events.get_nowait()
                 break
-            yield {"result": task.result()}
+            yield {"result": work.result()}
         finally:
             parsed.cancelled = True  # a no-op when done; the caller went away otherwise
-            task.cancel()
+            work.cancel()
 
-    async def _generate(self, parsed: Job) -> dict:
+    async def _denoise(self, parsed: GenerationTask) -> GenerationResult:
         self._waiting.add(parsed.id)
         metrics.queue_length(len(self._waiting))
         try:
@@ -328,7 +270,7 @@ class Generator:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05,  # both reset from AppArgs.batch in __init__
                  max_concurrent_batches=MAX_PENDING_BATCHES)
-    async def _run_batch(self, jobs: list[Job]) -> list[dict | ServiceError]:
+    async def _run_batch(self, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         """Serve's batch (formed within batch_wait_timeout_s) joins the device queue; see ``_pump``."""
         loop = asyncio.get_running_loop()
         futures = []
@@ -340,7 +282,7 @@ class Generator:
             self._pump_task = loop.create_task(self._pump())
         return list(await asyncio.gather(*futures))
 
-    def _next_group(self) -> list[tuple[Job, asyncio.Future]]:
+    def _next_group(self) -> list[tuple[GenerationTask, asyncio.Future]]:
         """The oldest waiting job and the compatible jobs behind it (same model and key), FIFO; jobs whose
         callers gave up or whose deadline passed are dropped (answered 504, so their batch's others return)."""
         now = time.time()
@@ -360,7 +302,7 @@ class Generator:
         group, rest = [], []
         for entry in live:
             job = entry[0]
-            if len(group) < limit and job.model == head.model and job.key() == head.key():
+            if len(group) < limit and job.batch_key() == head.batch_key():
                 group.append(entry)
             else:
                 rest.append(entry)
@@ -390,7 +332,7 @@ class Generator:
                 if not future.done():
                     future.set_result(result)
 
-    async def _predict_group(self, jobs: list[Job]) -> list[dict | ServiceError]:
+    async def _predict_group(self, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         name = jobs[0].model
         loads_before = self.loads[name]
         started = time.perf_counter()
@@ -407,31 +349,31 @@ class Generator:
             return [to_service_error(exc)] * len(jobs)
         finally:
             self._running = []
-        done = [out for out in outputs if isinstance(out, dict)]
+        done = [out for out in outputs if isinstance(out, GenerationResult)]
         if done:
             self._record_batch(name, jobs, done, load_s)
         return outputs
 
-    def _record_batch(self, name: str, group: list[Job], outputs: list[dict], load_s: float | None) -> None:
+    def _record_batch(self, name: str, group: list[GenerationTask], outputs: list[GenerationResult],
+                      load_s: float | None) -> None:
         n_images = sum(j.num_images for j in group)
         self.batch_sizes = (self.batch_sizes + [len(group)])[-1000:]
         metrics.batch(name, len(group), n_images)
         metrics.images_generated(name, n_images)
-        first = outputs[0]["timings"]
+        first = outputs[0].timings
         metrics.stage("denoise", first["denoise_s"])
         metrics.stage("vae_decode", first["vae_decode_s"])
         for out in outputs:
-            metrics.stage("queue", out["timings"]["queue_s"])
+            metrics.stage("queue", out.timings["queue_s"])
             if load_s is not None:
-                out["timings"]["model_load_s"] = load_s
+                out.timings["model_load_s"] = load_s
         if load_s is not None:
             metrics.stage("model_load", load_s)
 
     # -- introspection and health -------------------------------------------------------------------
     def resident_models(self) -> list[str]:
         """Model ids in this replica's multiplexing LRU, least recently used first."""
-        wrapper = getattr(self._load_model_fn, "__serve_multiplex_wrapper", None)
-        return list(wrapper.models) if wrapper is not None else []
+        return multiplexed_models(self._load_model_fn)
 
     def stats(self) -> dict:
         return {

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-ID_RE = re.compile(r"^id_[0-9a-f]{32}$")
+ID_PATTERN = r"^id_[0-9a-f]{32}$"  # also the request schema's pattern for identity_id
+ID_RE = re.compile(ID_PATTERN)
 RECORD_VERSION = 1
 
 
@@ -189,12 +190,10 @@ class S3Store(IdentityStore):
     @property
     def client(self):
         if self._client is None:
-            import boto3  # standard credential chain; AWS_ENDPOINT_URL selects an S3-compatible server
-            from botocore.config import Config
+            from instantid.weights import s3_client
 
             # bounded: an unreachable S3 fails the call within seconds (-> 503), it never hangs a request
-            self._client = boto3.client("s3", config=Config(connect_timeout=3, read_timeout=20,
-                                                            retries={"max_attempts": 3, "mode": "standard"}))
+            self._client = s3_client()
         return self._client
 
     def _key(self, identity_id: str) -> str:

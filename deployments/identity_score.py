@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
 
 from . import metrics
-from .models import MAX_SEED
+from .messages import GenerationTask
+from .schemas import MAX_SEED
 
 log = logging.getLogger("instantid.serve")
 
@@ -43,9 +45,9 @@ def _better(new: dict, old: dict) -> bool:
 
 
 async def _score(core, ctx, images: list, embedding, references, model: str) -> list[dict]:
-    """One FaceAnalyzer call for all of ``images``; by reference when they are large (as ``_face_for``)."""
+    """One FaceAnalyzer call for all of ``images``; by reference when they are large (``Backends.face_for``)."""
     nbytes = sum(int(a.nbytes) for a in images)
-    response = core._face_for(nbytes).score.remote(list(images), embedding, references)
+    response = core.backends.face_for(nbytes).score.remote(list(images), embedding, references)
     try:
         async with asyncio.timeout(SCORE_TIMEOUT_S):
             result = await core._call(ctx, response)
@@ -59,7 +61,7 @@ async def _score(core, ctx, images: list, embedding, references, model: str) -> 
     return result["scores"]
 
 
-def _round_fits(spec, job: dict, count: int, deadline: float | None) -> bool:
+def _round_fits(spec, task: GenerationTask, count: int, deadline: float | None) -> bool:
     """Whether regenerating ``count`` images may finish before the deadline (the model's measured speed, when
     known, as check_cost estimates it)."""
     if deadline is None:
@@ -67,16 +69,16 @@ def _round_fits(spec, job: dict, count: int, deadline: float | None) -> bool:
     left = deadline - time.time() - DEADLINE_RESERVE_S
     if spec.megapixel_steps_per_s is None:
         return left > 0
-    cost = job["width"] * job["height"] * job["steps"] * count / 1e6
+    cost = task.width * task.height * task.steps * count / 1e6
     return spec.overhead_s + cost / spec.megapixel_steps_per_s <= left
 
 
-async def _regenerate(core, ctx, spec, job: dict, seeds: list[int]) -> list | None:
-    """One image per new seed (separate jobs, so each reproduces with its seed and num_images 1; the Generator
+async def _regenerate(core, ctx, spec, task: GenerationTask, seeds: list[int]) -> list | None:
+    """One image per new seed (separate tasks, so each reproduces with its seed and num_images 1; the Generator
     batches them); None when the deadline's reserve is reached first."""
-    size = job["width"] * job["height"] * 3
-    responses = [core._generator_for(spec.name, size).generate.remote(
-        {**job, "num_images": 1, "seed": seed, "return_pose_image": False})
+    size = task.width * task.height * 3
+    responses = [core.backends.generator_for(spec.name, size).denoise.remote(
+        dataclasses.replace(task, num_images=1, seed=seed, return_pose_image=False))
                  for seed in seeds]
     left = None if ctx.deadline is None else ctx.deadline - time.time() - DEADLINE_RESERVE_S
     try:
@@ -87,10 +89,11 @@ async def _regenerate(core, ctx, spec, job: dict, seeds: list[int]) -> list | No
             with contextlib.suppress(Exception):
                 response.cancel()
         return None
-    return [r["images"][0] for r in results]
+    return [r.images[0] for r in results]
 
 
-async def score_outputs(core, ctx, req, spec, job: dict, images: list, embedding, references) -> tuple[list, list | None]:
+async def score_outputs(core, ctx, req, spec, task: GenerationTask, images: list, embedding,
+                        references) -> tuple[list, list | None]:
     """(images, per image identity dicts) after scoring and, when asked, regenerating those under the threshold."""
     images = list(images)
     try:
@@ -102,10 +105,10 @@ async def score_outputs(core, ctx, req, spec, job: dict, images: list, embedding
     attempts = [1] * len(images)
     todo = [i for i, s in enumerate(scores) if below(s, req.min_similarity)]
     rounds, started = 0, time.perf_counter()
-    while todo and rounds < req.retry_below_threshold and _round_fits(spec, job, len(todo), ctx.deadline):
+    while todo and rounds < req.retry_below_threshold and _round_fits(spec, task, len(todo), ctx.deadline):
         rounds += 1
         new_seeds = [secrets.randbelow(MAX_SEED + 1) for _ in todo]
-        fresh = await _regenerate(core, ctx, spec, job, new_seeds)
+        fresh = await _regenerate(core, ctx, spec, task, new_seeds)
         if fresh is None:
             break
         metrics.identity_retries(spec.name, len(todo))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -33,6 +34,7 @@ from . import metrics
 from .errors import ServiceError, from_exception, unwrap
 from .identities import visible_to
 from .job_store import TERMINAL, MemoryJobStore, make_job_store
+from .messages import GenerationTask
 from .webhooks import WebhookSender
 
 log = logging.getLogger("instantid.serve")
@@ -87,6 +89,25 @@ def from_plain(value: Any) -> Any:
     return value
 
 
+# what a task carries from the Ingress (the Generator's own bookkeeping fields are compare=False)
+TASK_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationTask) if f.compare)
+
+
+def pack(prepared) -> dict:
+    """A ``PreparedGeneration`` as plain data for the record."""
+    task = {name: getattr(prepared.task, name) for name in TASK_FIELDS}
+    return to_plain({"task": task, "face": prepared.face, "embedding": prepared.embedding,
+                     "references": prepared.references})
+
+
+def unpack(data: dict):
+    from .service import PreparedGeneration
+
+    plain = from_plain(data)
+    return PreparedGeneration(task=GenerationTask(**plain["task"]), face=plain["face"],
+                              embedding=plain["embedding"], references=plain["references"])
+
+
 def replica_died(exc: BaseException) -> bool:
     """The Generator replica running the call died (killed, OOM, node lost): the job may run again."""
     try:
@@ -97,8 +118,8 @@ def replica_died(exc: BaseException) -> bool:
 
 
 class JobService:
-    """Submit, look up, cancel and run jobs; ``core`` is the Ingress's request core (validation, face analysis,
-    the Generator handles, the response)."""
+    """Submit, look up, cancel and run jobs; ``core`` is the replica's ``GenerationService`` (validation, face
+    analysis, the Generator handles, the response)."""
 
     def __init__(self, core, config):
         self.core = core
@@ -156,7 +177,7 @@ class JobService:
                 await asyncio.sleep(1.0)
 
     async def _run(self, job_id: str) -> None:
-        from .ingress import Ctx
+        from .service import Ctx
 
         cfg = self.config
         status, payload = None, None
@@ -168,7 +189,7 @@ class JobService:
             if record.get("attempts", 1) == 1:
                 metrics.job_started(time.time() - record["created_at"])
             owner = record.get("owner")
-            ctx = Ctx(route="job", request_id=job_id, api_key=owner, scope=self.core.scope_of(owner))
+            ctx = Ctx(route="job", request_id=job_id, api_key=owner)  # its identity was resolved at submit
             work = asyncio.ensure_future(self._execute(ctx, job_id, inputs))
             reason = None
             next_renew = time.monotonic() + cfg.lease_s / 3
@@ -215,14 +236,14 @@ class JobService:
     async def _execute(self, ctx, job_id: str, inputs: dict) -> dict:
         core, cfg = self.core, self.config
         req = core.models.GenerateRequest.model_validate(inputs["request"])
-        prepared = from_plain(inputs["prepared"])
+        prepared = unpack(inputs["prepared"])
         timeout = min(req.timeout_s or core.args.request_timeout_s, core.args.request_timeout_s)
         ctx.deadline = time.time() + timeout
-        prepared["job"]["deadline"] = ctx.deadline
+        prepared.task.deadline = ctx.deadline
         async with asyncio.timeout(timeout):
             while True:
                 try:
-                    result = await self._denoise(ctx, job_id, prepared["job"])
+                    result = await self._denoise(ctx, job_id, prepared.task)
                     break
                 except Exception as exc:
                     if not replica_died(exc):
@@ -239,13 +260,14 @@ class JobService:
         large = result_bytes > 1024 * 1024
         handle = self._streams.get((model, large))
         if handle is None:
-            handle = self._streams[(model, large)] = self.core._generator_for(model, result_bytes).options(stream=True)
+            handle = self._streams[(model, large)] = self.core.backends.generator_for(model, result_bytes).options(
+                stream=True)
         return handle
 
-    async def _denoise(self, ctx, job_id: str, job: dict) -> dict:
-        result_bytes = job["num_images"] * job["width"] * job["height"] * 3
-        stream = self._stream_handle(job["model"], result_bytes).generate_stream.remote(
-            job, self.config.progress_interval_s)
+    async def _denoise(self, ctx, job_id: str, task: GenerationTask):
+        result_bytes = task.num_images * task.width * task.height * 3
+        stream = self._stream_handle(task.model, result_bytes).denoise_stream.remote(
+            task, self.config.progress_interval_s)
         ctx.pending.append(stream)
         started, first = time.perf_counter(), True
         try:
@@ -288,18 +310,18 @@ class JobService:
                 raise self._store_down(exc) from None
             if queued >= self.config.max_queued:  # before any work; submit checks again
                 raise self._queue_full()
-            req, faces, pose, decode_s = await asyncio.to_thread(core.decode_generate, data, files)
-            init_image = await asyncio.to_thread(core.decode_init_image, req, files)
+            req, faces, pose, decode_s = await asyncio.to_thread(core.validate_generate_request, data, files)
+            init_image = await asyncio.to_thread(core.validate_init_image, req, files)
             ctx.timings["decode_s"] = decode_s
             prepared = await core._deadline(ctx, core.prepare_generation(ctx, req, faces, pose, init_image),
                                             req.timeout_s)
         except Exception as exc:
-            raise core._fail(ctx, exc) from None
+            raise core.fail(ctx, exc) from None
         job_id = new_job_id()
         request = req.model_dump(mode="json", exclude=DROPPED_FIELDS)
         record = {"created_at": time.time(), "owner": ctx.api_key, "webhook": webhook,
-                  "meta": {"model": prepared["job"]["model"], **(meta or {})},
-                  "inputs": {"request": request, "prepared": to_plain(prepared)}}
+                  "meta": {"model": prepared.task.model, **(meta or {})},
+                  "inputs": {"request": request, "prepared": pack(prepared)}}
         try:
             accepted = await self.store.submit(job_id, record, self.config.max_queued)
         except Exception as exc:

@@ -11,6 +11,7 @@ ships (``scripts/demo`` does this).
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import signal
 import socket
@@ -39,6 +40,34 @@ LOCAL_ENV: dict[str, str] = {
 }
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def free_port() -> int:
+    """A port free now on 127.0.0.1, for a server that binds it later (HAProxy binds its stats and metrics
+    ports only when Serve starts, a minute on a loaded machine). Picked outside the kernel's ephemeral range:
+    a port from ``bind(0)`` comes from that range, and in the meantime every outgoing connection and every Ray
+    worker's ``bind(0)`` draws from it too (CI saw HAProxy's metrics port taken that way). Random, so local
+    clusters set up side by side rarely try the same one."""
+    ephemeral = _ephemeral_ports()
+    candidates = [port for port in range(10000, 65536) if port not in ephemeral]
+    for port in random.sample(candidates, 50) if candidates else []:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no free port outside the range: the kernel's pick is the best left
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def write_guard_launcher(directory: Path) -> Path:
     """An executable that runs deployments/haproxy_guard.py with this Python (Ray wants one file to exec)."""
     launcher = directory / "haproxy"
@@ -54,12 +83,6 @@ def private_haproxy_env() -> tuple[dict[str, str], Path]:
     HAProxy refuses socket paths over 97 characters, and Ray adds a 64-character subdirectory. HAProxy runs
     through deployments/haproxy_guard.py (timeouts, JSON errors, local-only stats, dies with its Ray proxy)."""
     directory = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
-
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
     return ({
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),

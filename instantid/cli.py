@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import defaults
 from .errors import InstantIDError, InvalidParameterError
 
 EXIT_INPUT = 1  # the user's input or configuration is wrong
@@ -80,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="identity and pose act only in the face box (on by default when a photo gives one)")
     what.add_argument("--control-mask", metavar="IMG", help="explicit region mask, white = face (resized to fit)")
     what.add_argument("--init-image", metavar="IMG", help="img2img: restyle this picture keeping the identity")
-    what.add_argument("--strength", type=float, default=0.8, help="img2img: share of the schedule run, (0, 1]")
+    what.add_argument("--strength", type=float, default=defaults.IMG2IMG_STRENGTH, help="img2img: share of the schedule run, (0, 1]")
     what.add_argument("--save-pose-image", metavar="PATH", help="also write the keypoint image IdentityNet got")
-    what.add_argument("--steps", type=int, default=30)
-    what.add_argument("--guidance-scale", type=float, default=5.0)
-    what.add_argument("--ip-adapter-scale", type=float, default=0.8)
-    what.add_argument("--controlnet-conditioning-scale", type=float, default=0.8)
+    what.add_argument("--steps", type=int, default=defaults.STEPS)
+    what.add_argument("--guidance-scale", type=float, default=defaults.GUIDANCE_SCALE)
+    what.add_argument("--ip-adapter-scale", type=float, default=defaults.IP_ADAPTER_SCALE)
+    what.add_argument("--controlnet-conditioning-scale", type=float,
+                      default=defaults.CONTROLNET_CONDITIONING_SCALE)
     what.add_argument("--control-guidance-start", type=float, default=0.0)
     what.add_argument("--control-guidance-end", type=float, default=1.0)
     what.add_argument("--num-images", type=int, default=1)
@@ -150,7 +152,7 @@ def _add_download_parser(sub) -> None:
 
 
 # -- generate -------------------------------------------------------------------------------------------
-def _check_generate(args) -> None:
+def _check_generate_args(args) -> None:
     """Everything that can be checked without loading a model."""
     from .schedulers import NAMES
 
@@ -271,7 +273,7 @@ def cmd_generate(args) -> int:
     from .identity import Pose, build_identity, build_pose
     from .styles import apply_style
 
-    _check_generate(args)
+    _check_generate_args(args)
     prompt, negative = apply_style(args.style, args.prompt, args.negative_prompt)
     faces = [(path, load_image(path)) for path in args.face]
     pose_photo = (args.pose, load_image(args.pose)) if args.pose else None
@@ -286,9 +288,9 @@ def cmd_generate(args) -> int:
     width, height = _output_size(args, init_image)
     pose = Pose(kps, (width or 1024, height or 1024)) if kps is not None else None
     if faces or pose_photo:
-        from .face import FaceAnalyzer
+        from .face import FaceModel
 
-        analyzer = FaceAnalyzer(args.face_model)
+        analyzer = FaceModel(args.face_model)
         if faces:
             identity = build_identity(analyzer, faces)
             embedding, pose = identity.embedding, pose or identity.pose
@@ -330,9 +332,9 @@ def cmd_generate(args) -> int:
         print(path)
     print(f"seed: {seed}", file=sys.stderr)
     if args.score:
-        from .face import FaceAnalyzer
+        from .face import FaceModel
 
-        analyzer = analyzer if (faces or pose_photo) else FaceAnalyzer(args.face_model)
+        analyzer = analyzer if (faces or pose_photo) else FaceModel(args.face_model)
         references = [face.embedding for face in identity.faces] if faces else None
         for image, path in outputs:
             print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
@@ -352,7 +354,7 @@ def _score_line(analyzer, image, embedding, references) -> str:
 
 
 def cmd_score(args) -> int:
-    from .face import FaceAnalyzer, load_image
+    from .face import FaceModel, load_image
     from .identity import build_identity
 
     if bool(args.reference) == bool(args.face_embedding):
@@ -360,7 +362,7 @@ def cmd_score(args) -> int:
     embedding = _read_embedding(args.face_embedding) if args.face_embedding else None
     references = [(path, load_image(path)) for path in args.reference]
     images = [(path, load_image(path)) for path in args.images]  # all readable before any model loads
-    analyzer = FaceAnalyzer(args.face_model)
+    analyzer = FaceModel(args.face_model)
     per_photo = None
     if references:
         identity = build_identity(analyzer, references)
@@ -372,7 +374,7 @@ def cmd_score(args) -> int:
 
 # -- analyze --------------------------------------------------------------------------------------------
 def cmd_analyze(args) -> int:
-    from .face import FaceAnalyzer, load_image, resize_for_analysis
+    from .face import FaceModel, load_image, resize_for_analysis
 
     images = [(path, load_image(path)) for path in args.images]  # all readable before any work
     out_dir = Path(args.output_dir)
@@ -384,7 +386,7 @@ def cmd_analyze(args) -> int:
         if Path(other).resolve() != Path(path).resolve():
             raise InvalidParameterError("images", f"{other} and {path} would save their embeddings under the same "
                                                   f"name {Path(path).stem}.face<N>.npy; analyze them separately")
-    analyzer = FaceAnalyzer(args.face_model)
+    analyzer = FaceModel(args.face_model)
     report, arrays = [], []
     for path, image in images:
         canvas = resize_for_analysis(image)

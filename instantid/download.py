@@ -96,9 +96,9 @@ def fetch_instantid(ref: str) -> Fetched:
 
 def check_face_pack(path: Path, ref: str) -> None:
     """Load the pack as the service will (CPU) and refuse one InstantID cannot use (face.check_instantid_pack)."""
-    from .face import FaceAnalyzer
+    from .face import FaceModel
 
-    FaceAnalyzer(str(path), providers=["CPUExecutionProvider"])
+    FaceModel(str(path), providers=["CPUExecutionProvider"])
 
 
 def fetch_face_pack(ref: str, root: str | None = None) -> Fetched:

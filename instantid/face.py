@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import weights
 from .errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
-from .image_limits import ACCEPTED_FORMATS, DecodeAborted, check_structure, open_bounded
+from .image_limits import DecodeAborted, check_format, check_structure, open_bounded, unreadable
 
 # A photo that takes longer than this to decode is refused (a bounded-scan JPEG at the pixel limit takes ~1 s).
 DECODE_TIMEOUT_S = 10.0
@@ -52,10 +52,8 @@ def load_image(source: str | Path | bytes, name: str | None = None, *, timeout_s
     except DecodeAborted:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidImageError(f"{label} is not a readable image (JPEG, PNG or WebP expected)") from exc
-    # judge by decoded content, not by file name or declared content type
-    if image.format not in ACCEPTED_FORMATS:
-        raise InvalidImageError(f"{label} is a {image.format} image; only JPEG, PNG and WebP are accepted")
+        raise unreadable(label) from exc
+    check_format(image.format, label)
     try:
         image.load()  # decode now: a truncated file fails here rather than deep inside the pipeline
         image = ImageOps.exif_transpose(image)
@@ -211,11 +209,12 @@ def check_instantid_pack(models: dict, model: str) -> None:
                     TRAINED_RECOGNIZER, TRAINED_ON)
 
 
-class FaceAnalyzer:
+class FaceModel:
     """insightface detection + recognition on a local, S3, hub or named pack (antelopev2 layout).
 
     Any pack whose detector gives five keypoints and whose recogniser gives 512-d embeddings loads, but
     InstantID's adapter was trained on antelopev2's embeddings: another recogniser loses the identity.
+    (The service's FaceAnalyzer deployment, deployments/face_analyzer.py, runs one per replica.)
     """
 
     def __init__(

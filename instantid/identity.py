@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InvalidParameterError
-from .face import Face, FaceAnalyzer, mean_embedding, resize_for_analysis
+from .face import Face, FaceModel, mean_embedding, resize_for_analysis
 from .keypoints import draw_keypoints, face_region_mask, fit_canvas
 
 
@@ -59,13 +59,13 @@ class Identity:
     faces: list[Face] = field(default_factory=list)  # the face used from each photo, in order
 
 
-def analyze_face(analyzer: FaceAnalyzer, name: str, image: Image.Image) -> tuple[Face, tuple[int, int]]:
+def analyze_face(analyzer: FaceModel, name: str, image: Image.Image) -> tuple[Face, tuple[int, int]]:
     """The largest face of one photo after the reference resize, and the size of the analysed canvas."""
     canvas = resize_for_analysis(image)
     return analyzer.largest_face(canvas, name), canvas.size
 
 
-def build_identity(analyzer: FaceAnalyzer, photos: list[tuple[str, Image.Image]]) -> Identity:
+def build_identity(analyzer: FaceModel, photos: list[tuple[str, Image.Image]]) -> Identity:
     """Analyse named photos (NoFaceError names the first one without a face) into one Identity."""
     if not photos:
         raise ValueError("at least one reference photo is needed")
@@ -75,6 +75,6 @@ def build_identity(analyzer: FaceAnalyzer, photos: list[tuple[str, Image.Image]]
     return Identity(embedding=mean_embedding(faces), pose=Pose(first.kps.copy(), size, first.bbox.copy()), faces=faces)
 
 
-def build_pose(analyzer: FaceAnalyzer, name: str, image: Image.Image) -> Pose:
+def build_pose(analyzer: FaceModel, name: str, image: Image.Image) -> Pose:
     face, size = analyze_face(analyzer, name, image)
     return Pose(face.kps.copy(), size, face.bbox.copy())

@@ -20,6 +20,17 @@ from .errors import InvalidImageError
 # MPO is the JPEG that phones write (a primary picture + depth/preview frames); Pillow opens its first frame.
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP"})
 
+
+def unreadable(label: str) -> InvalidImageError:
+    return InvalidImageError(f"{label} is not a readable image (JPEG, PNG or WebP expected)")
+
+
+def check_format(fmt: str | None, label: str) -> None:
+    """Refuse what is not one of ACCEPTED_FORMATS, judged by decoded content (Pillow's ``format``), never by file
+    name or declared content type. The library's decode and the service's header check both use it."""
+    if fmt not in ACCEPTED_FORMATS:
+        raise InvalidImageError(f"{label} is a {fmt} image; only JPEG, PNG and WebP are accepted")
+
 # Encoders write ~10 progressive scans (libjpeg's default script), mozjpeg up to ~20: 100 leaves room for any
 # real photo and caps a crafted one at 1/30 of the attack's cost. libjpeg-turbo's own scan limit is 500.
 MAX_JPEG_SCANS = 100

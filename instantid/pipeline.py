@@ -38,7 +38,7 @@ from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOut
 from diffusers.utils.torch_utils import randn_tensor
 from torch.nn import functional as F
 
-from . import prompt_weighting
+from . import defaults, prompt_weighting
 from .attention import install_identity_adapter, set_identity_region, set_identity_scale
 from .errors import InvalidParameterError, WeightsError
 from .resampler import Resampler
@@ -82,16 +82,16 @@ class GenerationRequest:
     num_images: int = 1
     seed: int | None = 0
     generator: torch.Generator | None = None  # overrides seed (the official API takes a generator)
-    guidance_scale: float = 5.0
-    ip_adapter_scale: float = 0.8
-    controlnet_conditioning_scale: float = 0.8
+    guidance_scale: float = defaults.GUIDANCE_SCALE
+    ip_adapter_scale: float = defaults.IP_ADAPTER_SCALE
+    controlnet_conditioning_scale: float = defaults.CONTROLNET_CONDITIONING_SCALE
     control_guidance_start: float = 0.0
     control_guidance_end: float = 1.0
     controls: list[ControlInput] = field(default_factory=list)
     prompt_weighting: str = prompt_weighting.DEFAULT  # "none" or "lpw" (the demo's)
     control_mask: PIL.Image.Image | None = None  # white = face region; resized to the canvas when it differs
     init_image: PIL.Image.Image | None = None  # img2img: the picture to restyle (resized to the canvas)
-    strength: float = 0.8  # img2img: the share of the schedule that is run (0 < strength <= 1)
+    strength: float = defaults.IMG2IMG_STRENGTH  # img2img: the share of the schedule that is run (0 < strength <= 1)
 
     def make_generator(self) -> torch.Generator:
         if self.generator is not None:
@@ -208,12 +208,12 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
+        num_inference_steps: int = defaults.STEPS,
+        guidance_scale: float = defaults.GUIDANCE_SCALE,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
-        ip_adapter_scale: float = 0.8,
-        controlnet_conditioning_scale: float = 0.8,
+        ip_adapter_scale: float = defaults.IP_ADAPTER_SCALE,
+        controlnet_conditioning_scale: float = defaults.CONTROLNET_CONDITIONING_SCALE,
         control_guidance_start: float = 0.0,
         control_guidance_end: float = 1.0,
         scheduler: str = "default",
@@ -223,7 +223,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         prompt_weighting: str = prompt_weighting.DEFAULT,
         control_mask: PIL.Image.Image | None = None,
         init_image: PIL.Image.Image | None = None,
-        strength: float = 0.8,
+        strength: float = defaults.IMG2IMG_STRENGTH,
     ) -> StableDiffusionXLPipelineOutput:
         request = GenerationRequest(
             face_embedding=image_embeds,
@@ -257,7 +257,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         *,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 30,
+        steps: int = defaults.STEPS,
         scheduler: str = "default",
         output_type: str = "pil",
         callback: Callable[[int, int], Iterable[int] | None] | None = None,

@@ -21,8 +21,10 @@ import re
 
 import torch
 
-MODES = ("none", "lpw")
-DEFAULT = "lpw"  # the demo and Replicate always weight; see docs/parity.md
+from . import defaults
+
+MODES = defaults.PROMPT_WEIGHTINGS
+DEFAULT = defaults.PROMPT_WEIGHTING
 CHUNK = 75  # tokens between the start and end token of one text-encoder pass
 
 _ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:", re.X)

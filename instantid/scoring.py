@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .face import FaceAnalyzer, resize_for_analysis
+from .face import FaceModel, resize_for_analysis
 
 
 def normed(embedding: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ def score_face(embedding: np.ndarray | None, bbox: list[float] | None, reference
     return IdentityScore(face_found=True, similarity=cosine(embedding, reference), bbox=bbox, per_reference=per)
 
 
-def output_face(analyzer: FaceAnalyzer, image: Image.Image | np.ndarray) -> tuple[np.ndarray | None, list | None]:
+def output_face(analyzer: FaceModel, image: Image.Image | np.ndarray) -> tuple[np.ndarray | None, list | None]:
     """(raw embedding, bbox in the image's pixels) of the largest face of an output image, or (None, None)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -66,7 +66,7 @@ def output_face(analyzer: FaceAnalyzer, image: Image.Image | np.ndarray) -> tupl
     return faces[0].embedding, [round(float(v), 2) for v in faces[0].bbox * scale]
 
 
-def score_image(analyzer: FaceAnalyzer, image: Image.Image | np.ndarray, reference: np.ndarray,
+def score_image(analyzer: FaceModel, image: Image.Image | np.ndarray, reference: np.ndarray,
                 references: list[np.ndarray] | None = None) -> IdentityScore:
     """Score one output image against the identity embedding (and each reference photo's, when several)."""
     return score_face(*output_face(analyzer, image), reference, references)

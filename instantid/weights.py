@@ -119,10 +119,23 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def s3_client():
-    import boto3  # standard credential chain; AWS_ENDPOINT_URL(_S3) selects an S3-compatible server
+# The waits of every S3 client of the project (weights, the identity store, output delivery): an unreachable or
+# black-holed S3 fails a call within seconds (the service answers 503 storage_unavailable) instead of botocore's
+# 60 s per read and 5 attempts, which held an output upload until the request's deadline (504). The read
+# timeout bounds each wait for data, not a whole transfer.
+S3_CONNECT_TIMEOUT_S = 3.0
+S3_READ_TIMEOUT_S = 20.0
+S3_MAX_RETRIES = 3  # after the first attempt: 4 in all
 
-    return boto3.client("s3")
+
+def s3_client():
+    """The one S3 client factory: the standard credential chain (AWS_ENDPOINT_URL(_S3) selects an S3-compatible
+    server) with bounded connect and read timeouts and retries."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S,
+                                            retries={"max_attempts": S3_MAX_RETRIES, "mode": "standard"}))
 
 
 def resolve(ref: str, *, allow_patterns: list[str] | None = None) -> Path:

@@ -1,6 +1,6 @@
 """The web playground at ``/`` and the face-analysis route it draws boxes and keypoints from.
 
-``add_routes(app, v1, core, parse)`` is called by ``ingress.build_http_app``:
+``add_routes(app, v1, edge)`` is called by ``deployments.http.app.build_http_app``:
 
 - ``POST /v1/faces:analyze`` (on the ``/v1`` router, so behind the same API keys, rate limit and body limits):
   1 to ``max_faces`` photos in -> the face each one would contribute (the largest: box, score, five keypoints
@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -22,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from ..errors import ServiceError
-from ..models import ErrorBody, FaceInfo
+from ..schemas import FaceInfo
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -52,44 +50,22 @@ class FaceAnalysis(BaseModel):
     timings: FaceAnalysisTimings
 
 
-async def analyze_faces(core, ctx, data: dict, files: dict | None) -> dict:
-    """Same input checks as POST /v1/identities (``decode_identity``), same FaceAnalyzer call, nothing stored."""
-    try:
-        started = time.perf_counter()
-        photos = await asyncio.to_thread(core.decode_identity, data, files)  # header checks: off the event loop
-        ctx.timings["decode_s"] = time.perf_counter() - started
-        return await core._deadline(ctx, _run(core, ctx, photos))
-    except Exception as exc:
-        raise core._fail(ctx, exc) from None
-
-
-async def _run(core, ctx, photos: list[bytes]) -> dict:
-    await core._backend_down(("FaceAnalyzer",))
-    analysis = await core._call(ctx, core._face_for(sum(map(len, photos))).analyze.remote(
-        [(f"face_images[{i}]", data) for i, data in enumerate(photos)], None))
-    core._face_timings(ctx, analysis)
-    ctx.timings["total_s"] = time.perf_counter() - ctx.started
-    return {"faces": analysis["faces"], "timings": {k: round(v, 6) for k, v in ctx.timings.items()}}
-
-
-def add_routes(app: FastAPI, v1: APIRouter, core, parse) -> None:
+def add_routes(app: FastAPI, v1: APIRouter, edge) -> None:
     """Add the analysis route to ``v1`` (before it is included in ``app``) and the page to ``app``."""
-    from ..ingress import Ctx, _body_doc, _multipart_schema
+    from ..http.openapi import body_doc, multipart_schema
+    from ..service import Ctx
 
-    errors = {s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)}
+    service = edge.service
 
-    @v1.post("/faces:analyze", response_model=FaceAnalysis, responses=errors, summary="Find the face in photos",
+    @v1.post("/faces:analyze", response_model=FaceAnalysis, responses=edge.errors, summary="Find the face in photos",
              description="Each photo's largest face (box, score, five keypoints, in the photo's pixels): what "
                          "generate and identities would use. Nothing is stored; no embedding is returned.",
-             openapi_extra=_body_doc("IdentityCreateRequest",
-                                     _multipart_schema(core.models.IdentityCreateRequest, core.args.limits.max_faces)))
+             openapi_extra=body_doc("IdentityCreateRequest", multipart_schema(service.models.IdentityCreateRequest,
+                                                                              service.args.limits.max_faces)))
     async def analyze(request: Request):
         ctx = Ctx(route="/v1/faces:analyze")
-        try:
-            data, files = await parse(request, ctx, core.args.limits.max_faces, ("face_images",))
-        except Exception as exc:
-            raise core._fail(ctx, exc) from None
-        return JSONResponse(await analyze_faces(core, ctx, data, files))
+        data, files = await edge.read(request, ctx, service.args.limits.max_faces, ("face_images",))
+        return JSONResponse(await service.analyze_faces(ctx, data, files))
 
     @app.get("/", include_in_schema=False)
     async def page():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,7 @@ import pytest
 
 from serve_helpers import IDENTITY_BUCKET, OUTPUT_BUCKET, app_args, assert_error, b64, png_bytes
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from deployments.ray_env import free_port
 
 
 @dataclass
@@ -47,13 +42,13 @@ def serve_env(tiny_bundle, s3_server, tmp_path_factory):
     from ray.serve.api import RunTarget
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
     from deployments.ray_env import LOCAL_ENV, private_haproxy_env
 
     for bucket in (OUTPUT_BUCKET, IDENTITY_BUCKET):
         boto3.client("s3").create_bucket(Bucket=bucket)
     identity_dir = tmp_path_factory.mktemp("identities")
-    http_port, metrics_port = _free_port(), _free_port()
+    http_port, metrics_port = free_port(), free_port()
     # Ray workers inherit this process's environment: HF_HUB_OFFLINE, AWS_ENDPOINT_URL and credentials, and
     # the cluster environment the app ships with (HAProxy ingress), its ports and files private to this run
     os.environ["RAY_metrics_report_interval_ms"] = "1000"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from deployments.config import AppArgs
-from deployments.generator import GeneratorCore, Job
+from deployments.generator import GeneratorCore
+from deployments.messages import GenerationTask
 from serve_helpers import app_args, assert_error
 from test_units import _request, make_client
 
@@ -59,10 +60,10 @@ def core(tiny_bundle):
     return core, core.load("tiny")
 
 
-def _job(seed: int, **fields) -> Job:
+def _job(seed: int, **fields) -> GenerationTask:
     kps = np.array([[20, 22], [44, 22], [32, 34], [23, 46], [41, 46]], dtype=np.float32)
-    return Job(model="tiny", embedding=np.random.RandomState(seed).randn(512).astype(np.float32), kps=kps,
-               canvas=(64, 64), width=64, height=64, steps=8, seed=seed, guidance_scale=1.0, **fields)
+    return GenerationTask(model="tiny", embedding=np.random.RandomState(seed).randn(512).astype(np.float32), kps=kps,
+                          canvas=(64, 64), width=64, height=64, steps=8, seed=seed, guidance_scale=1.0, **fields)
 
 
 def _count_steps(model) -> list[int]:
@@ -83,7 +84,7 @@ def test_past_its_deadline_a_job_leaves_the_batch_and_the_other_goes_on(core):
         model.pipe.unet._forward_pre_hooks.clear()
     assert getattr(out[0], "status", None) == 504 and out[0].code == "timeout"
     assert rows == [2] + [1] * 7  # its row left after the first step; the other ran all 8
-    assert np.abs(out[1]["images"][0].astype(int) - alone["images"][0].astype(int)).max() <= 2
+    assert np.abs(out[1].images[0].astype(int) - alone.images[0].astype(int)).max() <= 2
 
 
 def test_a_cancelled_batch_stops_at_the_next_step(core):
@@ -137,7 +138,7 @@ class _Readiness:
         from test_units import FakeGenerator, _Method
 
         self.inner = FakeGenerator()
-        self.generate = self.inner.generate
+        self.denoise = self.inner.denoise
         self.ready = _Method(ready)
 
     def options(self, **_):

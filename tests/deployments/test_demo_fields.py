@@ -14,8 +14,9 @@ from serve_helpers import assert_error, b64, png_bytes
 from test_units import FakeGenerator, _Method, make_client
 
 from deployments.config import Limits
-from deployments.generator import GeneratorCore, LoadedModel, decode_request
-from deployments.models import default_size
+from deployments.generator import GeneratorCore, LoadedModel, accept_task
+from deployments.messages import GenerationTask
+from deployments.schemas import default_size
 
 
 class RecordingGenerator(FakeGenerator):
@@ -24,16 +25,16 @@ class RecordingGenerator(FakeGenerator):
     def __init__(self):
         super().__init__()
         self.jobs = []
-        plain = self.generate.fn
+        plain = self.denoise.fn
 
         async def generate(job):
             self.jobs.append(job)
             out = await plain(job)
-            if job.get("return_pose_image"):
-                out["pose_image"] = np.full((job["height"], job["width"], 3), 7, np.uint8)
+            if job.return_pose_image:
+                out.pose_image = np.full((job.height, job.width, 3), 7, np.uint8)
             return out
 
-        self.generate = _Method(generate)
+        self.denoise = _Method(generate)
 
 
 def request(**fields):
@@ -45,11 +46,11 @@ def test_default_size_is_the_pose_canvas_with_face_region_and_lpw(tmp_path):
     resp = make_client(tmp_path, generator=gen).post("/v1/generate", json=request())
     assert resp.status_code == 200, resp.text
     job = gen.jobs[-1]
-    assert (job["width"], job["height"]) == (1024, 1024)  # the fake analyser's canvas
+    assert (job.width, job.height) == (1024, 1024)  # the fake analyser's canvas
     assert (resp.json()["width"], resp.json()["height"]) == (1024, 1024)
-    assert job["prompt_weighting"] == "lpw" and job["enhance_face_region"] is True
-    assert job["bbox"] == [4.0, 8.0, 12.0, 16.0]  # the face box on the 1024 canvas (reported on the 256 photo)
-    assert job["init_image"] is None and "pose_image" not in resp.json()
+    assert job.prompt_weighting == "lpw" and job.enhance_face_region is True
+    assert job.bbox == [4.0, 8.0, 12.0, 16.0]  # the face box on the 1024 canvas (reported on the 256 photo)
+    assert job.init_image is None and "pose_image" not in resp.json()
 
 
 def test_explicit_fields_reach_the_job_and_pose_image_comes_back(tmp_path):
@@ -58,7 +59,7 @@ def test_explicit_fields_reach_the_job_and_pose_image_comes_back(tmp_path):
         width=64, height=96, enhance_face_region=False, prompt_weighting="none", return_pose_image=True))
     assert resp.status_code == 200, resp.text
     job = gen.jobs[-1]
-    assert (job["width"], job["height"], job["enhance_face_region"], job["prompt_weighting"]) == (
+    assert (job.width, job.height, job.enhance_face_region, job.prompt_weighting) == (
         64, 96, False, "none")
     pose = Image.open(io.BytesIO(base64.b64decode(resp.json()["pose_image"])))
     assert pose.format == "PNG" and pose.size == (64, 96)
@@ -71,7 +72,7 @@ def test_img2img_takes_the_init_images_size_after_the_demo_resize(tmp_path):
                                                                                   strength=0.5))
     assert resp.status_code == 200, resp.text
     job = gen.jobs[-1]
-    assert (job["width"], job["height"]) == (1280, 832) and job["strength"] == 0.5 and job["init_image"] == init
+    assert (job.width, job.height) == (1280, 832) and job.strength == 0.5 and job.init_image == init
 
 
 def test_init_image_as_a_multipart_file(tmp_path):
@@ -81,7 +82,7 @@ def test_init_image_as_a_multipart_file(tmp_path):
     resp = make_client(tmp_path, generator=gen).post("/v1/generate", files=files,
                                                      data={"steps": "2", "width": "64", "height": "64"})
     assert resp.status_code == 200, resp.text
-    assert gen.jobs[-1]["init_image"] == png_bytes(size=(64, 64))
+    assert gen.jobs[-1].init_image == png_bytes(size=(64, 64))
 
 
 @pytest.mark.parametrize("fields, status, code, field", [
@@ -110,26 +111,27 @@ def test_default_size_keeps_the_aspect_inside_the_limits():
 
 
 # -- the Generator's side, on the tiny bundle ------------------------------------------------------------
-def job(**fields):
+def job(**fields) -> GenerationTask:
     base = {"model": "m", "embedding": np.ones(512, np.float32), "kps": [[20, 22], [44, 22], [32, 34], [23, 46],
                                                                          [41, 46]],
             "canvas": [64, 64], "width": 64, "height": 64, "steps": 2, "seed": 1}
     base.update(fields)
-    return base
+    return GenerationTask(**base)
 
 
 def test_batch_key_groups_img2img_by_strength():
-    plain = decode_request(job())
-    a = decode_request(job(init_image=png_bytes(size=(64, 64)), strength=0.5))
-    b = decode_request(job(init_image=png_bytes(size=(64, 64)), strength=0.7))
-    same = decode_request(job(init_image=png_bytes(size=(32, 32)), strength=0.5, prompt_weighting="none",
-                              enhance_face_region=True, bbox=[10, 10, 50, 50]))
-    assert len({plain.key(), a.key(), b.key()}) == 3 and a.key() == same.key()
-    assert plain.key() == decode_request(job(prompt_weighting="none")).key()  # prompts batch across weightings
+    plain = accept_task(job())
+    a = accept_task(job(init_image=png_bytes(size=(64, 64)), strength=0.5))
+    b = accept_task(job(init_image=png_bytes(size=(64, 64)), strength=0.7))
+    same = accept_task(job(init_image=png_bytes(size=(32, 32)), strength=0.5, prompt_weighting="none",
+                           enhance_face_region=True, bbox=[10, 10, 50, 50]))
+    assert len({plain.batch_key(), a.batch_key(), b.batch_key()}) == 3 and a.batch_key() == same.batch_key()
+    # prompts batch across weightings
+    assert plain.batch_key() == accept_task(job(prompt_weighting="none")).batch_key()
 
 
 def test_generator_builds_masks_and_pose_images_per_request(tiny_bundle):
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
     from instantid.identity import Pose
 
     core = GeneratorCore(resolve_args({"profile": "tiny", "tiny_dir": str(tiny_bundle)}))
@@ -143,12 +145,12 @@ def test_generator_builds_masks_and_pose_images_per_request(tiny_bundle):
 
     model.pipe.generate = spy
     box = [12.0, 10.0, 52.0, 56.0]
-    jobs = [decode_request(job(bbox=box, enhance_face_region=True, return_pose_image=True, seed=1)),
-            decode_request(job(seed=2, prompt_weighting="none"))]
+    jobs = [accept_task(job(bbox=box, enhance_face_region=True, return_pose_image=True, seed=1)),
+            accept_task(job(seed=2, prompt_weighting="none"))]
     results = core.predict(model, jobs)
-    assert [r["timings"]["batch_size"] for r in results] == [2, 2]
+    assert [r.timings["batch_size"] for r in results] == [2, 2]
     pose = Pose(np.asarray(jobs[0].kps), (64, 64), np.asarray(box))
     np.testing.assert_array_equal(np.asarray(seen[0].control_mask), np.asarray(pose.face_mask()))
     assert seen[1].control_mask is None and seen[1].prompt_weighting == "none"
-    np.testing.assert_array_equal(results[0]["pose_image"], np.asarray(pose.draw()))
-    assert results[1]["pose_image"] is None
+    np.testing.assert_array_equal(results[0].pose_image, np.asarray(pose.draw()))
+    assert results[1].pose_image is None

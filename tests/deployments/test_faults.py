@@ -16,16 +16,12 @@ import pytest
 
 from serve_helpers import app_args, assert_error
 
+from deployments.ray_env import free_port
+
 pytestmark = pytest.mark.serve
 
 FAULTS_BUCKET = "instantid-test-faults"
 CLEAN_5XX = {503, 504}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(predicate, timeout_s: float, what: str, period_s: float = 0.5):
@@ -67,7 +63,7 @@ class PrivateS3:
     """A moto server of the faults app's own (same in-process backend as the session's), stoppable."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = None
 
@@ -96,7 +92,7 @@ def faults_app(serve_env):
     from ray import serve
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
 
     s3 = PrivateS3()
     s3.start()
@@ -259,7 +255,7 @@ def test_model_that_fails_to_load_is_not_ready_with_the_reason(serve_env, face_b
     from ray.serve.api import _run
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
 
     args = app_args(serve_env.tiny, models=[{"name": "broken", "base_model": "/nonexistent/sdxl-missing"}],
                     face_model="/nonexistent/face-pack-missing", request_timeout_s=20)
@@ -308,7 +304,7 @@ def test_model_that_fails_to_load_is_not_ready_with_the_reason(serve_env, face_b
 
 
 def test_readiness_reason_is_one_line_without_traceback():
-    from deployments.ingress import _reason
+    from deployments.backends import _reason
 
     serve_message = ("The deployment failed to start 3 times in a row. Error:\n  File \"generator.py\", line 351\n"
                      "    raise RuntimeError(f\"model not loaded: {self.ready_error}\")\n"

@@ -12,8 +12,11 @@ from starlette.testclient import TestClient
 
 from deployments import identity_score
 from deployments.config import AppArgs
-from deployments.ingress import BY_VALUE_MAX_BYTES, IngressCore, build_http_app
-from deployments.models import GenerateResponse
+from deployments.backends import BY_VALUE_MAX_BYTES
+from deployments.http.app import build_http_app
+from deployments.messages import FaceAnalysisResult, GenerationResult
+from deployments.service import GenerationService
+from deployments.schemas import GenerateResponse
 from serve_helpers import assert_error, b64, png_bytes
 from test_units import _Method, _ready  # the shared fake handle pieces
 
@@ -32,9 +35,10 @@ class ScoringFace:
             face = {"source": "face_images[0]", "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.9,
                     "kps": [[1.0, 1.0]] * 5, "image_size": [256, 256]}
             embeddings = PHOTO_EMBEDDINGS[:len(photos)]
-            return {"embedding": np.mean(embeddings, axis=0), "embeddings": embeddings, "faces": [face] * len(photos),
-                    "pose": {"kps": np.full((5, 2), 500.0, np.float32), "canvas": [1024, 1024], "face": face},
-                    "timings": {"decode_s": 0.0, "face_analysis_s": 0.0}}
+            return FaceAnalysisResult(embedding=np.mean(embeddings, axis=0), embeddings=embeddings,
+                                      faces=[face] * len(photos), pose_kps=np.full((5, 2), 500.0, np.float32),
+                                      pose_canvas=[1024, 1024], pose_face=face,
+                                      timings={"decode_s": 0.0, "face_analysis_s": 0.0})
 
         async def score(images, reference, references=None):
             self.calls.append((len(images), reference, references))
@@ -63,13 +67,13 @@ class ValueGenerator:
             self.jobs.append(job)
             if len(self.jobs) > 1 and retry_delay_s:
                 await asyncio.sleep(retry_delay_s)
-            images = [np.full((job["height"], job["width"], 3), self.values.pop(0), np.uint8)
-                      for _ in range(job["num_images"])]
-            return {"images": images, "seed": job["seed"], "model": job["model"],
-                    "timings": {"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
-                                "batch_images": job["num_images"]}}
+            images = [np.full((job.height, job.width, 3), self.values.pop(0), np.uint8)
+                      for _ in range(job.num_images)]
+            return GenerationResult(images=images, seed=job.seed, model=job.model,
+                                    timings={"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
+                                             "batch_images": job.num_images})
 
-        self.generate, self.ready = _Method(generate), _Method(_ready)
+        self.denoise, self.ready = _Method(generate), _Method(_ready)
 
     def options(self, **_):
         return self
@@ -77,8 +81,8 @@ class ValueGenerator:
 
 def client(tmp_path, face, generator) -> TestClient:
     args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids")})
-    core = IngressCore(args, face, generator,
-                       status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+    core = GenerationService(args, face, generator,
+                             status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
     return TestClient(build_http_app(core), raise_server_exceptions=False)
 
 
@@ -133,9 +137,9 @@ def test_retries_regenerate_only_the_images_under_it_and_keep_the_best(tmp_path)
         "/v1/generate", json=request(num_images=2, min_similarity=0.5, retry_below_threshold=2))
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert [job["num_images"] for job in generator.jobs] == [2, 1, 1]
-    round1_seed = generator.jobs[1]["seed"]
-    assert len({job["seed"] for job in generator.jobs}) == 3  # new seeds
+    assert [job.num_images for job in generator.jobs] == [2, 1, 1]
+    round1_seed = generator.jobs[1].seed
+    assert len({job.seed for job in generator.jobs}) == 3  # new seeds
     assert body["identity"][0] == {"similarity": 0.8, "face_found": True, "bbox": [0.0, 0.0, 8.0, 8.0],
                                    "below_threshold": False, "attempts": 1}
     assert body["identity"][1] == {"similarity": pytest.approx(76 / 255), "face_found": True,

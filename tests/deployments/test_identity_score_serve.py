@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from deployments.face_analyzer import FaceAnalysisCore
-from instantid.face import FaceAnalyzer, load_image
+from instantid.face import FaceModel, load_image
 from instantid.identity import build_identity
 from instantid.scoring import score_image
 
@@ -34,8 +34,8 @@ def test_core_scores_exactly_as_the_library_at_full_size(tiny_bundle, photos):
     core = FaceAnalysisCore(str(tiny_bundle / "antelopev2"), threads=1)
     a, b = photos
     analysis = core.predict([("face_images[0]", png(a)), ("face_images[1]", png(b))])
-    embedding, references = analysis["embedding"], analysis["embeddings"]
-    library = FaceAnalyzer(str(tiny_bundle / "antelopev2"))
+    embedding, references = analysis.embedding, analysis.embeddings
+    library = FaceModel(str(tiny_bundle / "antelopev2"))
     identity = build_identity(library, [("a", a), ("b", b)])
     assert np.allclose(embedding, identity.embedding) and len(references) == 2
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments import ingress as ingress_module
+from deployments import service as service_module
 from deployments.errors import ServiceError
 from deployments.face_analyzer import FaceAnalysisCore, PixelBudget
-from deployments.ingress import build_http_app, check_image
+from deployments.http.app import build_http_app
+from deployments.http.readers import check_image
 from instantid.errors import InvalidImageError
 from instantid.face import load_image
 from instantid.image_limits import MAX_JPEG_SCANS, DecodeAborted, check_structure
@@ -121,7 +122,7 @@ def test_image_checks_do_not_hold_the_event_loop(tmp_path, monkeypatch):
     def slow_check(data, where, max_pixels):
         time.sleep(1.0)
 
-    monkeypatch.setattr(ingress_module, "check_image", slow_check)
+    monkeypatch.setattr(service_module, "check_image", slow_check)
     client = make_client(tmp_path)
     app = client.app
 

@@ -14,7 +14,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from deployments.config import AppArgs
-from deployments.ingress import IngressCore, build_http_app
+from deployments.http.app import build_http_app
+from deployments.messages import GenerationResult
+from deployments.service import GenerationService
 from deployments.webhooks import SIGNATURE_HEADER, verify
 from redis_server import redis_server
 from serve_helpers import assert_error, b64, png_bytes
@@ -24,7 +26,7 @@ SECRET = "s3cret-for-tests"
 
 
 class _Stream:
-    """What ``handle.options(stream=True).generate_stream.remote`` gives: an async iterator with cancel()."""
+    """What ``handle.options(stream=True).denoise_stream.remote`` gives: an async iterator with cancel()."""
 
     def __init__(self, agen):
         self.agen = agen
@@ -43,28 +45,27 @@ class StreamingGenerator:
     def __init__(self, step_s: float = 0.01, die: int = 0):
         self.step_s, self.die, self.calls, self.streams = step_s, die, 0, []
 
-        async def steps(job, interval):
+        async def steps(task, interval):
             self.calls += 1
             if self.die:
                 self.die -= 1
                 from ray.exceptions import ActorDiedError
 
                 raise ActorDiedError()
-            for step in range(1, job["steps"] + 1):
+            for step in range(1, task.steps + 1):
                 await asyncio.sleep(self.step_s)
-                yield {"progress": {"step": step, "total": job["steps"]}}
-            yield {"result": {
-                "images": [np.zeros((job["height"], job["width"], 3), np.uint8)] * job["num_images"],
-                "seed": job["seed"], "model": job["model"],
-                "timings": {"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
-                            "batch_images": job["num_images"]}}}
+                yield {"progress": {"step": step, "total": task.steps}}
+            yield {"result": GenerationResult(
+                images=[np.zeros((task.height, task.width, 3), np.uint8)] * task.num_images, seed=task.seed,
+                model=task.model, timings={"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
+                                           "batch_images": task.num_images})}
 
-        def start(job, interval=0.25):
-            stream = _Stream(steps(job, interval))
+        def start(task, interval=0.25):
+            stream = _Stream(steps(task, interval))
             self.streams.append(stream)
             return stream
 
-        self.generate_stream = _Method(start)
+        self.denoise_stream = _Method(start)
         self.ready = _Method(_ready)
 
     def options(self, **_):
@@ -73,8 +74,8 @@ class StreamingGenerator:
 
 def client_for(tmp_path, generator=None, **jobs):
     args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"), "jobs": jobs})
-    core = IngressCore(args, FakeFace(), generator or StreamingGenerator(),
-                       status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+    core = GenerationService(args, FakeFace(), generator or StreamingGenerator(),
+                             status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
     return TestClient(build_http_app(core), raise_server_exceptions=False), core
 
 
@@ -217,8 +218,8 @@ def test_jobs_are_scoped_to_their_api_key(tmp_path, monkeypatch):
         f"{name}:{hashlib.sha256(name.encode() + b'-key').hexdigest()}" for name in ("alice", "bob")))
     args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"),
                                    "auth": {"enabled": True, "burst": 100, "rate_per_s": 100}})
-    core = IngressCore(args, FakeFace(), StreamingGenerator(),
-                       status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+    core = GenerationService(args, FakeFace(), StreamingGenerator(),
+                             status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
     with TestClient(build_http_app(core), raise_server_exceptions=False) as client:
         alice, bob = ({"Authorization": f"Bearer {n}-key"} for n in ("alice", "bob"))
         assert_error(client.post("/v1/jobs", json=_request()), 401, "unauthorized")

@@ -71,7 +71,7 @@ def test_ingress_queue_overflow_is_503_with_retry_after(serve_env, face_b64, tin
     from ray import serve
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
     from serve_helpers import app_args
 
     app = bind(resolve_args(app_args(serve_env.tiny)), {

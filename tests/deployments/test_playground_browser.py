@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import threading
 import time
 import warnings
@@ -28,6 +27,8 @@ from pathlib import Path
 import pytest
 
 from serve_helpers import png_bytes
+
+from deployments.ray_env import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -295,12 +296,6 @@ def test_phone_width_needs_no_sideways_scrolling(browser, serve_env):
 
 
 # -- an in-process Ingress with fake backends (default limits), served by uvicorn on the loopback ----------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class SlowGenerator:
     """A Generator that takes ``seconds`` per call."""
 
@@ -313,9 +308,9 @@ class SlowGenerator:
             import asyncio
 
             await asyncio.sleep(seconds)
-            return await inner.generate.remote(job)
+            return await inner.denoise.remote(job)
 
-        self.generate = _Method(generate)
+        self.denoise = _Method(generate)
 
     def options(self, **_):
         return self
@@ -325,7 +320,8 @@ class SlowGenerator:
 def fake_server(tmp_path, monkeypatch):
     """start(auth=False, generator=None) -> (base URL, [(path, query, authorization) of every request])."""
     from deployments.config import AppArgs
-    from deployments.ingress import IngressCore, build_http_app
+    from deployments.http.app import build_http_app
+    from deployments.service import GenerationService
     from test_units import FakeFace, FakeGenerator
 
     servers = []
@@ -334,8 +330,8 @@ def fake_server(tmp_path, monkeypatch):
         monkeypatch.setenv("PG_BROWSER_KEYS", "pg:" + hashlib.sha256(KEY.encode()).hexdigest())
         args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"),
                                        "auth": {"enabled": auth, "key_hashes_env": "PG_BROWSER_KEYS"}})
-        core = IngressCore(args, FakeFace(), generator or FakeGenerator(),
-                           status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+        core = GenerationService(args, FakeFace(), generator or FakeGenerator(),
+                                 status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
         return _serve(build_http_app(core), servers)
 
     yield start
@@ -355,7 +351,7 @@ def _serve(app, servers):
             seen.append((scope["path"], scope["query_string"].decode(), headers.get(b"authorization", b"").decode()))
         await app(scope, receive, send)
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(recorder, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

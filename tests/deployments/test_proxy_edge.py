@@ -21,15 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from deployments.ray_env import free_port
 from deployments.haproxy_guard import HTTP_REQUEST_TIMEOUT_S, MARK, error_file, harden, real_binary, write_error_files
 from serve_helpers import assert_error
 from test_units import _request, make_client
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ray_like_config(directory: Path, port: int, stats: int, metrics: int) -> str:
@@ -61,7 +56,7 @@ def ray_like_config(directory: Path, port: int, stats: int, metrics: int) -> str
             use_backend app if is_app
             default_backend default_backend
         backend app
-            server replica 127.0.0.1:{_free_port()}
+            server replica 127.0.0.1:{free_port()}
         backend default_backend
             http-request return status 404 content-type text/plain lf-string "Path \\'%[path]\\' not found. Ping http://.../-/routes for available routes."
         listen stats
@@ -74,7 +69,7 @@ def ray_like_config(directory: Path, port: int, stats: int, metrics: int) -> str
 
 @pytest.fixture()
 def hardened(tmp_path):
-    port, stats, metrics = _free_port(), _free_port(), _free_port()
+    port, stats, metrics = free_port(), free_port(), free_port()
     config = ray_like_config(tmp_path, port, stats, metrics)
     text = harden(config, write_error_files(tmp_path / "instantid-errors"))
     path = tmp_path / "haproxy.cfg"
@@ -215,7 +210,7 @@ def test_a_slow_body_counts_against_the_deadline(tmp_path):
 def test_uploads_in_progress_are_limited_per_client(tmp_path):
     import httpx
 
-    from deployments.ingress import MAX_UPLOADS_PER_CLIENT
+    from deployments.http.readers import MAX_UPLOADS_PER_CLIENT
 
     app = make_client(tmp_path, request_timeout_s=5).app
 

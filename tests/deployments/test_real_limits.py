@@ -60,7 +60,7 @@ def limits_url(serve_env, tmp_path_factory):
     from ray import serve
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
 
     args = app_args(serve_env.tiny, identity_store=str(tmp_path_factory.mktemp("limits-ids")),
                     request_timeout_s=900, limits=LIMITS.model_dump())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deployments.identities import DirectoryStore, S3Store
-from deployments.models import GenerateRequest, IdentityCreateRequest
+from deployments.schemas import GenerateRequest, IdentityCreateRequest
 from serve_helpers import assert_error, b64, png_bytes
 from test_units import FakeGenerator, _request, make_client
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from deployments.config import AppArgs
 from deployments.errors import ServiceError
-from deployments.ingress import IngressCore, build_http_app
+from deployments.http.app import build_http_app
+from deployments.service import GenerationService
 from serve_helpers import b64, png_bytes
 from test_jobs import StreamingGenerator
 from test_units import FakeFace, FakeGenerator, _Method
@@ -33,15 +34,15 @@ class CountingGenerator(FakeGenerator):
     def __init__(self, fail=None, step_s=0.01):
         super().__init__(fail)
         self.calls = 0
-        inner = self.generate.fn
+        inner = self.denoise.fn
 
-        async def counted(job):
+        async def counted(task):
             self.calls += 1
-            return await inner(job)
+            return await inner(task)
 
-        self.generate = _Method(counted)
+        self.denoise = _Method(counted)
         self.stream = StreamingGenerator(step_s=step_s)
-        self.generate_stream = self.stream.generate_stream
+        self.denoise_stream = self.stream.denoise_stream
 
 
 @contextlib.contextmanager
@@ -50,8 +51,8 @@ def served(generator=None, **overrides):
 
     args = AppArgs.model_validate({"identity_store": "/tmp/unused-ids", "models": [
         {"name": "tiny", "base_model": "x"}, {"name": "tiny-b", "base_model": "y"}], **overrides})
-    core = IngressCore(args, FakeFace(), generator or CountingGenerator(),
-                       status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+    core = GenerationService(args, FakeFace(), generator or CountingGenerator(),
+                             status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -12,8 +12,12 @@ from starlette.testclient import TestClient
 
 from deployments.config import AppArgs
 from deployments.errors import ServiceError, from_exception
-from deployments.ingress import IngressCore, RateLimiter, build_http_app, decode_base64
-from deployments.models import SCHEDULERS, GenerateRequest, build_models
+from deployments.http.app import build_http_app
+from deployments.http.auth import RateLimiter
+from deployments.http.readers import decode_base64
+from deployments.messages import FaceAnalysisResult, GenerationResult, GenerationTask
+from deployments.service import GenerationService
+from deployments.schemas import SCHEDULERS, GenerateRequest, build_models
 from instantid.errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
 from serve_helpers import assert_error, b64, png_bytes
 
@@ -36,10 +40,10 @@ class FakeFace:
             canvas = [1024, 1024]
             face = {"source": "face_images[0]", "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.9,
                     "kps": [[1.0, 1.0]] * 5, "image_size": [256, 256]}
-            return {"embedding": np.ones(512, np.float32), "faces": [face] * len(photos),
-                    "pose": {"kps": np.full((5, 2), 500.0, np.float32), "canvas": canvas, "face": face},
-                    "thumbnail": b"jpeg" if thumbnail else None,
-                    "timings": {"decode_s": 0.0, "face_analysis_s": 0.0}}
+            return FaceAnalysisResult(embedding=np.ones(512, np.float32), faces=[face] * len(photos),
+                                      pose_kps=np.full((5, 2), 500.0, np.float32), pose_canvas=canvas,
+                                      pose_face=face, thumbnail=b"jpeg" if thumbnail else None,
+                                      timings={"decode_s": 0.0, "face_analysis_s": 0.0})
 
         async def score(images, reference, references=None):  # no face in a fake output
             return {"scores": [{"similarity": None, "face_found": False, "bbox": None}] * len(images),
@@ -57,15 +61,15 @@ class FakeGenerator:
     def __init__(self, fail: BaseException | None = None):
         self.fail = fail
 
-        async def generate(job):
+        async def generate(task: GenerationTask):
             if self.fail is not None:
                 raise self.fail
-            return {"images": [np.zeros((job["height"], job["width"], 3), np.uint8)] * job["num_images"],
-                    "seed": job["seed"], "model": job["model"],
-                    "timings": {"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
-                                "batch_images": job["num_images"]}}
+            return GenerationResult(images=[np.zeros((task.height, task.width, 3), np.uint8)] * task.num_images,
+                                    seed=task.seed, model=task.model,
+                                    timings={"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
+                                             "batch_images": task.num_images})
 
-        self.generate = _Method(generate)
+        self.denoise = _Method(generate)
         self.ready = _Method(_ready)
 
     def options(self, **_):
@@ -74,8 +78,8 @@ class FakeGenerator:
 
 def make_client(tmp_path, generator=None, status=None, **overrides) -> TestClient:
     args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"), **overrides})
-    core = IngressCore(args, FakeFace(), generator or FakeGenerator(),
-                       status_fn=status or (lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"}))
+    core = GenerationService(args, FakeFace(), generator or FakeGenerator(),
+                             status_fn=status or (lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"}))
     return TestClient(build_http_app(core), raise_server_exceptions=False)
 
 
@@ -227,12 +231,12 @@ def test_request_bounds_follow_limits():
 
 
 def test_a_crashing_route_still_answers_json(tmp_path, monkeypatch):
-    import deployments.ingress as ingress
+    import deployments.service as service
 
     def boom(self):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(ingress.IngressCore, "model_list", boom)
+    monkeypatch.setattr(service.GenerationService, "model_list", boom)
     resp = make_client(tmp_path).get("/v1/models")
     assert_error(resp, 500, "internal")
     assert "secret" not in resp.text and "RuntimeError" not in resp.text
@@ -241,9 +245,9 @@ def test_a_crashing_route_still_answers_json(tmp_path, monkeypatch):
 def test_deadline_cancels_and_answers_504(tmp_path):
     import asyncio
 
-    from deployments.ingress import Ctx
+    from deployments.service import Ctx
 
-    core = IngressCore(AppArgs.model_validate({"identity_store": str(tmp_path)}), FakeFace(), FakeGenerator())
+    core = GenerationService(AppArgs.model_validate({"identity_store": str(tmp_path)}), FakeFace(), FakeGenerator())
 
     class Pending:
         cancelled = False
@@ -266,11 +270,11 @@ def test_deadline_cancels_and_answers_504(tmp_path):
 def test_device_queue_merges_compatible_waiting_jobs_fifo():
     import asyncio
 
-    from deployments.generator import Generator, Job
+    from deployments.generator import Generator
 
     def job(name, width=64, loras=None, model="m"):
-        return Job(model=model, embedding=np.zeros(512, np.float32), kps=np.zeros((5, 2), np.float32),
-                   canvas=(64, 64), width=width, height=64, steps=2, loras=loras or {}, id=name)
+        return GenerationTask(model=model, embedding=np.zeros(512, np.float32), kps=np.zeros((5, 2), np.float32),
+                              canvas=(64, 64), width=width, height=64, steps=2, loras=loras or {}, id=name)
 
     gen = Generator.func_or_class.__new__(Generator.func_or_class)
     gen.args = AppArgs.model_validate({"batch": {"max_batch_size": 3}})
@@ -292,13 +296,19 @@ def test_device_queue_merges_compatible_waiting_jobs_fifo():
         loop.close()
 
 
-def test_negative_prompt_absent_and_empty_stay_distinct():
-    """Absent means SDXL's zero negative embedding; an empty string is encoded, as in the library and CLI."""
-    from deployments.generator import decode_request
+def test_negative_prompt_absent_and_empty_stay_distinct(tmp_path):
+    """Absent means SDXL's zero negative embedding; an empty string is encoded, as in the library and CLI: the
+    task the Generator receives keeps the difference."""
+    tasks = []
+    generator = FakeGenerator()
+    plain = generator.denoise.fn
 
-    base = {"model": "sdxl", "embedding": [0.5] * 512, "kps": [[10, 10], [20, 10], [15, 15], [11, 20], [19, 20]],
-            "canvas": [32, 32], "width": 64, "height": 64, "steps": 2}
-    assert decode_request(base).negative_prompt is None
-    assert decode_request({**base, "negative_prompt": None}).negative_prompt is None
-    assert decode_request({**base, "negative_prompt": ""}).negative_prompt == ""
-    assert decode_request({**base, "negative_prompt": "blurry"}).negative_prompt == "blurry"
+    async def recording(task):
+        tasks.append(task)
+        return await plain(task)
+
+    generator.denoise = _Method(recording)
+    client = make_client(tmp_path, generator=generator)
+    for fields in ({}, {"negative_prompt": None}, {"negative_prompt": ""}, {"negative_prompt": "blurry"}):
+        assert client.post("/v1/generate", json=_request(**fields)).status_code == 200
+    assert [t.negative_prompt for t in tasks] == [None, None, "", "blurry"]

@@ -113,10 +113,10 @@ def save_embedding(path: Path, embedding: np.ndarray) -> Path:
 
 def analyzed(bundle: Path, photo: Path):
     """(largest face, analysed canvas size) exactly as the CLI's identity path computes them."""
-    from instantid.face import FaceAnalyzer, load_image, resize_for_analysis
+    from instantid.face import FaceModel, load_image, resize_for_analysis
 
     canvas = resize_for_analysis(load_image(photo))
-    return FaceAnalyzer(str(bundle / "antelopev2")).largest_face(canvas, str(photo)), canvas.size
+    return FaceModel(str(bundle / "antelopev2")).largest_face(canvas, str(photo)), canvas.size
 
 
 # --- generate ----------------------------------------------------------------------------------------------
@@ -413,7 +413,7 @@ def test_output_that_cannot_be_written_leaves_nothing_behind(tiny_bundle, photos
 
 
 def test_analyze_reports_faces_largest_first_and_saves_raw_embeddings(tiny_bundle, photos, tmp_path, capfd):
-    from instantid.face import FaceAnalyzer, load_image, resize_for_analysis
+    from instantid.face import FaceModel, load_image, resize_for_analysis
 
     target = tmp_path / "emb"
     target.mkdir()
@@ -440,7 +440,7 @@ def test_analyze_reports_faces_largest_first_and_saves_raw_embeddings(tiny_bundl
         assert 0.5 <= face["score"] <= 1 and len(face["kps"]) == 5
         assert all(x1 <= x <= x2 and y1 <= y <= y2 for x, y in face["kps"])
 
-    reference = FaceAnalyzer(str(tiny_bundle / "antelopev2")).analyze(resize_for_analysis(image))
+    reference = FaceModel(str(tiny_bundle / "antelopev2")).analyze(resize_for_analysis(image))
     assert [f["embedding"] for f in faces] == [str(target / f"a.face{i}.npy") for i in range(2)]
     for face, expected in zip(faces, reference):
         saved = np.load(face["embedding"])

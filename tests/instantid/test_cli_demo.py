@@ -9,7 +9,7 @@ from PIL import Image
 from test_cli import base_args, out, photos, read, seen  # noqa: F401 (fixtures)
 
 from instantid.cli import main
-from instantid.face import FaceAnalyzer, load_image, resize_for_analysis
+from instantid.face import FaceModel, load_image, resize_for_analysis
 from instantid.identity import build_identity
 
 
@@ -27,7 +27,7 @@ def test_default_size_is_the_photos_canvas_with_pose_image_and_face_mask(tiny_bu
     assert main(args) == 0, capfd.readouterr().err
     assert capfd.readouterr().out.splitlines() == [str(out / "o.png"), str(out / "pose.png")]
     assert Image.open(out / "o.png").size == (1280, 832)
-    identity = build_identity(FaceAnalyzer(str(tiny_bundle / "antelopev2")), [("a", load_image(photos["a"]))])
+    identity = build_identity(FaceModel(str(tiny_bundle / "antelopev2")), [("a", load_image(photos["a"]))])
     assert identity.pose.size == (1280, 832)
     np.testing.assert_array_equal(read(out / "pose.png"), np.asarray(identity.pose.draw()))
     request = seen[-1]
@@ -50,7 +50,7 @@ def test_explicit_size_of_another_aspect_keeps_the_face_unstretched(tiny_bundle,
     args = without_size(base_args(tiny_bundle, out / "o.png")) + ["--face", str(photos["a"]), "--width", "64",
                                                                    "--height", "96", "--steps", "1"]
     assert main(args) == 0, capfd.readouterr().err
-    identity = build_identity(FaceAnalyzer(str(tiny_bundle / "antelopev2")), [("a", load_image(photos["a"]))])
+    identity = build_identity(FaceModel(str(tiny_bundle / "antelopev2")), [("a", load_image(photos["a"]))])
     np.testing.assert_array_equal(np.asarray(seen[-1].keypoint_image), np.asarray(identity.pose.draw(64, 96)))
     assert Image.open(out / "o.png").size == (64, 96)
 

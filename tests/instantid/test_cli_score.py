@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from instantid.cli import main
-from instantid.face import FaceAnalyzer, load_image
+from instantid.face import FaceModel, load_image
 from instantid.identity import build_identity
 from instantid.scoring import score_image
 
@@ -27,8 +27,8 @@ def photos(tmp_path_factory, face_photo) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def analyzer(tiny_bundle) -> FaceAnalyzer:
-    return FaceAnalyzer(str(tiny_bundle / "antelopev2"))
+def analyzer(tiny_bundle) -> FaceModel:
+    return FaceModel(str(tiny_bundle / "antelopev2"))
 
 
 def direct_cosine(x, y) -> float:

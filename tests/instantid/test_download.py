@@ -125,7 +125,7 @@ def test_download_fetches_the_fp16_default_configuration_then_everything_loads_o
     assert again.returncode == 0, again.stderr
 
     # and the library loads it all offline: the fp16 files, upcast to the CPU's float32; the installed pack
-    from instantid.face import FaceAnalyzer
+    from instantid.face import FaceModel
     from instantid.loading import load_pipeline
 
     path, variant = weights.resolve_base(BASE, "fp16")
@@ -138,7 +138,7 @@ def test_download_fetches_the_fp16_default_configuration_then_everything_loads_o
     name, tensor = next(iter(half.items()))
     assert pipe.unet.dtype == torch.float32
     assert torch.equal(pipe.unet.state_dict()[name], tensor.float())
-    assert FaceAnalyzer().pack_dir == pack.resolve()
+    assert FaceModel().pack_dir == pack.resolve()
     assert weights.pipeline_weight_files(BASE, IID)  # prefetch finds the fp16 files it will read
     assert {p.name for p in weights.pipeline_weight_files(BASE, IID)} >= {"diffusion_pytorch_model.fp16.safetensors"}
 
@@ -231,7 +231,7 @@ def test_an_unreachable_hub_is_one_line_and_exit_1(tmp_path):
 # -- face packs by hub id, and packs InstantID cannot use ---------------------------------------------------------
 def test_face_pack_by_hub_id_is_fetched_into_the_hub_cache_and_loads_offline(hub_content, tmp_path, hf_cache,
                                                                              face_photo):
-    from instantid.face import FaceAnalyzer, load_image
+    from instantid.face import FaceModel, load_image
 
     content = {**hub_content, "someone/antelopev2-copy": {f"antelopev2/{k}": v
                                                           for k, v in hub_content[FACE_REPO].items()}}
@@ -241,7 +241,7 @@ def test_face_pack_by_hub_id_is_fetched_into_the_hub_cache_and_loads_offline(hub
     assert fetched_files(hub, "someone/antelopev2-copy") == {f"antelopev2/{DETECTOR_FILE}",
                                                              f"antelopev2/{RECOGNIZER_FILE}"}
     assert not (tmp_path / "insightface" / "models").exists()  # a hub id stays in the hub cache
-    analyzer = FaceAnalyzer("someone/antelopev2-copy")  # offline, nested folder found
+    analyzer = FaceModel("someone/antelopev2-copy")  # offline, nested folder found
     assert analyzer.pack_dir == snapshot(tmp_path, "someone/antelopev2-copy") / "antelopev2"
     image = load_image(face_photo)
     assert analyzer.largest_face(image, "t1").embedding.shape == (512,)

@@ -14,7 +14,7 @@ from PIL import Image
 from instantid.errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
 from instantid.face import (
     Face,
-    FaceAnalyzer,
+    FaceModel,
     load_image,
     mean_embedding,
     resize_for_analysis,
@@ -30,8 +30,8 @@ def pack(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def analyzer(pack) -> FaceAnalyzer:
-    return FaceAnalyzer(str(pack))
+def analyzer(pack) -> FaceModel:
+    return FaceModel(str(pack))
 
 
 @pytest.fixture()
@@ -203,24 +203,24 @@ def test_named_pack_under_insightface_home(pack, tmp_path, monkeypatch, no_downl
     home = tmp_path / "home"
     write_tiny_face_pack(home / "models" / "antelopev2")
     monkeypatch.setenv("INSIGHTFACE_HOME", str(home))
-    assert FaceAnalyzer().pack_dir == (home / "models" / "antelopev2").resolve()
+    assert FaceModel().pack_dir == (home / "models" / "antelopev2").resolve()
     # an explicit root wins over the environment
     other = tmp_path / "other"
     write_tiny_face_pack(other / "models" / "mypack")
-    assert FaceAnalyzer("mypack", root=str(other)).pack_dir == (other / "models" / "mypack").resolve()
+    assert FaceModel("mypack", root=str(other)).pack_dir == (other / "models" / "mypack").resolve()
 
 
 def test_missing_pack_is_a_weights_error_without_download(tmp_path, monkeypatch, no_download):
     monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "nowhere"))
     with pytest.raises(WeightsError, match="antelopev2"):
-        FaceAnalyzer()
+        FaceModel()
     with pytest.raises(WeightsError, match="not found"):
-        FaceAnalyzer("antelopev2", root=str(tmp_path))
+        FaceModel("antelopev2", root=str(tmp_path))
     with pytest.raises(WeightsError, match="does not exist"):
-        FaceAnalyzer(str(tmp_path / "missing" / "pack"))
+        FaceModel(str(tmp_path / "missing" / "pack"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match="no .onnx"):
-        FaceAnalyzer(str(tmp_path / "empty"))
+        FaceModel(str(tmp_path / "empty"))
 
 
 def test_incomplete_or_corrupt_pack_is_a_weights_error(pack, tmp_path, no_download):
@@ -228,17 +228,17 @@ def test_incomplete_or_corrupt_pack_is_a_weights_error(pack, tmp_path, no_downlo
     only_detector.mkdir()
     (only_detector / DETECTOR_FILE).write_bytes((pack / DETECTOR_FILE).read_bytes())
     with pytest.raises(WeightsError, match="recognition"):
-        FaceAnalyzer(str(only_detector))
+        FaceModel(str(only_detector))
     only_recognizer = tmp_path / "rec_only"
     only_recognizer.mkdir()
     (only_recognizer / RECOGNIZER_FILE).write_bytes((pack / RECOGNIZER_FILE).read_bytes())
     with pytest.raises(WeightsError, match="detector"):
-        FaceAnalyzer(str(only_recognizer))
+        FaceModel(str(only_recognizer))
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / DETECTOR_FILE).write_bytes(b"not an onnx model")
     with pytest.raises(WeightsError):
-        FaceAnalyzer(str(corrupt))
+        FaceModel(str(corrupt))
 
 
 def test_pack_from_s3(pack, s3_bucket, tmp_path, monkeypatch, face_photo):
@@ -248,9 +248,9 @@ def test_pack_from_s3(pack, s3_bucket, tmp_path, monkeypatch, face_photo):
     client = boto3.client("s3")
     for path in pack.iterdir():
         client.upload_file(str(path), s3_bucket, f"models/antelopev2/{path.name}")
-    remote = FaceAnalyzer(f"s3://{s3_bucket}/models/antelopev2")
+    remote = FaceModel(f"s3://{s3_bucket}/models/antelopev2")
     assert remote.pack_dir.is_relative_to(tmp_path / "cache")
-    local = FaceAnalyzer(str(pack))
+    local = FaceModel(str(pack))
     image = load_image(face_photo)
     np.testing.assert_array_equal(remote.largest_face(image, "p").embedding, local.largest_face(image, "p").embedding)
 
@@ -258,7 +258,7 @@ def test_pack_from_s3(pack, s3_bucket, tmp_path, monkeypatch, face_photo):
 def test_s3_prefix_without_objects_is_a_weights_error(s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("INSTANTID_CACHE", str(tmp_path / "cache"))
     with pytest.raises(WeightsError):
-        FaceAnalyzer(f"s3://{s3_bucket}/nothing/here")
+        FaceModel(f"s3://{s3_bucket}/nothing/here")
 
 
 # --- load_image ------------------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ def test_validate_keypoints():
 
 
 def test_sessions_do_not_spin_and_respect_the_thread_cap(pack):
-    analyzer = FaceAnalyzer(str(pack), threads=1)
+    analyzer = FaceModel(str(pack), threads=1)
     for model in analyzer.app.models.values():
         options = model.session.get_session_options()
         assert options.intra_op_num_threads == 1

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from instantid.face import FaceAnalyzer, load_image, mean_embedding
+from instantid.face import FaceModel, load_image, mean_embedding
 from instantid.identity import build_identity
 from instantid.scoring import below_threshold, cosine, score_image
 from instantid.tiny_face import write_tiny_face_pack
 
 
 @pytest.fixture(scope="module")
-def analyzer(tmp_path_factory) -> FaceAnalyzer:
-    return FaceAnalyzer(str(write_tiny_face_pack(tmp_path_factory.mktemp("face") / "antelopev2")))
+def analyzer(tmp_path_factory) -> FaceModel:
+    return FaceModel(str(write_tiny_face_pack(tmp_path_factory.mktemp("face") / "antelopev2")))
 
 
 @pytest.fixture(scope="module")

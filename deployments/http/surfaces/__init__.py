@@ -1,1 +1,2 @@
-"""One module per API surface: each only translates shapes to and from the request core."""
+"""API surfaces: each module adds one API's routes and only translates its request and response shapes to and
+from ``GenerationService`` (the LitServe "spec" idea). ``native`` is this service's own /v1 API."""

@@ -9,10 +9,13 @@ from ...errors import ServiceError
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
-def authenticate(core, request, client_address) -> str | None:
+def authenticate(edge, request) -> str | None:
     """The /v1 API keys, rate limit and failed-login throttle; sets ``request.state.api_key``. Raises
     ServiceError: the surface re-raises it in its own shape."""
-    request.state.api_key = core.authenticate(request.headers.get("authorization"), client_address(request))
+    from ..auth import client_address
+
+    request.state.api_key = (edge.access.authenticate(request.headers.get("authorization"), client_address(request))
+                             if edge.service.args.auth.enabled else None)
     return request.state.api_key
 
 

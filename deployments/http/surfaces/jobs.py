@@ -35,26 +35,26 @@ def job_view(job_id: str, record: dict, base: str = "") -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def add_routes(v1, core, caller, parse) -> None:
-    jobs = core.jobs
+def add_routes(v1, edge) -> None:
+    """Add the job routes to ``v1`` (``edge``: deployments.http.app.Edge)."""
+    service = edge.service
+    jobs = service.jobs
     jobs.views[SURFACE] = job_view
+    caller = edge.caller
 
-    @v1.post("/jobs", status_code=202, summary="Submit a generation job",
+    @v1.post("/jobs", status_code=202, responses=edge.errors, summary="Submit a generation job",
              description="The body of POST /v1/generate (JSON or multipart) plus an optional `webhook` URL. "
                          "Answers once the photos are checked and analysed.")
     async def submit_job(request: Request):
         ctx = caller("/v1/jobs", request)
-        try:
-            data, files = await parse(request, ctx, core.args.limits.max_faces + 2,
+        data, files = await edge.read(request, ctx, service.args.limits.max_faces + 2,
                                       ("face_images", "pose_image", "init_image"))
-        except Exception as exc:
-            raise core._fail(ctx, exc) from None
         webhook = data.pop("webhook", None)
         job_id, record = await jobs.submit(ctx, data, files, webhook=webhook, meta={"surface": SURFACE})
         view = job_view(job_id, record, str(request.base_url))
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["get"]})
 
-    @v1.get("/jobs/{job_id}", summary="A job: status, progress, result or error")
+    @v1.get("/jobs/{job_id}", responses=edge.errors, summary="A job: status, progress, result or error")
     async def get_job(request: Request, job_id: str):
         record = await jobs.get(caller("/v1/jobs/{job_id}", request), job_id)
         return JSONResponse(job_view(job_id, record, str(request.base_url)))

@@ -103,31 +103,28 @@ def images_response(result: dict) -> dict:
     return out
 
 
-def add_routes(app, core, parse, client_address) -> None:
-    from ...ingress import Ctx
+def add_routes(app, edge) -> None:
+    """Add /openai/v1 to ``app`` (``edge``: deployments.http.app.Edge)."""
+    service = edge.service
 
     async def auth(request: Request):
-        if core.auth is None:
-            request.state.api_key = None
-            return
         try:
-            authenticate(core, request, client_address)
+            authenticate(edge, request)
         except ServiceError as err:
             raise OpenAIError.of(err) from None
 
     router = APIRouter(prefix=PREFIX, dependencies=[Depends(auth)], tags=["OpenAI Images"])
-    limits = core.args.limits
+    limits = service.args.limits
 
     async def generate(request: Request, route: str, file_fields: tuple[str, ...]) -> JSONResponse:
-        api_key = getattr(request.state, "api_key", None)
-        ctx = Ctx(route=route, api_key=api_key, scope=core.scope_of(api_key))
+        ctx = edge.caller(route, request)
         try:
-            data, files = await parse(request, ctx, limits.max_faces + 2, file_fields)
+            data, files = await edge.read(request, ctx, limits.max_faces + 2, file_fields)
             data, files = translate(data, files)
         except Exception as exc:
-            raise OpenAIError.of(core._fail(ctx, exc)) from None
+            raise OpenAIError.of(service.fail(ctx, exc)) from None
         try:
-            result = await core.serve_generate(ctx, data, files)
+            result = await service.generate(ctx, data, files)
         except ServiceError as err:
             raise OpenAIError.of(err) from None
         return JSONResponse(images_response(result))
@@ -143,6 +140,6 @@ def add_routes(app, core, parse, client_address) -> None:
     @router.get("/models", summary="OpenAI models.list: the configured base models")
     async def models():
         return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "instantid"}
-                                           for m in core.args.models]}
+                                           for m in service.args.models]}
 
     app.include_router(router)

@@ -105,26 +105,25 @@ def wait_seconds(prefer: str | None) -> float | None:
     return min(float(match.group(1)), MAX_WAIT_S) if match.group(1) else MAX_WAIT_S - 5  # the client reads 60 s
 
 
-def add_routes(app, core, client_address) -> None:
-    from ...ingress import Ctx, loads_json, read_body
+def add_routes(app, edge) -> None:
+    """Add /replicate/v1 to ``app`` (``edge``: deployments.http.app.Edge)."""
+    from ..auth import client_address
+    from ..readers import loads_json, read_body
 
+    core = edge.service
     jobs = core.jobs
     jobs.views[SURFACE] = prediction_view
 
     async def auth(request: Request):
-        if core.auth is None:
-            request.state.api_key = None
-            return
         try:
-            authenticate(core, request, client_address)
+            authenticate(edge, request)
         except ServiceError as err:
             raise ReplicateProblem.of(err) from None
 
     router = APIRouter(prefix=PREFIX, dependencies=[Depends(auth)], tags=["Replicate"])
 
-    def caller(route: str, request: Request) -> Ctx:
-        api_key = getattr(request.state, "api_key", None)
-        return Ctx(route=PREFIX + route, api_key=api_key, scope=core.scope_of(api_key))
+    def caller(route: str, request: Request):
+        return edge.caller(PREFIX + route, request)
 
     def model_name(reference) -> str:
         """'instantid/sdxl', 'sdxl' or None -> a configured model name; 404 for any other."""
@@ -137,9 +136,9 @@ def add_routes(app, core, client_address) -> None:
                                f"{[f'{OWNER}/{m.name}' for m in core.args.models]}")
         return name
 
-    async def create(request: Request, ctx: Ctx, reference) -> JSONResponse:
+    async def create(request: Request, ctx, reference) -> JSONResponse:
         try:
-            with core.uploads.hold(ctx.api_key or client_address(request)):
+            with edge.uploads.hold(ctx.api_key or client_address(request)):
                 body = await read_body(request, core.args.limits.max_body_bytes,
                                        ctx.started + core.args.request_timeout_s)
             payload = loads_json(body)
@@ -155,7 +154,7 @@ def add_routes(app, core, client_address) -> None:
                                    field="base_model")
             meta = {"surface": SURFACE, "input": summarize_input(payload.get("input") or {})}
         except Exception as exc:
-            raise ReplicateProblem.of(core._fail(ctx, exc)) from None
+            raise ReplicateProblem.of(core.fail(ctx, exc)) from None
         try:
             job_id, record = await jobs.submit(ctx, data, None, webhook=payload.get("webhook"), meta=meta)
             wait = wait_seconds(request.headers.get("prefer"))

@@ -18,18 +18,20 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from instantid import defaults
+from instantid.defaults import PROMPT_WEIGHTINGS
+
 from .config import AppArgs, Limits
+from .identities import ID_PATTERN
 
 # Mirrors instantid.schedulers.NAMES (importing that module pulls in diffusers and torch); a test keeps
 # the two equal.
 SCHEDULERS = ("default", "euler", "euler_a", "dpmpp_2m_karras", "lcm")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DELIVERIES = ("inline", "s3")
-IDENTITY_ID_PATTERN = r"^id_[0-9a-f]{32}$"
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 8
 MAX_NAME_CHARS = 128  # a LoRA name (a key in ``loras``)
-PROMPT_WEIGHTINGS = ("none", "lpw")  # mirrors instantid.prompt_weighting.MODES
 MAX_IDENTITY_RETRIES = 3  # regeneration rounds one request may ask for (each bounded by its deadline too)
 
 _DOC_IMAGE = "Base64 image (JPEG, PNG or WebP; a data: URL prefix is accepted)."
@@ -70,7 +72,7 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
             description=f"1 to {limits.max_faces} photos of one person: {_DOC_IMAGE} Their embeddings are "
                         "averaged; the keypoints of the first one set the pose unless pose_image is given. "
                         "Exactly one of face_images and identity_id.")
-        identity_id: Optional[str] = Field(None, pattern=IDENTITY_ID_PATTERN,
+        identity_id: Optional[str] = Field(None, pattern=ID_PATTERN,
                                            description="A stored identity (POST /v1/identities).")
         pose_image: Optional[str] = Field(None, description=f"Photo whose face keypoints set the pose. {_DOC_IMAGE}")
         prompt: str = Field("", max_length=limits.max_prompt_chars)
@@ -85,17 +87,21 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
         height: Optional[int] = Field(None, ge=limits.min_side, le=limits.max_side, multiple_of=8,
                                       description="Absent: as width.")
         prompt_weighting: Literal[PROMPT_WEIGHTINGS] = Field(  # type: ignore[valid-type]
-            "lpw", description="lpw: the demo's (text:1.3) weighting without a 77-token limit; none: plain CLIP.")
+            defaults.PROMPT_WEIGHTING, description="lpw: the demo's (text:1.3) weighting without a 77-token limit; none: plain CLIP.")
         enhance_face_region: Optional[bool] = Field(
             None, description="Identity and pose act only inside the face box, the prompt rules the rest. "
                               "Absent: on (the face box is always known here), as the demo and Replicate.")
         init_image: Optional[str] = Field(None, description=f"img2img: the picture to restyle. {_DOC_IMAGE}")
-        strength: float = Field(0.8, gt=0.0, le=1.0, description="img2img: the share of the schedule that runs.")
+        strength: float = Field(defaults.IMG2IMG_STRENGTH, gt=0.0, le=1.0, description="img2img: the share of the schedule that runs.")
         return_pose_image: bool = Field(False, description="Add the keypoint image IdentityNet got (base64 PNG).")
-        steps: int = Field(min(30, limits.max_steps), ge=1, le=limits.max_steps, description="Denoising steps.")
-        guidance_scale: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance; <= 1 disables it.")
-        ip_adapter_scale: float = Field(0.8, ge=0.0, le=2.0, description="Strength of the identity tokens.")
-        controlnet_conditioning_scale: float = Field(0.8, ge=0.0, le=2.0, description="Strength of IdentityNet.")
+        steps: int = Field(min(defaults.STEPS, limits.max_steps), ge=1, le=limits.max_steps,
+                           description="Denoising steps.")
+        guidance_scale: float = Field(defaults.GUIDANCE_SCALE, ge=0.0, le=30.0,
+                                      description="Classifier-free guidance; <= 1 disables it.")
+        ip_adapter_scale: float = Field(defaults.IP_ADAPTER_SCALE, ge=0.0, le=2.0,
+                                        description="Strength of the identity tokens.")
+        controlnet_conditioning_scale: float = Field(defaults.CONTROLNET_CONDITIONING_SCALE, ge=0.0, le=2.0,
+                                                     description="Strength of IdentityNet.")
         seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Random when absent; echoed back.")
         num_images: int = Field(1, ge=1, le=limits.max_num_images)
         scheduler: Scheduler = "default"

@@ -1,0 +1,99 @@
+"""The typed messages that cross DeploymentHandles between the Ingress and its backends (Ray pickles them).
+
+    Ingress --photos--> FaceAnalyzer.analyze   -> FaceAnalysisResult
+    Ingress --GenerationTask--> Generator.generate -> GenerationResult
+
+A message is built once, by the side that validated its contents (the Ingress validates client input; the
+FaceAnalyzer and the Generator only produce what they computed), and read by attribute on the other side and in
+the tests' fake backends: no dict shape is copied by hand anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from instantid import defaults
+
+
+@dataclass
+class FaceAnalysisResult:
+    """The FaceAnalyzer's answer for one request's photos (and pose photo).
+
+    ``embedding`` is the mean identity embedding (float32 (512,)) of the photos, ``embeddings`` each photo's own
+    (outputs are scored against each reference photo too), ``faces`` each photo's largest face in the photo's own
+    pixels (``FaceInfo`` dicts: source, bbox, score, kps, image_size). ``pose_kps`` (5, 2) are on ``pose_canvas``,
+    the analysed canvas of the pose photo (the last photo when no pose photo was sent), and ``pose_face`` is that
+    face as uploaded. Without photos (a pose photo only) the identity fields are None."""
+
+    pose_kps: np.ndarray
+    pose_canvas: list[int]
+    pose_face: dict
+    timings: dict[str, float]
+    embedding: np.ndarray | None = None
+    embeddings: list[np.ndarray] | None = None
+    faces: list[dict] | None = None
+    thumbnail: bytes | None = None  # a JPEG crop of the first face, when asked for
+
+
+@dataclass
+class GenerationTask:
+    """One generation request as the Generator batches it, validated and styled by the Ingress: the identity
+    embedding, the pose (keypoints on their canvas, face box) and the resolved sampling parameters."""
+
+    model: str
+    embedding: np.ndarray  # (512,) float32
+    kps: np.ndarray  # (5, 2) on ``canvas``
+    canvas: tuple[int, int]
+    width: int
+    height: int
+    steps: int
+    scheduler: str = "default"
+    prompt: str = ""
+    negative_prompt: str | None = None  # None: the zero negative embedding, as in the library
+    num_images: int = 1
+    seed: int = 0
+    guidance_scale: float = defaults.GUIDANCE_SCALE
+    ip_adapter_scale: float = defaults.IP_ADAPTER_SCALE
+    controlnet_conditioning_scale: float = defaults.CONTROLNET_CONDITIONING_SCALE
+    loras: dict[str, float] = field(default_factory=dict)
+    bbox: Any = None  # (4,) the pose face's box on ``canvas``
+    enhance_face_region: bool = False  # control mask = the face box on the output canvas
+    prompt_weighting: str = defaults.PROMPT_WEIGHTING
+    init_image: Any = None  # img2img: the upload's bytes; the Generator decodes them on arrival (accept_task)
+    strength: float = defaults.IMG2IMG_STRENGTH
+    return_pose_image: bool = False
+    deadline: float | None = None  # time.time() past which nobody waits for the result
+    # The Generator's own bookkeeping, reset when a task arrives there (accept_task): ``arrived`` is its clock.
+    id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
+    arrived: float = field(default_factory=time.perf_counter, compare=False)
+    cancelled: bool = field(default=False, compare=False)
+    on_step: Any = field(default=None, compare=False, repr=False)  # (step, total) after each step: a job's progress
+
+    def abandoned(self, now: float) -> bool:
+        """Its caller gave up (cancelled) or its deadline passed: its work is wasted."""
+        return self.cancelled or (self.deadline is not None and now > self.deadline)
+
+    def batch_key(self) -> tuple:
+        """Tasks with equal keys can share one denoising batch: one size, step count and scheduler, guided or not
+        (classifier-free guidance doubles the batch), one LoRA set, and for img2img one strength (it cuts the
+        timesteps). Prompts, prompt weighting, seeds and scales differ freely within a batch."""
+        return (self.model, self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1,
+                tuple(sorted(self.loras.items())),
+                self.strength if self.init_image is not None else None)
+
+
+@dataclass
+class GenerationResult:
+    """The Generator's answer for one task: uint8 HxWx3 RGB arrays (the Ingress encodes them once), the seed
+    they reproduce with, the model that made them, the pose image when asked for, and per-stage timings."""
+
+    images: list[np.ndarray]
+    seed: int
+    model: str
+    timings: dict[str, Any]
+    pose_image: np.ndarray | None = None
