@@ -145,12 +145,6 @@ class JobService:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.ensure_future(self._loop())
 
-    async def stop(self) -> None:
-        for task in [self._loop_task, *self._running.values()]:
-            if task is not None:
-                task.cancel()
-        await self.store.close()
-
     async def _loop(self) -> None:
         next_reap = 0.0
         lost = ServiceError(503, "unavailable", f"the replicas running this job stopped "

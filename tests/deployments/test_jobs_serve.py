@@ -24,7 +24,7 @@ def jobs_app(serve_env, tmp_path_factory):
     from ray import serve
 
     from deployments.app import bind
-    from deployments.profile import resolve_args
+    from deployments.tiny_profile import resolve_args
 
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         args = app_args(serve_env.tiny, identity_store=str(tmp_path_factory.mktemp("ids")), request_timeout_s=300,
