@@ -5,7 +5,7 @@ submit   the /v1/generate checks and the face analysis run at once (bad input: t
          Ingress replica can run it; the queue is bounded (503 queue_full + Retry-After)
 run      each Ingress replica claims queued jobs (``jobs.concurrency`` at once) and holds a lease it renews;
          a job whose replica died is taken over when its lease lapses. The Generator streams progress
-         (``Generator.generate_stream``), written to the record at most every ``progress_interval_s``. A
+         (``Generator.denoise_stream``), written to the record at most every ``progress_interval_s``. A
          Generator replica dying mid-job runs it again, ``max_attempts`` runs in all, then fails it saying why.
 cancel   a queued job never starts; a running one's stream is cancelled: its rows leave the denoising batch at
          the next step, the other requests in the batch go on
