@@ -165,8 +165,8 @@ def run(args: dict, options: dict, body: dict, concurrencies: list[int], request
         serve.run(bind(resolve_args(args), options), name="instantid", route_prefix="/")
         threads = serve.get_deployment_handle("Generator", app_name="instantid").stats.remote().result()[
             "torch_threads"]
-        face_threads = serve.get_deployment_handle("FaceAnalyzer", app_name="instantid").ready.remote().result()[
-            "threads"]
+        face_threads = serve.get_deployment_handle("FaceAnalyzer", app_name="instantid").ready.remote().result(
+            ).details["threads"]
         local = InProcess(args, threads, face_threads)
         url = f"http://127.0.0.1:{port}/v1/generate"
         report: dict = {"torch_threads": threads, "face_threads": face_threads, "levels": {}}

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from .errors import ServiceError, from_exception
+from .messages import ModelNotLoaded
 from .ray_compat import by_reference
 
 READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
@@ -29,13 +30,10 @@ BY_VALUE_MAX_BYTES = 1024 * 1024
 
 def _reason(message: str) -> str:
     """Why a deployment is not ready, from Serve's status message: the replica's own one-line reason
-    ('model not loaded: ...', raised by check_health) when present, never a traceback."""
-    import re
-
-    # the last one: Serve's message holds the replica's traceback, whose source lines come before the error
-    found = [m for m in re.findall(r"(?:face )?model not loaded: [^\n]*", message or "") if "{" not in m]
+    (``ModelNotLoaded``, raised by check_health) when present, never a traceback."""
+    found = ModelNotLoaded.reason_in(message)
     if found:
-        return found[-1][:300]
+        return found
     lines = [line for line in (message or "").strip().splitlines() if line.strip()]
     return lines[0][:200] if lines and "Traceback" not in lines[0] else ""
 
@@ -91,7 +89,8 @@ class Backends:
         replica serves a moment before its deployment is HEALTHY again, so a running replica counts."""
         statuses = state.get("deployments", {})
         return [n for n in names if not self._running.get(n) and (statuses.get(n) in DOWN_STATES or (
-            statuses.get(n) not in READY_STATES and "not loaded" in _reason(self._status_messages.get(n, ""))))]
+            statuses.get(n) not in READY_STATES
+            and ModelNotLoaded.reason_in(self._status_messages.get(n, "")) is not None))]
 
     def _known_readiness(self) -> dict | None:
         """The last status read, without waiting: a stale one starts a single background refresh, so reading
@@ -145,7 +144,7 @@ class Backends:
                 return f"{name}: no answer within {timeout_s:g}s (busy or queue full)"
             except Exception as exc:
                 return f"{name}: {from_exception(exc).message}"
-            return None if answer.get("ready") else f"{name}: {answer.get('error') or 'not ready'}"
+            return None if answer.ready else f"{name}: {answer.error or 'not ready'}"
 
         problems = [p for p in await asyncio.gather(ask("FaceAnalyzer", self.face), ask("Generator", self.generator))
                     if p]

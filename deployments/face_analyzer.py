@@ -24,7 +24,7 @@ from ray import serve
 
 from . import metrics
 from .errors import to_service_error
-from .messages import FaceAnalysisResult
+from .messages import BackendHealth, FaceAnalysisResult, ModelNotLoaded
 from .tiny_profile import resolve_args
 
 log = logging.getLogger("instantid.serve")
@@ -96,15 +96,8 @@ def _header_pixels(name: str, data: bytes) -> int:
 
 def _face_info(face, source: str, canvas: tuple[int, int], image_size: tuple[int, int]) -> dict:
     """A face in the coordinates of the photo as uploaded (analysis ran on a resized canvas)."""
-    sx, sy = image_size[0] / canvas[0], image_size[1] / canvas[1]
-    x1, y1, x2, y2 = (float(v) for v in face.bbox)
-    return {
-        "source": source,
-        "bbox": [x1 * sx, y1 * sy, x2 * sx, y2 * sy],
-        "score": float(face.score),
-        "kps": [[float(x) * sx, float(y) * sy] for x, y in np.asarray(face.kps)],
-        "image_size": [int(image_size[0]), int(image_size[1])],
-    }
+    scale = (image_size[0] / canvas[0], image_size[1] / canvas[1])
+    return {"source": source, **face.to_dict(scale), "image_size": [int(image_size[0]), int(image_size[1])]}
 
 
 def make_thumbnail(image, bbox: list[float], side: int = THUMBNAIL_SIDE) -> bytes:
@@ -162,9 +155,7 @@ class FaceAnalysisCore:
     def predict(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
                 thumbnail: bool = False, should_stop=None) -> FaceAnalysisResult:
         """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis."""
-        from instantid.face import mean_embedding
-        from instantid.identity import analyze_face
-        from instantid.image_limits import DecodeAborted
+        from instantid.identity import analyze_faces, identity_of
 
         items = list(photos) + ([pose] if pose else [])
         pixels = sum(_header_pixels(name, data) for name, data in items)
@@ -174,28 +165,25 @@ class FaceAnalysisCore:
             decoded = self.decode_request(items, should_stop)
             t1 = time.perf_counter()
             with self._lock:
-                found = []
-                for name, image in decoded:
-                    if should_stop is not None and should_stop():
-                        raise DecodeAborted("the request is gone")
-                    found.append((name, image, *analyze_face(self.analyzer, name, image)))
+                found = [(name, image, *analyzed) for (name, image), analyzed
+                         in zip(decoded, analyze_faces(self.analyzer, decoded, should_stop))]
             t2 = time.perf_counter()
-            identity = found[:len(photos)]
             name, image, face, canvas = found[-1] if pose else found[0]
             # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
             result = FaceAnalysisResult(pose_kps=np.asarray(face.kps, dtype=np.float32),
-                                  pose_canvas=[int(canvas[0]), int(canvas[1])],
-                                  pose_face=_face_info(face, name, canvas, image.size),
-                                  timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1})
-            if identity:
-                faces = [face for _, _, face, _ in identity]
-                result.embedding = mean_embedding(faces).astype(np.float32)
+                                        pose_canvas=[int(canvas[0]), int(canvas[1])],
+                                        pose_face=_face_info(face, name, canvas, image.size),
+                                        timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1})
+            photos_found = found[:len(photos)]
+            if photos_found:
+                identity = identity_of([(face, canvas) for _, _, face, canvas in photos_found])
+                result.embedding = identity.embedding.astype(np.float32)
                 # each photo's own embedding: outputs are scored against each reference photo too
-                result.embeddings = [np.asarray(face.embedding, dtype=np.float32) for face in faces]
-                result.faces = [_face_info(face, name, canvas, image.size) for name, image, face, canvas in identity]
+                result.embeddings = [np.asarray(face.embedding, dtype=np.float32) for face in identity.faces]
+                result.faces = [_face_info(face, name, canvas, image.size)
+                                for name, image, face, canvas in photos_found]
                 if thumbnail:
-                    name, image, face, canvas = identity[0]
-                    result.thumbnail = make_thumbnail(image, result.faces[0]["bbox"])
+                    result.thumbnail = make_thumbnail(photos_found[0][1], result.faces[0]["bbox"])
             return result
         finally:
             self.budget.release(pixels)
@@ -280,10 +268,10 @@ class FaceAnalyzerDeployment:
         metrics.stage("identity_score", result["timings"]["identity_score_s"])
         return result
 
-    def ready(self) -> dict:
-        return {"ready": self.core is not None, "error": self.load_error,
-                "threads": self.core.threads if self.core is not None else None}
+    def ready(self) -> BackendHealth:
+        loaded = self.core is not None
+        return BackendHealth(loaded, self.load_error, details={"threads": self.core.threads if loaded else None})
 
     def check_health(self) -> None:
-        if self.core is None:
-            raise RuntimeError(f"face model not loaded: {self.load_error}")
+        if self.core is None:  # Serve replaces the replica; its status carries the reason
+            raise ModelNotLoaded("face model", self.load_error)

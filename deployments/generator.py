@@ -46,7 +46,7 @@ from ray import serve
 from instantid.weights import prefetch
 
 from . import metrics
-from .messages import GenerationResult, GenerationTask
+from .messages import BackendHealth, GenerationResult, GenerationTask, ModelNotLoaded
 from .ray_compat import multiplexed_models
 from .errors import ServiceError, to_service_error
 from .tiny_profile import resolve_args
@@ -388,17 +388,17 @@ class Generator:
             "torch_threads": _torch_threads(),
         }
 
-    def ready(self) -> dict:
+    def ready(self) -> BackendHealth:
         """Live readiness (the Ingress's /readyz asks it): the model is loaded, and the device is not held by
         work nobody waits for any more (it stops at the end of the current step)."""
         error = self.ready_error
         if error is None and self._running and all(j.abandoned(time.time()) for j in self._running):
             error = "busy finishing a denoising step of abandoned work"
-        return {"ready": error is None, "error": error, "waiting": len(self._waiting)}
+        return BackendHealth(error is None, error, details={"waiting": len(self._waiting)})
 
     def check_health(self) -> None:
-        if self.ready_error is not None:
-            raise RuntimeError(f"model not loaded: {self.ready_error}")
+        if self.ready_error is not None:  # Serve replaces the replica; its status carries the reason
+            raise ModelNotLoaded("model", self.ready_error)
 
 
 def _torch_threads() -> int:

@@ -97,3 +97,40 @@ class GenerationResult:
     model: str
     timings: dict[str, Any]
     pose_image: np.ndarray | None = None
+
+
+@dataclass
+class BackendHealth:
+    """A backend replica's health as data: what its ``ready()`` answers (the Ingress's /readyz asks each backend
+    directly). ``details``: the replica's own extra facts (requests waiting, threads). While its model is not
+    loaded, its ``check_health`` raises ``ModelNotLoaded`` to Serve instead."""
+
+    ready: bool
+    error: str | None = None  # one line: why not
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelNotLoaded(RuntimeError):
+    """A backend's failed health check. Serve passes only text from a replica to its deployment's status (the
+    exception in a traceback); this class writes that text and ``reason_in`` reads it back, so the format lives
+    here only."""
+
+    MARK = "not loaded: "
+
+    def __init__(self, model: str, error: str):
+        self.model, self.error = model, error
+        super().__init__(f"{model} {self.MARK}{error}")
+
+    @classmethod
+    def reason_in(cls, status_message: str) -> str | None:
+        """The one-line reason a ``ModelNotLoaded`` put into a Serve status message ('face model not loaded:
+        ...'), the last one when the message repeats it; None when there is none. Never a traceback line: the
+        source line that raised it (an f-string with braces) is skipped."""
+        found = None
+        for line in (status_message or "").splitlines():
+            for model in ("face model", "model"):  # the longer first: "model not loaded" is inside the other
+                at = line.find(f"{model} {cls.MARK}")
+                if at >= 0 and "{" not in line[at:]:
+                    found = line[at:][:300]
+                    break
+        return found

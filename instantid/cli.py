@@ -391,15 +391,16 @@ def cmd_analyze(args) -> int:
     for path, image in images:
         canvas = resize_for_analysis(image)
         # report coordinates on the original photo; embeddings are computed on the analysed canvas
-        scale = np.array([image.size[0] / canvas.size[0], image.size[1] / canvas.size[1]])
+        scale = (image.size[0] / canvas.size[0], image.size[1] / canvas.size[1])
         faces = []
         for i, face in enumerate(analyzer.analyze(canvas)):
             target = out_dir / f"{Path(path).stem}.face{i}.npy"
             arrays.append((target, face.embedding))
+            found = face.to_dict(scale)
             faces.append({
-                "bbox": (face.bbox.reshape(2, 2) * scale).reshape(4).round(2).tolist(),
-                "score": round(float(face.score), 4),
-                "kps": (face.kps * scale).round(2).tolist(),
+                "bbox": np.round(found["bbox"], 2).tolist(),
+                "score": round(found["score"], 4),
+                "kps": np.round(found["kps"], 2).tolist(),
                 "embedding": str(target),
             })
         report.append({"image": path, "width": image.size[0], "height": image.size[1], "faces": faces})

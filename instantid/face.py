@@ -116,12 +116,16 @@ class Face:
         x1, y1, x2, y2 = (float(v) for v in self.bbox)
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
-    def to_dict(self) -> dict:
-        """JSON-able summary (the embedding is left out: it is large and an identity biometric)."""
+    def to_dict(self, scale: tuple[float, float] = (1.0, 1.0)) -> dict:
+        """JSON-able summary, coordinates multiplied by ``scale`` (x, y): from the analysed canvas to the photo
+        as given, ``(photo width / canvas width, photo height / canvas height)``. The embedding is left out: it
+        is large and an identity biometric. The CLI's report and the service's ``FaceInfo`` both start here."""
+        sx, sy = float(scale[0]), float(scale[1])
+        x1, y1, x2, y2 = (float(v) for v in self.bbox)
         return {
-            "bbox": [float(v) for v in self.bbox],
+            "bbox": [x1 * sx, y1 * sy, x2 * sx, y2 * sy],
             "score": float(self.score),
-            "kps": [[float(x), float(y)] for x, y in self.kps],
+            "kps": [[float(x) * sx, float(y) * sy] for x, y in np.asarray(self.kps)],
         }
 
 

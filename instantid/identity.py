@@ -14,6 +14,7 @@ from PIL import Image
 
 from .errors import InvalidParameterError
 from .face import Face, FaceModel, mean_embedding, resize_for_analysis
+from .image_limits import DecodeAborted
 from .keypoints import draw_keypoints, face_region_mask, fit_canvas
 
 
@@ -65,14 +66,33 @@ def analyze_face(analyzer: FaceModel, name: str, image: Image.Image) -> tuple[Fa
     return analyzer.largest_face(canvas, name), canvas.size
 
 
-def build_identity(analyzer: FaceModel, photos: list[tuple[str, Image.Image]]) -> Identity:
-    """Analyse named photos (NoFaceError names the first one without a face) into one Identity."""
-    if not photos:
+def analyze_faces(analyzer: FaceModel, photos: list[tuple[str, Image.Image]],
+                  should_stop=None) -> list[tuple[Face, tuple[int, int]]]:
+    """``analyze_face`` of each named photo, in order (NoFaceError names the first one without a face);
+    ``should_stop()`` true before a photo raises DecodeAborted (the caller gave up)."""
+    found = []
+    for name, image in photos:
+        if should_stop is not None and should_stop():
+            raise DecodeAborted("the request is gone")
+        found.append(analyze_face(analyzer, name, image))
+    return found
+
+
+def identity_of(found: list[tuple[Face, tuple[int, int]]]) -> Identity:
+    """One Identity from analysed photos (``analyze_faces``): the mean raw embedding, the first photo's pose."""
+    if not found:
         raise ValueError("at least one reference photo is needed")
-    found = [analyze_face(analyzer, name, image) for name, image in photos]
     faces = [face for face, _ in found]
     first, size = found[0]
     return Identity(embedding=mean_embedding(faces), pose=Pose(first.kps.copy(), size, first.bbox.copy()), faces=faces)
+
+
+def build_identity(analyzer: FaceModel, photos: list[tuple[str, Image.Image]], should_stop=None) -> Identity:
+    """Analyse named photos (NoFaceError names the first one without a face) into one Identity. The CLI and the
+    service's FaceAnalyzer deployment both build identities here."""
+    if not photos:
+        raise ValueError("at least one reference photo is needed")
+    return identity_of(analyze_faces(analyzer, photos, should_stop))
 
 
 def build_pose(analyzer: FaceModel, name: str, image: Image.Image) -> Pose:

@@ -44,7 +44,7 @@ def test_face_throughput_tiny(tmp_path, capsys):
 
 def test_face_throughput_real_size_graphs_have_the_real_architecture(tmp_path):
     """The built antelopev2-shaped graphs: real parameter counts and cost, routed by insightface, one face."""
-    from instantid.face import FaceAnalyzer
+    from instantid.face import FaceModel
 
     face = script("face_throughput")
     info = face.build_pack(tmp_path / "pack")
@@ -53,7 +53,7 @@ def test_face_throughput_real_size_graphs_have_the_real_architecture(tmp_path):
     assert 4.0e6 < info["detector"]["params"] < 4.5e6  # SCRFD-10G: 4.2 M
     # "10G" is 10 G multiply-adds at 640x480: 2 x 10 x (640*640)/(640*480) ~ 26.7 GFLOPs at 640x640
     assert 24 < info["detector"]["gflops"] < 29
-    analyzer = FaceAnalyzer(str(tmp_path / "pack"), providers=["CPUExecutionProvider"])
+    analyzer = FaceModel(str(tmp_path / "pack"), providers=["CPUExecutionProvider"])
     faces = analyzer.analyze(face.photo())
     assert len(faces) == 1 and faces[0].embedding.shape == (512,)
 

@@ -10,7 +10,7 @@ import pytest
 
 from deployments.config import AppArgs
 from deployments.generator import GeneratorCore
-from deployments.messages import GenerationTask
+from deployments.messages import BackendHealth, GenerationTask
 from serve_helpers import app_args, assert_error
 from test_units import _request, make_client
 
@@ -147,7 +147,7 @@ class _Readiness:
 
 def test_readyz_is_503_when_the_generator_is_stuck_or_not_answering(tmp_path):
     stuck = make_client(tmp_path / "a", generator=_Readiness(
-        {"ready": False, "error": "busy finishing a denoising step of abandoned work"}))
+        BackendHealth(False, "busy finishing a denoising step of abandoned work")))
     resp = stuck.get("/readyz")
     assert resp.status_code == 503 and "abandoned work" in resp.json()["message"], resp.text
     silent = make_client(tmp_path / "b", generator=_Readiness(hang=True))
@@ -155,7 +155,7 @@ def test_readyz_is_503_when_the_generator_is_stuck_or_not_answering(tmp_path):
     resp = silent.get("/readyz")
     assert resp.status_code == 503 and "no answer" in resp.json()["message"], resp.text
     assert time.perf_counter() - t0 < 10
-    fine = make_client(tmp_path / "c", generator=_Readiness({"ready": True, "error": None}))
+    fine = make_client(tmp_path / "c", generator=_Readiness(BackendHealth(True)))
     assert fine.get("/readyz").status_code == 200
 
 
@@ -165,9 +165,9 @@ def test_the_generator_reports_abandoned_work_on_its_device():
     gen = Generator.func_or_class.__new__(Generator.func_or_class)
     gen.ready_error, gen._waiting = None, set()
     gen._running = [_job(1, deadline=time.time() - 1)]
-    assert gen.ready()["ready"] is False and "abandoned" in gen.ready()["error"]
+    assert gen.ready().ready is False and "abandoned" in gen.ready().error
     gen._running = [_job(1, deadline=time.time() - 1), _job(2)]  # someone still waits: the work is useful
-    assert gen.ready()["ready"] is True
+    assert gen.ready().ready is True
 
 
 @pytest.mark.serve

@@ -84,3 +84,52 @@ def test_accepted_formats_are_refused_the_same_way_by_the_library_and_the_servic
         check_image(out.getvalue(), "photo", 1 << 20)
     assert (svc.value.status, svc.value.code) == (400, "invalid_image")
     assert str(lib.value) == svc.value.message == "photo is a GIF image; only JPEG, PNG and WebP are accepted"
+
+
+def test_model_not_loaded_is_written_and_read_in_one_place():
+    """check_health's failure reaches the Ingress only as text in Serve's status message (inside a traceback);
+    ModelNotLoaded both writes that text and finds it again, skipping the source line that raised it."""
+    from deployments.backends import _reason
+    from deployments.messages import ModelNotLoaded
+
+    for model in ("model", "face model"):
+        err = ModelNotLoaded(model, "WeightsError: weights not found: /x")
+        message = ("The deployment failed to start 3 times in a row. Error:\n  File \"generator.py\", line 351\n"
+                   f"    raise ModelNotLoaded({model!r}, f\"{{self.ready_error}}\")\n"
+                   f"deployments.messages.ModelNotLoaded: {err}\n")
+        assert ModelNotLoaded.reason_in(message) == f"{model} not loaded: WeightsError: weights not found: /x"
+        assert _reason(message) == str(err)
+    assert ModelNotLoaded.reason_in("Traceback (most recent call last):\n  File ...") is None
+    assert ModelNotLoaded.reason_in("") is None
+
+
+def test_backends_report_health_as_data(tmp_path):
+    from deployments.face_analyzer import FaceAnalyzerDeployment
+    from deployments.generator import Generator
+    from deployments.messages import BackendHealth, ModelNotLoaded
+
+    face = FaceAnalyzerDeployment.func_or_class.__new__(FaceAnalyzerDeployment.func_or_class)
+    face.core, face.load_error = None, "WeightsError: no pack"
+    assert face.ready() == BackendHealth(False, "WeightsError: no pack", details={"threads": None})
+    with pytest.raises(ModelNotLoaded) as exc:
+        face.check_health()
+    assert (exc.value.model, exc.value.error) == ("face model", "WeightsError: no pack")
+    gen = Generator.func_or_class.__new__(Generator.func_or_class)
+    gen.ready_error, gen._running, gen._waiting = None, [], {"a", "b"}
+    assert gen.ready() == BackendHealth(True, None, details={"waiting": 2})
+
+
+def test_face_serialisation_is_the_librarys():
+    """The service's FaceInfo is Face.to_dict on the photo's scale (x by width, y by height), plus its source."""
+    import numpy as np
+
+    from deployments.face_analyzer import _face_info
+    from instantid.face import Face
+
+    face = Face(bbox=np.array([10, 20, 30, 60], np.float32), score=np.float32(0.75),
+                kps=np.array([[10, 20], [30, 20], [20, 40], [12, 50], [28, 50]], np.float32),
+                embedding=np.zeros(512, np.float32))
+    # x and y scale differently (3 and 2), so a swapped axis shows
+    info = _face_info(face, "face_images[0]", (100, 200), (300, 400))
+    assert info == {"source": "face_images[0]", **face.to_dict((3.0, 2.0)), "image_size": [300, 400]}
+    assert info["bbox"] == [30.0, 40.0, 90.0, 120.0] and info["kps"][0] == [30.0, 40.0] and info["score"] == 0.75

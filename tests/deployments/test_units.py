@@ -15,7 +15,7 @@ from deployments.errors import ServiceError, from_exception
 from deployments.http.app import build_http_app
 from deployments.http.auth import RateLimiter
 from deployments.http.readers import decode_base64
-from deployments.messages import FaceAnalysisResult, GenerationResult, GenerationTask
+from deployments.messages import BackendHealth, FaceAnalysisResult, GenerationResult, GenerationTask
 from deployments.service import GenerationService
 from deployments.schemas import SCHEDULERS, GenerateRequest, build_models
 from instantid.errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
@@ -31,7 +31,7 @@ class _Method:
 
 
 async def _ready():
-    return {"ready": True, "error": None}
+    return BackendHealth(True)
 
 
 class FakeFace:
