@@ -323,8 +323,9 @@ class JobService:
         if not accepted:
             raise self._queue_full()
         metrics.job_status("queued")
+        accepted = await self.get(ctx, job_id)  # as accepted: queued (a worker may claim it at once)
         self._wake.set()
-        return job_id, await self.get(ctx, job_id)
+        return job_id, accepted
 
     def _queue_full(self) -> ServiceError:
         return ServiceError(503, "queue_full", f"{self.config.max_queued} jobs are queued; retry later",

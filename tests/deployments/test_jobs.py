@@ -112,7 +112,8 @@ def test_a_job_runs_with_progress_and_ends_with_the_generate_response(tmp_path, 
         resp = client.post("/v1/jobs", json=_request(num_images=2))
         assert resp.status_code == 202, resp.text
         job = resp.json()
-        assert job["status"] == "queued" and job["id"].startswith("job_") and job["created_at"].endswith("Z")
+        assert job["status"] in ("queued", "running") and job["id"].startswith("job_")  # a worker may be quick
+        assert job["created_at"].endswith("Z")
         assert resp.headers["location"] == job["urls"]["get"] == f"http://testserver/v1/jobs/{job['id']}"
         assert job["urls"]["cancel"].endswith("/cancel") and job["urls"]["events"].endswith("/events")
         seen = set()
