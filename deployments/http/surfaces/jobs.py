@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...errors import ServiceError
 from ...jobs import iso
+from ..openapi import body_doc, multipart_schema
 
 SURFACE = "jobs"
 
@@ -36,13 +37,16 @@ def job_view(job_id: str, record: dict, base: str = "") -> dict:
 
 
 def add_routes(v1, edge) -> None:
-    """Add the job routes to ``v1`` (``edge``: deployments.http.app.Edge)."""
+    """Add the job routes to ``v1`` (``edge``: deployments.http.app.Edge). The body of POST /v1/jobs is
+    documented as GenerateRequest's; ``webhook`` comes on top of it (docs/api.md)."""
     service = edge.service
     jobs = service.jobs
     jobs.views[SURFACE] = job_view
     caller = edge.caller
 
     @v1.post("/jobs", status_code=202, responses=edge.errors, summary="Submit a generation job",
+             openapi_extra=body_doc("GenerateRequest",
+                                    multipart_schema(service.models.GenerateRequest, service.args.limits.max_faces)),
              description="The body of POST /v1/generate (JSON or multipart) plus an optional `webhook` URL. "
                          "Answers once the photos are checked and analysed.")
     async def submit_job(request: Request):
@@ -59,12 +63,15 @@ def add_routes(v1, edge) -> None:
         record = await jobs.get(caller("/v1/jobs/{job_id}", request), job_id)
         return JSONResponse(job_view(job_id, record, str(request.base_url)))
 
-    @v1.post("/jobs/{job_id}/cancel", summary="Cancel a job")
+    @v1.post("/jobs/{job_id}/cancel", responses=edge.errors, summary="Cancel a job")
     async def cancel_job(request: Request, job_id: str):
         record = await jobs.cancel(caller("/v1/jobs/{job_id}/cancel", request), job_id)
         return JSONResponse(job_view(job_id, record, str(request.base_url)))
 
-    @v1.get("/jobs/{job_id}/events", summary="Server-Sent Events of a job's progress and its end")
+    @v1.get("/jobs/{job_id}/events", summary="Server-Sent Events of a job's progress and its end",
+            response_class=StreamingResponse,
+            responses={**edge.errors, 200: {"content": {"text/event-stream": {}},
+                                            "description": "`progress` events, then `done` with the final job"}})
     async def job_events(request: Request, job_id: str):
         ctx = caller("/v1/jobs/{job_id}/events", request)
         await jobs.get(ctx, job_id, result=False)  # 404 before the stream starts

@@ -113,7 +113,8 @@ def add_routes(app, edge) -> None:
         except ServiceError as err:
             raise OpenAIError.of(err) from None
 
-    router = APIRouter(prefix=PREFIX, dependencies=[Depends(auth)], tags=["OpenAI Images"])
+    router = APIRouter(prefix=PREFIX, dependencies=[Depends(auth)], tags=["OpenAI Images"],
+                       include_in_schema=False)  # the schema is OpenAI's Images API: docs/api.md
     limits = service.args.limits
 
     async def generate(request: Request, route: str, file_fields: tuple[str, ...]) -> JSONResponse:

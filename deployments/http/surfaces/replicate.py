@@ -120,7 +120,8 @@ def add_routes(app, edge) -> None:
         except ServiceError as err:
             raise ReplicateProblem.of(err) from None
 
-    router = APIRouter(prefix=PREFIX, dependencies=[Depends(auth)], tags=["Replicate"])
+    router = APIRouter(prefix=PREFIX, dependencies=[Depends(auth)], tags=["Replicate"],
+                       include_in_schema=False)  # their schema is Replicate's own: docs/api.md
 
     def caller(route: str, request: Request):
         return edge.caller(PREFIX + route, request)
