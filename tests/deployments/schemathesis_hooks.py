@@ -32,6 +32,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 CONTENT_REFUSALS = {"invalid_image", "image_too_large", "no_face", "too_costly", "unknown_lora", "form_loras_not_json"}
 FACE_OPERATIONS = {("POST", "/v1/identities"), ("POST", "/v1/faces:analyze")}
+GENERATING = {("POST", "/v1/generate"), ("POST", "/v1/jobs")}  # both take the generate body
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +70,7 @@ def _breaks_generate_rules(case) -> bool:
 
     from deployments.schemas import GENERATE_RULES
 
-    if (case.method.upper(), case.path) != ("POST", "/v1/generate") or not isinstance(case.body, dict):
+    if (case.method.upper(), case.path) not in GENERATING or not isinstance(case.body, dict):
         return False
     body = {k: v for k, v in case.body.items() if v is not None and v != "" and v != []}  # form: "not given"
     if isinstance(body.get("face_images"), (bytes, bytearray)):
@@ -108,7 +109,7 @@ CHEAP_GENERATION = {"width": 64, "height": 64, "steps": 2, "num_images": 1, "ret
 
 @schemathesis.hook
 def map_case(context, case):
-    if (case.method.upper(), case.path) == ("POST", "/v1/generate") and _positive(case) and isinstance(case.body, dict):
+    if (case.method.upper(), case.path) in GENERATING and _positive(case) and isinstance(case.body, dict):
         case.body.update(CHEAP_GENERATION)
     if (case.method.upper(), case.path) in FACE_OPERATIONS and _positive(case) and isinstance(case.body, dict):
         faces = case.body.get("face_images")
