@@ -73,6 +73,22 @@ GENERATE_RULES = {
     ],
 }
 
+# A person's own rules (422): exactly one identity source, exactly one placement.
+PERSON_RULES = {"allOf": [
+    {"oneOf": GENERATE_RULES["oneOf"][:2]},
+    {"oneOf": [_given("face_index", {"type": "integer"}), _given("box", {"type": "array"}),
+               _given("keypoints", {"type": "array"})]},
+]}
+_PEOPLE_WITH = lambda rule: _given("people", {"type": "array", "contains": rule})  # noqa: E731
+# ... and the request's around people: face_index needs pose_image; box and keypoints need width and height
+# when there is no pose_image
+GENERATE_RULES["allOf"] += [
+    {"if": _PEOPLE_WITH(_given("face_index", {"type": "integer"})), "then": _given("pose_image", {"type": "string"})},
+    {"if": {"allOf": [_PEOPLE_WITH({"anyOf": [_given("box", {"type": "array"}), _given("keypoints", {"type": "array"})]}),
+                      {"not": _given("pose_image", {"type": "string"})}]},
+     "then": {"allOf": [_given("width", {"type": "integer"}), _given("height", {"type": "integer"})]}},
+]
+
 
 def default_size(canvas: tuple[int, int], limits: Limits) -> tuple[int, int]:
     """The output size when the request gives none: the pose (or init image) canvas, scaled with one factor
@@ -98,7 +114,7 @@ def _person_model(limits: Limits):
     Point = Annotated[list[Coordinate], Field(min_length=2, max_length=2)]
 
     class Person(_Model):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": GENERATE_RULES["oneOf"][:2]})
+        model_config = ConfigDict(extra="forbid", json_schema_extra=PERSON_RULES)
 
         face_images: Optional[list[Base64Image]] = Field(
             None, min_length=1, max_length=limits.max_faces,
