@@ -1,14 +1,12 @@
-"""The typed messages between deployments: what decides by value or by reference, and a job record's round trip
-of a task with every kind of field (people, control maps, an img2img upload)."""
+"""The typed messages between deployments: what decides whether a Generator call goes by value or by reference
+(a job record's round trip of a task is in test_jobs.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from deployments.backends import BY_VALUE_MAX_BYTES
-from deployments.jobs import pack, unpack
-from deployments.messages import GenerationTask, PersonPlacement
-from deployments.service import PreparedGeneration
+from deployments.messages import GenerationTask
 
 
 def _task(**fields) -> GenerationTask:
@@ -25,20 +23,3 @@ def test_a_large_upload_in_a_small_request_goes_by_reference():
     assert _task(controls=maps).message_bytes() == 1024 * 1024 * 3
     assert _task(num_images=4, width=1024, height=1024).message_bytes() == 4 * 1024 * 1024 * 3
 
-
-def test_a_job_record_keeps_people_controls_and_uploads():
-    people = [PersonPlacement(embedding=np.full(512, k, np.float32), kps=np.arange(10.0).reshape(5, 2) + k,
-                              region=(k * 32, 0, k * 32 + 32, 64)) for k in range(2)]
-    maps = [{"name": "canny", "map": np.arange(64 * 64, dtype=np.uint8).reshape(64, 64), "scale": 0.3,
-             "start": 0.0, "end": 1.0}]
-    task = _task(people=people, controls=maps, init_image=b"\x89PNG...", seed=7)
-    prepared = PreparedGeneration(task=task, face={"bbox": [1, 2, 3, 4]}, embedding=None, references=None,
-                                  people=[{"face_index": 0}, {"face_index": 1}])
-    back = unpack(pack(prepared))
-    assert isinstance(back.task.people[0], PersonPlacement) and back.task.people[1].region == (32, 0, 64, 64)
-    np.testing.assert_array_equal(back.task.people[1].embedding, people[1].embedding)
-    np.testing.assert_array_equal(back.task.people[0].kps, people[0].kps)
-    np.testing.assert_array_equal(back.task.controls[0]["map"], maps[0]["map"])
-    assert back.task.init_image == b"\x89PNG..." and back.task.seed == 7
-    assert back.people == prepared.people and back.face == prepared.face
-    assert back.task.batch_key() == task.batch_key()
