@@ -299,3 +299,32 @@ def test_redis_down_is_503_storage_unavailable_never_a_500(tmp_path):
         assert_error(resp, 503, "storage_unavailable")
         assert resp.headers["retry-after"]
         assert_error(client.get("/v1/jobs/job_" + "0" * 24), 503, "storage_unavailable")
+
+
+def test_a_prepared_generation_survives_the_record_with_people_controls_and_img2img():
+    """What a job keeps for another replica to run (``pack``, JSON, ``unpack``) is the same task: arrays, the
+    img2img upload's bytes, several people and control maps included."""
+    import json as json_
+
+    from deployments.jobs import pack, unpack
+    from deployments.messages import GenerationTask, PersonPlacement
+    from deployments.service import PreparedGeneration
+
+    rng = np.random.default_rng(0)
+    people = [PersonPlacement(embedding=rng.standard_normal(512).astype(np.float32),
+                              kps=rng.uniform(0, 500, (5, 2)).astype(np.float32), region=(0, 0, 256, 512)),
+              PersonPlacement(embedding=rng.standard_normal(512).astype(np.float32),
+                              kps=rng.uniform(0, 500, (5, 2)).astype(np.float32), region=(256, 0, 512, 512))]
+    control_map = rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    task = GenerationTask(model="tiny", embedding=None, kps=None, canvas=None, width=512, height=512, steps=3,
+                          prompt="two friends", seed=5, people=people, init_image=png_bytes(),
+                          controls=[{"name": "canny", "map": control_map, "scale": 0.5, "start": 0.0, "end": 1.0}])
+    prepared = PreparedGeneration(task=task, face={"source": "people[0]"}, embedding=None,
+                                  people=[{"source": "people[0]"}, {"source": "people[1]"}])
+    back = unpack(json_.loads(json_.dumps(pack(prepared))))
+    assert back.task.init_image == task.init_image and back.people == prepared.people
+    assert np.array_equal(back.task.controls[0]["map"], control_map) and back.task.controls[0]["name"] == "canny"
+    for mine, theirs in zip(back.task.people, people):
+        assert np.array_equal(mine.embedding, theirs.embedding) and np.array_equal(mine.kps, theirs.kps)
+        assert mine.region == theirs.region and mine.embedding.dtype == np.float32
+    assert (back.task.width, back.task.steps, back.task.seed, back.task.prompt) == (512, 3, 5, "two friends")
