@@ -3,6 +3,8 @@ deployment's limits) are published as components."""
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel
 
 def body_doc(name: str, multipart: dict) -> dict:
@@ -29,9 +31,9 @@ def multipart_schema(model: type[BaseModel], max_faces: int) -> dict:
     """The multipart form of ``model``'s body: files for the images, text fields for the rest, and nothing the
     API refuses allowed (no null, no unknown field, no empty file)."""
     schema = model.model_json_schema()
-    props = {k: form_field_schema(v) for k, v in schema["properties"].items()}
-    for nested in ("people", "controls"):  # lists of objects: JSON bodies only (a form carries flat fields)
-        props.pop(nested, None)
+    # fields of nested objects (people, controls) are JSON-only: a form carries flat fields, and their schemas'
+    # "#/$defs/..." references would not resolve in this document
+    props = {k: form_field_schema(v) for k, v in schema["properties"].items() if "$ref" not in json.dumps(v)}
     file = {"type": "string", "format": "binary", "minLength": 1}  # an empty file is refused (400)
     props["face_images"] = {"type": "array", "items": file, "minItems": 1,
                             "maxItems": max_faces, "description": "Photo files (repeat the field)."}

@@ -230,5 +230,6 @@ def test_openapi_publishes_people_for_json_bodies_only(tmp_path):
     components = schema["components"]["schemas"]
     assert "people" in components["GenerateRequest"]["properties"] and "Person" in components
     body = schema["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
-    assert "people" not in body["multipart/form-data"]["schema"]["properties"]
+    form = body["multipart/form-data"]["schema"]["properties"]
+    assert "people" not in form and "controls" not in form and "face_images" in form
     assert "#/$defs/" not in str(schema)  # every reference resolves inside the document
