@@ -53,6 +53,13 @@ def _payload(request: GenerateRequest | dict | None, overrides: dict) -> dict:
     for key in ("pose_image", "init_image"):
         if data.get(key) is not None:
             data[key] = encode_image(data[key])
+    if data.get("people") is not None:  # each person's photos too
+        data["people"] = [{**p, "face_images": [encode_image(x) for x in p["face_images"]]}
+                          if isinstance(p, dict) and p.get("face_images") is not None else p for p in data["people"]]
+    data["controls"] = [{k: encode_image(v) if k in ("image", "map") and v is not None else v
+                         for k, v in dict(control).items()} for control in data.get("controls") or []]
+    if not data["controls"]:
+        del data["controls"]
     return data
 
 

@@ -24,6 +24,12 @@ class ModelSpec(_Strict):
     loras: dict[str, str] = Field(
         default_factory=dict, description="LoRAs requests may use with this model: name -> weights reference."
     )
+    controlnets: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra spatial ControlNets requests may add in `controls`: control type (pose, canny, depth; "
+        "the map is derived from a photo) or another name (a ready map only) -> weights reference. Loaded and "
+        "evicted with the model.",
+    )
     megapixel_steps_per_s: float | None = Field(
         None, gt=0,
         description="Measured speed of one replica on this model: (width x height / 1e6) x steps x num_images per "
@@ -39,6 +45,26 @@ class BatchConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=10, description="How long a batch waits to fill.")
 
 
+class PreprocessorConfig(_Strict):
+    """The models that derive control maps from a photo (canny needs none); loaded on first use, on CPU."""
+
+    depth: str = Field("Intel/dpt-hybrid-midas", description="transformers DPT depth model: hub id, dir or s3://.")
+    pose: str = Field("yzd-v/DWPose", description="DWPose ONNX files (yolox_l.onnx, dw-ll_ucoco_384.onnx): hub "
+                      "id, dir or s3://.")
+
+
+class SafetyConfig(_Strict):
+    """The output safety filter run on every generated image (docs/api.md, "Safety checker")."""
+
+    enabled: bool = Field(False, description="Check every image with the safety checker.")
+    model: str = Field("CompVis/stable-diffusion-safety-checker",
+                       description="diffusers StableDiffusionSafetyChecker weights: hub id, dir or s3://.")
+    action: Literal["blur", "refuse"] = Field(
+        "blur", description="blur: flagged images come back blurred and marked in `nsfw`; refuse: a result whose "
+        "images are all flagged is answered 422 unsafe_output (flagged images of a mixed result are blurred).")
+    allow_disable: bool = Field(False, description="Requests may turn the checker off with safety_checker: false.")
+
+
 class Limits(_Strict):
     """Bounds on client input; every one is also published in the OpenAPI schema."""
 
@@ -48,6 +74,7 @@ class Limits(_Strict):
     max_prompt_chars: int = Field(2000, ge=1)
     max_num_images: int = Field(4, ge=1, le=16)
     max_steps: int = Field(100, ge=1, le=1000)
+    max_controls: int = Field(3, ge=0, le=8, description="Most extra ControlNets (`controls`) per request.")
     min_side: int = Field(64, ge=8)
     max_side: int = Field(2048, ge=64)
 
@@ -100,6 +127,8 @@ class AppArgs(_Strict):
     request_timeout_s: float = Field(300.0, gt=0, description="A request past this gets 504.")
     limits: Limits = Field(default_factory=Limits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    preprocessors: PreprocessorConfig = Field(default_factory=PreprocessorConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
 
     @field_validator("models")
     @classmethod

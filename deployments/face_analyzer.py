@@ -153,8 +153,9 @@ class FaceAnalysisCore:
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                thumbnail: bool = False, should_stop=None) -> FaceAnalysisResult:
-        """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis."""
+                thumbnail: bool = False, should_stop=None, group: bool = False) -> FaceAnalysisResult:
+        """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis.
+        ``group``: the pose photo is a group photo (people): every face of it, left to right, in ``group``."""
         from instantid.identity import analyze_faces, identity_of
 
         items = list(photos) + ([pose] if pose else [])
@@ -165,15 +166,27 @@ class FaceAnalysisCore:
             decoded = self.decode_request(items, should_stop)
             t1 = time.perf_counter()
             with self._lock:
+                each = decoded[:-1] if group and pose else decoded
                 found = [(name, image, *analyzed) for (name, image), analyzed
-                         in zip(decoded, analyze_faces(self.analyzer, decoded, should_stop))]
+                         in zip(each, analyze_faces(self.analyzer, each, should_stop))]
+                group_found = None
+                if group and pose:  # every face of the pose photo, left to right; the largest stands for it
+                    from instantid.people import group_faces
+
+                    name, image = decoded[-1]
+                    faces, canvas = group_faces(self.analyzer, name, image)
+                    group_found = [{"kps": np.asarray(f.kps, dtype=np.float32),
+                                    "bbox": np.asarray(f.bbox, dtype=np.float32),
+                                    "info": _face_info(f, name, canvas, image.size)} for f in faces]
+                    found.append((name, image, max(faces, key=lambda f: f.area), canvas))
             t2 = time.perf_counter()
             name, image, face, canvas = found[-1] if pose else found[0]
             # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
             result = FaceAnalysisResult(pose_kps=np.asarray(face.kps, dtype=np.float32),
                                         pose_canvas=[int(canvas[0]), int(canvas[1])],
                                         pose_face=_face_info(face, name, canvas, image.size),
-                                        timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1})
+                                        timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1},
+                                        group=group_found)
             photos_found = found[:len(photos)]
             if photos_found:
                 identity = identity_of([(face, canvas) for _, _, face, canvas in photos_found])
@@ -223,6 +236,7 @@ class FaceAnalyzerDeployment:
     def __init__(self, args: dict):
         self.args = resolve_args(args)
         self.core: FaceAnalysisCore | None = None
+        self._maps = None  # control map derivation, created on first use
         self.load_error: str | None = None
         try:
             self.core = FaceAnalysisCore(self.args.face_model, threads=replica_cpus())
@@ -233,7 +247,7 @@ class FaceAnalyzerDeployment:
             log.error("face model failed to load: %s", self.load_error)
 
     async def analyze(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                      thumbnail: bool = False) -> FaceAnalysisResult:
+                      thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
         if self.core is None:
             from .errors import ServiceError
 
@@ -241,7 +255,7 @@ class FaceAnalyzerDeployment:
         gone = threading.Event()  # set when the caller cancels (its deadline passed, its client left)
         try:
             result = await asyncio.wrap_future(self.core.pool.submit(self.core.predict, photos, pose, thumbnail,
-                                                                     gone.is_set))
+                                                                     gone.is_set, group))
         except asyncio.CancelledError:
             gone.set()  # the thread stops at its next read or photo; the replica's slot is freed now
             raise
@@ -266,6 +280,16 @@ class FaceAnalyzerDeployment:
         except Exception as exc:
             raise to_service_error(exc) from None
         metrics.stage("identity_score", result["timings"]["identity_score_s"])
+        return result
+
+    async def control_maps(self, items: list[tuple[str, str, bytes]]):
+        """(field, type, photo bytes) -> each photo's control map (deployments/controls.py), on this CPU group."""
+        if self._maps is None:
+            from .controls import ControlMapsCore
+
+            self._maps = ControlMapsCore(self.args.preprocessors.depth, self.args.preprocessors.pose)
+        result = await self._maps.run(items)
+        metrics.stage("control_maps", result.timings["control_maps_s"])
         return result
 
     def ready(self) -> BackendHealth:

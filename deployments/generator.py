@@ -66,9 +66,14 @@ def accept_task(task: GenerationTask) -> GenerationTask:
     if not isinstance(task, GenerationTask):
         raise InvalidParameterError("request", f"expected a GenerationTask, got {type(task).__name__}")
     try:
-        task.embedding = validate_embedding(task.embedding)
-        task.kps = validate_keypoints(task.kps)
-        task.canvas = (int(task.canvas[0]), int(task.canvas[1]))
+        if task.people:
+            from .people import accept_people
+
+            accept_people(task)
+        else:
+            task.embedding = validate_embedding(task.embedding)
+            task.kps = validate_keypoints(task.kps)
+            task.canvas = (int(task.canvas[0]), int(task.canvas[1]))
         if task.bbox is not None:
             task.bbox = np.asarray(task.bbox, dtype=np.float64).reshape(4)
     except (IndexError, TypeError, ValueError) as exc:
@@ -77,6 +82,10 @@ def accept_task(task: GenerationTask) -> GenerationTask:
         raise InvalidParameterError("kps", "canvas size must be positive")
     if isinstance(task.init_image, (bytes, bytearray, memoryview)):
         task.init_image = load_image(task.init_image, "init_image")
+    if task.controls:  # maps on the output canvas; a ready map decoded here, per task, as the init image
+        from .controls import decode_maps
+
+        task.controls = decode_maps(task.controls, task.width, task.height)
     task.id, task.arrived, task.cancelled = uuid.uuid4().hex, time.perf_counter(), False
     return task
 
@@ -99,6 +108,21 @@ class GeneratorCore:
         self.args = args
         self.specs = {m.name: m for m in args.models}
         self._lock = threading.Lock()  # one pipeline call at a time on this device
+        self._safety_lock = threading.Lock()
+        self._safety = None
+
+    def safety_checker(self):
+        """The safety checker (one per replica, on the pipeline's device), loaded on first use; None when off."""
+        if not self.args.safety.enabled:
+            return None
+        with self._safety_lock:
+            if self._safety is None:
+                from instantid.loading import pick_device, pick_dtype
+                from instantid.safety import SafetyChecker
+
+                device = pick_device(self.args.device)
+                self._safety = SafetyChecker.load(self.args.safety.model, device, pick_dtype(self.args.dtype, device))
+            return self._safety
 
     def load(self, name: str) -> LoadedModel:
         from instantid.loading import load_pipeline
@@ -106,27 +130,35 @@ class GeneratorCore:
         spec = self.specs[name]
         started = time.perf_counter()
         pipe = load_pipeline(spec.base_model, self.args.instantid, device=self.args.device, dtype=self.args.dtype,
-                             loras=dict(spec.loras) or None)
+                             loras=dict(spec.loras) or None, controlnets=dict(spec.controlnets) or None)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(name, pipe, time.perf_counter() - started)
 
     def predict(self, model: LoadedModel, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         """One denoising batch for compatible jobs; one result (arrays + timings) per job."""
+        from PIL import Image
+
         from instantid.identity import Pose
-        from instantid.pipeline import GenerationRequest
+        from instantid.people import keypoints_overview
+        from instantid.pipeline import ControlInput, GenerationRequest
+
+        from .people import pipeline_people
 
         first = jobs[0]
         requests = []
         for j in jobs:
-            pose = Pose(j.kps, j.canvas, j.bbox)
+            pose = Pose(j.kps, j.canvas, j.bbox) if not j.people else None
             requests.append(GenerationRequest(
                 face_embedding=j.embedding,
-                keypoint_image=pose.draw(j.width, j.height),
+                keypoint_image=pose.draw(j.width, j.height) if pose else None,
                 prompt=j.prompt, negative_prompt=j.negative_prompt, num_images=j.num_images, seed=j.seed,
                 guidance_scale=j.guidance_scale, ip_adapter_scale=j.ip_adapter_scale,
                 controlnet_conditioning_scale=j.controlnet_conditioning_scale,
                 prompt_weighting=j.prompt_weighting, init_image=j.init_image, strength=j.strength,
-                control_mask=pose.face_mask(j.width, j.height) if j.enhance_face_region else None,
+                control_mask=pose.face_mask(j.width, j.height) if pose and j.enhance_face_region else None,
+                people=pipeline_people(j.people, j.width, j.height) if j.people else [],
+                controls=[ControlInput(c["name"], Image.fromarray(c["map"]), c["scale"], c["start"], c["end"])
+                          for c in j.controls],
             ))
         marks: dict[str, float] = {}
 
@@ -150,12 +182,45 @@ class GeneratorCore:
                 images=[np.asarray(img.convert("RGB"), dtype=np.uint8) for img in imgs],
                 seed=j.seed,
                 model=model.name,
-                pose_image=np.asarray(r.keypoint_image, dtype=np.uint8) if j.return_pose_image else None,
+                pose_image=np.asarray(r.keypoint_image if not r.people else keypoints_overview(r.people),
+                                      dtype=np.uint8) if j.return_pose_image else None,
                 timings={"queue_s": started - j.arrived, "denoise_s": denoised - started,
                          "vae_decode_s": finished - denoised, "batch_size": len(jobs), "batch_images": n_images},
             )
             for j, r, imgs in zip(jobs, requests, images)
         ]
+
+    def screen(self, jobs: list[GenerationTask], outputs: list) -> list:
+        """The safety check of a finished batch: every image of the tasks that keep it on, in one pass. Sets
+        ``nsfw`` flags per image and ``safety_check_s``; blurs flagged images, or with ``refuse`` answers a task whose
+        images are all flagged with 422 unsafe_output (flagged images of a mixed result are blurred)."""
+        from PIL import Image
+
+        from instantid.safety import blur
+
+        checker = self.safety_checker()
+        checked = [k for k, (j, out) in enumerate(zip(jobs, outputs))
+                   if isinstance(out, GenerationResult) and j.safety_checker]
+        if checker is None or not checked:
+            return outputs
+        started = time.perf_counter()
+        images = [Image.fromarray(a) for k in checked for a in outputs[k].images]
+        flags = iter(checker.check(images))
+        seconds = time.perf_counter() - started
+        metrics.stage("safety_check", seconds)
+        outputs = list(outputs)
+        for k in checked:
+            out = outputs[k]
+            nsfw = [next(flags) for _ in out.images]
+            metrics.images_flagged(out.model, sum(nsfw))
+            if self.args.safety.action == "refuse" and all(nsfw):
+                outputs[k] = ServiceError(422, "unsafe_output", "the safety checker flagged every generated image",
+                                          field="safety_checker")
+                continue
+            out.images = [np.asarray(blur(Image.fromarray(a))) if flag else a for a, flag in zip(out.images, nsfw)]
+            out.nsfw = nsfw
+            out.timings["safety_check_s"] = seconds
+        return outputs
 
 
 @serve.deployment(
@@ -172,7 +237,8 @@ class Generator:
         # -- setup -----------------------------------------------------------------------------------
         self.args = resolve_args(args)
         # the disk reads the default model's weights while the load below imports torch and diffusers
-        prefetch(self.args.model(self.args.default_model).base_model, self.args.instantid)
+        default = self.args.model(self.args.default_model)
+        prefetch(default.base_model, self.args.instantid, list(default.controlnets.values()))
         self.core = GeneratorCore(self.args)
         self.ready_error: str | None = "loading"
         self.loads: Counter[str] = Counter()
@@ -181,6 +247,7 @@ class Generator:
         self._running: list[GenerationTask] = []  # the group on the device now
         self._queue: list[tuple[GenerationTask, asyncio.Future]] = []  # formed batches' jobs, waiting for the device
         self._pump_task: asyncio.Task | None = None
+        self._screening: set[asyncio.Task] = set()  # safety checks in flight (a reference keeps each alive)
         self._run_batch.set_max_batch_size(self.args.batch.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.args.batch.batch_wait_timeout_s)
 
@@ -192,6 +259,7 @@ class Generator:
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load_model)
         try:
             await self.get_model(self.args.default_model)
+            await asyncio.to_thread(self.core.safety_checker)  # ready only with the checker loaded, when on
             self.ready_error = None
         except Exception as exc:  # check_health fails until a replacement replica loads it
             self.ready_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -285,9 +353,20 @@ class Generator:
                 results = await self._predict_group(jobs)
             except Exception as exc:  # never leave a caller hanging
                 results = [to_service_error(exc)] * len(jobs)
-            for (_, future), result in zip(group, results):
-                if not future.done():
-                    future.set_result(result)
+            if self.args.safety.enabled:
+                # the safety check runs beside the next group's denoising, off the device queue's critical path
+                task = asyncio.get_running_loop().create_task(self._screen_and_answer(group, results))
+                self._screening.add(task)
+                task.add_done_callback(self._screening.discard)
+                continue
+            _answer(group, results)
+
+    async def _screen_and_answer(self, group, results) -> None:
+        try:
+            results = await asyncio.to_thread(self.core.screen, [job for job, _ in group], results)
+        except Exception as exc:  # an image that could not be checked is never delivered
+            results = [to_service_error(exc)] * len(group)
+        _answer(group, results)
 
     async def _predict_group(self, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         name = jobs[0].model
@@ -356,6 +435,12 @@ class Generator:
     def check_health(self) -> None:
         if self.ready_error is not None:  # Serve replaces the replica; its status carries the reason
             raise ModelNotLoaded("model", self.ready_error)
+
+
+def _answer(group, results) -> None:
+    for (_, future), result in zip(group, results):
+        if not future.done():
+            future.set_result(result)
 
 
 def _torch_threads() -> int:

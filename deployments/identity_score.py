@@ -76,7 +76,9 @@ def _round_fits(spec, task: GenerationTask, count: int, deadline: float | None) 
 async def _regenerate(core, ctx, spec, task: GenerationTask, seeds: list[int]) -> list | None:
     """One image per new seed (separate tasks, so each reproduces with its seed and num_images 1; the Generator
     batches them); None when the deadline's reserve is reached first."""
-    size = task.width * task.height * 3
+    from .controls import message_bytes
+
+    size = max(task.width * task.height * 3, message_bytes(task.controls))  # the task carries its control maps
     responses = [core.backends.generator_for(spec.name, size).denoise.remote(
         dataclasses.replace(task, num_images=1, seed=seed, return_pose_image=False))
                  for seed in seeds]

@@ -2,6 +2,7 @@
 
     Ingress --photos--> FaceAnalyzer.analyze   -> FaceAnalysisResult
     Ingress --GenerationTask--> Generator.generate -> GenerationResult
+    Ingress --(field, type, photo bytes)--> FaceAnalyzer.control_maps -> ControlMaps
 
 A message is built once, by the side that validated its contents (the Ingress validates client input; the
 FaceAnalyzer and the Generator only produce what they computed), and read by attribute on the other side and in
@@ -38,17 +39,40 @@ class FaceAnalysisResult:
     embeddings: list[np.ndarray] | None = None
     faces: list[dict] | None = None
     thumbnail: bytes | None = None  # a JPEG crop of the first face, when asked for
+    # a group pose photo (people): every face of it, left to right, each {"kps", "bbox"} on ``pose_canvas`` and
+    # "info" (its FaceInfo dict, as uploaded)
+    group: list[dict] | None = None
+
+
+@dataclass
+class PersonPlacement:
+    """One of a ``people`` request's identities, placed on the output canvas by the Ingress
+    (instantid.people.place_people): the Generator draws ``kps`` and confines the identity to ``region``."""
+
+    embedding: np.ndarray  # (512,) float32
+    kps: np.ndarray  # (5, 2) on the output canvas
+    region: tuple[int, int, int, int]  # x1, y1, x2, y2 on the output canvas, end-exclusive
+
+
+@dataclass
+class ControlMaps:
+    """Control maps derived from a request's photos (deployments/controls.py), in the order asked: uint8 arrays at
+    the demo's resize of each photo (HxW for canny, HxWx3 otherwise); the Generator resizes them to the output."""
+
+    maps: list[np.ndarray]
+    timings: dict[str, float]
 
 
 @dataclass
 class GenerationTask:
     """One generation request as the Generator batches it, validated and styled by the Ingress: the identity
-    embedding, the pose (keypoints on their canvas, face box) and the resolved sampling parameters."""
+    embedding, the pose (keypoints on their canvas, face box) and the resolved sampling parameters; or, for
+    several people, ``people`` (then embedding, kps and canvas are None)."""
 
     model: str
-    embedding: np.ndarray  # (512,) float32
-    kps: np.ndarray  # (5, 2) on ``canvas``
-    canvas: tuple[int, int]
+    embedding: np.ndarray | None  # (512,) float32
+    kps: np.ndarray | None  # (5, 2) on ``canvas``
+    canvas: tuple[int, int] | None
     width: int
     height: int
     steps: int
@@ -67,6 +91,11 @@ class GenerationTask:
     init_image: Any = None  # img2img: the upload's bytes; the Generator decodes them on arrival (accept_task)
     strength: float = defaults.IMG2IMG_STRENGTH
     return_pose_image: bool = False
+    people: list[PersonPlacement] | None = None
+    # extra ControlNets: {name, map (derived HxW(x3) uint8 array, or a ready map's bytes), scale, start, end}; the
+    # Generator resizes each map to width x height on arrival (accept_task)
+    controls: list[dict] = field(default_factory=list)
+    safety_checker: bool = True  # off only where the service's safety.allow_disable lets the request say so
     deadline: float | None = None  # time.time() past which nobody waits for the result
     # The Generator's own bookkeeping, reset when a task arrives there (accept_task): ``arrived`` is its clock.
     id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
@@ -80,10 +109,12 @@ class GenerationTask:
     def batch_key(self) -> tuple:
         """Tasks with equal keys can share one denoising batch: one size, step count and scheduler, guided or not
         (classifier-free guidance doubles the batch), one LoRA set, and for img2img one strength (it cuts the
-        timesteps). Prompts, prompt weighting, seeds and scales differ freely within a batch."""
+        timesteps). Prompts, prompt weighting, seeds and scales differ freely within a batch, and so does the
+        number of people: the pipeline runs each extra identity's IdentityNet pass on its own rows only."""
         return (self.model, self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1,
                 tuple(sorted(self.loras.items())),
-                self.strength if self.init_image is not None else None)
+                self.strength if self.init_image is not None else None,
+                tuple(c["name"] for c in self.controls))  # one batch runs the same extra ControlNets, in order
 
 
 @dataclass
@@ -96,6 +127,7 @@ class GenerationResult:
     model: str
     timings: dict[str, Any]
     pose_image: np.ndarray | None = None
+    nsfw: list[bool] | None = None  # per image, flagged by the safety checker (None: it did not run)
 
 
 @dataclass

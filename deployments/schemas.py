@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from instantid import defaults
 from instantid.defaults import PROMPT_WEIGHTINGS
@@ -55,6 +55,36 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _person_model(limits: Limits):
+    """One entry of ``people``: an identity and where it goes (instantid/people.py)."""
+    Coordinate = Annotated[float, Field(ge=0, le=limits.max_side)]
+    Point = Annotated[list[Coordinate], Field(min_length=2, max_length=2)]
+
+    class Person(_Model):
+        face_images: Optional[list[str]] = Field(
+            None, min_length=1, max_length=limits.max_faces,
+            description=f"1 to {limits.max_faces} photos of this person ({_DOC_IMAGE}), embeddings averaged.")
+        identity_id: Optional[str] = Field(None, pattern=ID_PATTERN, description="A stored identity.")
+        face_index: Optional[int] = Field(None, ge=0, le=255, description="The face of pose_image this person "
+                                                                         "takes, counted left to right from 0.")
+        box: Optional[list[Coordinate]] = Field(
+            None, min_length=4, max_length=4, description="x1, y1, x2, y2: the face box on the output canvas; the "
+                                                          "person's own face keypoints are scaled into it.")
+        keypoints: Optional[list[Point]] = Field(
+            None, min_length=5, max_length=5, description="Five [x, y] keypoints on the output canvas (left eye, "
+                                                          "right eye, nose, mouth corners).")
+
+        @model_validator(mode="after")
+        def _one_each(self):
+            if (self.face_images is None) == (self.identity_id is None):
+                raise ValueError("give exactly one of face_images and identity_id")
+            if sum(x is not None for x in (self.face_index, self.box, self.keypoints)) != 1:
+                raise ValueError("give exactly one of face_index, box and keypoints")
+            return self
+
+    return Person
+
+
 def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tuple[str, ...] | None,
                     max_timeout: float | None):
     """The /v1/generate request with bounds from ``limits`` (and enums when names are given)."""
@@ -63,6 +93,22 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
     Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
     LoraScale = Annotated[float, Field(ge=-2.0, le=2.0)]
     LoraName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+    Person = _person_model(limits)
+
+    class ControlRequest(_Model):
+        """An extra spatial ControlNet beside IdentityNet (docs/api.md, "Controls")."""
+
+        type: str = Field(min_length=1, max_length=MAX_NAME_CHARS,
+                          description="A control type of the model (GET /v1/models `controls`): pose, canny and "
+                                      "depth derive their map from a photo; other names take a ready map.")
+        image: Optional[str] = Field(None, description=f"Photo to derive the map from. {_DOC_IMAGE} Absent (and no "
+                                                       "map): the pose photo, else the first face photo.")
+        map: Optional[str] = Field(None, description=f"A ready control map, used as is (resized to the output). "
+                                                     f"{_DOC_IMAGE}")
+        scale: Optional[float] = Field(None, ge=0.0, le=2.0, description="Conditioning scale. Absent: the demo's "
+                                       "default for the type (pose 0.4, canny 0.3, depth 0.5; 1.0 otherwise).")
+        start: float = Field(0.0, ge=0.0, le=1.0, description="Share of the steps before it acts.")
+        end: float = Field(1.0, ge=0.0, le=1.0, description="Share of the steps after which it stops.")
 
     class GenerateRequest(_Model):
         """Generate images of the identity in ``face_images`` (or a stored ``identity_id``)."""
@@ -74,6 +120,12 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
                         "Exactly one of face_images and identity_id.")
         identity_id: Optional[str] = Field(None, pattern=ID_PATTERN,
                                            description="A stored identity (POST /v1/identities).")
+        people: Optional[list[Person]] = Field(  # type: ignore[valid-type]
+            None, min_length=1, max_length=defaults.MAX_PEOPLE,
+            description=f"1 to {defaults.MAX_PEOPLE} people in one picture, each confined to its face box grown by "
+                        f"{defaults.REGION_MARGIN:.0%} per "
+                        "side (regions may not overlap); instead of face_images/identity_id. face_index needs "
+                        "pose_image; box and keypoints need width and height when there is no pose_image.")
         pose_image: Optional[str] = Field(None, description=f"Photo whose face keypoints set the pose. {_DOC_IMAGE}")
         prompt: str = Field("", max_length=limits.max_prompt_chars)
         negative_prompt: Optional[str] = Field(
@@ -115,6 +167,11 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
         timeout_s: Optional[float] = Field(
             None, gt=0, le=max_timeout, description="Deadline for this request (at most the service's own); 504 "
                                                     "past it.")
+        controls: list[ControlRequest] = Field(
+            default_factory=list, max_length=limits.max_controls,
+            description=f"At most {limits.max_controls} extra ControlNets (pose, canny, depth, ...) of the model.")
+        safety_checker: bool = Field(True, description="false turns the output safety checker off for this "
+                                                       "request, where the service allows it (else 422).")
         identity_score: bool = Field(True, description="Score each image's face against the identity "
                                                        "(`identity` in the response); false skips its CPU cost.")
         min_similarity: Optional[float] = Field(
@@ -124,6 +181,23 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
             0, ge=0, le=MAX_IDENTITY_RETRIES,
             description="Regenerate images under min_similarity with new seeds, at most this many more rounds, "
                         "keeping the best of each; rounds stop at the request's deadline.")
+
+        # fields declared after ``people`` see it in info.data: the 422 names the field at fault
+        @field_validator("people")
+        @classmethod
+        def _people_alone(cls, value, info):
+            if value is not None and (info.data.get("face_images") is not None
+                                      or info.data.get("identity_id") is not None):
+                raise ValueError("replaces face_images and identity_id: give one or the other")
+            return value
+
+        @field_validator("enhance_face_region", "min_similarity")
+        @classmethod
+        def _not_with_people(cls, value, info):
+            if value is not None and value is not False and info.data.get("people") is not None:
+                raise ValueError("not with people (each person's region already confines its identity; identity "
+                                 "scores are for one identity)")
+            return value
 
         @model_validator(mode="after")
         def _score_options(self):
@@ -191,6 +265,15 @@ class FaceInfo(BaseModel):
     image_size: list[int] = Field(description="Width and height of that image.")
 
 
+class PlacedPerson(BaseModel):
+    """One of ``people`` as generated, on the output canvas."""
+
+    region: list[int] = Field(description="x1, y1, x2, y2 (end-exclusive): where this identity acts.",
+                              min_length=4, max_length=4)
+    keypoints: list[list[float]] = Field(description="The five keypoints IdentityNet drew for this person.")
+    face: Optional[FaceInfo] = Field(None, description="The pose_image face it took (face_index).")
+
+
 class Timings(BaseModel):
     """Seconds spent per stage of this request (stages that did not run are absent)."""
 
@@ -203,6 +286,9 @@ class Timings(BaseModel):
     model_load_s: Optional[float] = Field(None, description="Loading a model this request needed.")
     denoise_s: Optional[float] = Field(None, description="Prompt/face encoding and the denoising loop.")
     vae_decode_s: Optional[float] = None
+    control_maps_s: Optional[float] = Field(None, description="Deriving control maps from photos (Preprocessor).")
+    safety_check_s: Optional[float] = Field(None, description="The safety checker on the batch's images; it runs "
+                                                              "beside the next batch's denoising.")
     encode_s: Optional[float] = Field(None, description="Image encoding (png/jpeg/webp).")
     upload_s: Optional[float] = Field(None, description="S3 upload and URL presigning.")
     identity_score_s: Optional[float] = Field(None, description="Face analysis of the outputs (FaceAnalyzer).")
@@ -211,6 +297,8 @@ class Timings(BaseModel):
     total_s: float = 0.0
     batch_size: int = Field(1, description="Requests that shared this request's denoising batch.")
     batch_images: int = Field(1, description="Images generated by that batch.")
+    identities: int = Field(1, description="Identities in this request (people: IdentityNet runs once per "
+                                           "identity per step).")
 
 
 class ImageIdentity(BaseModel):
@@ -239,9 +327,13 @@ class GenerateResponse(BaseModel):
     seed: int
     model: str = Field(description="The base model that generated the images.")
     loras: dict[str, float] = Field(default_factory=dict)
-    face: FaceInfo = Field(description="The face whose keypoints set the pose.")
+    face: Optional[FaceInfo] = Field(None, description="The face whose keypoints set the pose (absent with "
+                                                       "people).")
+    people: Optional[list[PlacedPerson]] = Field(None, description="With people: where each one went.")
     pose_image: Optional[str] = Field(None, description="Base64 PNG of the keypoint image (return_pose_image).")
     identity: Optional[list[ImageIdentity]] = Field(None, description="Per image, in order: its identity score.")
+    nsfw: Optional[list[bool]] = Field(None, description="Per image, in order: flagged by the safety checker (with "
+                                                         "action blur, the image is blurred); absent when it is off.")
     timings: Timings
 
     def image_bytes(self) -> list[bytes]:
@@ -270,6 +362,8 @@ class IdentityList(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     loras: list[str]
+    controls: list[str] = Field(default_factory=list, description="Control types a request may use in "
+                                                                  "`controls` with this model.")
     default: bool
 
 

@@ -32,8 +32,10 @@ from .errors import ServiceError, from_exception, storage_unavailable, validatio
 from .http.delivery import S3Delivery, encode_outputs, to_base64
 from .http.readers import check_image, decode_base64
 from .identities import decode_embedding, make_record, make_store, new_identity_id, valid_identity_id, visible_to
+from .controls import finish_control_maps, message_bytes, start_control_maps
 from .identity_score import score_outputs
 from .messages import FaceAnalysisResult, GenerationTask
+from .people import resolve_people
 from .schemas import DELIVERIES, MAX_SEED, OUTPUT_FORMATS, SCHEDULERS, build_models, default_size
 
 log = logging.getLogger("instantid.serve")
@@ -181,7 +183,10 @@ class GenerationService:
         if faces is not None and req.identity_id is not None:
             raise ServiceError(422, "invalid_parameter", "give face_images or identity_id, not both",
                                field="face_images")
-        if faces is None and req.identity_id is None:
+        if req.people is not None and faces is not None:
+            raise ServiceError(422, "invalid_parameter", "people: replaces face_images; give one or the other",
+                               field="people")
+        if faces is None and req.identity_id is None and req.people is None:
             raise ServiceError(422, "invalid_parameter", "face_images or identity_id is required",
                                field="face_images")
         if faces is not None and not 1 <= len(faces) <= limits.max_faces:
@@ -232,13 +237,21 @@ class GenerationService:
         if req.delivery == "s3" and self.s3 is None:
             raise ServiceError(422, "invalid_parameter", "delivery: S3 delivery is not configured on this service",
                                field="delivery")
+        if not req.safety_checker and args.safety.enabled and not args.safety.allow_disable:
+            raise ServiceError(422, "invalid_parameter", "safety_checker: this service does not allow turning the "
+                               "safety checker off", field="safety_checker")
         check_cost(spec, req, ctx.deadline)
         await self.backends.require(BACKENDS if req.identity_id is None or pose is not None else ("Generator",))
         prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt)
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        controls, maps = await start_control_maps(self, ctx, req, spec, faces, pose)  # beside the face analysis
 
-        analysis = None
-        if req.identity_id is not None:
+        analysis = plan = None
+        if req.people is not None:  # several identities: deployments/people.py
+            plan = await resolve_people(self, ctx, req, pose, init_image)
+            embedding = kps = canvas = face = bbox = None
+            width, height = plan.width, plan.height
+        elif req.identity_id is not None:
             t0 = time.perf_counter()
             record = await self._store("get", req.identity_id)
             ctx.timings["identity_load_s"] = time.perf_counter() - t0
@@ -257,12 +270,16 @@ class GenerationService:
             embedding = analysis.embedding
             kps, canvas, face = analysis.pose_kps, analysis.pose_canvas, analysis.pose_face
 
-        bbox = _canvas_bbox(face, canvas)
-        if req.enhance_face_region and bbox is None:
-            raise ServiceError(422, "invalid_parameter", "enhance_face_region: no face box is known",
-                               field="enhance_face_region")
-        width, height = self.output_size(req, canvas, kps, bbox, init_image)
+        if plan is None:
+            bbox = _canvas_bbox(face, canvas)
+            if req.enhance_face_region and bbox is None:
+                raise ServiceError(422, "invalid_parameter", "enhance_face_region: no face box is known",
+                                   field="enhance_face_region")
+            width, height = self.output_size(req, canvas, kps, bbox, init_image)
+        ctx.timings["identities"] = len(plan.people) if plan else 1
+        metrics.identities(ctx.timings["identities"])
         check_cost(spec, req, ctx.deadline, (width, height))  # again at the photo's size when none was given
+        controls = await finish_control_maps(ctx, controls, maps)
         task = GenerationTask(
             model=spec.name, embedding=embedding, kps=kps, canvas=canvas, bbox=bbox,
             enhance_face_region=req.enhance_face_region is not False and bbox is not None,
@@ -272,14 +289,16 @@ class GenerationService:
             prompt=prompt, negative_prompt=negative, num_images=req.num_images, seed=seed,
             guidance_scale=req.guidance_scale, ip_adapter_scale=req.ip_adapter_scale,
             controlnet_conditioning_scale=req.controlnet_conditioning_scale, loras=dict(req.loras),
-            deadline=ctx.deadline,
+            deadline=ctx.deadline, people=plan.people if plan else None, controls=controls,
+            safety_checker=req.safety_checker,
         )
         # the response is the raw RGB arrays: their size is known before the call
         result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
+        result_bytes = max(result_bytes, message_bytes(controls))  # derived maps travel in the task
         result = await self._call(ctx, self.backends.generator_for(spec.name, result_bytes).denoise.remote(task))
         ctx.timings.update(result.timings)
         arrays, identity = result.images, None
-        if req.identity_score:  # per photo embeddings: only photos sent with this request have them
+        if req.identity_score and plan is None:  # per photo embeddings: only photos sent with this request have them
             references = analysis.embeddings if analysis is not None else None
             arrays, identity = await score_outputs(self, ctx, req, spec, task, arrays, embedding, references)
 
@@ -299,18 +318,20 @@ class GenerationService:
         response = {
             "request_id": ctx.request_id, "images": images, "urls": urls, "format": req.output_format,
             "width": width, "height": height, "seed": seed, "model": result.model,
-            "loras": dict(req.loras), "face": face,
+            "loras": dict(req.loras), "face": face, "people": plan.view if plan else None,
             "pose_image": to_base64(pose_png) if pose_png is not None else None,
-            "identity": identity,
+            "identity": identity, "nsfw": result.nsfw,
             "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ctx.timings.items()},
         }
         return {k: v for k, v in response.items() if v is not None}
 
     async def analyze_photos(self, ctx: Ctx, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                             thumbnail: bool = False) -> FaceAnalysisResult:
-        """The FaceAnalyzer's analysis of named photos (and a pose photo); its timings go into the request's."""
+                             thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
+        """The FaceAnalyzer's analysis of named photos (and a pose photo, every face of it with ``group``); its
+        timings go into the request's."""
         size = sum(len(data) for _, data in photos) + (len(pose[1]) if pose is not None else 0)
-        analysis = await self._call(ctx, self.backends.face_for(size).analyze.remote(photos, pose, thumbnail))
+        extra = (group,) if group else ()  # only people requests send it: a plain analysis keeps its signature
+        analysis = await self._call(ctx, self.backends.face_for(size).analyze.remote(photos, pose, thumbnail, *extra))
         ctx.timings["image_decode_s"] = analysis.timings["decode_s"]
         ctx.timings["face_analysis_s"] = analysis.timings["face_analysis_s"]
         return analysis
@@ -422,7 +443,8 @@ class GenerationService:
         from instantid.styles import presets
 
         return {
-            "models": [{"name": m.name, "loras": sorted(m.loras), "default": m.name == self.args.default_model}
+            "models": [{"name": m.name, "loras": sorted(m.loras), "controls": sorted(m.controlnets),
+                        "default": m.name == self.args.default_model}
                        for m in self.args.models],
             "schedulers": list(SCHEDULERS), "styles": sorted(presets()),
             "output_formats": list(OUTPUT_FORMATS),

@@ -28,6 +28,7 @@ def resolve_args(args: AppArgs | dict | None) -> AppArgs:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     if args.profile != "tiny":
         return args
+    from instantid.controls import CONTROL_TYPES
     from instantid.tiny import make_tiny
 
     root = Path(make_tiny(Path(args.tiny_dir).expanduser()))
@@ -40,8 +41,13 @@ def resolve_args(args: AppArgs | dict | None) -> AppArgs:
     if [m.model_dump() for m in args.models] == [m.model_dump() for m in default_models]:
         name = default_models[0].name
         update["models"] = [ModelSpec(name=name, base_model=str(root / "sdxl"),
-                                      loras={"tiny": str(root / "lora" / "pytorch_lora_weights.safetensors")})]
+                                      loras={"tiny": str(root / "lora" / "pytorch_lora_weights.safetensors")},
+                                      controlnets={kind: str(root / f"controlnet-{kind}") for kind in CONTROL_TYPES})]
         update["default_model"] = name
+    if args.preprocessors == _field_default("preprocessors"):
+        update["preprocessors"] = {"depth": str(root / "dpt"), "pose": str(root / "dwpose")}
+    if args.safety.model == _field_default("safety").model:
+        update["safety"] = {**args.safety.model_dump(), "model": str(root / "safety")}
     if update:
         log.warning("%s (bundle: %s)", TINY_WARNING, root)
         data = args.model_dump()

@@ -26,6 +26,8 @@ class IdentityAttnProcessor(nn.Module):
     ``region`` (the official full pipeline's control mask, "enhance non-face region") is None or a
     (rows, H, W) tensor of per-row masks on the output canvas, 1 = face: the identity output is multiplied by it,
     resized (nearest) to the layer's resolution exactly as the reference does. Rows without a mask hold ones.
+    With several people (people.py) it is (rows, people, H, W), one mask per identity, and the context carries
+    ``people`` groups of ``num_tokens`` ID tokens, one per identity in the same order.
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int = 16):
@@ -47,6 +49,20 @@ class IdentityAttnProcessor(nn.Module):
         out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask)
         return out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
 
+    def _attend_people(self, attn, query, ids, people: int) -> torch.Tensor:
+        """Several identities' tokens in one attention call. Each position attends only to the tokens of the
+        identity whose region holds it (regions do not overlap), so its softmax runs over those tokens alone:
+        exactly ``region_i * attn(q, K_i, V_i)`` summed over identities. Positions in no region attend to the
+        first identity and are zeroed by their (zero) region value."""
+        b, tokens = query.shape[0], query.shape[1]
+        masks = region_at(self.region.flatten(0, 1), tokens).view(b, people, tokens)
+        owner = masks.argmax(dim=1)  # (rows, positions); all-zero positions -> 0
+        weight = masks.gather(1, owner[:, None]).view(b, tokens, 1)
+        token_owner = torch.arange(people * self.num_tokens, device=query.device) // self.num_tokens
+        allowed = (owner[:, :, None] == token_owner)[:, None]  # (rows, 1 head, positions, people x tokens)
+        out = self._attend(attn, query, self.to_k_ip(ids), self.to_v_ip(ids), allowed)
+        return out * weight.to(out.dtype)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
         if encoder_hidden_states is None:
             raise ValueError("IdentityAttnProcessor is for cross-attention layers only")
@@ -65,7 +81,8 @@ class IdentityAttnProcessor(nn.Module):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        split = encoder_hidden_states.shape[1] - self.num_tokens
+        people = self.region.shape[1] if self.region is not None and self.region.ndim == 4 else 1
+        split = encoder_hidden_states.shape[1] - people * self.num_tokens
         text, ids = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
         if attention_mask is not None:  # a padding mask over [text; ID tokens] (prompts of unequal length)
             attention_mask = attention_mask[..., :split]
@@ -73,9 +90,12 @@ class IdentityAttnProcessor(nn.Module):
             text = attn.norm_encoder_hidden_states(text)
 
         out = self._attend(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
-        id_out = self._attend(attn, query, self.to_k_ip(ids), self.to_v_ip(ids))
-        if self.region is not None:
-            id_out = id_out * region_at(self.region, id_out.shape[1]).to(id_out.dtype)
+        if people > 1:
+            id_out = self._attend_people(attn, query, ids, people)
+        else:
+            id_out = self._attend(attn, query, self.to_k_ip(ids), self.to_v_ip(ids))
+            if self.region is not None:
+                id_out = id_out * region_at(self.region, id_out.shape[1]).to(id_out.dtype)
         scale = self.scale
         if isinstance(scale, torch.Tensor):
             scale = scale.to(device=id_out.device, dtype=id_out.dtype).view(-1, 1, 1)

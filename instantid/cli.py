@@ -38,6 +38,30 @@ def _lora(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
+def _person(value: str) -> tuple[list[str], int | None, tuple | None, str | None]:
+    """IMG[,IMG...] then optionally :N (group face index), @X1,Y1,X2,Y2 (box) or @K.json (keypoints file)."""
+    photos, index, box, kps = value, None, None, None
+    if "@" in value:
+        photos, where = value.rsplit("@", 1)
+        if where.lower().endswith(".json"):
+            kps = where
+        else:
+            try:
+                box = tuple(float(v) for v in where.split(","))
+            except ValueError:
+                box = ()
+            if len(box) != 4:
+                raise argparse.ArgumentTypeError(f"{where!r} is not a box X1,Y1,X2,Y2 nor a keypoints .json file")
+    else:
+        head, _, tail = value.rpartition(":")
+        if head and tail.isdigit():
+            photos, index = head, int(tail)
+    paths = [p for p in photos.split(",") if p]
+    if not paths:
+        raise argparse.ArgumentTypeError(f"no face photo in {value!r}")
+    return paths, index, box, kps
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instantid", description="InstantID identity-preserving generation.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
@@ -57,15 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:SCALE]")
     models.add_argument("--controlnet", action="append", default=[], metavar="REF",
                         help="extra spatial ControlNet; pair each with --control-image")
-    models.add_argument("--control-image", action="append", default=[], metavar="IMG")
-    models.add_argument("--control-scale", action="append", default=[], type=float, metavar="F")
+    models.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                        help="the control map itself, or with --control-type the photo to derive it from")
+    models.add_argument("--control-type", action="append", default=[], choices=["canny", "depth", "pose"],
+                        help="derive each --controlnet's map from its --control-image (default: the --pose photo, "
+                             "else the first --face) as the multi-ControlNet demo does; one per --controlnet")
+    models.add_argument("--control-scale", action="append", default=[], type=float, metavar="F",
+                        help="default: the demo's per type (pose 0.4, canny 0.3, depth 0.5), 1.0 for a ready map")
+    models.add_argument("--depth-model", default="Intel/dpt-hybrid-midas", metavar="REF",
+                        help="depth estimator for --control-type depth (transformers DPT layout)")
+    models.add_argument("--pose-model", default="yzd-v/DWPose", metavar="REF",
+                        help="DWPose ONNX files (yolox_l.onnx, dw-ll_ucoco_384.onnx) for --control-type pose")
 
     who = gen.add_argument_group("identity and pose")
     who.add_argument("--face", action="append", default=[], metavar="IMG",
                      help="reference photo; repeat for several (their embeddings are averaged)")
     who.add_argument("--face-embedding", metavar="E.npy", help="a saved 512-d embedding instead of --face")
     who.add_argument("--face-kps", metavar="K.json", help="five [x, y] points on the output canvas")
-    who.add_argument("--pose", metavar="IMG", help="take the keypoints from this photo instead")
+    who.add_argument("--pose", metavar="IMG", help="take the keypoints from this photo instead (with --person: "
+                                                   "the group photo whose faces, left to right, --person picks)")
+    who.add_argument("--person", action="append", default=[], type=_person, metavar="IMG[,IMG][:N|@BOX|@K.json]",
+                     help="one of 2-4 people in one picture, repeated (instead of --face): their photos, then "
+                          "where they go: :N the N-th face (0-based, left to right) of the --pose group photo "
+                          "(default: the person's position among the --person options), @X1,Y1,X2,Y2 a face box "
+                          "on the output canvas, or @K.json five keypoints on it. Each identity acts only in its "
+                          "face box grown by 25%% per side; regions may not overlap")
 
     what = gen.add_argument_group("generation")
     what.add_argument("--prompt", default="", help="text prompt (empty: image-only)")
@@ -83,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--init-image", metavar="IMG", help="img2img: restyle this picture keeping the identity")
     what.add_argument("--strength", type=float, default=defaults.IMG2IMG_STRENGTH, help="img2img: share of the schedule run, (0, 1]")
     what.add_argument("--save-pose-image", metavar="PATH", help="also write the keypoint image IdentityNet got")
+    what.add_argument("--save-control-maps", metavar="DIR",
+                      help="also write each extra ControlNet's map as DIR/control<N>-<type>.png")
     what.add_argument("--steps", type=int, default=defaults.STEPS)
     what.add_argument("--guidance-scale", type=float, default=defaults.GUIDANCE_SCALE)
     what.add_argument("--ip-adapter-scale", type=float, default=defaults.IP_ADAPTER_SCALE)
@@ -166,12 +208,19 @@ def _check_generate_args(args) -> None:
         raise InvalidParameterError("--num-images", "must be at least 1")
     if args.scheduler not in NAMES:
         raise InvalidParameterError("--scheduler", f"unknown {args.scheduler!r}; choose one of {list(NAMES)}")
-    if bool(args.face) == bool(args.face_embedding):
+    if args.person:
+        _check_people(args)
+    elif bool(args.face) == bool(args.face_embedding):
         raise InvalidParameterError("--face", "give either --face IMG (repeatable) or --face-embedding E.npy")
     if args.face_embedding and not (args.face_kps or args.pose):
         raise InvalidParameterError("--face-kps", "--face-embedding needs --face-kps K.json or --pose IMG")
-    if len(args.control_image) != len(args.controlnet):
-        raise InvalidParameterError("--control-image", "give one --control-image per --controlnet")
+    if args.control_type and len(args.control_type) != len(args.controlnet):
+        raise InvalidParameterError("--control-type", "give one --control-type per --controlnet, or none")
+    if len(args.control_image) != len(args.controlnet) and not (args.control_type and not args.control_image):
+        raise InvalidParameterError("--control-image", "give one --control-image per --controlnet (with "
+                                                       "--control-type they may all be left out: the pose photo)")
+    if args.save_control_maps and not Path(args.save_control_maps).expanduser().is_dir():
+        raise InvalidParameterError("--save-control-maps", f"{args.save_control_maps} is not a directory")
     if args.control_scale and len(args.control_scale) != len(args.controlnet):
         raise InvalidParameterError("--control-scale", "give one --control-scale per --controlnet, or none")
     suffix = Path(args.output).suffix.lower()
@@ -194,6 +243,57 @@ def _check_generate_args(args) -> None:
             raise InvalidParameterError("--save-pose-image", f"directory {pose_path.parent} does not exist")
 
 
+def _check_people(args) -> None:
+    from .people import MAX_PEOPLE
+
+    for flag, given in (("--face", args.face), ("--face-embedding", args.face_embedding),
+                        ("--face-kps", args.face_kps), ("--control-mask", args.control_mask),
+                        ("--enhance-face-region", args.enhance_face_region is not None)):
+        if given:
+            raise InvalidParameterError(flag, "not with --person (each person brings its face and region)")
+    if len(args.person) > MAX_PEOPLE:
+        raise InvalidParameterError("--person", f"at most {MAX_PEOPLE} people, got {len(args.person)}")
+    for i, (_, index, box, kps) in enumerate(args.person):
+        if box is None and kps is None and not args.pose:
+            raise InvalidParameterError("--person", f"person {i + 1} needs --pose GROUP.jpg (a face index), "
+                                                    "@X1,Y1,X2,Y2 or @K.json")
+
+
+def _read_people(args) -> list[tuple[list, "Placement"]]:
+    """Each --person's photos (read) and placement, before any model loads."""
+    from .face import load_image
+    from .people import Placement
+
+    out = []
+    for i, (paths, index, box, kps) in enumerate(args.person):
+        if box is not None:
+            placement = Placement(box=box)
+        elif kps is not None:
+            placement = Placement(keypoints=_read_kps(kps, "--person"))
+        else:
+            placement = Placement(face_index=i if index is None else index)
+        out.append(([(path, load_image(path)) for path in paths], placement))
+    return out
+
+
+def _people(persons, pose_photo, analyzer, width, height):
+    """The --person options as pipeline people on the output canvas (and that canvas's size)."""
+    from .identity import build_identity
+    from .people import group_faces, place_people
+
+    group = group_faces(analyzer, *pose_photo) if pose_photo else None
+    embeddings, placements, references = [], [], []
+    for photos, placement in persons:
+        identity = build_identity(analyzer, photos)
+        embeddings.append(identity.embedding)
+        references.append(identity.pose)
+        placements.append(placement)
+    if group is None and (width is None or height is None):
+        width, height = width or 1024, height or 1024
+    people, size = place_people(embeddings, placements, width, height, group=group, references=references)
+    return people, size, embeddings
+
+
 def _read_embedding(path: str) -> np.ndarray:
     from .face import validate_embedding
 
@@ -204,13 +304,13 @@ def _read_embedding(path: str) -> np.ndarray:
     return validate_embedding(data)
 
 
-def _read_kps(path: str) -> np.ndarray:
+def _read_kps(path: str, flag: str = "--face-kps") -> np.ndarray:
     from .face import validate_keypoints
 
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise InvalidParameterError("--face-kps", f"cannot read {path}: {exc}") from exc
+        raise InvalidParameterError(flag, f"cannot read {path}: {exc}") from exc
     return validate_keypoints(data)
 
 
@@ -277,56 +377,72 @@ def cmd_generate(args) -> int:
     prompt, negative = apply_style(args.style, args.prompt, args.negative_prompt)
     faces = [(path, load_image(path)) for path in args.face]
     pose_photo = (args.pose, load_image(args.pose)) if args.pose else None
-    controls = [load_image(path) for path in args.control_image]
+    controls = [load_image(path, f"--control-image {path}") for path in args.control_image]
     control_mask = load_image(args.control_mask, f"--control-mask {args.control_mask}") if args.control_mask else None
     init_image = load_image(args.init_image, f"--init-image {args.init_image}") if args.init_image else None
     embedding = _read_embedding(args.face_embedding) if args.face_embedding else None
     kps = _read_kps(args.face_kps) if args.face_kps else None
+    persons = _read_people(args)
     loading = _loading()
     loading.pick_dtype(args.dtype, loading.pick_device(args.device))  # before any model (face model too) loads
 
     width, height = _output_size(args, init_image)
-    pose = Pose(kps, (width or 1024, height or 1024)) if kps is not None else None
-    if faces or pose_photo:
+    people = []
+    if args.person:
         from .face import FaceModel
+        from .people import keypoints_overview
 
         analyzer = FaceModel(args.face_model)
-        if faces:
-            identity = build_identity(analyzer, faces)
-            embedding, pose = identity.embedding, pose or identity.pose
-        if pose_photo:
-            pose = build_pose(analyzer, *pose_photo)
+        people, (width, height), person_embeddings = _people(persons, pose_photo, analyzer, width, height)
+        embedding = keypoint_image = None
+    else:
+        pose = Pose(kps, (width or 1024, height or 1024)) if kps is not None else None
+        if faces or pose_photo:
+            from .face import FaceModel
 
-    width, height = width or pose.size[0], height or pose.size[1]  # default: the pose photo's analysed canvas
-    keypoint_image = pose.draw(width, height)
-    if args.enhance_face_region is not False and pose.bbox is not None and control_mask is None:
-        control_mask = pose.face_mask(width, height)  # on by default wherever a face box is known, as the demo
+            analyzer = FaceModel(args.face_model)
+            if faces:
+                identity = build_identity(analyzer, faces)
+                embedding, pose = identity.embedding, pose or identity.pose
+            if pose_photo:
+                pose = build_pose(analyzer, *pose_photo)
 
-    from .pipeline import ControlInput, GenerationRequest
+        width, height = width or pose.size[0], height or pose.size[1]  # default: the pose photo's analysed canvas
+        keypoint_image = pose.draw(width, height)
+        if args.enhance_face_region is not False and pose.bbox is not None and control_mask is None:
+            control_mask = pose.face_mask(width, height)  # on by default wherever a face box is known, as the demo
+
+    from .pipeline import GenerationRequest
     from .prompt_weighting import DEFAULT
 
     loras = {f"lora{i}": path for i, (path, _) in enumerate(args.lora)}
     controlnets = {f"control{i}": ref for i, ref in enumerate(args.controlnet)}
+    # maps before the pipeline: a bad preprocessor reference fails before the big load
+    control_inputs = _control_inputs(args, controlnets, controls, faces, pose_photo, (width, height))
     pipe = loading.load_pipeline(args.base_model, args.instantid, device=args.device, dtype=args.dtype,
                                  controlnets=controlnets, loras=loras, base_config=args.base_config)
     pipe.set_loras({f"lora{i}": scale for i, (_, scale) in enumerate(args.lora)})
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
-    scales = args.control_scale or [1.0] * len(controls)
     request = GenerationRequest(
         face_embedding=embedding, keypoint_image=keypoint_image, prompt=prompt,
         negative_prompt=negative, num_images=args.num_images, seed=seed, guidance_scale=args.guidance_scale,
         ip_adapter_scale=args.ip_adapter_scale, controlnet_conditioning_scale=args.controlnet_conditioning_scale,
         control_guidance_start=args.control_guidance_start, control_guidance_end=args.control_guidance_end,
-        controls=[ControlInput(name, img.resize((width, height)), scale)
-                  for name, img, scale in zip(controlnets, controls, scales)],
+        controls=control_inputs,
         prompt_weighting=args.prompt_weighting or DEFAULT, control_mask=control_mask, init_image=init_image,
-        strength=args.strength,
+        strength=args.strength, people=people,
     )
     images = pipe.generate([request], width=width, height=height, steps=args.steps, scheduler=args.scheduler)[0]
     paths = _output_paths(args.output, len(images))
     outputs = list(zip(images, paths))  # what gets a score: not the keypoint image
     if args.save_pose_image:
-        images, paths = [*images, keypoint_image], [*paths, Path(args.save_pose_image).expanduser()]
+        pose_image = keypoints_overview(people) if people else keypoint_image
+        images, paths = [*images, pose_image], [*paths, Path(args.save_pose_image).expanduser()]
+    if args.save_control_maps:
+        maps = Path(args.save_control_maps).expanduser()
+        kinds = args.control_type or ["map"] * len(control_inputs)
+        images = [*images, *(c.image for c in control_inputs)]
+        paths = [*paths, *(maps / f"control{i}-{kind}.png" for i, kind in enumerate(kinds))]
     _save_all(images, paths)
     for path in paths:
         print(path)
@@ -334,11 +450,37 @@ def cmd_generate(args) -> int:
     if args.score:
         from .face import FaceModel
 
-        analyzer = analyzer if (faces or pose_photo) else FaceModel(args.face_model)
+        analyzer = analyzer if (faces or pose_photo or people) else FaceModel(args.face_model)
         references = [face.embedding for face in identity.faces] if faces else None
         for image, path in outputs:
-            print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
+            if people:
+                print(f"{path}: {_people_score_line(analyzer, image, people, person_embeddings)}", file=sys.stderr)
+            else:
+                print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
     return 0
+
+
+def _control_inputs(args, controlnets: dict, controls: list, faces: list, pose_photo, size) -> list:
+    """Each --controlnet's input: its --control-image as the map, or with --control-type the map derived from it
+    (default photo: the pose photo, else the first face photo, as the demo)."""
+    from .controls import ControlSpec, Preprocessors, prepare_controls
+
+    if not controlnets:
+        return []
+    kinds = args.control_type or [None] * len(controlnets)
+    if not controls:
+        default = pose_photo or (faces[0] if faces else None)
+        if default is None:
+            raise InvalidParameterError("--control-image", "--control-type needs a photo: --control-image, --pose "
+                                                           "or --face")
+        controls = [default[1]] * len(controlnets)
+    scales = args.control_scale or [None if kind else 1.0 for kind in kinds]
+    specs = [ControlSpec(kind or "map", photo=image if kind else None, map=None if kind else image, scale=scale)
+             for kind, image, scale in zip(kinds, controls, scales)]
+    inputs = prepare_controls(Preprocessors(depth=args.depth_model, pose=args.pose_model), specs, size)
+    for control, name in zip(inputs, controlnets):
+        control.name = name
+    return inputs
 
 
 def _score_line(analyzer, image, embedding, references) -> str:
@@ -351,6 +493,16 @@ def _score_line(analyzer, image, embedding, references) -> str:
     if score.per_reference:
         line += " (per reference: " + ", ".join(f"{s:.4f}" for s in score.per_reference) + ")"
     return line
+
+
+def _people_score_line(analyzer, image, people, embeddings) -> str:
+    from .scoring import score_people
+
+    parts = []
+    for i, score in enumerate(score_people(analyzer, image, [p.region for p in people], embeddings)):
+        parts.append(f"person {i + 1} " + (f"similarity {score.similarity:.4f}" if score.face_found
+                                            else "no face found in its region"))
+    return "; ".join(parts)
 
 
 def cmd_score(args) -> int:

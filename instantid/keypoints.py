@@ -64,7 +64,7 @@ def fit_canvas(source_size: tuple[int, int], target_size: tuple[int, int], kps, 
     """
     (sw, sh), (tw, th) = source_size, target_size
     scale = max(tw / sw, th / sh)
-    kps = np.asarray(kps, dtype=np.float64).reshape(5, 2)
+    kps = np.asarray(kps, dtype=np.float64).reshape(-1, 2)  # one face's five points, or several faces'
     centre = (np.asarray(bbox, dtype=np.float64).reshape(2, 2).mean(axis=0) if bbox is not None
               else kps.mean(axis=0))
     offset = []

@@ -19,6 +19,11 @@ Three features of the official demo's full pipeline and of its img2img pipeline,
 - ``init_image``/``strength`` (img2img): the timesteps are cut by ``strength`` and the VAE-encoded init image is
   noised at the first kept timestep with the request's own generator (SDXL ControlNet img2img of diffusers 0.27).
 
+Several people in one picture (``people``, people.py): each identity gets its own slot of ID tokens, one
+region mask and its own IdentityNet pass (its keypoint image and ID tokens, residuals masked to its region and
+summed); attention.py confines each identity's tokens to its region. Extra ControlNets see the first person's
+ID tokens. A one-person request is exactly the single-identity request with its region as ``control_mask``.
+
 ``generate`` takes several requests that share size, steps and scheduler and runs them as one denoising
 batch. Each request keeps its own latents, generator and scheduler state, so its images are the ones it would
 get alone (up to float rounding of batched matrix products).
@@ -41,6 +46,7 @@ from torch.nn import functional as F
 from . import defaults, prompt_weighting
 from .attention import install_identity_adapter, set_identity_region, set_identity_scale
 from .errors import InvalidParameterError, WeightsError
+from .people import Person, check_people
 from .resampler import Resampler
 from .schedulers import make_scheduler
 
@@ -75,8 +81,8 @@ class ControlInput:
 class GenerationRequest:
     """One request's conditioning. Size, steps and scheduler are shared by a batch and given to ``generate``."""
 
-    face_embedding: np.ndarray | torch.Tensor
-    keypoint_image: PIL.Image.Image
+    face_embedding: np.ndarray | torch.Tensor | None = None  # one identity; None with ``people``
+    keypoint_image: PIL.Image.Image | None = None
     prompt: str = ""
     negative_prompt: str | None = None
     num_images: int = 1
@@ -92,6 +98,15 @@ class GenerationRequest:
     control_mask: PIL.Image.Image | None = None  # white = face region; resized to the canvas when it differs
     init_image: PIL.Image.Image | None = None  # img2img: the picture to restyle (resized to the canvas)
     strength: float = defaults.IMG2IMG_STRENGTH  # img2img: the share of the schedule that is run (0 < strength <= 1)
+    # 2-4 identities, each confined to its own region (people.py); replaces face_embedding, keypoint_image and
+    # control_mask. One person is exactly the single-identity request with its region as the control mask.
+    people: list[Person] = field(default_factory=list)
+
+    def identities(self) -> list[tuple]:
+        """(embedding, keypoint image, region mask or None) per identity, in slot order."""
+        if self.people:
+            return [(p.face_embedding, p.keypoint_image, p.region_mask()) for p in self.people]
+        return [(self.face_embedding, self.keypoint_image, self.control_mask)]
 
     def make_generator(self) -> torch.Generator:
         if self.generator is not None:
@@ -270,14 +285,19 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         Size defaults to the first request's keypoint image (the pose canvas). img2img requests must share one
         strength, and a batch is all img2img or none (their timesteps differ)."""
         # 1. Check inputs
-        if requests and requests[0].keypoint_image is not None:
-            width = width or requests[0].keypoint_image.size[0]
-            height = height or requests[0].keypoint_image.size[1]
+        identities = [r.identities() for r in requests]
+        if identities and identities[0][0][1] is not None:
+            width = width or identities[0][0][1].size[0]
+            height = height or identities[0][0][1].size[1]
         self._check(requests, width, height, steps)
         device, dtype = self._execution_device, self.unet.dtype
         cfg = requests[0].guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
         counts = [r.num_images for r in requests]
         copies = 2 if cfg else 1
+        # identity slots: every row has as many as the request with the most people; a request with fewer has
+        # zero ID tokens and an empty region in the others, and IdentityNet skips its rows there
+        slots = max(len(i) for i in identities)
+        per_slot = self.image_proj_model.num_queries
 
         # 2. Encode prompts (text) and faces (ID tokens), per request, in the reference's [uncond, cond] order
         neg_embeds, pos_embeds, neg_pooled, pos_pooled, neg_ids, pos_ids = [], [], [], [], [], []
@@ -286,7 +306,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             pos_embeds.append(pe), pos_pooled.append(pp)
             if cfg:
                 neg_embeds.append(ne), neg_pooled.append(npool)
-            uncond_ids, cond_ids = self._encode_face(r.face_embedding, r.num_images, cfg, device, dtype)
+            uncond_ids, cond_ids = self._encode_faces([e for e, _, _ in identities[len(pos_ids)]], slots,
+                                                      r.num_images, cfg, device, dtype)
             pos_ids.append(cond_ids)
             if cfg:
                 neg_ids.append(uncond_ids)
@@ -294,9 +315,15 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         pooled = torch.cat(neg_pooled + pos_pooled)
         id_tokens = torch.cat(neg_ids + pos_ids)
 
-        # 3. Prepare control images: IdentityNet's keypoints, then each extra ControlNet's
-        identity_image = self._control_batch([r.keypoint_image for r in requests], counts, copies, width, height,
-                                             self.controlnet.dtype)
+        # 3. Prepare control images: IdentityNet's keypoints (one batch per identity slot), then each extra
+        # ControlNet's
+        blank = PIL.Image.new("RGB", (width, height))
+        identity_images = [
+            self._control_batch([ids[k][1] if k < len(ids) else blank for ids in identities], counts, copies,
+                                width, height, self.controlnet.dtype)
+            for k in range(slots)
+        ]
+        slot_rows = self._slot_rows(identities, counts, copies, slots, device)
         extra_names = [c.name for c in requests[0].controls]
         extra_images = {
             name: self._control_batch([r.controls[k].image for r in requests], counts, copies, width, height,
@@ -304,7 +331,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             for k, name in enumerate(extra_names)
         }
 
-        region = self._region_batch(requests, counts, copies, width, height, device, prompt_embeds.dtype)
+        region = self._region_batch(identities, slots, counts, copies, width, height, device, prompt_embeds.dtype)
 
         # 4. Prepare timesteps: one scheduler per request (their state advances independently); img2img keeps the
         # last ``strength`` share of them
@@ -357,15 +384,13 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             for i, t in enumerate(timesteps):
                 scaled = [s.scale_model_input(x, t) for s, x in zip(schedulers, latents)]
                 model_input = torch.cat(scaled * copies)
-                down, mid = self._control(self.controlnet, model_input, t, id_tokens, identity_image, added,
-                                          self._keep(identity_window, i, n), counts, copies)
-                if region is not None:  # the control mask acts on IdentityNet only, as in the reference
-                    down = [d * _resized(region, d, "bilinear") for d in down]
-                    mid = mid * _resized(region, mid, "bilinear")
+                down, mid = self._identity_net(model_input, t, id_tokens, identity_images, added, region, slot_rows,
+                                               _rows(self._keep(identity_window, i, n), counts, copies, model_input),
+                                               per_slot)
                 for name in extra_names:
-                    d2, m2 = self._control(self.extra_controlnets[name], model_input, t, id_tokens,
-                                           extra_images[name], added, self._keep(extra_windows[name], i, n),
-                                           counts, copies)
+                    d2, m2 = self._control(self.extra_controlnets[name], model_input, t, id_tokens[:, :per_slot],
+                                           extra_images[name], added,
+                                           _rows(self._keep(extra_windows[name], i, n), counts, copies, model_input))
                     down = [a + b for a, b in zip(down, d2)]
                     mid = mid + m2
                 noise = self.unet(
@@ -388,9 +413,12 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                     offsets = np.cumsum([0] + counts)
                     rows = torch.tensor([c * offsets[-1] + offsets[k] + j for c in range(copies) for k in keep
                                          for j in range(counts[k])], device=unet_context.device)
-                    active, requests, counts, latents, schedulers, step_kwargs = (
-                        [seq[k] for k in keep] for seq in (active, requests, counts, latents, schedulers, step_kwargs))
-                    unet_context, id_tokens, identity_image = unet_context[rows], id_tokens[rows], identity_image[rows]
+                    active, requests, counts, latents, schedulers, step_kwargs, identities = (
+                        [seq[k] for k in keep]
+                        for seq in (active, requests, counts, latents, schedulers, step_kwargs, identities))
+                    unet_context, id_tokens = unet_context[rows], id_tokens[rows]
+                    identity_images = [image[rows] for image in identity_images]
+                    slot_rows = self._slot_rows(identities, counts, copies, slots, device)
                     extra_images = {name: image[rows] for name, image in extra_images.items()}
                     added = {key: value[rows] for key, value in added.items()}
                     if timestep_cond is not None:  # guidance-embedding models run unguided: one copy
@@ -434,6 +462,13 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 raise InvalidParameterError("controls", "a batch must use the same extra ControlNets")
             if r.num_images < 1:
                 raise InvalidParameterError("num_images", "must be at least 1")
+            if r.people:
+                if r.face_embedding is not None or r.keypoint_image is not None or r.control_mask is not None:
+                    raise InvalidParameterError("people", "replaces face_embedding, keypoint_image and "
+                                                          "control_mask: give one or the other")
+                check_people(r.people)
+            elif r.face_embedding is None or r.keypoint_image is None:
+                raise InvalidParameterError("face_embedding", "a face embedding and a keypoint image, or people")
             for c in r.controls:
                 if c.name not in self.extra_controlnets:
                     raise InvalidParameterError("controls", f"unknown ControlNet {c.name!r}")
@@ -459,19 +494,27 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         return self.encode_prompt(r.prompt, device=device, num_images_per_prompt=r.num_images,
                                   do_classifier_free_guidance=cfg, negative_prompt=r.negative_prompt)
 
-    def _region_batch(self, requests, counts, copies, width, height, device, dtype) -> torch.Tensor | None:
-        """Per-row control masks (rows, H, W), 1 = face, from each mask's first channel; ones for rows without."""
-        if all(r.control_mask is None for r in requests):
+    @staticmethod
+    def _region_batch(identities, slots, counts, copies, width, height, device, dtype) -> torch.Tensor | None:
+        """Per-row control masks, 1 = face, from each mask's first channel: (rows, H, W) with one identity slot
+        (ones for rows without a mask; None when no row has one), (rows, slots, H, W) with several (a slot a
+        request has no identity in is zeros)."""
+        if slots == 1 and all(ids[0][2] is None for ids in identities):
             return None
+
+        def as_tensor(image):
+            if image is None:
+                return torch.ones(height, width)
+            image = image.convert("RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), PIL.Image.BILINEAR)
+            return torch.from_numpy(np.array(image)[:, :, 0]).float() / 255.0
+
         masks = []
-        for r, n in zip(requests, counts):
-            if r.control_mask is None:
-                mask = torch.ones(height, width)
-            else:
-                image = r.control_mask.convert("RGB")
-                if image.size != (width, height):
-                    image = image.resize((width, height), PIL.Image.BILINEAR)
-                mask = torch.from_numpy(np.array(image)[:, :, 0]).float() / 255.0
+        for ids, n in zip(identities, counts):
+            per_slot = [as_tensor(mask) for _, _, mask in ids]
+            mask = per_slot[0] if slots == 1 else torch.stack(
+                per_slot + [torch.zeros(height, width)] * (slots - len(per_slot)))
             masks += [mask] * n
         return torch.stack(masks * copies).to(device=device, dtype=dtype)
 
@@ -493,6 +536,55 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         init = (vae.config.scaling_factor * init.to(dtype)).repeat(r.num_images, 1, 1, 1)
         noise = randn_tensor(init.shape, generator=generator, device=device, dtype=dtype)
         return scheduler.add_noise(init, noise, first_t.repeat(r.num_images))
+
+    def _encode_faces(self, embeddings, slots, num_images, cfg, device, dtype):
+        """ID tokens of a request's identities side by side, (rows, slots x tokens, dim) per branch; slots it
+        has no identity for hold zeros (never attended: their region is empty)."""
+        encoded = [self._encode_face(e, num_images, cfg, device, dtype) for e in embeddings]
+        if slots == 1:
+            return encoded[0]
+        pad = torch.zeros_like(encoded[0][1])
+        cond = torch.cat([c for _, c in encoded] + [pad] * (slots - len(encoded)), dim=1)
+        uncond = torch.cat([u for u, _ in encoded] + [pad] * (slots - len(encoded)), dim=1) if cfg else None
+        return uncond, cond
+
+    @staticmethod
+    def _slot_rows(identities, counts, copies, slots, device) -> list[torch.Tensor | None]:
+        """Per identity slot, the batch rows whose request has an identity there (None: all rows)."""
+        out: list[torch.Tensor | None] = [None]
+        offsets = np.cumsum([0] + counts)
+        for k in range(1, slots):
+            out.append(torch.tensor([c * offsets[-1] + offsets[q] + j for c in range(copies)
+                                     for q, ids in enumerate(identities) if len(ids) > k
+                                     for j in range(counts[q])], dtype=torch.long, device=device))
+        return out
+
+    def _identity_net(self, model_input, t, id_tokens, images, added, region, slot_rows, row_scale, per_slot):
+        """IdentityNet once per identity slot, on the rows that have that identity, with its own keypoint image
+        and ID tokens; residuals masked (bilinear) to the slot's region and summed. The control mask of a
+        single-identity request acts the same way, on IdentityNet only, as in the reference."""
+        down = mid = None
+        for k, rows in enumerate(slot_rows):
+            if rows is not None and rows.numel() == 0:  # everybody with this many people has left the batch
+                continue
+
+            def pick(x, rows=rows):
+                return x if rows is None else x[rows]
+
+            scale = row_scale if not isinstance(row_scale, torch.Tensor) else pick(row_scale)
+            d, m = self._control(self.controlnet, pick(model_input), t,
+                                 pick(id_tokens[:, k * per_slot:(k + 1) * per_slot]), pick(images[k]),
+                                 {key: pick(v) for key, v in added.items()}, scale)
+            if region is not None:
+                mask = pick(region if region.ndim == 3 else region[:, k])
+                d = [x * _resized(mask, x, "bilinear") for x in d]
+                m = m * _resized(mask, m, "bilinear")
+            if rows is None:
+                down, mid = d, m
+            else:
+                down = [a.index_add(0, rows, b) for a, b in zip(down, d)]
+                mid = mid.index_add(0, rows, m)
+        return down, mid
 
     def _encode_face(self, embedding, num_images, cfg, device, dtype):
         """ID tokens for one face; the unconditional branch projects an all-zero embedding."""
@@ -520,8 +612,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         """Conditioning scale of each request at step i: zero outside its [start, end] window."""
         return [scale * (1.0 - float(i / n < start or (i + 1) / n > end)) for scale, start, end in windows]
 
-    def _control(self, net, model_input, t, id_tokens, image, added, scales, counts, copies):
-        row_scale = _rows(scales, counts, copies, model_input)
+    def _control(self, net, model_input, t, id_tokens, image, added, row_scale):
         down, mid = net(
             model_input, t, encoder_hidden_states=id_tokens, controlnet_cond=image,
             conditioning_scale=row_scale if isinstance(row_scale, float) else 1.0,

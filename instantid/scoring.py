@@ -72,6 +72,25 @@ def score_image(analyzer: FaceModel, image: Image.Image | np.ndarray, reference:
     return score_face(*output_face(analyzer, image), reference, references)
 
 
+def score_people(analyzer: FaceModel, image: Image.Image | np.ndarray, regions: list, embeddings: list
+                 ) -> list[IdentityScore]:
+    """Several people: each person's score is that of the largest output face whose box centre lies in the
+    person's region (x1, y1, x2, y2 in the image's pixels); no such face is ``face_found: False``."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = image.convert("RGB")
+    canvas = resize_for_analysis(image)
+    scale = np.array([image.size[0] / canvas.size[0], image.size[1] / canvas.size[1]] * 2)
+    faces = [(f.embedding, f.bbox * scale) for f in analyzer.analyze(canvas)]  # largest first
+    scores = []
+    for (x1, y1, x2, y2), embedding in zip(regions, embeddings):
+        inside = [(e, b) for e, b in faces if x1 <= (b[0] + b[2]) / 2 < x2 and y1 <= (b[1] + b[3]) / 2 < y2]
+        face = inside[0] if inside else (None, None)
+        scores.append(score_face(face[0], None if face[1] is None else [round(float(v), 2) for v in face[1]],
+                                 embedding))
+    return scores
+
+
 def below_threshold(score: IdentityScore, min_similarity: float | None) -> bool:
     """Under ``min_similarity`` (an image without a face counts as under it); never, without a threshold."""
     if min_similarity is None:

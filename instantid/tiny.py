@@ -6,7 +6,10 @@
 - ``instantid/``   the official InstantID layout: ``ControlNetModel/`` (IdentityNet) and ``ip-adapter.bin``
                    with ``image_proj`` (a Resampler) and ``ip_adapter`` (``{i}.to_k_ip.weight`` ...);
 - ``antelopev2/``  an insightface pack of tiny ONNX models (see tiny_face.py);
-- ``controlnet-extra/`` a second ControlNet (an extra spatial ControlNet), and
+- ``controlnet-extra/`` a second ControlNet (an extra spatial ControlNet),
+- ``controlnet-{pose,canny,depth}/`` one ControlNet per control type, with the preprocessors ``dpt/`` (a DPT depth
+  model) and ``dwpose/`` (DWPose's two ONNX files), see tiny_controls.py,
+- ``safety/`` and ``safety-flag-all/`` diffusers' safety checker, flagging no image and every image, and
 - ``lora/pytorch_lora_weights.safetensors`` a LoRA for the UNet.
 
 Random weights prove plumbing and numerics, never image quality: tiny images are noise.
@@ -210,6 +213,20 @@ def write_lora(directory: Path, unet) -> Path:
     return directory / "pytorch_lora_weights.safetensors"
 
 
+def write_control_models(root: Path, unet) -> None:
+    """A ControlNet per control type, the depth and pose preprocessors, and the two safety checkers."""
+    from .controls import CONTROL_TYPES
+    from .tiny_controls import write_tiny_depth, write_tiny_pose, write_tiny_safety_checker
+
+    for offset, kind in enumerate(CONTROL_TYPES):
+        torch.manual_seed(SEED + 10 + offset)
+        tiny_controlnet(unet).save_pretrained(root / f"controlnet-{kind}", safe_serialization=True)
+    write_tiny_depth(root / "dpt")
+    write_tiny_pose(root / "dwpose")
+    write_tiny_safety_checker(root / "safety", flag=False)
+    write_tiny_safety_checker(root / "safety-flag-all", flag=True)
+
+
 def make_tiny(root: Path | str, sdxl_facts: bool = False) -> Path:
     """Write the whole tiny bundle under ``root``; idempotent and safe when several processes start at once.
 
@@ -226,6 +243,10 @@ def make_tiny(root: Path | str, sdxl_facts: bool = False) -> Path:
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first process builds; the others wait and reuse it
         if (root / ".complete").exists():
+            if not (root / "safety-flag-all").exists():  # a bundle from before control types and safety
+                from diffusers import UNet2DConditionModel
+
+                write_control_models(root, UNet2DConditionModel.from_pretrained(root / "sdxl" / "unet"))
             return root
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
         try:
@@ -233,6 +254,7 @@ def make_tiny(root: Path | str, sdxl_facts: bool = False) -> Path:
             write_instantid(staging / "instantid", pipe.unet)
             torch.manual_seed(SEED + 3)
             tiny_controlnet(pipe.unet).save_pretrained(staging / "controlnet-extra", safe_serialization=True)
+            write_control_models(staging, pipe.unet)
             write_lora(staging / "lora", pipe.unet)
             write_tiny_face_pack(staging / "antelopev2")
             (staging / ".complete").write_text("ok\n")

@@ -344,10 +344,12 @@ def cached_path(ref: str, allow_patterns: list[str] | None = None) -> Path | Non
         return None
 
 
-def pipeline_weight_files(base_model: str, instantid: str) -> list[Path]:
-    """The weight files ``load_pipeline(base_model, instantid)`` will read that are already on this machine."""
+def pipeline_weight_files(base_model: str, instantid: str, controlnets: list[str] = ()) -> list[Path]:
+    """The weight files ``load_pipeline(base_model, instantid, controlnets=...)`` will read that are already on
+    this machine."""
     files: list[Path] = []
-    for ref, patterns in ((instantid, INSTANTID_PATTERNS), (base_model, None)):
+    refs = [(instantid, INSTANTID_PATTERNS), (base_model, None), *((ref, CONTROLNET_PATTERNS) for ref in controlnets)]
+    for ref, patterns in refs:
         # a hub snapshot holds what a download's patterns fetched (never the whole repo); the base's configs
         # come with any variant
         path = cached_path(ref, patterns or ["*.json"])
@@ -365,7 +367,8 @@ def pipeline_weight_files(base_model: str, instantid: str) -> list[Path]:
     return files
 
 
-def prefetch(base_model: str, instantid: str, *, chunk_bytes: int = 16 << 20) -> threading.Thread:
+def prefetch(base_model: str, instantid: str, controlnets: list[str] = (), *,
+             chunk_bytes: int = 16 << 20) -> threading.Thread:
     """Read the pipeline's weight files once, in a background thread, into the OS page cache.
 
     A replica starts this before it imports torch and diffusers (several seconds of CPU work), so the disk reads
@@ -377,7 +380,7 @@ def prefetch(base_model: str, instantid: str, *, chunk_bytes: int = 16 << 20) ->
         started, total = time.perf_counter(), 0
         try:
             buffer = bytearray(chunk_bytes)
-            for path in pipeline_weight_files(base_model, instantid):
+            for path in pipeline_weight_files(base_model, instantid, controlnets):
                 with open(path, "rb", buffering=0) as f:
                     while n := f.readinto(buffer):
                         total += n

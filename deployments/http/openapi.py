@@ -15,6 +15,7 @@ def body_doc(name: str, multipart: dict) -> dict:
 
 def multipart_schema(model: type[BaseModel], max_faces: int) -> dict:
     props = {k: v for k, v in model.model_json_schema()["properties"].items()}
+    props.pop("people", None)  # nested objects: JSON bodies only (a form carries flat fields)
     props["face_images"] = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                             "maxItems": max_faces, "description": "Photo files (repeat the field)."}
     if "pose_image" in props:

@@ -28,13 +28,16 @@ def app_args(tiny: Path, **overrides) -> dict:
         "tiny_dir": str(tiny),
         "models": [
             {"name": "tiny", "base_model": str(tiny / "sdxl"),
-             "loras": {"tiny-lora": str(tiny / "lora" / "pytorch_lora_weights.safetensors")}},
+             "loras": {"tiny-lora": str(tiny / "lora" / "pytorch_lora_weights.safetensors")},
+             "controlnets": {**{k: str(tiny / f"controlnet-{k}") for k in ("pose", "canny", "depth")},
+                             "extra": str(tiny / "controlnet-extra")}},
             {"name": "tiny-b", "base_model": str(tiny / "sdxl")},
         ],
         "device": "cpu",
         "max_models_per_replica": 1,
         "batch": {"max_batch_size": 4, "batch_wait_timeout_s": 0.2},
         "request_timeout_s": 60,
+        "safety": {"enabled": True},  # the tiny profile's checker, set to flag nothing: every image goes through it
         "limits": {"max_body_bytes": 1_500_000, "max_image_pixels": 1500 * 1500, "max_steps": 50,
                    "min_side": 64, "max_side": 512},
     }

@@ -111,7 +111,9 @@ def test_s3_delivery_returns_presigned_urls(http, identity_id, tiny_request):
 def test_models_endpoint(http):
     body = http.get("/v1/models").json()
     assert [m["name"] for m in body["models"]] == ["tiny", "tiny-b"]
-    assert body["models"][0] == {"name": "tiny", "loras": ["tiny-lora"], "default": True}
+    assert body["models"][0] == {"name": "tiny", "loras": ["tiny-lora"], "default": True,
+                                 "controls": ["canny", "depth", "extra", "pose"]}
+    assert body["models"][1]["controls"] == []
     assert "s3" in body["delivery"] and "euler" in body["schedulers"]
 
 

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from instantid.cli import main
 
 SIZE = ("64", "64")
+SIZE_INT = (64, 64)
 
 
 # --- fixtures and helpers --------------------------------------------------------------------------------
@@ -266,6 +267,44 @@ def test_extra_controlnet_changes_the_image(tiny_bundle, photos, plain, out, cap
     np.testing.assert_array_equal(zero, read(plain))  # its residuals, scaled by --control-scale, are what changed
 
 
+def test_control_type_derives_maps_from_the_photo_as_the_library(tiny_bundle, photos, plain, out, tmp_path, capfd,
+                                                                   seen):
+    from instantid.controls import DEFAULT_SCALES, Preprocessors
+    from instantid.face import load_image, resize_for_analysis
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    pre = ["--depth-model", str(tiny_bundle / "dpt"), "--pose-model", str(tiny_bundle / "dwpose")]
+    controls = ["--controlnet", str(tiny_bundle / "controlnet-pose"), "--control-type", "pose",
+                "--controlnet", str(tiny_bundle / "controlnet-canny"), "--control-type", "canny",
+                "--controlnet", str(tiny_bundle / "controlnet-depth"), "--control-type", "depth"]
+    output = out / "controls.png"
+    code = main(base_args(tiny_bundle, output) + ["--face", str(photos["a"]), *controls, *pre,
+                                                  "--save-control-maps", str(maps)])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    names = ["control0-pose.png", "control1-canny.png", "control2-depth.png"]
+    assert captured.out.splitlines() == [str(output), *(str(maps / name) for name in names)]
+    assert not np.array_equal(read(output), read(plain))
+    # no --control-image: the maps come from the first face photo (no --pose), through the library, at 64x64
+    library = Preprocessors(depth=str(tiny_bundle / "dpt"), pose=str(tiny_bundle / "dwpose"))
+    photo = resize_for_analysis(load_image(str(photos["a"])))  # as the demo, the photo after its resize
+    request = seen[-1]
+    assert [(c.scale, c.start, c.end) for c in request.controls] == [(DEFAULT_SCALES[k], 0.0, 1.0)
+                                                                      for k in ("pose", "canny", "depth")]
+    for name, kind, control in zip(names, ("pose", "canny", "depth"), request.controls):
+        expected = np.array(library.derive(kind, photo, SIZE_INT).convert("RGB"))
+        np.testing.assert_array_equal(np.array(control.image), expected)
+        np.testing.assert_array_equal(read(maps / name), expected)
+    # a given photo for one type: its map differs from the face photo's
+    pose_photo = ["--controlnet", str(tiny_bundle / "controlnet-canny"), "--control-type", "canny",
+                  "--control-image", str(photos["pose"])]
+    generate(capfd, tiny_bundle, out / "other.png", "--face", str(photos["a"]), *pose_photo)
+    np.testing.assert_array_equal(np.array(seen[-1].controls[0].image),
+                                  np.array(library.derive("canny", resize_for_analysis(load_image(str(
+                                      photos["pose"]))), SIZE_INT).convert("RGB")))
+
+
 # --- bad input: one line, exit 1, nothing written ------------------------------------------------------------
 
 
@@ -330,6 +369,12 @@ def _bad_cases(bundle: Path, photos: dict[str, Path], tmp: Path) -> dict[str, tu
         "missing extra controlnet": (face + ["--controlnet", str(tmp / "no-cn"), "--control-image",
                                              str(photos["control"])], "no-cn"),
         "controlnet without image": (face + ["--controlnet", str(bundle / "controlnet-extra")], "--control-image"),
+        "control type per controlnet": (face + ["--controlnet", str(bundle / "controlnet-canny"), "--control-type",
+                                                "canny", "--control-type", "depth"], "--control-type"),
+        "control maps dir missing": (face + ["--controlnet", str(bundle / "controlnet-canny"), "--control-type",
+                                             "canny", "--save-control-maps", str(tmp / "no-maps")], "no-maps"),
+        "missing pose model": (face + ["--controlnet", str(bundle / "controlnet-pose"), "--control-type", "pose",
+                                       "--pose-model", str(tmp / "no-dwpose")], "no-dwpose"),
         "width not multiple of 8": (face + ["--width", "60"], "--width"),
         "height zero": (face + ["--height", "0"], "--height"),
         "steps zero": (face + ["--steps", "0"], "--steps"),
@@ -352,7 +397,8 @@ BAD_CASE_NAMES = [
     "kps of 4", "kps of 6", "kps of 3-d points", "kps not json", "kps not finite", "embedding without kps",
     "face and embedding", "no identity", "missing base model", "missing instantid", "missing face model",
     "instantid without ip-adapter.bin", "sdxl without model_index.json", "missing lora",
-    "missing extra controlnet", "controlnet without image", "width not multiple of 8", "height zero",
+    "missing extra controlnet", "controlnet without image", "control type per controlnet",
+    "control maps dir missing", "missing pose model", "width not multiple of 8", "height zero",
     "steps zero", "num images zero", "unknown scheduler", "unknown style", "unsupported extension",
     "no extension", "output dir missing", "float16 on cpu", "bfloat16 on cpu", "cuda without a GPU",
 ]
@@ -502,7 +548,11 @@ def test_make_tiny_writes_the_real_layouts(tmp_path, capfd):
                 "sdxl/text_encoder/config.json", "sdxl/text_encoder_2/config.json", "sdxl/scheduler",
                 "sdxl/tokenizer/vocab.json", "sdxl/tokenizer_2/merges.txt",
                 "instantid/ControlNetModel/config.json", "instantid/ip-adapter.bin",
-                "controlnet-extra/config.json", "lora/pytorch_lora_weights.safetensors"):
+                "controlnet-extra/config.json", "lora/pytorch_lora_weights.safetensors",
+                "controlnet-pose/config.json", "controlnet-canny/config.json", "controlnet-depth/config.json",
+                "dpt/config.json", "dpt/preprocessor_config.json", "dpt/model.safetensors",
+                "dwpose/yolox_l.onnx", "dwpose/dw-ll_ucoco_384.onnx", "safety/config.json",
+                "safety/preprocessor_config.json", "safety-flag-all/model.safetensors"):
         assert (root / rel).exists(), rel
     assert sorted(p.name for p in (root / "antelopev2").glob("*.onnx")) == ["glintr100.onnx",
                                                                              "scrfd_10g_bnkps.onnx"]
