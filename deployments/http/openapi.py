@@ -3,6 +3,8 @@ deployment's limits) are published as components."""
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel
 
 
@@ -14,8 +16,8 @@ def body_doc(name: str, multipart: dict) -> dict:
 
 
 def multipart_schema(model: type[BaseModel], max_faces: int) -> dict:
-    props = {k: v for k, v in model.model_json_schema()["properties"].items()}
-    props.pop("people", None)  # nested objects: JSON bodies only (a form carries flat fields)
+    # nested objects (people, controls: a $ref to a sub-schema) are for JSON bodies only: a form carries flat fields
+    props = {k: v for k, v in model.model_json_schema()["properties"].items() if "$ref" not in json.dumps(v)}
     props["face_images"] = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                             "maxItems": max_faces, "description": "Photo files (repeat the field)."}
     if "pose_image" in props:
