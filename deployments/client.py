@@ -20,6 +20,7 @@ inside asyncio code (e.g. another deployment).
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,59 @@ class InstantIDClient:
 
     def models(self) -> ModelList:
         return ModelList.model_validate(self._result(self.handle.list_models.remote()))
+
+    # -- jobs (the /v1/jobs objects as dicts: id, status, progress, result | error; docs/api.md) ------------
+    def submit_job(self, request: GenerateRequest | dict | None = None, *, webhook: str | None = None,
+                   **fields) -> dict:
+        """Queue a generation; answers once the photos are checked and analysed (bad input raises at once)."""
+        payload = _job_payload(request, fields, webhook)
+        return self._result(self.handle.submit_job.remote(payload))
+
+    async def submit_job_async(self, request: GenerateRequest | dict | None = None, *, webhook: str | None = None,
+                               **fields) -> dict:
+        return await self._await(self.handle.submit_job.remote(_job_payload(request, fields, webhook)))
+
+    def job(self, job_id: str) -> dict:
+        return self._result(self.handle.job.remote(job_id))
+
+    async def job_async(self, job_id: str) -> dict:
+        return await self._await(self.handle.job.remote(job_id))
+
+    def cancel_job(self, job_id: str) -> dict:
+        """Cancel; returns the job once its denoising stopped (``status`` canceled), or as it is after 5 s."""
+        return self._result(self.handle.cancel_job.remote(job_id))
+
+    async def cancel_job_async(self, job_id: str) -> dict:
+        return await self._await(self.handle.cancel_job.remote(job_id))
+
+    def wait_job(self, job_id: str, timeout_s: float | None = None) -> dict:
+        """The job once it ended (succeeded, failed or canceled); raises ServiceError 504 past ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait = JOB_WAIT_S if deadline is None else max(0.0, min(JOB_WAIT_S, deadline - time.monotonic()))
+            job = self._result(self.handle.job.remote(job_id, wait))
+            if job["status"] in JOB_ENDED:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ServiceError(504, "timeout", f"job {job_id} did not end within {timeout_s:g}s")
+
+    async def wait_job_async(self, job_id: str, timeout_s: float | None = None) -> dict:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait = JOB_WAIT_S if deadline is None else max(0.0, min(JOB_WAIT_S, deadline - time.monotonic()))
+            job = await self._await(self.handle.job.remote(job_id, wait))
+            if job["status"] in JOB_ENDED:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ServiceError(504, "timeout", f"job {job_id} did not end within {timeout_s:g}s")
+
+
+JOB_ENDED = ("succeeded", "failed", "canceled")
+JOB_WAIT_S = 20.0  # each wait_job call holds the handle call this long at most (the service caps it at 60)
+
+
+def _job_payload(request, fields: dict, webhook: str | None) -> dict:
+    payload = _payload(request, fields)
+    if webhook is not None:
+        payload["webhook"] = webhook
+    return payload

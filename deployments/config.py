@@ -95,6 +95,41 @@ class AuthConfig(_Strict):
     )
 
 
+class WebhookConfig(_Strict):
+    """Outbound webhook calls (the final job, POSTed once it ends). Calls to arbitrary URLs from inside the
+    cluster are an SSRF hole: only hosts listed here are called, anything else is refused at submit (422)."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names (exact, or '*.example.com' for its subdomains) webhooks may call; empty: "
+        "webhooks are refused.")
+    secret_env: str = Field("INSTANTID_WEBHOOK_SECRET", description="Env var holding the HMAC-SHA256 signing "
+                            "secret; unset: webhooks are refused.")
+    timeout_s: float = Field(10.0, gt=0, le=60, description="Per-attempt timeout.")
+    max_attempts: int = Field(4, ge=1, le=10, description="Attempts per webhook (backoff 1, 2, 4... s).")
+    backoff_s: float = Field(1.0, ge=0, le=60, description="First retry delay; doubles each retry.")
+    allow_http: bool = Field(False, description="Allow plain http:// webhook URLs (tests, in-cluster hooks).")
+
+
+class JobsConfig(_Strict):
+    """Asynchronous jobs (POST /v1/jobs, the Replicate surface): where records live and how much is queued."""
+
+    redis_url: str | None = Field(
+        None, description="redis://[:password@]host:port/db holding job records and the queue. None: the env var "
+        "named by redis_url_env, else an in-process store (one Ingress replica only; records die with it).")
+    redis_url_env: str = Field("INSTANTID_REDIS_URL", description="Env var read when redis_url is not set.")
+    key_prefix: str = Field("instantid:", description="Prefix of every Redis key (several services, one Redis).")
+    max_queued: int = Field(256, ge=1, description="Jobs waiting to start; past it submit answers 503 queue_full.")
+    concurrency: int = Field(4, ge=1, le=256, description="Jobs each Ingress replica runs at once.")
+    result_ttl_s: int = Field(3600, ge=60, description="Finished jobs (results included) expire after this.")
+    lease_s: float = Field(15.0, ge=1, description="A running job whose replica stops renewing its lease this long "
+                           "is taken over by another replica.")
+    max_attempts: int = Field(2, ge=1, le=5, description="Runs of one job at most: a job whose Generator or "
+                              "Ingress replica died is retried until this, then failed with the reason.")
+    progress_interval_s: float = Field(0.25, ge=0.05, description="Progress updates per job at most this often.")
+    webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
+
+
 class AppArgs(_Strict):
     """Everything ``build_app`` needs; ``serve build`` writes these under the application's ``args``."""
 
@@ -129,6 +164,7 @@ class AppArgs(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     preprocessors: PreprocessorConfig = Field(default_factory=PreprocessorConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @field_validator("models")
     @classmethod

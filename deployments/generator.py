@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -86,7 +87,7 @@ def accept_task(task: GenerationTask) -> GenerationTask:
         from .controls import decode_maps
 
         task.controls = decode_maps(task.controls, task.width, task.height)
-    task.id, task.arrived, task.cancelled = uuid.uuid4().hex, time.perf_counter(), False
+    task.id, task.arrived, task.cancelled, task.on_step = uuid.uuid4().hex, time.perf_counter(), False, None
     return task
 
 
@@ -165,6 +166,9 @@ class GeneratorCore:
         def on_step(step: int, total: int) -> list[int] | None:
             if step == total:
                 marks["denoised"] = time.perf_counter()
+            for j in jobs:
+                if j.on_step is not None:
+                    j.on_step(step, total)
             now = time.time()
             wanted = [k for k, j in enumerate(jobs) if not j.abandoned(now)]
             return wanted if len(wanted) < len(jobs) else None  # the others' rows leave the batch
@@ -281,6 +285,45 @@ class Generator:
             parsed = accept_task(task)
         except Exception as exc:
             raise to_service_error(exc) from None
+        return await self._denoise(parsed)
+
+    async def denoise_stream(self, task: GenerationTask, progress_interval_s: float = 0.25):
+        """``denoise`` for jobs, streamed (``handle.options(stream=True)``): ``{"progress": {"step", "total"}}``
+        after denoising steps, at most one per ``progress_interval_s`` (and the last step), then
+        ``{"result": GenerationResult}``. Cancelling the stream stops this task's rows at the next step."""
+        try:
+            parsed = accept_task(task)
+        except Exception as exc:
+            raise to_service_error(exc) from None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        last = [-math.inf]
+
+        def on_step(step: int, total: int) -> None:  # the worker thread
+            now = time.monotonic()
+            if step == total or now - last[0] >= progress_interval_s:
+                last[0] = now
+                loop.call_soon_threadsafe(events.put_nowait, {"progress": {"step": step, "total": total}})
+
+        parsed.on_step = on_step
+        work = asyncio.ensure_future(self._denoise(parsed))
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                break
+            yield {"result": work.result()}
+        finally:
+            parsed.cancelled = True  # a no-op when done; the caller went away otherwise
+            work.cancel()
+
+    async def _denoise(self, parsed: GenerationTask) -> GenerationResult:
         self._waiting.add(parsed.id)
         metrics.queue_length(len(self._waiting))
         try:

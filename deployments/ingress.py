@@ -78,3 +78,34 @@ class Ingress:
 
     async def list_models(self) -> dict:
         return self.service.model_list()
+
+    # -- jobs (deployments/jobs.py; the objects of GET /v1/jobs/{id}) -----------------------------------------
+    async def submit_job(self, request: dict) -> dict:
+        """Handle API: the POST /v1/jobs JSON body -> the job."""
+        from .http.surfaces.jobs import SURFACE, job_view
+
+        async def submit(ctx, data):
+            webhook = data.pop("webhook", None)
+            return job_view(*await self.service.jobs.submit(ctx, data, webhook=webhook, meta={"surface": SURFACE}))
+
+        return await self._handle("submit_job", submit, dict(request))
+
+    async def job(self, job_id: str, wait_s: float = 0.0) -> dict:
+        """Handle API: the job, once it ends or after ``wait_s`` seconds (at most 60)."""
+        from .http.surfaces.jobs import job_view
+
+        async def get(ctx, job_id):
+            return job_view(job_id, await self.service.jobs.wait(ctx, job_id, min(float(wait_s), 60.0)))
+
+        return await self._handle("job", get, job_id)
+
+    async def cancel_job(self, job_id: str) -> dict:
+        from .http.surfaces.jobs import job_view
+
+        async def cancel(ctx, job_id):
+            return job_view(job_id, await self.service.jobs.cancel(ctx, job_id))
+
+        return await self._handle("cancel_job", cancel, job_id)
+
+    async def check_health(self) -> None:
+        self.service.jobs.start()  # a replica runs queued jobs even before its first request

@@ -101,10 +101,19 @@ class GenerationTask:
     id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
     arrived: float = field(default_factory=time.perf_counter, compare=False)
     cancelled: bool = field(default=False, compare=False)
+    on_step: Any = field(default=None, compare=False, repr=False)  # (step, total) after each step: a job's progress
 
     def abandoned(self, now: float) -> bool:
         """Its caller gave up (cancelled) or its deadline passed: its work is wasted."""
         return self.cancelled or (self.deadline is not None and now > self.deadline)
+
+    def message_bytes(self) -> int:
+        """The larger way across the handle: the task (an img2img upload, control maps) or its result (the RGB
+        arrays). The caller sends over 1 MiB by reference (deployments/backends.py): gRPC's 4 MiB cap."""
+        sent = sum(c["map"].nbytes if isinstance(c["map"], np.ndarray) else len(c["map"]) for c in self.controls)
+        if isinstance(self.init_image, (bytes, bytearray)):
+            sent += len(self.init_image)
+        return max(self.num_images * self.width * self.height * 3, sent)
 
     def batch_key(self) -> tuple:
         """Tasks with equal keys can share one denoising batch: one size, step count and scheduler, guided or not

@@ -23,6 +23,11 @@ Ray prefixes application metrics with ``ray_`` on export and counters get ``_tot
 | instantid_identity_retries        | counter   | model                  | images regenerated under min_similarity|
 | instantid_request_identities      | histogram |                        | identities per generate request (people)|
 | instantid_images_flagged          | counter   | model                  | images the safety checker flagged      |
+| instantid_jobs                    | counter   | status                 | jobs submitted (queued) and ended      |
+| instantid_job_queue_wait_seconds  | histogram |                        | job submitted -> a replica starts it   |
+| instantid_job_first_step_seconds  | histogram |                        | job started -> first denoising step    |
+| instantid_job_cancellations       | counter   | state                  | cancels, by the job's state then       |
+| instantid_webhooks                | counter   | outcome                | webhook deliveries: delivered, failed  |
 
 Stages: decode, face_analysis, control_maps, identity_load, queue, model_load, denoise, vae_decode, safety_check,
 identity_score, encode, upload.
@@ -77,6 +82,15 @@ _SPECS = {
                          "Images regenerated because they scored under min_similarity.", ("model",), None),
     "images_flagged": ("counter", "instantid_images_flagged", "Generated images the safety checker flagged.",
                        ("model",), None),
+    "jobs": ("counter", "instantid_jobs", "Jobs by status: queued counts submissions, the others endings.",
+             ("status",), None),
+    "job_queue_wait": ("histogram", "instantid_job_queue_wait_seconds",
+                       "Seconds from a job's submission to a replica starting it.", (), LOAD_BUCKETS),
+    "job_first_step": ("histogram", "instantid_job_first_step_seconds",
+                       "Seconds from a job's start to its first denoising step.", (), LATENCY_BUCKETS),
+    "job_cancellations": ("counter", "instantid_job_cancellations", "Cancelled jobs by their state then.",
+                          ("state",), None),
+    "webhooks": ("counter", "instantid_webhooks", "Webhook deliveries by outcome.", ("outcome",), None),
 }
 
 
@@ -202,3 +216,28 @@ def identities(n: int) -> None:
 def images_flagged(model: str, n: int) -> None:
     if n:
         metric("images_flagged").inc(n, tags={"model": model})
+
+
+@_safe
+def job_status(status: str) -> None:
+    metric("jobs").inc(tags={"status": status})
+
+
+@_safe
+def job_started(queue_wait_s: float) -> None:
+    metric("job_queue_wait").observe(max(0.0, queue_wait_s))
+
+
+@_safe
+def job_first_step(seconds: float) -> None:
+    metric("job_first_step").observe(max(0.0, seconds))
+
+
+@_safe
+def job_cancelled(state: str) -> None:
+    metric("job_cancellations").inc(tags={"state": state})
+
+
+@_safe
+def webhook(outcome: str) -> None:
+    metric("webhooks").inc(tags={"outcome": outcome})

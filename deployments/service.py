@@ -32,7 +32,7 @@ from .errors import ServiceError, from_exception, storage_unavailable, validatio
 from .http.delivery import S3Delivery, encode_outputs, to_base64
 from .http.readers import check_image, decode_base64
 from .identities import decode_embedding, make_record, make_store, new_identity_id, valid_identity_id, visible_to
-from .controls import finish_control_maps, message_bytes, start_control_maps
+from .controls import finish_control_maps, start_control_maps
 from .identity_score import score_outputs
 from .messages import FaceAnalysisResult, GenerationTask
 from .people import resolve_people
@@ -97,6 +97,18 @@ def _canvas_bbox(face: dict, canvas) -> list[float] | None:
     return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
 
 
+@dataclass
+class PreparedGeneration:
+    """A request ready for the Generator: its task, and what the response needs besides the Generator's output
+    (the pose face as reported, the identity embedding and each photo's for the identity score)."""
+
+    task: GenerationTask
+    face: dict
+    embedding: Any
+    references: list | None = None
+    people: list | None = None  # the people as the response reports them (``people`` requests)
+
+
 class GenerationService:
     """Validation, orchestration of the backends, output policy and delivery for one Ingress replica."""
 
@@ -106,6 +118,9 @@ class GenerationService:
         self.backends = Backends(face_analyzer, generator, status_fn=status_fn, app_name=app_name)
         self.store = make_store(self.args.identity_store)
         self.s3 = S3Delivery(self.args.output_bucket, self.args.presign_expiry_s) if self.args.output_bucket else None
+        from .jobs import JobService  # the job core under /v1/jobs, the Replicate surface and the handle's jobs
+
+        self.jobs = JobService(self, self.args.jobs)
 
     # -- plumbing --------------------------------------------------------------------------------------
     @staticmethod
@@ -223,7 +238,17 @@ class GenerationService:
         return width, height
 
     async def generate_and_deliver(self, ctx: Ctx, req, faces: list[bytes] | None, pose: bytes | None,
-                           init_image: bytes | None = None) -> dict:
+                                   init_image: bytes | None = None) -> dict:
+        prepared = await self.prepare_generation(ctx, req, faces, pose, init_image)
+        task = prepared.task
+        handle = self.backends.generator_for(task.model, task.message_bytes())
+        result = await self._call(ctx, handle.denoise.remote(task))
+        return await self.complete_generation(ctx, req, prepared, result)
+
+    async def prepare_generation(self, ctx: Ctx, req, faces: list[bytes] | None, pose: bytes | None,
+                                 init_image: bytes | None = None) -> "PreparedGeneration":
+        """Everything before the Generator: checks, the identity or the face analysis, the output size, the
+        task. A job keeps what this returns in its record and runs it later, on any replica."""
         from instantid.styles import apply_style
 
         args = self.args
@@ -292,15 +317,21 @@ class GenerationService:
             deadline=ctx.deadline, people=plan.people if plan else None, controls=controls,
             safety_checker=req.safety_checker,
         )
-        # the response is the raw RGB arrays: their size is known before the call
-        result_bytes = req.num_images * width * height * 3  # the resolved size: the request may leave it out
-        result_bytes = max(result_bytes, message_bytes(controls))  # derived maps travel in the task
-        result = await self._call(ctx, self.backends.generator_for(spec.name, result_bytes).denoise.remote(task))
+        # per photo embeddings for the identity score: only photos sent with this request have them
+        return PreparedGeneration(task=task, face=face, embedding=embedding,
+                                  references=analysis.embeddings if analysis is not None else None,
+                                  people=plan.view if plan else None)
+
+    async def complete_generation(self, ctx: Ctx, req, prepared: "PreparedGeneration", result) -> dict:
+        """Everything after the Generator: the identity score, encoding, delivery; the /v1/generate response."""
+        task, face = prepared.task, prepared.face
+        spec = self.args.model(task.model)
+        width, height, seed = task.width, task.height, task.seed
         ctx.timings.update(result.timings)
         arrays, identity = result.images, None
-        if req.identity_score and plan is None:  # per photo embeddings: only photos sent with this request have them
-            references = analysis.embeddings if analysis is not None else None
-            arrays, identity = await score_outputs(self, ctx, req, spec, task, arrays, embedding, references)
+        if req.identity_score and prepared.people is None:  # people are scored per person by nobody yet
+            arrays, identity = await score_outputs(self, ctx, req, spec, task, arrays, prepared.embedding,
+                                                   prepared.references)
 
         t0 = time.perf_counter()
         encoded, pose_png = await asyncio.to_thread(encode_outputs, arrays, req.output_format, result.pose_image)
@@ -318,7 +349,7 @@ class GenerationService:
         response = {
             "request_id": ctx.request_id, "images": images, "urls": urls, "format": req.output_format,
             "width": width, "height": height, "seed": seed, "model": result.model,
-            "loras": dict(req.loras), "face": face, "people": plan.view if plan else None,
+            "loras": dict(req.loras), "face": face, "people": prepared.people,
             "pose_image": to_base64(pose_png) if pose_png is not None else None,
             "identity": identity, "nsfw": result.nsfw,
             "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ctx.timings.items()},

@@ -49,7 +49,7 @@ class Edge:
 
 def build_http_app(service: GenerationService) -> FastAPI:
     """The FastAPI app of one Ingress replica."""
-    from .surfaces import native
+    from .surfaces import jobs, native, openai_images, replicate
 
     args = service.args
     app = FastAPI(
@@ -78,6 +78,7 @@ def build_http_app(service: GenerationService) -> FastAPI:
     from ..playground import add_routes as add_playground  # POST /v1/faces:analyze, and the page at /
 
     add_playground(app, v1, edge)  # before the catch-all below: routes match in order
+    jobs.add_routes(v1, edge)
 
     @v1.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                   include_in_schema=False)
@@ -93,6 +94,8 @@ def build_http_app(service: GenerationService) -> FastAPI:
         raise ServiceError(404, "not_found", "no such route")
 
     app.include_router(v1)
+    openai_images.add_routes(app, edge)  # /openai/v1
+    replicate.add_routes(app, edge)  # /replicate/v1
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the Ingress answers")
     async def healthz():

@@ -169,10 +169,10 @@ async def read_form(request, body: bytes, max_files: int, limit: int,
             if key not in file_fields:
                 raise ServiceError(422, "invalid_parameter", f"{key[:64]}: unexpected file field", field=key[:64])
             content = await value.read()
-            if key == "face_images":
-                files.setdefault("face_images", []).append(content)
-            elif key in ("pose_image", "init_image"):
+            if key in ("pose_image", "init_image"):
                 files[key] = content
+            else:  # face_images, or a surface's own file fields (the OpenAI surface's image / image[])
+                files.setdefault(key, []).append(content)
         elif key == "face_images":
             files.setdefault("face_images", []).append(decode_base64(value, "face_images"))
         elif key == "loras":
