@@ -125,3 +125,16 @@ def test_largest_size_with_the_most_images(limits_url, face_photo):
         "identity_id": created.json()["identity_id"], "width": LIMITS.max_side, "height": LIMITS.max_side,
         "steps": 1, **CHEAP, "num_images": LIMITS.max_num_images, "seed": 2})  # PNG: the largest response
     _images(generated, LIMITS.max_num_images, LIMITS.max_side)
+
+
+def test_img2img_with_a_phone_photo_and_a_small_result(limits_url, face_photo):
+    """A ~8 MB img2img photo with a 256x256 result: the task carries the upload to the Generator, so its size,
+    not only the result's, decides by reference (the task went by value: over gRPC's 4 MiB cap, a 500)."""
+    created = _post(limits_url, "/v1/identities", {"face_images": [b64(face_photo.read_bytes())]})
+    assert created.status_code == 201, created.text[:500]
+    init = phone_jpeg(face_photo, 8_000_000)
+    assert len(init) > 6_000_000
+    generated = _post(limits_url, "/v1/generate", {
+        "identity_id": created.json()["identity_id"], "init_image": b64(init), "strength": 0.5,
+        "width": 256, "height": 256, "steps": 2, **CHEAP, "seed": 3})
+    _images(generated, 1, 256)
