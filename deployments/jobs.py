@@ -234,7 +234,7 @@ class JobService:
 
     async def _execute(self, ctx, job_id: str, inputs: dict) -> dict:
         core, cfg = self.core, self.config
-        req = core.models.GenerateRequest.model_validate(inputs["request"])
+        req = core.schemas.GenerateRequest.model_validate(inputs["request"])
         prepared = unpack(inputs["prepared"])
         timeout = min(req.timeout_s or core.args.request_timeout_s, core.args.request_timeout_s)
         ctx.deadline = time.time() + timeout

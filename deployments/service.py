@@ -40,6 +40,7 @@ from .schemas import DELIVERIES, MAX_SEED, OUTPUT_FORMATS, SCHEDULERS, build_mod
 
 log = logging.getLogger("instantid.serve")
 
+
 @dataclass
 class Ctx:
     """Per-request state: id, route, start time, per-stage timings and in-flight handle calls."""
@@ -113,7 +114,7 @@ class GenerationService:
 
     def __init__(self, args: dict | AppArgs, face_analyzer, generator, *, status_fn=None, app_name: str | None = None):
         self.args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-        self.models = build_models(self.args)
+        self.schemas = build_models(self.args)  # request schemas bound to this deployment's limits
         self.backends = Backends(face_analyzer, generator, status_fn=status_fn, app_name=app_name)
         self.store = make_store(self.args.identity_store)
         self.s3 = S3Delivery(self.args.output_bucket, self.args.presign_expiry_s) if self.args.output_bucket else None
@@ -181,7 +182,7 @@ class GenerationService:
     def validate_generate_request(self, data: dict, files: dict[str, Any] | None = None):
         """A request dict (+ multipart files) -> (validated request, face image bytes | None, pose bytes | None)."""
         started = time.perf_counter()
-        req = _validate(self.models.GenerateRequest, data, strict=files is None)
+        req = _validate(self.schemas.GenerateRequest, data, strict=files is None)
         limits = self.args.limits
         faces: list[bytes] | None = None
         pose: bytes | None = None
@@ -391,7 +392,7 @@ class GenerationService:
                 raise ServiceError(422, "invalid_parameter", f"face_images: give 1 to {limits.max_faces} images",
                                    field="face_images")
         else:
-            req = _validate(self.models.IdentityCreateRequest, data, strict=files is None)
+            req = _validate(self.schemas.IdentityCreateRequest, data, strict=files is None)
             faces = [decode_base64(s, f"face_images[{i}]") for i, s in enumerate(req.face_images)]
         for i, image in enumerate(faces):
             check_image(image, f"face_images[{i}]", limits.max_image_pixels)

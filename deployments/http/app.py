@@ -118,5 +118,5 @@ def build_http_app(service: GenerationService) -> FastAPI:
         state = await service.live_readiness()
         return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
-    install_openapi(app, service.models)
+    install_openapi(app, service.schemas)
     return app

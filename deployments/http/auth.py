@@ -13,6 +13,7 @@ import time
 from ..api_keys import KeyHashSource
 from ..errors import ServiceError
 
+
 class Authenticator:
     """Bearer API keys, checked against sha256 hashes ('name:sha256hex,...') from an env var or the file that
     <env var>_FILE names, re-read so that a rotated Secret reaches running replicas (deployments/api_keys.py)."""

@@ -12,6 +12,7 @@ from ..errors import from_exception, json_response
 
 log = logging.getLogger("instantid.serve")
 
+
 class Observe:
     """ASGI middleware: per-route request metrics, and a JSON 500 (never a traceback) for anything unhandled."""
 

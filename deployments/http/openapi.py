@@ -7,6 +7,7 @@ import json
 
 from pydantic import BaseModel
 
+
 def body_doc(name: str, multipart: dict) -> dict:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}},

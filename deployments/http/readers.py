@@ -17,6 +17,7 @@ from fastapi import Request
 
 from ..errors import ServiceError
 
+
 def decode_base64(text: Any, where: str) -> bytes:
     if not isinstance(text, str):
         raise ServiceError(400, "invalid_base64", f"{where} must be a base64 string", field=where)

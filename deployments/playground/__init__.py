@@ -60,7 +60,7 @@ def add_routes(app: FastAPI, v1: APIRouter, edge) -> None:
     @v1.post("/faces:analyze", response_model=FaceAnalysis, responses=edge.errors, summary="Find the face in photos",
              description="Each photo's largest face (box, score, five keypoints, in the photo's pixels): what "
                          "generate and identities would use. Nothing is stored; no embedding is returned.",
-             openapi_extra=body_doc("IdentityCreateRequest", multipart_schema(service.models.IdentityCreateRequest,
+             openapi_extra=body_doc("IdentityCreateRequest", multipart_schema(service.schemas.IdentityCreateRequest,
                                                                               service.args.limits.max_faces)))
     async def analyze(request: Request):
         ctx = Ctx(route="/v1/faces:analyze")

@@ -46,7 +46,7 @@ def add_routes(v1, edge) -> None:
 
     @v1.post("/jobs", status_code=202, responses=edge.errors, summary="Submit a generation job",
              openapi_extra=body_doc("GenerateRequest",
-                                    multipart_schema(service.models.GenerateRequest, service.args.limits.max_faces)),
+                                    multipart_schema(service.schemas.GenerateRequest, service.args.limits.max_faces)),
              description="The body of POST /v1/generate (JSON or multipart) plus an optional `webhook` URL. "
                          "Answers once the photos are checked and analysed.")
     async def submit_job(request: Request):

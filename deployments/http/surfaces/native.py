@@ -18,7 +18,7 @@ def add_routes(v1: APIRouter, edge) -> None:
 
     @v1.post("/generate", response_model=GenerateResponse, responses=errors, summary="Generate images",
              openapi_extra=body_doc("GenerateRequest",
-                                    multipart_schema(service.models.GenerateRequest, limits.max_faces)))
+                                    multipart_schema(service.schemas.GenerateRequest, limits.max_faces)))
     async def post_generate(request: Request):
         ctx = edge.caller("/v1/generate", request)
         data, files = await edge.read(request, ctx, limits.max_faces + 2, ("face_images", "pose_image", "init_image"))
@@ -27,7 +27,7 @@ def add_routes(v1: APIRouter, edge) -> None:
     @v1.post("/identities", response_model=IdentityResponse, status_code=201, responses=errors,
              summary="Store an identity",
              openapi_extra=body_doc("IdentityCreateRequest",
-                                    multipart_schema(service.models.IdentityCreateRequest, limits.max_faces)))
+                                    multipart_schema(service.schemas.IdentityCreateRequest, limits.max_faces)))
     async def create_identity(request: Request):
         ctx = edge.caller("/v1/identities", request)
         data, files = await edge.read(request, ctx, limits.max_faces, ("face_images",))
