@@ -45,6 +45,19 @@ def app_args(tiny: Path, **overrides) -> dict:
     return args
 
 
+def sse_events(resp) -> list[tuple[str | None, dict]]:
+    """A Server-Sent Events response read to its end: (event name, JSON data) per event, in order."""
+    import json
+
+    events, name = [], None
+    for line in resp.iter_lines():
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            events.append((name, json.loads(line[5:])))
+    return events
+
+
 def assert_error(resp, status: int, code: str, field: str | None = None) -> dict:
     assert resp.status_code == status, resp.text
     body = resp.json()

@@ -9,15 +9,9 @@ import time
 import pytest
 
 from deployments.job_store import MemoryJobStore, RedisJobStore
-from redis_server import redis_server
+from redis_server import redis_url  # noqa: F401  (a fixture)
 
 ERROR = {"code": "unavailable", "message": "lost"}
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @pytest.fixture(params=["redis", "memory"])

@@ -18,8 +18,8 @@ from deployments.http.app import build_http_app
 from deployments.messages import GenerationResult
 from deployments.service import GenerationService
 from deployments.webhooks import SIGNATURE_HEADER, verify
-from redis_server import redis_server
-from serve_helpers import assert_error, b64, png_bytes
+from redis_server import redis_url  # noqa: F401  (a fixture)
+from serve_helpers import assert_error, b64, png_bytes, sse_events
 from test_units import FakeFace, _Method, _ready
 
 SECRET = "s3cret-for-tests"
@@ -91,12 +91,6 @@ def wait_status(client, job_id, statuses=("succeeded", "failed", "canceled"), ti
         if resp.json()["status"] in statuses or time.monotonic() > deadline:
             return resp.json()
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -185,12 +179,7 @@ def test_events_stream_progress_then_the_final_job(tmp_path):
         job = client.post("/v1/jobs", json=_request(steps=6)).json()
         with client.stream("GET", job["urls"]["events"]) as resp:
             assert resp.headers["content-type"].startswith("text/event-stream")
-            events = []
-            for line in resp.iter_lines():
-                if line.startswith("event:"):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("data:"):
-                    events.append((name, json.loads(line[5:])))
+            events = sse_events(resp)
         names = [n for n, _ in events]
         assert names[-1] == "done" and set(names[:-1]) == {"progress"}, names
         steps = [e["progress"]["step"] for n, e in events if n == "progress" and e["status"] == "running"]
@@ -291,9 +280,9 @@ def test_webhook_urls_outside_the_allowlist_or_without_a_secret_are_refused(tmp_
 
 
 def test_redis_down_is_503_storage_unavailable_never_a_500(tmp_path):
-    from redis_server import _free_port
+    from deployments.ray_env import free_port
 
-    client, _ = client_for(tmp_path, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    client, _ = client_for(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with client:
         resp = client.post("/v1/jobs", json=_request())
         assert_error(resp, 503, "storage_unavailable")

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from redis_server import redis_server
-from serve_helpers import app_args
+from serve_helpers import app_args, sse_events
 from test_faults import _replica_actors, _wait
 
 pytestmark = pytest.mark.serve
@@ -84,22 +84,15 @@ def test_a_1024_job_of_4_images_and_its_events_through_the_proxy(jobs_app, face_
     of PNG in the Redis record), watched through Server-Sent Events over HAProxy; then the job metrics."""
     import base64
     import io
-    import json
 
     from PIL import Image
 
     body = {"face_images": [face_b64], "width": 1024, "height": 1024, "steps": 2, "num_images": 4, "seed": 3,
             "guidance_scale": 1.0}
     job = jobs_app.post("/v1/jobs", json=body).json()
-    events = []
     with jobs_app.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=300) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
-        name = None
-        for line in resp.iter_lines():
-            if line.startswith("event:"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                events.append((name, json.loads(line[5:])))
+        events = sse_events(resp)
     names = [n for n, _ in events]
     assert names[-1] == "done" and "progress" in names, names
     steps = [e.get("progress", {}).get("step") for n, e in events if n == "progress" and e["status"] == "running"]
