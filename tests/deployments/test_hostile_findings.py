@@ -1,0 +1,95 @@
+"""Bugs found by a hostile client on the new surfaces (jobs, OpenAI Images, Replicate): each test fails until fixed.
+In-process only: the Ingress app with fake backends (no Ray, no Serve)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from serve_helpers import b64, png_bytes
+from starlette.testclient import TestClient
+from test_jobs import _request, client_for, wait_status
+from test_people_http import GroupFace, photo
+from test_surfaces import CountingGenerator
+
+from deployments.config import AppArgs
+from deployments.http.app import build_http_app
+from deployments.service import GenerationService
+
+GENERATIONS = "/openai/v1/images/generations"
+
+
+def _group_client(tmp_path):
+    args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids")})
+    core = GenerationService(args, GroupFace(), CountingGenerator(),
+                             status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+    return TestClient(build_http_app(core), raise_server_exceptions=False)
+
+
+def _two_people(**fields):
+    return {"people": [{"face_images": [photo(10)], "face_index": 2}, {"face_images": [photo(200)], "face_index": 0}],
+            "pose_image": photo(), "steps": 2, "identity_score": False, **fields}
+
+
+# -- OpenAI Images ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("face_images", ["not-a-list", {"a": 1}])
+def test_openai_generations_face_images_not_a_list_beside_image_is_a_4xx_not_a_500(tmp_path, face_images):
+    """POST /openai/v1/images/generations {"face_images": "<str>", "image": "<b64>"}: translate() calls .extend on
+    the str/dict -> AttributeError -> 500 internal. Bad input must be a 4xx naming the field."""
+    client, _ = client_for(tmp_path, CountingGenerator())
+    with client:
+        resp = client.post(GENERATIONS, json={"prompt": "x", "size": "64x64", "steps": 2,
+                                              "face_images": face_images, "image": b64(png_bytes())})
+    assert 400 <= resp.status_code < 500, resp.text
+    error = resp.json()["error"]
+    assert error["param"] in ("image", "face_images"), error
+
+
+@pytest.mark.parametrize("param", ["stream", "response_format", "n"])
+def test_openai_nullable_parameters_sent_as_null_mean_the_default(tmp_path, param):
+    """OpenAI's Images API documents `stream`, `response_format` and `n` as nullable (null = the default); the
+    openai SDK sends an explicit None as null. Here `stream: null` is refused as 'streaming is not supported',
+    `response_format: null` as 'b64_json or url', `n: null` as 'num_images: Input should be a valid integer'."""
+    client, _ = client_for(tmp_path, CountingGenerator())
+    with client:
+        resp = client.post(GENERATIONS, json={"prompt": "x", "size": "64x64", "steps": 2,
+                                              "face_images": [b64(png_bytes())], param: None})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["data"]) == 1
+
+
+# -- Replicate -----------------------------------------------------------------------------------------------
+def test_replicate_input_echo_replaces_the_photos_of_people(tmp_path):
+    """docs/api.md: the prediction's `input` has its photos replaced by `<n images>`; summarize_input only looks at
+    top-level keys, so every person's base64 `face_images` is echoed back in full in every poll."""
+    with _group_client(tmp_path) as client:
+        resp = client.post("/replicate/v1/predictions", json={"input": _two_people()}, headers={"Prefer": "wait=10"})
+        assert resp.status_code == 201, resp.text
+        echoed = resp.json()["input"]
+    for person in echoed["people"]:
+        assert person["face_images"] == "<1 image>", json.dumps(person)[:120]
+
+
+# -- jobs ----------------------------------------------------------------------------------------------------
+def test_a_people_job_result_counts_its_identities_as_generate_does(tmp_path):
+    """docs/api.md: a job's `result` is the /v1/generate response, and `timings.identities` counts the identities
+    of a `people` request. The job's result has no `identities` (nor decode_s / face_analysis_s) in its timings:
+    the submit-time timings are dropped."""
+    with _group_client(tmp_path) as client:
+        direct = client.post("/v1/generate", json=_two_people(seed=5))
+        assert direct.status_code == 200, direct.text
+        assert direct.json()["timings"]["identities"] == 2
+        submitted = client.post("/v1/jobs", json=_two_people(seed=5))
+        assert submitted.status_code == 202, submitted.text
+        job = wait_status(client, submitted.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["timings"].get("identities") == 2, job["result"]["timings"]
+    assert set(direct.json()["timings"]) <= set(job["result"]["timings"]), job["result"]["timings"]
+
+
+def test_request_fixture_sanity(tmp_path):
+    """The plain job path works (so the failures above are the bugs, not the fixtures)."""
+    client, _ = client_for(tmp_path, CountingGenerator())
+    with client:
+        job = wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"])
+    assert job["status"] == "succeeded"
