@@ -93,3 +93,49 @@ def test_request_fixture_sanity(tmp_path):
     with client:
         job = wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"])
     assert job["status"] == "succeeded"
+
+
+def test_a_webhook_sends_the_job_with_the_urls_get_shows(tmp_path, monkeypatch):
+    """docs/api.md: the webhook is one POST of the final job; GET /v1/jobs/{id} shows absolute `urls`
+    (http://host/v1/jobs/...), the webhook body has bare paths ('/v1/jobs/job_...'), which a receiver cannot follow."""
+    import threading
+    import time
+    from http.server import ThreadingHTTPServer
+
+    from test_jobs import _Receiver
+
+    monkeypatch.setenv("INSTANTID_WEBHOOK_SECRET", "s3cret")
+    _Receiver.received, _Receiver.fail_first = [], 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client, _ = client_for(tmp_path, CountingGenerator(),
+                               webhooks={"allowed_hosts": ["127.0.0.1"], "allow_http": True, "backoff_s": 0.1})
+        with client:
+            job = client.post("/v1/jobs", json=_request(webhook=f"http://127.0.0.1:{server.server_port}/h")).json()
+            shown = wait_status(client, job["id"])
+            deadline = time.monotonic() + 10
+            while not _Receiver.received and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        server.shutdown()
+    assert _Receiver.received
+    sent = json.loads(_Receiver.received[0][1])
+    assert sent["urls"]["get"] == shown["urls"]["get"], (sent["urls"], shown["urls"])
+
+
+def test_the_in_memory_job_store_forgets_expired_jobs_nobody_asks_for(tmp_path):
+    """docs/jobs.md: finished jobs, results included, expire `result_ttl_s` after they end. MemoryJobStore (the local
+    profile's store) drops an expired record only when that id is looked up again: results of jobs nobody polls
+    again stay in the Ingress replica's memory for ever (base64 images, MBs each)."""
+    import time
+
+    client, core = client_for(tmp_path, CountingGenerator())
+    store = core.jobs.store
+    with client:
+        old = wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"])
+        assert old["status"] == "succeeded"
+        store.expires[old["id"]] = time.time() - 1  # its result_ttl_s has passed
+        for _ in range(3):  # the replica goes on working
+            assert wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"])["status"] == "succeeded"
+    assert old["id"] not in store.jobs
