@@ -139,3 +139,18 @@ def test_the_in_memory_job_store_forgets_expired_jobs_nobody_asks_for(tmp_path):
         for _ in range(3):  # the replica goes on working
             assert wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"])["status"] == "succeeded"
     assert old["id"] not in store.jobs
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("PUT", "/replicate/v1/predictions", "POST"),
+    ("DELETE", "/replicate/v1/predictions/job_" + "0" * 24, "GET"),
+    ("GET", "/openai/v1/images/edits", "POST"),
+])
+def test_405_on_the_openai_and_replicate_surfaces_names_the_allowed_methods(tmp_path, method, path, allowed):
+    """RFC 9110 (and /v1's own 405s): a 405 carries `Allow` with the path's methods. On /openai/v1 and /replicate/v1
+    it is empty: allowed_methods() skips the surfaces' routes (include_router wraps them; no `.methods`)."""
+    client, _ = client_for(tmp_path, CountingGenerator())
+    with client:
+        resp = client.request(method, path)
+    assert resp.status_code == 405, resp.text
+    assert allowed in resp.headers.get("allow", "").split(", "), repr(resp.headers.get("allow"))
