@@ -154,3 +154,21 @@ def test_405_on_the_openai_and_replicate_surfaces_names_the_allowed_methods(tmp_
         resp = client.request(method, path)
     assert resp.status_code == 405, resp.text
     assert allowed in resp.headers.get("allow", "").split(", "), repr(resp.headers.get("allow"))
+
+
+@pytest.mark.parametrize("url", ["https://evil.example\\@hooks.example.com/x", "https://[::1]@hooks.example.com/x"])
+def test_a_webhook_url_the_sender_cannot_parse_is_refused_at_submit(tmp_path, monkeypatch, url):
+    """The allowlist check parses the URL with urllib (host: hooks.example.com, allowed) but aiohttp/yarl refuses it
+    (backslash / '[' in the authority): the job is accepted (202) and its webhook can never be delivered (every
+    attempt fails, silently for the client). A URL the sender cannot use must be the 422 `field: webhook` at
+    submit, as 'not a valid URL' is."""
+    import yarl
+
+    with pytest.raises(ValueError):
+        yarl.URL(url)  # what WebhookSender.deliver's aiohttp does with it
+    monkeypatch.setenv("INSTANTID_WEBHOOK_SECRET", "s3cret")
+    client, _ = client_for(tmp_path, CountingGenerator(), webhooks={"allowed_hosts": ["hooks.example.com"]})
+    with client:
+        resp = client.post("/v1/jobs", json=_request(webhook=url))
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["field"] == "webhook"
