@@ -172,3 +172,36 @@ def test_a_webhook_url_the_sender_cannot_parse_is_refused_at_submit(tmp_path, mo
         resp = client.post("/v1/jobs", json=_request(webhook=url))
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"]["field"] == "webhook"
+
+
+def test_a_job_with_a_corrupt_ready_control_map_is_refused_at_submit(tmp_path):
+    """docs/jobs.md: 'Bad input never becomes a failed job' (POST /v1/jobs answers the /v1/generate 4xx at once).
+    A ready `controls[i].map` is only header-checked at the Ingress; a truncated PNG passes, the job is accepted
+    (202), and the Generator's decode_maps refuses it later (400 invalid_image naming controls[0].map): a failed
+    job. (docs/api.md exempts only init_image from the Ingress decode.)"""
+    import numpy as np
+
+    from deployments.controls import decode_maps
+    from deployments.errors import ServiceError
+    from deployments.messages import ControlMaps
+    from test_units import FakeFace, _Method
+
+    truncated = png_bytes()[:60]
+    with pytest.raises(ServiceError) as refused:  # what the Generator does with it
+        decode_maps([{"name": "lineart", "map": truncated, "scale": 1.0, "start": 0.0, "end": 1.0}], 64, 64)
+    assert refused.value.status == 400 and refused.value.field == "controls[0].map"
+
+    face = FakeFace()
+
+    async def control_maps(items):
+        return ControlMaps([np.zeros((64, 64, 3), np.uint8) for _ in items], {"control_maps_s": 0.0})
+
+    face.control_maps = _Method(control_maps)
+    args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"), "models": [
+        {"name": "m", "base_model": "x", "controlnets": {"lineart": "l"}}]})
+    core = GenerationService(args, face, CountingGenerator(),
+                             status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
+    with TestClient(build_http_app(core), raise_server_exceptions=False) as client:
+        resp = client.post("/v1/jobs", json=_request(controls=[{"type": "lineart", "map": b64(truncated)}]))
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["field"] == "controls[0].map"
