@@ -56,6 +56,7 @@ class OpenAIError(ServiceError):
 def translate(data: dict, files: dict | None) -> tuple[dict, dict | None]:
     """OpenAI's parameters -> the /v1/generate request (data, multipart files)."""
     out: dict = {}
+    photos_as_text: list = []
     for key, value in data.items():
         if key in IGNORED:
             continue
@@ -79,9 +80,15 @@ def translate(data: dict, files: dict | None) -> tuple[dict, dict | None]:
         elif key == "mask":
             raise ServiceError(422, "invalid_parameter", "mask: inpainting masks are not supported", field="mask")
         elif key in ("image", "image[]"):  # a photo sent as text: base64 or a data URL
-            out.setdefault("face_images", []).extend(value if isinstance(value, list) else [value])
+            photos_as_text.extend(value if isinstance(value, list) else [value])
         else:
             out[key] = value
+    if photos_as_text:
+        given = out.get("face_images", [])
+        if not isinstance(given, list):
+            raise ServiceError(422, "invalid_parameter", "face_images: a list of photos (base64 or data URLs)",
+                               field="face_images")
+        out["face_images"] = [*given, *photos_as_text]
     if files is None:
         return out, None
     photos = [*files.pop("image", []), *files.pop("image[]", []), *files.pop("face_images", [])]
