@@ -29,6 +29,8 @@ IGNORED = {"user", "quality", "background", "moderation", "output_compression", 
 # our field -> the OpenAI parameter it came from, for ``param`` in errors
 PARAMS = {"num_images": "n", "base_model": "model", "delivery": "response_format", "width": "size",
           "height": "size", "face_images": "image"}
+# OpenAI parameters its API documents as nullable (the SDK sends an explicit None as null): null = the default
+NULLABLE = {"n", "size", "model", "response_format", "stream", "output_format", "prompt_cache_key"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error"}
@@ -58,7 +60,7 @@ def translate(data: dict, files: dict | None) -> tuple[dict, dict | None]:
     out: dict = {}
     photos_as_text: list = []
     for key, value in data.items():
-        if key in IGNORED:
+        if key in IGNORED or (value is None and key in NULLABLE):
             continue
         if key == "n":
             out["num_images"] = value
