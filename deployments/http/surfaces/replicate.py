@@ -32,6 +32,7 @@ STATUSES = {"queued": "starting", "running": "processing"}
 MAX_WAIT_S = 60.0
 WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?:$|[,;\s])")
 IMAGE_FIELDS = ("face_images", "pose_image", "init_image", "image")
+NESTED_IMAGE_FIELDS = (*IMAGE_FIELDS, "map")  # in people[i], controls[i]: a ready control map is an image too
 
 
 class ReplicateProblem(ServiceError):
@@ -57,13 +58,19 @@ def progress_line(progress: dict | None) -> str:
     return f"{step * 100 // total:3d}%|{'█' * done}{' ' * (10 - done)}| {step}/{total}\n"
 
 
-def summarize_input(data: dict) -> dict:
-    """The input as echoed back: photos replaced by their size (never kilobytes of base64 in every poll)."""
+def summarize_input(data: dict, fields: tuple[str, ...] = IMAGE_FIELDS) -> dict:
+    """The input as echoed back: photos replaced by their count (never kilobytes of base64 in every poll), those of
+    nested objects too (``people[i].face_images``, ``controls[i].image`` / ``map``...)."""
     out = {}
     for key, value in data.items():
-        if key in IMAGE_FIELDS and value is not None:
+        if key in fields and value is not None:
             count = len(value) if isinstance(value, list) else 1
             out[key] = f"<{count} image{'s' if count != 1 else ''}>"
+        elif isinstance(value, dict):
+            out[key] = summarize_input(value, NESTED_IMAGE_FIELDS)
+        elif isinstance(value, list):
+            out[key] = [summarize_input(item, NESTED_IMAGE_FIELDS) if isinstance(item, dict) else item
+                        for item in value]
         else:
             out[key] = value
     return out
