@@ -92,9 +92,19 @@ def build_http_app(service: GenerationService) -> FastAPI:
         """The methods of every route at this path (the catch-all above aside)."""
         from starlette.routing import Match
 
-        return sorted({m for r in [*v1.routes, *app.router.routes] if getattr(r, "endpoint", None) is not unknown
+        return sorted({m for r in flat_routes([*v1.routes, *app.router.routes])
+                       if getattr(r, "endpoint", None) is not unknown
                        and getattr(r, "methods", None) and r.matches({**scope, "method": "__none__"})[0] == Match.PARTIAL
                        for m in r.methods})
+
+    def flat_routes(routes) -> list:
+        """The routes, those of included routers among them: FastAPI >= 0.16x keeps an included router as one
+        entry (no ``.methods``; its routes under ``original_router``; included here without a prefix)."""
+        out = []
+        for route in routes:
+            inner = getattr(route, "original_router", None)
+            out.extend(flat_routes(inner.routes) if inner is not None else [route])
+        return out
 
     def method_not_allowed(scope) -> ServiceError:
         return ServiceError(405, "method_not_allowed", "method not allowed",
