@@ -5,7 +5,8 @@ A request's ``controls[i]`` is ``{type, image?, map?, scale?, start, end}``. ``t
 ``controlnets``; pose, canny and depth derive their map from ``image`` (default: the pose photo, else the first
 face photo, as the demo) with ``instantid.controls``; any type takes a ready ``map`` instead.
 
-- Ingress (``check_controls``): base64 and header checks naming ``controls[i].image`` / ``.map`` (400), the type
+- Ingress (``check_controls``): base64 and header checks naming ``controls[i].image`` / ``.map`` (400; a ready
+  map is decoded too, ``load_map``, so a corrupt one is refused before a job is accepted), the type
   against the model (422 naming ``controls[i].type``), a photo to derive from (422), bounds in the schema.
 - FaceAnalyzer replicas (the CPU face group; ``ControlMapsCore``): photos decoded with the same bounds as the face
   photos, resized as the demo resizes its photo (``resize_for_analysis``), maps derived at that size. The Ingress
@@ -51,6 +52,7 @@ def check_controls(req, spec, faces: list[bytes] | None, pose: bytes | None, max
         if control.map is not None:
             entry["map"] = decode_base64(control.map, f"{where}.map")
             check_image(entry["map"], f"{where}.map", max_pixels)
+            load_map(entry["map"], i)  # decoded once here too: a corrupt map is the request's 400, never later
         elif control.type not in DERIVED:
             raise ServiceError(422, "invalid_parameter", f"{where}.map: a {control.type!r} control needs a ready map",
                                field=f"{where}.map")
@@ -122,23 +124,28 @@ def attach_maps(controls: list[dict], derived: ControlMaps | None) -> list[dict]
     return out
 
 
+def load_map(source: bytes, i: int):
+    """A ready map (bytes) decoded as an RGB image, or the 400 ``invalid_image`` naming ``controls[i].map``: the
+    one decode of ready maps, run by the Ingress (``check_controls``: refused at submit) and the Generator."""
+    from instantid.errors import InvalidImageError
+    from instantid.face import load_image
+
+    try:
+        return load_image(bytes(source), name=f"controls[{i}].map")
+    except InvalidImageError as exc:
+        raise ServiceError(400, "invalid_image", str(exc).splitlines()[0], field=f"controls[{i}].map") from None
+
+
 def decode_maps(controls: list[dict], width: int, height: int) -> list[dict]:
     """Generator side: every map as an RGB array on the output canvas (a ready map decoded first), as
     ``prepare_controls`` resizes them."""
     from PIL import Image
 
-    from instantid.errors import InvalidImageError
-    from instantid.face import load_image
-
     out = []
     for i, c in enumerate(controls):
         source = c["map"]
         if isinstance(source, (bytes, bytearray)):
-            try:
-                image = load_image(bytes(source), name=f"controls[{i}].map")
-            except InvalidImageError as exc:
-                raise ServiceError(400, "invalid_image", str(exc).splitlines()[0], field=f"controls[{i}].map") \
-                    from None
+            image = load_map(source, i)
         else:
             image = Image.fromarray(np.asarray(source, dtype=np.uint8))
         image = image.convert("RGB").resize((width, height))
