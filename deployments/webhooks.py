@@ -3,7 +3,8 @@
 - Allowlist: only hosts in ``jobs.webhooks.allowed_hosts`` are called (exact names, or ``*.example.com`` for its
   subdomains); a URL outside it is refused at submit with 422, so the service is no open relay into the
   cluster's network (SSRF). https only unless ``allow_http``. The URL's host is checked, never resolved
-  addresses: list names you control.
+  addresses: list names you control. The URL must parse the same with urllib and with yarl (aiohttp's parser,
+  the sender's): one it cannot parse, or where it reads another host, is refused; user info (``user@``) too.
 - Signature: ``X-InstantID-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`` with the secret
   from the env var ``secret_env`` names (the scheme Stripe uses: the timestamp inside the MAC stops replays).
   ``X-InstantID-Webhook-Id`` is the same on every retry of one delivery, so receivers can drop duplicates.
@@ -51,6 +52,20 @@ def verify(secret: str, body: bytes, header: str, tolerance_s: float = 300, now:
     return hmac.compare_digest(sign(secret, body, timestamp), header)
 
 
+def sender_host(url: str) -> str | None:
+    """The host the sender (aiohttp, through yarl) reads in ``url``; ValueError where it cannot parse it (a
+    backslash or '[' in the authority...); None when yarl is not installed (the sender cannot run either)."""
+    try:
+        import yarl
+    except ImportError:
+        return None
+    try:
+        host = yarl.URL(url).raw_host
+    except (ValueError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
+    return (host or "").strip("[]")
+
+
 def host_allowed(host: str, allowed: list[str]) -> bool:
     host = host.lower().rstrip(".")
     for pattern in allowed:
@@ -79,8 +94,14 @@ class WebhookSender:
             parts = urlsplit(url)
             host = parts.hostname or ""
             parts.port  # noqa: B018 - raises on a malformed port
+            sent = sender_host(url)  # the host aiohttp (the sender) will call: it must be the one checked
         except ValueError:
             raise ServiceError(422, "invalid_parameter", f"{field}: not a valid URL", field=field) from None
+        if "@" in parts.netloc or parts.username is not None or parts.password is not None:
+            raise ServiceError(422, "invalid_parameter", f"{field}: a URL with user info (user:password@) is not "
+                               "accepted", field=field)
+        if sent is not None and sent.lower().rstrip(".") != host.lower().rstrip("."):
+            raise ServiceError(422, "invalid_parameter", f"{field}: not a valid URL", field=field)
         schemes = ("https", "http") if self.config.allow_http else ("https",)
         if parts.scheme not in schemes or not host:
             raise ServiceError(422, "invalid_parameter", f"{field}: must be an {' or '.join(schemes)} URL",
