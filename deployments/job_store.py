@@ -17,11 +17,13 @@ key names from the prefix: a single Redis (or a primary with replicas), not Redi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from typing import Any
 
 TERMINAL = ("succeeded", "failed", "canceled")
+SWEEP_BATCH = 64  # expired in-memory records forgotten per write at most
 STATUSES = ("queued", "running") + TERMINAL
 
 _SUBMIT = """
@@ -240,8 +242,19 @@ class MemoryJobStore:
             self.expires.pop(job_id, None)
         return self.jobs.get(job_id)
 
+    def _sweep(self) -> None:
+        """Forget expired records nobody asks for again (results hold base64 images): bounded work on each write
+        (submit, claim), oldest end first (``expires`` is in end order), stopping at the first live one."""
+        now = time.time()
+        for job_id in list(itertools.islice(self.expires, SWEEP_BATCH)):
+            if self.expires[job_id] > now:
+                break
+            self.jobs.pop(job_id, None)
+            self.expires.pop(job_id, None)
+
     def _end(self, job_id: str, ttl_s: int) -> None:
         self.jobs[job_id].pop("inputs", None)
+        self.expires.pop(job_id, None)  # re-inserted last: ``expires`` stays in end order for _sweep
         self.expires[job_id] = time.time() + ttl_s
         for ids in (self.queue, self.running):
             while job_id in ids:
@@ -249,6 +262,7 @@ class MemoryJobStore:
         self.leases.pop(job_id, None)
 
     async def submit(self, job_id: str, fields: dict, max_queued: int) -> bool:
+        self._sweep()
         if len(self.queue) >= max_queued:
             return False
         self.jobs[job_id] = {**json.loads(json.dumps({k: v for k, v in fields.items() if v is not None})),
@@ -267,6 +281,7 @@ class MemoryJobStore:
         return None if job is None else job.get("inputs")
 
     async def claim(self, worker: str, lease_s: float) -> str | None:
+        self._sweep()
         while self.queue:
             job_id = self.queue.pop(0)
             job = self._live(job_id)
