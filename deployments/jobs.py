@@ -289,9 +289,10 @@ class JobService:
         metrics.job_status(record["status"])
         webhook = record.get("webhook")
         if webhook:
-            view = self.views.get((record.get("meta") or {}).get("surface", "jobs"))
-            if view is not None:
-                self.webhooks.send(webhook, view(job_id, record))
+            meta = record.get("meta") or {}
+            view = self.views.get(meta.get("surface", "jobs"))
+            if view is not None:  # with the absolute URLs GET shows (the base URL the job was submitted to)
+                self.webhooks.send(webhook, view(job_id, record, meta.get("base_url", "")))
 
     # -- calls from the surfaces ---------------------------------------------------------------------------
     async def submit(self, ctx, data: dict, files: dict | None = None, *, webhook: str | None = None,

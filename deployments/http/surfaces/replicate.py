@@ -160,7 +160,8 @@ def add_routes(app, edge) -> None:
             if data["base_model"] != name:
                 raise ServiceError(422, "invalid_parameter", "input.base_model: differs from the model called",
                                    field="base_model")
-            meta = {"surface": SURFACE, "input": summarize_input(payload.get("input") or {})}
+            meta = {"surface": SURFACE, "input": summarize_input(payload.get("input") or {}),
+                    "base_url": str(request.base_url)}
         except Exception as exc:
             raise ReplicateProblem.of(core.fail(ctx, exc)) from None
         try:
