@@ -236,6 +236,7 @@ class JobService:
         core, cfg = self.core, self.config
         req = core.schemas.GenerateRequest.model_validate(inputs["request"])
         prepared = unpack(inputs["prepared"])
+        ctx.timings.update(inputs.get("timings") or {})  # the result's timings are /v1/generate's: submit's too
         timeout = min(req.timeout_s or core.args.request_timeout_s, core.args.request_timeout_s)
         ctx.deadline = time.time() + timeout
         prepared.task.deadline = ctx.deadline
@@ -320,7 +321,8 @@ class JobService:
         request = req.model_dump(mode="json", exclude=DROPPED_FIELDS)
         record = {"created_at": time.time(), "owner": ctx.api_key, "webhook": webhook,
                   "meta": {"model": prepared.task.model, **(meta or {})},
-                  "inputs": {"request": request, "prepared": pack(prepared)}}
+                  "inputs": {"request": request, "prepared": pack(prepared),
+                             "timings": dict(ctx.timings)}}  # submit's (decode, face analysis, identities...)
         try:
             accepted = await self.store.submit(job_id, record, self.config.max_queued)
         except Exception as exc:
