@@ -66,6 +66,17 @@ def sender_host(url: str) -> str | None:
     return (host or "").strip("[]")
 
 
+def same_host(a: str, b: str) -> bool:
+    """Whether two spellings name one host (case, a trailing dot and IDNA encoding aside)."""
+    def norm(host: str) -> str:
+        host = host.lower().rstrip(".")
+        try:
+            return host.encode("idna").decode()
+        except UnicodeError:
+            return host
+    return norm(a) == norm(b)
+
+
 def host_allowed(host: str, allowed: list[str]) -> bool:
     host = host.lower().rstrip(".")
     for pattern in allowed:
@@ -100,7 +111,7 @@ class WebhookSender:
         if "@" in parts.netloc or parts.username is not None or parts.password is not None:
             raise ServiceError(422, "invalid_parameter", f"{field}: a URL with user info (user:password@) is not "
                                "accepted", field=field)
-        if sent is not None and sent.lower().rstrip(".") != host.lower().rstrip("."):
+        if sent is not None and not same_host(sent, host):
             raise ServiceError(422, "invalid_parameter", f"{field}: not a valid URL", field=field)
         schemes = ("https", "http") if self.config.allow_http else ("https",)
         if parts.scheme not in schemes or not host:
