@@ -94,7 +94,8 @@ def build_http_app(service: GenerationService) -> FastAPI:
 
         return sorted({m for r in flat_routes([*v1.routes, *app.router.routes])
                        if getattr(r, "endpoint", None) is not unknown
-                       and getattr(r, "methods", None) and r.matches({**scope, "method": "__none__"})[0] == Match.PARTIAL
+                       and getattr(r, "methods", None)
+                       and r.matches({**scope, "method": "__none__"})[0] == Match.PARTIAL
                        for m in r.methods})
 
     def flat_routes(routes) -> list:

@@ -54,7 +54,8 @@ def add_routes(v1, edge) -> None:
         data, files = await edge.read(request, ctx, service.args.limits.max_faces + 2,
                                       ("face_images", "pose_image", "init_image"))
         webhook = data.pop("webhook", None)
-        job_id, record = await jobs.submit(ctx, data, files, webhook=webhook, meta={"surface": SURFACE, "base_url": str(request.base_url)})
+        job_id, record = await jobs.submit(ctx, data, files, webhook=webhook,
+                                           meta={"surface": SURFACE, "base_url": str(request.base_url)})
         view = job_view(job_id, record, str(request.base_url))
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["get"]})
 
