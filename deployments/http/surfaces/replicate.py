@@ -184,20 +184,20 @@ def add_routes(app, edge) -> None:
     async def create_prediction(request: Request):
         return await create(request, caller("/predictions", request), None)
 
-    @router.get("/predictions/{prediction_id}", summary="Get a prediction")
-    async def get_prediction(request: Request, prediction_id: str):
+    async def existing(request: Request, route: str, action, prediction_id: str) -> JSONResponse:
+        """A prediction looked up (``jobs.get``) or cancelled (``jobs.cancel``), in Replicate's shape."""
         try:
-            record = await jobs.get(caller("/predictions/{prediction_id}", request), prediction_id)
+            record = await action(caller(route, request), prediction_id)
         except ServiceError as err:
             raise ReplicateProblem.of(err) from None
         return JSONResponse(prediction_view(prediction_id, record, str(request.base_url)))
 
+    @router.get("/predictions/{prediction_id}", summary="Get a prediction")
+    async def get_prediction(request: Request, prediction_id: str):
+        return await existing(request, "/predictions/{prediction_id}", jobs.get, prediction_id)
+
     @router.post("/predictions/{prediction_id}/cancel", summary="Cancel a prediction")
     async def cancel_prediction(request: Request, prediction_id: str):
-        try:
-            record = await jobs.cancel(caller("/predictions/{prediction_id}/cancel", request), prediction_id)
-        except ServiceError as err:
-            raise ReplicateProblem.of(err) from None
-        return JSONResponse(prediction_view(prediction_id, record, str(request.base_url)))
+        return await existing(request, "/predictions/{prediction_id}/cancel", jobs.cancel, prediction_id)
 
     app.include_router(router)
