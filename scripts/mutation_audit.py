@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""A small mutation audit: apply one realistic single-point bug at a time, run only the relevant in-process
+(non-Ray) tests with -x, record whether they fail ("killed"), and restore the file. docs/testing.md has the
+table of the last run and says how to add mutations.
+
+    .venv/bin/python scripts/mutation_audit.py             # every mutation, a markdown table on stdout
+    .venv/bin/python scripts/mutation_audit.py --only 7 12 # some, by number
+    .venv/bin/python scripts/mutation_audit.py --list
+
+Each mutation names a file, an exact snippet that must occur in it exactly once, its replacement, and the test
+selection to run. The file is restored in a ``finally`` (and checked against its original bytes), so the tree is
+left as it was even when a run is interrupted; ``git diff`` after a run must be empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TI = "tests/instantid"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+M = Mutation
+KNOWN = f"{TI}/test_known_answers.py"
+LIMITS = f"{TI}/test_image_limits.py"
+MUTATIONS = [
+    # -- library: prompt weighting ---------------------------------------------------------------------------
+    M("LPW: a weighted token scaled by w instead of moved from the end token",
+      "instantid/prompt_weighting.py", "scaled = last + (embeds - last) * w16.to(embeds.dtype)[:, None]",
+      "scaled = embeds * w16.to(embeds.dtype)[:, None]", (KNOWN + "::test_a_weighted_tokens_embedding_is_the_lpw_formula",)),
+    M("LPW: weights below 1 ignored", "instantid/prompt_weighting.py", "weighted = w16 != 1.0", "weighted = w16 > 1.0",
+      (KNOWN + "::test_a_weighted_tokens_embedding_is_the_lpw_formula",)),
+    M("LPW: chunks of 76 tokens", "instantid/prompt_weighting.py", "CHUNK = 75", "CHUNK = 76",
+      (KNOWN, f"{TI}/test_demo_features.py")),
+    M("LPW: (text) weighs 1.05", "instantid/prompt_weighting.py", "ROUND, SQUARE = 1.1, 1 / 1.1",
+      "ROUND, SQUARE = 1.05, 1 / 1.1", (f"{TI}/test_demo_features.py",)),
+    # -- library: attention and regions ----------------------------------------------------------------------
+    M("region grid halved rounding down", "instantid/attention.py", "h, w = (h + 1) // 2, (w + 1) // 2",
+      "h, w = h // 2, w // 2", (KNOWN,)),
+    M("region resized bilinear instead of nearest", "instantid/attention.py",
+      'mask = F.interpolate(region[:, None], size=(h, w), mode="nearest")',
+      'mask = F.interpolate(region[:, None], size=(h, w), mode="bilinear")', (KNOWN,)),
+    M("people: ID tokens owned modulo instead of by block", "instantid/attention.py",
+      "token_owner = torch.arange(people * self.num_tokens, device=query.device) // self.num_tokens",
+      "token_owner = torch.arange(people * self.num_tokens, device=query.device) % people", (KNOWN,)),
+    M("single identity: region mask not applied", "instantid/attention.py",
+      "id_out = id_out * region_at(self.region, id_out.shape[1]).to(id_out.dtype)", "id_out = id_out", (KNOWN,)),
+    # -- library: pipeline -----------------------------------------------------------------------------------
+    M("img2img runs the first steps of the schedule", "instantid/pipeline.py",
+      "timesteps = schedulers[0].timesteps[begin:]", "timesteps = schedulers[0].timesteps[:steps - begin]", (KNOWN,)),
+    M("img2img rounds strength x steps to nearest", "instantid/pipeline.py",
+      "begin = (steps - min(int(steps * requests[0].strength), steps))",
+      "begin = (steps - min(round(steps * requests[0].strength), steps))", (KNOWN,)),
+    M("img2img noised at the second kept timestep", "instantid/pipeline.py",
+      "timesteps[:1], width, height", "timesteps[1:2], width, height", (KNOWN,)),
+    M("guidance window start inclusive on the wrong side", "instantid/pipeline.py",
+      "float(i / n < start or (i + 1) / n > end)", "float(i / n <= start or (i + 1) / n > end)", (KNOWN,)),
+    M("guidance window end checked at the step's start", "instantid/pipeline.py",
+      "float(i / n < start or (i + 1) / n > end)", "float(i / n < start or i / n > end)", (KNOWN,)),
+    M("seed 0 treated as no seed", "instantid/pipeline.py",
+      'return torch.Generator("cpu").manual_seed(int(self.seed or 0))',
+      'return torch.Generator("cpu").manual_seed(int(self.seed)) if self.seed else torch.Generator("cpu")',
+      (KNOWN + "::test_a_seed_gives_torchs_own_noise_from_a_cpu_generator",)),
+    M("CFG unconditional branch fed the real face embedding", "instantid/pipeline.py",
+      "batch = torch.cat([torch.zeros_like(emb), emb]) if cfg else emb", "batch = torch.cat([emb, emb]) if cfg else emb",
+      (f"{TI}/test_golden.py",)),
+    M("CFG combination around the conditional prediction", "instantid/pipeline.py",
+      "pred = u + r.guidance_scale * (pred - u)", "pred = pred + r.guidance_scale * (pred - u)",
+      (f"{TI}/test_golden.py",)),
+    M("IdentityNet residual mask resized nearest", "instantid/pipeline.py",
+      'd = [x * _resized(mask, x, "bilinear") for x in d]', 'd = [x * _resized(mask, x, "nearest") for x in d]',
+      (f"{TI}/test_golden.py",)),
+    M("a control mask read at /256", "instantid/pipeline.py",
+      "return torch.from_numpy(np.array(image)[:, :, 0]).float() / 255.0",
+      "return torch.from_numpy(np.array(image)[:, :, 0]).float() / 256.0", (f"{TI}/test_golden.py",)),
+    M("decode check never asked", "instantid/pipeline.py",
+      "results[position] = self._decode(x, output_type, _wanted_check(still_wanted, position))",
+      "results[position] = self._decode(x, output_type)", (f"{TI}/test_abandoned_decode.py",)),
+    # -- library: coordinates --------------------------------------------------------------------------------
+    M("cover fit uses the smaller scale (contain)", "instantid/keypoints.py", "scale = max(tw / sw, th / sh)",
+      "scale = min(tw / sw, th / sh)", (KNOWN, f"{TI}/test_keypoints.py")),
+    M("cover fit centres the unscaled face", "instantid/keypoints.py",
+      "offset.append(float(np.clip(t_len / 2 - c * scale, slack, 0.0)) if slack < 0 else 0.0)",
+      "offset.append(float(np.clip(t_len / 2 - c, slack, 0.0)) if slack < 0 else 0.0)", (KNOWN, f"{TI}/test_keypoints.py")),
+    M("face mask rows and columns swapped", "instantid/keypoints.py", "mask[y1:y2, x1:x2] = 255",
+      "mask[x1:x2, y1:y2] = 255", (KNOWN,)),
+    M("region margin of y taken from the width", "instantid/people.py",
+      "dx, dy = (x2 - x1) * REGION_MARGIN, (y2 - y1) * REGION_MARGIN",
+      "dx, dy = (x2 - x1) * REGION_MARGIN, (x2 - x1) * REGION_MARGIN", (KNOWN, f"{TI}/test_people.py")),
+    M("people overlap needs both axes -> either", "instantid/people.py",
+      "if min(ax2, bx2) > max(ax1, bx1) and min(ay2, by2) > max(ay1, by1):",
+      "if min(ax2, bx2) > max(ax1, bx1) or min(ay2, by2) > max(ay1, by1):", (f"{TI}/test_people.py",)),
+    M("analysis resize: long side from min", "instantid/face.py", "ratio = 1280 / max(h, w)", "ratio = 1280 / min(h, w)",
+      (KNOWN,)),
+    M("face coordinates: y scaled by x's factor", "instantid/face.py", '"bbox": [x1 * sx, y1 * sy, x2 * sx, y2 * sy]',
+      '"bbox": [x1 * sx, y1 * sx, x2 * sx, y2 * sx]', (KNOWN,)),
+    # -- library: image limits -------------------------------------------------------------------------------
+    M("JPEG walk stops at junk again (the finding)", "instantid/image_limits.py",
+      "        found = _ANY_MARKER.search(data, pos)\n        if found is None:\n            return  # no more markers",
+      "        found = _ANY_MARKER.match(data, pos)\n        if found is None:\n            return  # no more markers",
+      (LIMITS,)),
+    M("decoder scan count off (x10)", "instantid/image_limits.py", "if self.scans > self.max_scans:",
+      "if self.scans > 10 * self.max_scans:", (LIMITS,)),
+    M("decoder scan budget ignores the pixel count", "instantid/image_limits.py",
+      "reader.max_scans = max(1, min(MAX_SCAN_PIXELS // max(1, width * height), 10 * MAX_JPEG_SCANS))",
+      "reader.max_scans = MAX_JPEG_SCANS", (LIMITS,)),
+    M("load_image pixel limit not checked", "instantid/image_limits.py", "if width * height > max_pixels:\n        image.close()",
+      "if False:\n        image.close()", (LIMITS,)),
+    M("JPEG scan limit off by one", "instantid/image_limits.py", "if scans > MAX_JPEG_SCANS:", "if scans >= MAX_JPEG_SCANS:",
+      (LIMITS,)),
+    M("PNG: IDAT counted as ancillary", "instantid/image_limits.py", 'if kind != b"IDAT":', 'if kind == b"IDAT":',
+      (LIMITS,)),
+]
+
+
+def run(mutation: Mutation, timeout: int) -> tuple[bool, str, float]:
+    path = ROOT / mutation.path
+    original = path.read_bytes()
+    text = original.decode()
+    if text.count(mutation.old) != 1:
+        raise SystemExit(f"{mutation.path}: the snippet for {mutation.what!r} occurs {text.count(mutation.old)} times")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    started = time.monotonic()
+    try:
+        path.write_text(text.replace(mutation.old, mutation.new))
+        try:
+            out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                  "-m", "not serve", *mutation.tests], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=timeout)
+            rc, tail = out.returncode, out.stdout
+        except subprocess.TimeoutExpired:
+            rc, tail = -1, "timeout"
+    finally:
+        path.write_bytes(original)
+        assert path.read_bytes() == original
+    failed = [line.split(" ")[1] for line in tail.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    # rc 1: a test failed; 5 (nothing collected), 2-4 (usage, internal errors) say nothing about the mutation
+    killed = rc == 1
+    by = failed[0].split("::", 1)[-1] if failed else ("timeout" if rc == -1 else f"rc={rc}")
+    return killed, by, time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", type=int, nargs="*", help="mutation numbers (1-based)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--timeout", type=int, default=900)
+    args = parser.parse_args()
+    chosen = [(i, m) for i, m in enumerate(MUTATIONS, 1) if not args.only or i in args.only]
+    if args.list:
+        for i, m in chosen:
+            print(f"{i:3d}  {m.path}: {m.what}")
+        return
+    print("| # | mutation | file | tests run | killed by |\n|---|---|---|---|---|", flush=True)
+    killed = 0
+    for i, m in chosen:
+        dead, by, seconds = run(m, args.timeout)
+        killed += dead
+        tests = ", ".join(t.replace("tests/", "") for t in m.tests)
+        print(f"| {i} | {m.what} | `{m.path}` | {tests} | {'`' + by + '`' if dead else '**survived** (' + by + ')'} |",
+              flush=True)
+    print(f"\nkilled {killed} of {len(chosen)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
