@@ -8,14 +8,17 @@ table of the last run and says how to add mutations.
     .venv/bin/python scripts/mutation_audit.py --list
 
 Each mutation names a file, an exact snippet that must occur in it exactly once, its replacement, and the test
-selection to run. The file is restored in a ``finally`` (and checked against its original bytes), so the tree is
-left as it was even when a run is interrupted; ``git diff`` after a run must be empty.
+selection to run. The audit runs on a copy of the tree (``--copy DIR``, default a fresh temporary directory,
+imported first through PYTHONPATH), so a mutation never sits in the working tree, where a commit could take it;
+in the copy each file is restored in a ``finally`` and checked against its original bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+COPIED = ("instantid", "deployments", "tests", "serve", "pyproject.toml")
 TI = "tests/instantid"
 
 
@@ -128,19 +132,20 @@ MUTATIONS = [
 ]
 
 
-def run(mutation: Mutation, timeout: int) -> tuple[bool, str, float]:
-    path = ROOT / mutation.path
+def run(mutation: Mutation, timeout: int, root: Path) -> tuple[bool, str, float]:
+    path = root / mutation.path
     original = path.read_bytes()
     text = original.decode()
     if text.count(mutation.old) != 1:
         raise SystemExit(f"{mutation.path}: the snippet for {mutation.what!r} occurs {text.count(mutation.old)} times")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=str(root))
     started = time.monotonic()
     try:
         path.write_text(text.replace(mutation.old, mutation.new))
         try:
             out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                  "-m", "not serve", *mutation.tests], cwd=ROOT, env=env, capture_output=True,
+                                  "-m", "not serve", *mutation.tests], cwd=root, env=env, capture_output=True,
                                  text=True, timeout=timeout)
             rc, tail = out.returncode, out.stdout
         except subprocess.TimeoutExpired:
@@ -160,16 +165,27 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="*", help="mutation numbers (1-based)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--copy", type=Path, help="where to copy the tree (default: a temporary directory)")
     args = parser.parse_args()
     chosen = [(i, m) for i, m in enumerate(MUTATIONS, 1) if not args.only or i in args.only]
     if args.list:
         for i, m in chosen:
             print(f"{i:3d}  {m.path}: {m.what}")
         return
+    import tempfile
+
+    root = args.copy or Path(tempfile.mkdtemp(prefix="mutation-audit-"))
+    for name in COPIED:
+        source, target = ROOT / name, root / name
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally restores the file
     print("| # | mutation | file | tests run | killed by |\n|---|---|---|---|---|", flush=True)
     killed = 0
     for i, m in chosen:
-        dead, by, seconds = run(m, args.timeout)
+        dead, by, seconds = run(m, args.timeout, root)
         killed += dead
         tests = ", ".join(t.replace("tests/", "") for t in m.tests)
         print(f"| {i} | {m.what} | `{m.path}` | {tests} | {'`' + by + '`' if dead else '**survived** (' + by + ')'} |",
