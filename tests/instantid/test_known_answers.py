@@ -205,10 +205,11 @@ def test_the_tiny_bundles_schedule_is_sdxls(pipe):
     assert _leading_timesteps(pipe.scheduler.config, 10) == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
 
 
-@pytest.mark.parametrize("strength, steps, runs", [(0.8, 10, 8), (0.4, 5, 2), (0.55, 4, 2), (1.0, 4, 4)])
+@pytest.mark.parametrize("strength, steps, runs", [(0.8, 10, 8), (0.4, 5, 2), (0.55, 4, 2), (0.75, 2, 1), (1.0, 4, 4)])
 def test_img2img_runs_the_last_strength_share_of_the_schedule(pipe, strength, steps, runs):
     """diffusers img2img: int(steps * strength) steps, the LAST ones of the full schedule (the default 0.8 over 10
-    steps runs 8: 701 ... 1); a change that ran the first ones or one too many shows here."""
+    steps runs 8: 701 ... 1); a change that ran the first ones or one too many shows here (0.75 of 2 steps is 1:
+    int, not round)."""
     init = Image.fromarray(np.random.RandomState(0).randint(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     with UNetSpy(pipe.unet) as spy:
         pipe.generate([request(init_image=init, strength=strength, guidance_scale=1.0)], width=SIZE, height=SIZE,
