@@ -76,8 +76,10 @@ MUTATIONS = [
       "begin = (steps - min(int(steps * requests[0].strength), steps))",
       "begin = (steps - min(round(steps * requests[0].strength), steps))",
       (KNOWN + "::test_img2img_runs_the_last_strength_share_of_the_schedule",)),
-    M("img2img noised at the second kept timestep", "instantid/pipeline.py",
-      "timesteps[:1], width, height", "timesteps[1:2], width, height",
+    # (noising at timesteps[1:2] instead of [:1] was tried: equivalent, diffusers' add_noise uses the begin index)
+    M("img2img init latents not scaled by the VAE's scaling factor", "instantid/pipeline.py",
+      "init = (vae.config.scaling_factor * init.to(dtype)).repeat(r.num_images, 1, 1, 1)",
+      "init = init.to(dtype).repeat(r.num_images, 1, 1, 1)",
       (KNOWN + "::test_img2img_starts_from_the_init_image_noised_at_the_first_kept_timestep",)),
     M("guidance window start inclusive on the wrong side", "instantid/pipeline.py",
       "float(i / n < start or (i + 1) / n > end)", "float(i / n <= start or (i + 1) / n > end)",

@@ -340,3 +340,21 @@ def test_people_on_a_non_square_canvas_get_their_regions_by_hand():
         mask = np.asarray(person.region_mask())[..., 0] > 0
         assert mask.sum() == (want[2] - want[0]) * (want[3] - want[1])
         assert mask[want[1], want[0]] and not mask[want[1] - 1 if want[1] else want[3], want[0]]
+
+
+def test_group_faces_share_one_cover_fit_centred_on_their_union():
+    """face_index placements from a 200x100 group photo onto a 100x100 canvas: scale max(100/200, 100/100) = 1, the
+    crop window centred on the union of the chosen boxes (x 110..170 -> centre 140: offset 50 - 140 = -90, kept
+    inside the source: -90 >= -100), faces counted left to right whatever order the detector gave."""
+    def face(x):
+        kps = np.array([[x + 5, 30], [x + 15, 30], [x + 10, 35], [x + 6, 42], [x + 14, 42]], dtype=np.float32)
+        return Face(bbox=np.array([x, 20, x + 20, 50], np.float32), score=0.9, kps=kps,
+                    embedding=np.zeros(512, np.float32))
+
+    faces = [face(150), face(10), face(110)]  # detector order; left to right: 10, 110, 150
+    people, size = place_people([np.ones(512), np.ones(512)], [Placement(face_index=1), Placement(face_index=2)],
+                                100, 100, group=(faces, (200, 100)))
+    assert size == (100, 100)
+    np.testing.assert_allclose(people[0].keypoints, face(110).kps - [90, 0])
+    np.testing.assert_allclose(people[1].keypoints, face(150).kps - [90, 0])
+    assert people[0].region == grown_region([20, 20, 40, 50], 100, 100)
