@@ -358,3 +358,13 @@ def test_group_faces_share_one_cover_fit_centred_on_their_union():
     np.testing.assert_allclose(people[0].keypoints, face(110).kps - [90, 0])
     np.testing.assert_allclose(people[1].keypoints, face(150).kps - [90, 0])
     assert people[0].region == grown_region([20, 20, 40, 50], 100, 100)
+
+
+def test_a_tall_face_box_grows_by_its_own_height_and_width():
+    """grown_region: REGION_MARGIN of the width left and right, of the HEIGHT above and below (a box placement's
+    box need not be square), clipped to the canvas: (12, 20, 52, 100) with margin 0.25 -> (2, 0, 62, 120)."""
+    from instantid.defaults import REGION_MARGIN
+
+    assert REGION_MARGIN == 0.25
+    assert grown_region([12, 20, 52, 100], 200, 200) == (2, 0, 62, 120)
+    assert grown_region([12, 20, 52, 100], 60, 110) == (2, 0, 60, 110)
