@@ -61,6 +61,10 @@ _ANY_MARKER = re.compile(rb"\xff+[^\x00\xff]")
 _SOS = b"\xff\xda"
 
 
+class ImageTooLarge(InvalidImageError):
+    """More pixels than allowed (the service answers 413)."""
+
+
 class DecodeAborted(InvalidImageError):
     """A decode stopped at its deadline or because its request went away."""
 
@@ -157,8 +161,8 @@ class _BoundedReader(io.BytesIO):
                                     f"size")
 
 
-def _too_many_pixels(label: str, width: int, height: int, max_pixels: int) -> InvalidImageError:
-    return InvalidImageError(f"{label} is {width}x{height}, more than {max_pixels} pixels")
+def _too_many_pixels(label: str, width: int, height: int, max_pixels: int) -> ImageTooLarge:
+    return ImageTooLarge(f"{label} is {width}x{height}, more than {max_pixels} pixels")
 
 
 def open_bounded(data: bytes, label: str, timeout_s: float, should_stop: Callable[[], bool] | None = None,
@@ -184,7 +188,8 @@ def open_bounded(data: bytes, label: str, timeout_s: float, should_stop: Callabl
 def read_header(data: bytes, label: str, max_pixels: int | None = None) -> tuple[str, tuple[int, int]]:
     """Format and size from the header only, after the bounded framing walk (what Pillow's own header walk costs
     is then bounded too): the one way the library and the service look at an image without decoding it.
-    Refuses non-images, formats other than ACCEPTED_FORMATS, empty sizes and (given ``max_pixels``) too many."""
+    Refuses non-images, formats other than ACCEPTED_FORMATS, empty sizes and (ImageTooLarge) more pixels than
+    ``max_pixels`` or Pillow's decompression-bomb limit."""
     from PIL import Image
 
     check_structure(data, label)
@@ -192,7 +197,7 @@ def read_header(data: bytes, label: str, max_pixels: int | None = None) -> tuple
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height) = image.format, image.size
     except Image.DecompressionBombError:
-        raise InvalidImageError(f"{label} has too many pixels") from None
+        raise ImageTooLarge(f"{label} has too many pixels") from None
     except Exception:
         raise unreadable(label) from None
     if width < 1 or height < 1:

@@ -139,3 +139,5 @@ def test_read_header_is_bounded_and_gives_format_and_size():
         image_limits.read_header(after_app0(many_scans(4096, 6000), b"\x00"), "x")
     with pytest.raises(InvalidImageError, match="not a readable image"):
         image_limits.read_header(b"GIF89a" + b"\x00" * 40, "x")
+    with pytest.raises(image_limits.ImageTooLarge, match="64x32, more than 2047 pixels"):
+        image_limits.read_header(many_scans(64, 10, 32), "x", max_pixels=2047)
