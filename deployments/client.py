@@ -10,7 +10,7 @@
                            "steps": 30})            # size: the identity's pose canvas
     open("out.png", "wb").write(out.image_bytes()[0])
 
-Requests and responses are the HTTP API's models (``deployments.schemas``); the service validates
+Requests and responses are the HTTP API's models (``deployments.ingress.schemas``); the service validates
 requests against its own configured limits. Errors raise ``ServiceError`` with the HTTP ``status``,
 ``code``, ``message`` and ``field`` the HTTP API would answer. The handle API is meant for trusted,
 in-cluster callers: it bypasses API keys and rate limits. Each method has an ``_async`` twin for use
@@ -26,8 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .errors import ServiceError, from_exception
-from .schemas import GenerateRequest, GenerateResponse, IdentityList, IdentityResponse, ModelList
+from deployments.errors import ServiceError, from_exception
+from deployments.ingress.schemas import GenerateRequest, GenerateResponse, IdentityList, IdentityResponse, ModelList
 
 __all__ = ["InstantIDClient", "ServiceError", "encode_image", "GenerateRequest", "GenerateResponse",
            "IdentityResponse"]

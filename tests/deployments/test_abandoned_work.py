@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deployments.config import AppArgs
-from deployments.generator import GeneratorCore
+from deployments.generator.deployment import GeneratorCore
 from deployments.messages import BackendHealth, GenerationTask
 from serve_helpers import app_args, assert_error
 from test_units import _request, make_client
@@ -160,7 +160,7 @@ def test_readyz_is_503_when_the_generator_is_stuck_or_not_answering(tmp_path):
 
 
 def test_the_generator_reports_abandoned_work_on_its_device():
-    from deployments.generator import Generator
+    from deployments.generator.deployment import Generator
 
     gen = Generator.func_or_class.__new__(Generator.func_or_class)
     gen.ready_error, gen._waiting = None, set()

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from deployments import api_keys
-from deployments.api_keys import KeyHashSource, parse_key_hashes
+from deployments.ingress.http import api_keys
+from deployments.ingress.http.api_keys import KeyHashSource, parse_key_hashes
 from test_units import _request, make_client
 
 OLD, NEW = "sk-old-" + "1" * 30, "sk-new-" + "2" * 30

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from deployments.client import InstantIDClient
-from deployments.service import Ctx, GenerationService
+from deployments.ingress.context import RequestContext
+from deployments.ingress.service import GenerationService
 from deployments.tiny_profile import resolve_args
 from serve_helpers import b64, png_bytes
 from test_service_controls import LocalFace, LocalGenerator
@@ -55,12 +56,12 @@ def test_http_and_handle_controls_equal_the_in_process_path(http, in_process, fa
     assert not np.array_equal(image(plain.json()["images"][0]), image(controlled.json()["images"][0]))
     body = controlled.json()
     assert body["nsfw"] == [False] and body["timings"]["control_maps_s"] > 0 and "safety_check_s" in body["timings"]
-    local = asyncio.run(in_process.generate(Ctx(route="/v1/generate"), {**base, "controls": controls[:3]}))
+    local = asyncio.run(in_process.generate(RequestContext(route="/v1/generate"), {**base, "controls": controls[:3]}))
     same_image(image(body["images"][0]), image(local["images"][0]))
     # the handle client, with a ready map among them, as the in-process path
     mixed = [controls[0], controls[2], controls[3]]
     handle = InstantIDClient("instantid", timeout_s=120).generate(**base, controls=mixed)
-    local = asyncio.run(in_process.generate(Ctx(route="/v1/generate"), {**base, "controls": mixed}))
+    local = asyncio.run(in_process.generate(RequestContext(route="/v1/generate"), {**base, "controls": mixed}))
     same_image(np.asarray(Image.open(io.BytesIO(handle.image_bytes()[0])).convert("RGB")), image(local["images"][0]))
     assert handle.nsfw == [False]
 

@@ -1,4 +1,4 @@
-"""Output delivery to S3 (deployments/http/delivery.py) against a black-holed S3: a server that accepts the
+"""Output delivery to S3 (deployments/ingress/delivery.py) against a black-holed S3: a server that accepts the
 connection and never answers. The upload must fail within the S3 client's bounded waits as the documented
 503 storage_unavailable, never hold the request until its deadline (504)."""
 
@@ -44,8 +44,8 @@ def test_a_black_holed_s3_is_a_fast_503_not_a_504(tmp_path, monkeypatch, black_h
 
 def test_every_s3_client_has_bounded_waits(black_hole):
     """The one factory is what the identity store, delivery and weight downloads use."""
-    from deployments.http.delivery import S3Delivery
-    from deployments.identities import S3Store
+    from deployments.ingress.delivery import S3Delivery
+    from deployments.ingress.identities import S3Store
 
     for c in (weights.s3_client(), S3Store("s3://ids/p").client, S3Delivery("s3://outputs/p", 60).client):
         assert c.meta.config.connect_timeout == weights.S3_CONNECT_TIMEOUT_S

@@ -14,9 +14,9 @@ from serve_helpers import assert_error, b64, png_bytes
 from test_units import FakeGenerator, _Method, make_client
 
 from deployments.config import Limits
-from deployments.generator import GeneratorCore, LoadedModel, accept_task
+from deployments.generator.deployment import GeneratorCore, LoadedModel, accept_task
 from deployments.messages import GenerationTask
-from deployments.schemas import default_size
+from deployments.ingress.schemas import default_size
 
 
 class RecordingGenerator(FakeGenerator):

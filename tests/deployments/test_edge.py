@@ -107,7 +107,7 @@ def test_unknown_v1_paths_without_auth_are_404_and_405(client):
 
 
 def test_wrong_key_guessing_is_throttled_per_address(auth_client):
-    from deployments.http.auth import AUTH_FAILURE_BURST
+    from deployments.ingress.http.auth import AUTH_FAILURE_BURST
 
     bad = {"Authorization": "Bearer guess", "X-Forwarded-For": "198.51.100.1"}  # as HAProxy sends it
     statuses = [auth_client.get("/v1/models", headers=bad).status_code for _ in range(AUTH_FAILURE_BURST + 5)]

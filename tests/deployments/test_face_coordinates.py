@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.face_analyzer import FaceAnalysisCore
+from deployments.face_analyzer.deployment import FaceAnalysisCore
 from instantid.face import FaceModel, analysis_size
 from instantid.identity import analyze_face
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from deployments.errors import ServiceError
-from deployments.generator import GeneratorCore, accept_task
+from deployments.generator.deployment import GeneratorCore, accept_task
 from deployments.messages import GenerationTask
 from deployments.tiny_profile import resolve_args
 from instantid.safety import blur

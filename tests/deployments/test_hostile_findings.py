@@ -13,8 +13,8 @@ from test_people_http import GroupFace, photo
 from test_surfaces import CountingGenerator
 
 from deployments.config import AppArgs
-from deployments.http.app import build_http_app
-from deployments.service import GenerationService
+from deployments.ingress.http.app import build_http_app
+from deployments.ingress.service import GenerationService
 
 GENERATIONS = "/openai/v1/images/generations"
 
@@ -181,7 +181,7 @@ def test_a_job_with_a_corrupt_ready_control_map_is_refused_at_submit(tmp_path):
     job. (docs/api.md exempts only init_image from the Ingress decode.)"""
     import numpy as np
 
-    from deployments.controls import decode_maps
+    from deployments.generator.controls import decode_maps
     from deployments.errors import ServiceError
     from deployments.messages import ControlMaps
     from test_units import FakeFace, _Method

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from deployments.identities import (
+from deployments.ingress.identities import (
     DirectoryStore,
     S3Store,
     decode_embedding,

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from deployments.identities import DirectoryStore, make_record, new_identity_id
+from deployments.ingress.identities import DirectoryStore, make_record, new_identity_id
 from serve_helpers import assert_error, b64, png_bytes
 from test_units import make_client
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from deployments import identity_score
+from deployments.ingress import identity_score
 from deployments.config import AppArgs
-from deployments.backends import BY_VALUE_MAX_BYTES
-from deployments.http.app import build_http_app
+from deployments.ingress.backends import BY_VALUE_MAX_BYTES
+from deployments.ingress.http.app import build_http_app
 from deployments.messages import FaceAnalysisResult, GenerationResult
-from deployments.service import GenerationService
-from deployments.schemas import GenerateResponse
+from deployments.ingress.service import GenerationService
+from deployments.ingress.schemas import GenerateResponse
 from serve_helpers import assert_error, b64, png_bytes
 from test_units import _Method, _ready  # the shared fake handle pieces
 

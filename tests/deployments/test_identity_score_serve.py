@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from deployments.face_analyzer import FaceAnalysisCore
+from deployments.face_analyzer.deployment import FaceAnalysisCore
 from instantid.face import FaceModel, load_image
 from instantid.identity import build_identity
 from instantid.scoring import score_image

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments import service as service_module
+from deployments.ingress import service as service_module
 from deployments.errors import ServiceError
-from deployments.face_analyzer import FaceAnalysisCore, PixelBudget
-from deployments.http.app import build_http_app
-from deployments.http.readers import check_image
+from deployments.face_analyzer.deployment import FaceAnalysisCore, PixelBudget
+from deployments.ingress.http.app import build_http_app
+from deployments.ingress.inputs import check_image
 from instantid.errors import InvalidImageError
 from instantid.face import load_image
 from instantid.image_limits import MAX_JPEG_SCANS, DecodeAborted, check_structure

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from deployments.job_store import MemoryJobStore, RedisJobStore
+from deployments.ingress.jobs.store import MemoryJobStore, RedisJobStore
 from redis_server import redis_url  # noqa: F401  (a fixture)
 
 ERROR = {"code": "unavailable", "message": "lost"}

@@ -14,10 +14,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from deployments.config import AppArgs
-from deployments.http.app import build_http_app
+from deployments.ingress.http.app import build_http_app
 from deployments.messages import GenerationResult
-from deployments.service import GenerationService
-from deployments.webhooks import SIGNATURE_HEADER, verify
+from deployments.ingress.service import GenerationService
+from deployments.ingress.jobs.webhooks import SIGNATURE_HEADER, verify
 from redis_server import redis_url  # noqa: F401  (a fixture)
 from serve_helpers import assert_error, b64, png_bytes, sse_events
 from test_units import FakeFace, _Method, _ready
@@ -295,9 +295,9 @@ def test_a_prepared_generation_survives_the_record_with_people_controls_and_img2
     img2img upload's bytes, several people and control maps included."""
     import json as json_
 
-    from deployments.jobs import pack, unpack
+    from deployments.ingress.jobs.service import pack, unpack
     from deployments.messages import GenerationTask, PersonPlacement
-    from deployments.service import PreparedGeneration
+    from deployments.messages import PreparedGeneration
 
     rng = np.random.default_rng(0)
     people = [PersonPlacement(embedding=rng.standard_normal(512).astype(np.float32),

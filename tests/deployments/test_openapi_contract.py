@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 
 from deployments.errors import ServiceError
-from deployments.http.readers import decode_base64
-from deployments.schemas import BASE64_IMAGE_PATTERN, GENERATE_RULES
+from deployments.ingress.inputs import decode_base64
+from deployments.ingress.schemas import BASE64_IMAGE_PATTERN, GENERATE_RULES
 from test_units import make_client
 
 ID = "id_" + "0" * 32

@@ -14,9 +14,9 @@ from test_demo_fields import RecordingGenerator
 from test_units import FakeFace, _Method
 
 from deployments.config import Limits
-from deployments.generator import GeneratorCore, LoadedModel, accept_task
+from deployments.generator.deployment import GeneratorCore, LoadedModel, accept_task
 from deployments.messages import GenerationTask, PersonPlacement
-from deployments.schemas import default_size
+from deployments.ingress.schemas import default_size
 from instantid.people import REGION_MARGIN, grown_region
 
 CANVAS = [1000, 500]
@@ -68,8 +68,8 @@ def people_request(*people, **fields):
 
 def post(tmp_path, body, gen=None, face=None):
     from deployments.config import AppArgs
-    from deployments.http.app import build_http_app
-    from deployments.service import GenerationService
+    from deployments.ingress.http.app import build_http_app
+    from deployments.ingress.service import GenerationService
     from fastapi.testclient import TestClient
 
     args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids")})
@@ -206,7 +206,7 @@ def test_generator_builds_people_requests_and_batches_them_with_single_ones(tiny
 
 
 def test_face_analyzer_reports_every_group_face_left_to_right(tiny_bundle, face_photo):
-    from deployments.face_analyzer import FaceAnalysisCore
+    from deployments.face_analyzer.deployment import FaceAnalysisCore
 
     core = FaceAnalysisCore(str(tiny_bundle / "antelopev2"), threads=1)
     data = open(face_photo, "rb").read()
@@ -220,8 +220,8 @@ def test_face_analyzer_reports_every_group_face_left_to_right(tiny_bundle, face_
 
 def test_openapi_publishes_people_for_json_bodies_only(tmp_path):
     from deployments.config import AppArgs
-    from deployments.http.app import build_http_app
-    from deployments.service import GenerationService
+    from deployments.ingress.http.app import build_http_app
+    from deployments.ingress.service import GenerationService
     from fastapi.testclient import TestClient
 
     core = GenerationService(AppArgs.model_validate({"identity_store": str(tmp_path / "ids")}), GroupFace(),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.playground import STATIC_DIR, STATIC_FILES
+from deployments.ingress.http.playground import STATIC_DIR, STATIC_FILES
 from serve_helpers import assert_error, b64, png_bytes
 from test_units import make_client
 
@@ -101,7 +101,7 @@ def test_static_files_ship_in_the_wheel(tmp_path):
     wheel = next(tmp_path.glob("instantid_serve-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ["index.html", *STATIC_FILES]:
-        assert f"deployments/playground/static/{name}" in names, sorted(n for n in names if "playground" in n)
+        assert f"deployments/ingress/http/playground/static/{name}" in names, sorted(n for n in names if "playground" in n)
 
 
 @pytest.mark.serve

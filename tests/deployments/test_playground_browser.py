@@ -320,8 +320,8 @@ class SlowGenerator:
 def fake_server(tmp_path, monkeypatch):
     """start(auth=False, generator=None) -> (base URL, [(path, query, authorization) of every request])."""
     from deployments.config import AppArgs
-    from deployments.http.app import build_http_app
-    from deployments.service import GenerationService
+    from deployments.ingress.http.app import build_http_app
+    from deployments.ingress.service import GenerationService
     from test_units import FakeFace, FakeGenerator
 
     servers = []

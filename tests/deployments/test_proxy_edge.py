@@ -210,7 +210,7 @@ def test_a_slow_body_counts_against_the_deadline(tmp_path):
 def test_uploads_in_progress_are_limited_per_client(tmp_path):
     import httpx
 
-    from deployments.http.readers import MAX_UPLOADS_PER_CLIENT
+    from deployments.ingress.http.readers import MAX_UPLOADS_PER_CLIENT
 
     app = make_client(tmp_path, request_timeout_s=5).app
 

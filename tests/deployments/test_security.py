@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deployments.identities import DirectoryStore, S3Store
-from deployments.schemas import GenerateRequest, IdentityCreateRequest
+from deployments.ingress.identities import DirectoryStore, S3Store
+from deployments.ingress.schemas import GenerateRequest, IdentityCreateRequest
 from serve_helpers import assert_error, b64, png_bytes
 from test_units import FakeGenerator, _request, make_client
 
@@ -69,7 +69,7 @@ def test_logs_never_carry_keys_images_or_embeddings(tmp_path, monkeypatch, caplo
     assert "unexpected error" in text  # the 500 was logged (with its request id) ...
     assert KEY not in text and KEY[:16] not in text  # ... but no key
     assert image[:40] not in text and image[-40:] not in text  # no base64 image
-    from deployments.identities import encode_embedding
+    from deployments.ingress.identities import encode_embedding
     import numpy as np
 
     assert encode_embedding(np.ones(512, np.float32))[:32] not in text  # no embedding

@@ -13,11 +13,12 @@ import pytest
 from PIL import Image, ImageOps
 
 from deployments.config import AppArgs
-from deployments.controls import ControlMapsCore
+from deployments.face_analyzer.control_maps import ControlMapsCore
 from deployments.errors import ServiceError
-from deployments.face_analyzer import FaceAnalysisCore
-from deployments.generator import GeneratorCore, accept_task
-from deployments.service import Ctx, GenerationService
+from deployments.face_analyzer.deployment import FaceAnalysisCore
+from deployments.generator.deployment import GeneratorCore, accept_task
+from deployments.ingress.context import RequestContext
+from deployments.ingress.service import GenerationService
 from deployments.tiny_profile import resolve_args
 from instantid.controls import CONTROL_TYPES, DEFAULT_SCALES, ControlSpec, Preprocessors, prepare_controls
 from instantid.face import load_image
@@ -94,7 +95,7 @@ def photos(face_photo):
 
 def generate(service, **fields):
     data = {"width": 64, "height": 64, "steps": 2, "seed": 11, "identity_score": False, **fields}
-    return asyncio.run(service.generate(Ctx(route="/v1/generate"), data))
+    return asyncio.run(service.generate(RequestContext(route="/v1/generate"), data))
 
 
 def decoded(response) -> np.ndarray:

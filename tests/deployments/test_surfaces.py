@@ -16,8 +16,8 @@ from PIL import Image
 
 from deployments.config import AppArgs
 from deployments.errors import ServiceError
-from deployments.http.app import build_http_app
-from deployments.service import GenerationService
+from deployments.ingress.http.app import build_http_app
+from deployments.ingress.service import GenerationService
 from serve_helpers import b64, png_bytes
 from test_jobs import StreamingGenerator
 from test_units import FakeFace, FakeGenerator, _Method

@@ -12,12 +12,12 @@ from starlette.testclient import TestClient
 
 from deployments.config import AppArgs
 from deployments.errors import ServiceError, from_exception
-from deployments.http.app import build_http_app
-from deployments.http.auth import RateLimiter
-from deployments.http.readers import decode_base64
+from deployments.ingress.http.app import build_http_app
+from deployments.ingress.http.auth import RateLimiter
+from deployments.ingress.inputs import decode_base64
 from deployments.messages import BackendHealth, FaceAnalysisResult, GenerationResult, GenerationTask
-from deployments.service import GenerationService
-from deployments.schemas import SCHEDULERS, GenerateRequest, build_models
+from deployments.ingress.service import GenerationService
+from deployments.ingress.schemas import SCHEDULERS, GenerateRequest, build_models
 from instantid.errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
 from serve_helpers import assert_error, b64, png_bytes
 
@@ -188,8 +188,8 @@ def test_a_backend_down_is_503_at_once_and_a_stale_view_is_checked_again(tmp_pat
 
 
 def test_check_health_fails_until_the_model_is_loaded():
-    from deployments.face_analyzer import FaceAnalyzerDeployment
-    from deployments.generator import Generator
+    from deployments.face_analyzer.deployment import FaceAnalyzerDeployment
+    from deployments.generator.deployment import Generator
 
     gen = Generator.func_or_class.__new__(Generator.func_or_class)
     gen.ready_error = "WeightsError: weights not found"
@@ -231,7 +231,7 @@ def test_request_bounds_follow_limits():
 
 
 def test_a_crashing_route_still_answers_json(tmp_path, monkeypatch):
-    import deployments.service as service
+    import deployments.ingress.service as service
 
     def boom(self):
         raise RuntimeError("secret internals")
@@ -245,7 +245,7 @@ def test_a_crashing_route_still_answers_json(tmp_path, monkeypatch):
 def test_deadline_cancels_and_answers_504(tmp_path):
     import asyncio
 
-    from deployments.service import Ctx
+    from deployments.ingress.context import RequestContext
 
     core = GenerationService(AppArgs.model_validate({"identity_store": str(tmp_path)}), FakeFace(), FakeGenerator())
 
@@ -256,11 +256,11 @@ def test_deadline_cancels_and_answers_504(tmp_path):
             self.cancelled = True
 
     async def main():
-        ctx = Ctx(route="t")
+        ctx = RequestContext(route="t")
         pending = Pending()
         ctx.pending.append(pending)
         with pytest.raises(ServiceError) as err:
-            await core._deadline(ctx, asyncio.sleep(5), 0.05)
+            await core.within_deadline(ctx, asyncio.sleep(5), 0.05)
         return err.value, pending
 
     err, pending = asyncio.run(main())
@@ -270,7 +270,7 @@ def test_deadline_cancels_and_answers_504(tmp_path):
 def test_device_queue_merges_compatible_waiting_jobs_fifo():
     import asyncio
 
-    from deployments.generator import Generator
+    from deployments.generator.deployment import Generator
 
     def job(name, width=64, loras=None, model="m", guidance_scale=5.0):
         return GenerationTask(model=model, embedding=np.zeros(512, np.float32), kps=np.zeros((5, 2), np.float32),
