@@ -229,7 +229,7 @@ def test_directory_store_failure_is_503_and_leaves_no_partial_record(tmp_path, f
     import os
 
     from serve_helpers import b64
-    from test_units import make_client
+    from fakes import make_client
 
     client = make_client(tmp_path)
     store = tmp_path / "ids"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 from serve_helpers import assert_error
-from test_units import _request, make_client
+from fakes import generate_request, make_client
 
 from instantid import weights
 
@@ -35,7 +35,7 @@ def test_a_black_holed_s3_is_a_fast_503_not_a_504(tmp_path, monkeypatch, black_h
     monkeypatch.setattr(weights, "S3_READ_TIMEOUT_S", 1.0, raising=False)
     client = make_client(tmp_path, output_bucket="s3://outputs/p")
     started = time.perf_counter()
-    resp = client.post("/v1/generate", json=_request(delivery="s3", timeout_s=30))
+    resp = client.post("/v1/generate", json=generate_request(delivery="s3", timeout_s=30))
     elapsed = time.perf_counter() - started
     err = assert_error(resp, 503, "storage_unavailable")
     assert resp.headers["retry-after"] == "5", err

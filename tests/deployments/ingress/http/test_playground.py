@@ -13,9 +13,9 @@ import pytest
 
 from deployments.ingress.http.playground import STATIC_DIR, STATIC_FILES
 from serve_helpers import assert_error, b64, png_bytes
-from test_units import make_client
+from fakes import make_client
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 KEY = "sk-playground-" + "5" * 30
 
 

@@ -13,7 +13,7 @@ import pytest
 from deployments.ingress.identities import DirectoryStore, S3Store
 from deployments.ingress.schemas import GenerateRequest, IdentityCreateRequest
 from serve_helpers import assert_error, b64, png_bytes
-from test_units import FakeGenerator, _request, make_client
+from fakes import FakeGenerator, generate_request, make_client
 
 KEY = "sk-live-" + "7" * 40  # a recognisable secret: it must never appear in any log
 
@@ -29,7 +29,7 @@ def auth_client(tmp_path, monkeypatch):
                                     "Bearer " + KEY[:-1], "bearer " + KEY + "x", "Token " + KEY])
 def test_bad_credentials_are_401_without_detail(auth_client, header):
     headers = {"Authorization": header} if header is not None else {}
-    resp = auth_client.post("/v1/generate", json=_request(), headers=headers)
+    resp = auth_client.post("/v1/generate", json=generate_request(), headers=headers)
     err = assert_error(resp, 401, "unauthorized")
     assert resp.headers["www-authenticate"] == "Bearer"
     # no key names, hashes, env var names or what the server expected beyond the scheme
@@ -58,13 +58,13 @@ def test_logs_never_carry_keys_images_or_embeddings(tmp_path, monkeypatch, caplo
     crash = make_client(tmp_path / "b", generator=FakeGenerator(fail=RuntimeError("boom in the pipeline")),
                         auth={"enabled": True, "key_hashes_env": "SEC_TEST_KEYS"})
     good = {"Authorization": "Bearer " + KEY}
-    assert ok.post("/v1/generate", json=_request(face_images=[image]), headers=good).status_code == 200
+    assert ok.post("/v1/generate", json=generate_request(face_images=[image]), headers=good).status_code == 200
     created = ok.post("/v1/identities", json={"face_images": [image]}, headers=good)
     assert created.status_code == 201
-    assert ok.post("/v1/generate", json=_request(face_images=[image]),
+    assert ok.post("/v1/generate", json=generate_request(face_images=[image]),
                    headers={"Authorization": "Bearer " + KEY + "-wrong"}).status_code == 401
-    assert ok.post("/v1/generate", json=_request(face_images=[image], steps=-1), headers=good).status_code == 422
-    assert crash.post("/v1/generate", json=_request(face_images=[image]), headers=good).status_code == 500
+    assert ok.post("/v1/generate", json=generate_request(face_images=[image], steps=-1), headers=good).status_code == 422
+    assert crash.post("/v1/generate", json=generate_request(face_images=[image]), headers=good).status_code == 500
     text = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert "unexpected error" in text  # the 500 was logged (with its request id) ...
     assert KEY not in text and KEY[:16] not in text  # ... but no key

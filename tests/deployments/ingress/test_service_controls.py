@@ -12,66 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from deployments.config import AppArgs
-from deployments.face_analyzer.control_maps import ControlMapsCore
 from deployments.errors import ServiceError
-from deployments.face_analyzer.deployment import FaceAnalysisCore
-from deployments.generator.deployment import GeneratorCore, accept_task
+from deployments.generator.deployment import accept_task
 from deployments.ingress.context import RequestContext
 from deployments.ingress.service import GenerationService
 from deployments.tiny_profile import resolve_args
 from instantid.controls import CONTROL_TYPES, DEFAULT_SCALES, ControlSpec, Preprocessors, prepare_controls
 from instantid.face import load_image
 from serve_helpers import app_args, b64, png_bytes
-
-
-class _Call:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))
-
-
-class LocalFace:
-    def __init__(self, args: AppArgs):
-        self.core = FaceAnalysisCore(args.face_model)
-        self.maps = ControlMapsCore(args.preprocessors.depth, args.preprocessors.pose)
-        self.calls: list = []
-
-        async def analyze(photos, pose=None, thumbnail=False):
-            return await asyncio.to_thread(self.core.predict, photos, pose, thumbnail)
-
-        async def control_maps(items):
-            self.calls.append(items)
-            return await self.maps.run(items)
-
-        self.analyze, self.control_maps = _Call(analyze), _Call(control_maps)
-
-    def options(self, **_):
-        return self
-
-
-class LocalGenerator:
-    def __init__(self, args: AppArgs):
-        self.core = GeneratorCore(args)
-        self.model = self.core.load("tiny")
-        self.jobs: list = []
-
-        async def denoise(task):
-            task = copy.deepcopy(task)  # as it would cross a handle: the caller keeps its own
-            self.jobs.append(copy.deepcopy(task))
-            accept_task(task)
-            out = await asyncio.to_thread(self.core.predict, self.model, [task])
-            result = self.core.screen([task], out)[0]
-            if isinstance(result, Exception):
-                raise result
-            return result
-
-        self.denoise = _Call(denoise)
-
-    def options(self, **_):
-        return self
+from fakes import LocalFace, LocalGenerator
 
 
 @pytest.fixture(scope="module")

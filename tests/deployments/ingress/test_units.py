@@ -8,94 +8,30 @@ import time
 
 import numpy as np
 import pytest
-from starlette.testclient import TestClient
 
 from deployments.config import AppArgs
 from deployments.errors import ServiceError, from_exception
-from deployments.ingress.http.app import build_http_app
 from deployments.ingress.http.auth import RateLimiter
 from deployments.ingress.inputs import decode_base64
-from deployments.messages import BackendHealth, FaceAnalysisResult, GenerationResult, GenerationTask
+from deployments.messages import GenerationTask
 from deployments.ingress.service import GenerationService
 from deployments.ingress.schemas import SCHEDULERS, GenerateRequest, build_models
 from instantid.errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
 from serve_helpers import assert_error, b64, png_bytes
 
 
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return self.fn(*args)
-
-
-async def _ready():
-    return BackendHealth(True)
-
-
-class FakeFace:
-    def __init__(self):
-        async def analyze(photos, pose=None, thumbnail=False):
-            canvas = [1024, 1024]
-            face = {"source": "face_images[0]", "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.9,
-                    "kps": [[1.0, 1.0]] * 5, "image_size": [256, 256]}
-            return FaceAnalysisResult(embedding=np.ones(512, np.float32), faces=[face] * len(photos),
-                                      pose_kps=np.full((5, 2), 500.0, np.float32), pose_canvas=canvas,
-                                      pose_face=face, thumbnail=b"jpeg" if thumbnail else None,
-                                      timings={"decode_s": 0.0, "face_analysis_s": 0.0})
-
-        async def score(images, reference, references=None):  # no face in a fake output
-            return {"scores": [{"similarity": None, "face_found": False, "bbox": None}] * len(images),
-                    "timings": {"identity_score_s": 0.0}}
-
-        self.analyze = _Method(analyze)
-        self.score = _Method(score)
-        self.ready = _Method(_ready)
-
-    def options(self, **_):
-        return self
-
-
-class FakeGenerator:
-    def __init__(self, fail: BaseException | None = None):
-        self.fail = fail
-
-        async def generate(task: GenerationTask):
-            if self.fail is not None:
-                raise self.fail
-            return GenerationResult(images=[np.zeros((task.height, task.width, 3), np.uint8)] * task.num_images,
-                                    seed=task.seed, model=task.model,
-                                    timings={"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
-                                             "batch_images": task.num_images})
-
-        self.denoise = _Method(generate)
-        self.ready = _Method(_ready)
-
-    def options(self, **_):
-        return self
-
-
-def make_client(tmp_path, generator=None, status=None, **overrides) -> TestClient:
-    args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"), **overrides})
-    core = GenerationService(args, FakeFace(), generator or FakeGenerator(),
-                             status_fn=status or (lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"}))
-    return TestClient(build_http_app(core), raise_server_exceptions=False)
-
-
-def _request(**fields):
-    return {"face_images": [b64(png_bytes())], "width": 64, "height": 64, "steps": 2, **fields}
+from fakes import FakeFace, FakeGenerator, FakeMethod, generate_request, make_client
 
 
 def test_fake_generate_round_trip(tmp_path):
-    resp = make_client(tmp_path).post("/v1/generate", json=_request(num_images=2))
+    resp = make_client(tmp_path).post("/v1/generate", json=generate_request(num_images=2))
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["images"]) == 2 and 0 <= resp.json()["seed"] <= 2**32 - 1
 
 
 def test_unexpected_errors_are_500_json_without_internals(tmp_path):
     client = make_client(tmp_path, generator=FakeGenerator(RuntimeError("secret /etc/shadow detail")))
-    resp = client.post("/v1/generate", json=_request())
+    resp = client.post("/v1/generate", json=generate_request())
     err = assert_error(resp, 500, "internal")
     assert "secret" not in resp.text and "RuntimeError" not in resp.text
     assert "request id" in err["message"]
@@ -109,7 +45,7 @@ def test_unexpected_errors_are_500_json_without_internals(tmp_path):
     (WeightsError("gone"), 503, "model_unavailable"),
 ])
 def test_backend_errors_map_to_status(tmp_path, exc, status, code):
-    resp = make_client(tmp_path, generator=FakeGenerator(exc)).post("/v1/generate", json=_request())
+    resp = make_client(tmp_path, generator=FakeGenerator(exc)).post("/v1/generate", json=generate_request())
     assert_error(resp, status, code)
 
 
@@ -179,11 +115,11 @@ def test_a_backend_down_is_503_at_once_and_a_stale_view_is_checked_again(tmp_pat
     down in that view gets a fresh look (at most four reads a second) before it is refused."""
     face = {"status": "UNHEALTHY"}
     client = make_client(tmp_path, status=lambda: {"FaceAnalyzer": face["status"], "Generator": "HEALTHY"})
-    err = assert_error(client.post("/v1/generate", json=_request()), 503, "unavailable")
+    err = assert_error(client.post("/v1/generate", json=generate_request()), 503, "unavailable")
     assert "FaceAnalyzer" in err["message"]
     face["status"] = "HEALTHY"  # replaced; the Ingress's view still says UNHEALTHY for up to a second
     time.sleep(0.3)
-    resp = client.post("/v1/generate", json=_request())
+    resp = client.post("/v1/generate", json=generate_request())
     assert resp.status_code == 200, resp.text
 
 
@@ -312,8 +248,8 @@ def test_negative_prompt_absent_and_empty_stay_distinct(tmp_path):
         tasks.append(task)
         return await plain(task)
 
-    generator.denoise = _Method(recording)
+    generator.denoise = FakeMethod(recording)
     client = make_client(tmp_path, generator=generator)
     for fields in ({}, {"negative_prompt": None}, {"negative_prompt": ""}, {"negative_prompt": "blurry"}):
-        assert client.post("/v1/generate", json=_request(**fields)).status_code == 200
+        assert client.post("/v1/generate", json=generate_request(**fields)).status_code == 200
     assert [t.negative_prompt for t in tasks] == [None, None, "", "blurry"]

@@ -9,7 +9,7 @@ import pytest
 
 from deployments.ingress.identities import DirectoryStore, make_record, new_identity_id
 from serve_helpers import assert_error, b64, png_bytes
-from test_units import make_client
+from fakes import make_client
 
 KEYS = {"alice": "sk-alice-" + "1" * 32, "bob": "sk-bob-" + "2" * 32, "ops": "sk-ops-" + "3" * 32}
 

@@ -11,7 +11,7 @@ import pytest
 from deployments.errors import ServiceError
 from deployments.ingress.inputs import decode_base64
 from deployments.ingress.schemas import BASE64_IMAGE_PATTERN, GENERATE_RULES
-from test_units import make_client
+from fakes import make_client
 
 ID = "id_" + "0" * 32
 

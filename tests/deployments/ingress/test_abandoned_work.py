@@ -12,7 +12,7 @@ from deployments.config import AppArgs
 from deployments.generator.deployment import GeneratorCore
 from deployments.messages import BackendHealth, GenerationTask
 from serve_helpers import app_args, assert_error
-from test_units import _request, make_client
+from fakes import generate_request, make_client
 
 
 # -- the cost budget (no cluster) -------------------------------------------------------------------------
@@ -23,7 +23,7 @@ def _costed_client(tmp_path, **spec):
 def test_a_request_too_costly_for_its_deadline_is_refused_up_front(tmp_path):
     client = _costed_client(tmp_path, megapixel_steps_per_s=10.0, overhead_s=2.0)
     # 1024^2 x 30 steps x 4 images = 126 megapixel-steps: ~15 s here, fits 60 s but not a 10 s timeout_s
-    big = _request(width=1024, height=1024, steps=30, num_images=4)
+    big = generate_request(width=1024, height=1024, steps=30, num_images=4)
     assert client.post("/v1/generate", json=big).status_code == 200
     err = assert_error(client.post("/v1/generate", json={**big, "timeout_s": 10}), 422, "too_costly", field="steps")
     assert [d["field"] for d in client.post("/v1/generate", json={**big, "timeout_s": 10}).json()["error"][
@@ -31,7 +31,7 @@ def test_a_request_too_costly_for_its_deadline_is_refused_up_front(tmp_path):
     for name in ("width", "height", "steps", "num_images", "'sdxl'"):
         assert name in err["message"]
     # 2048^2 x 100 steps x 4 images: ~168 s, more than the service's 60 s deadline
-    assert_error(client.post("/v1/generate", json=_request(width=2048, height=2048, steps=100, num_images=4)),
+    assert_error(client.post("/v1/generate", json=generate_request(width=2048, height=2048, steps=100, num_images=4)),
                  422, "too_costly")
 
 
@@ -39,14 +39,14 @@ def test_a_photo_shaped_request_is_costed_at_the_size_it_gets(tmp_path):
     """No width/height: the output takes the pose canvas's size, known after face analysis; the budget applies
     to that size (a 422, never a 500 from the missing size)."""
     client = _costed_client(tmp_path, megapixel_steps_per_s=0.01, overhead_s=0.0)
-    request = {k: v for k, v in _request(steps=100, num_images=4, timeout_s=10).items() if k not in ("width", "height")}
+    request = {k: v for k, v in generate_request(steps=100, num_images=4, timeout_s=10).items() if k not in ("width", "height")}
     assert_error(client.post("/v1/generate", json=request), 422, "too_costly", field="steps")
 
 
 def test_no_speed_configured_means_no_cost_check(tmp_path):
     client = _costed_client(tmp_path)
     # 1677 megapixel-steps in 30 s: refused with any speed under 56 megapixel-steps/s, accepted without one
-    assert client.post("/v1/generate", json=_request(width=2048, height=2048, steps=100, num_images=4,
+    assert client.post("/v1/generate", json=generate_request(width=2048, height=2048, steps=100, num_images=4,
                                                      output_format="jpeg", timeout_s=30)).status_code == 200
 
 
@@ -135,11 +135,11 @@ class _Readiness:
                 await asyncio.sleep(30)
             return answer
 
-        from test_units import FakeGenerator, _Method
+        from fakes import FakeGenerator, FakeMethod
 
         self.inner = FakeGenerator()
         self.denoise = self.inner.denoise
-        self.ready = _Method(ready)
+        self.ready = FakeMethod(ready)
 
     def options(self, **_):
         return self

@@ -300,7 +300,7 @@ class SlowGenerator:
     """A Generator that takes ``seconds`` per call."""
 
     def __init__(self, seconds: float):
-        from test_units import FakeGenerator, _Method
+        from fakes import FakeGenerator, FakeMethod
 
         inner = FakeGenerator()
 
@@ -310,7 +310,7 @@ class SlowGenerator:
             await asyncio.sleep(seconds)
             return await inner.denoise.remote(job)
 
-        self.denoise = _Method(generate)
+        self.denoise = FakeMethod(generate)
 
     def options(self, **_):
         return self
@@ -322,7 +322,7 @@ def fake_server(tmp_path, monkeypatch):
     from deployments.config import AppArgs
     from deployments.ingress.http.app import build_http_app
     from deployments.ingress.service import GenerationService
-    from test_units import FakeFace, FakeGenerator
+    from fakes import FakeFace, FakeGenerator
 
     servers = []
 

@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from serve_helpers import assert_error, b64, png_bytes
-from test_units import _request, make_client
+from fakes import generate_request, make_client
 
 KEY = "sk-edge-" + "5" * 40
 
@@ -66,11 +66,11 @@ def test_deep_multipart_loras_is_422(client, caplog):
     ({"prompt": 5}, "prompt"),
 ])
 def test_lax_types_are_refused(client, fields, field):
-    assert_error(client.post("/v1/generate", json=_request(**fields)), 422, "invalid_parameter", field)
+    assert_error(client.post("/v1/generate", json=generate_request(**fields)), 422, "invalid_parameter", field)
 
 
 def test_strict_types_still_accept_ints_for_floats_and_multipart_text(client):
-    assert client.post("/v1/generate", json=_request(guidance_scale=5, seed=12)).status_code == 200
+    assert client.post("/v1/generate", json=generate_request(guidance_scale=5, seed=12)).status_code == 200
     files = [("face_images", ("a.png", png_bytes(), "image/png"))]
     resp = client.post("/v1/generate", files=files, data={"width": "64", "height": "64", "steps": "2", "seed": "12"})
     assert resp.status_code == 200, resp.text
@@ -134,6 +134,6 @@ def test_long_identity_ids_are_not_echoed(client, method):
 
 
 def test_unknown_lora_names_are_not_echoed_at_length(client):
-    resp = client.post("/v1/generate", json=_request(loras={"L" * 5000: 0.5}))
+    resp = client.post("/v1/generate", json=generate_request(loras={"L" * 5000: 0.5}))
     err = assert_error(resp, 422, "invalid_parameter")
     assert err["field"].startswith("loras.") and len(resp.content) < 1000, err

@@ -11,30 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from serve_helpers import assert_error, b64, png_bytes
-from test_units import FakeGenerator, _Method, make_client
+from fakes import RecordingGenerator, make_client
 
 from deployments.config import Limits
 from deployments.generator.deployment import GeneratorCore, LoadedModel, accept_task
 from deployments.messages import GenerationTask
 from deployments.ingress.schemas import default_size
-
-
-class RecordingGenerator(FakeGenerator):
-    """Keeps the jobs it was given; answers a pose image when asked for one."""
-
-    def __init__(self):
-        super().__init__()
-        self.jobs = []
-        plain = self.denoise.fn
-
-        async def generate(job):
-            self.jobs.append(job)
-            out = await plain(job)
-            if job.return_pose_image:
-                out.pose_image = np.full((job.height, job.width, 3), 7, np.uint8)
-            return out
-
-        self.denoise = _Method(generate)
 
 
 def request(**fields):

@@ -9,9 +9,8 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import assert_error, b64, png_bytes
-from test_demo_fields import RecordingGenerator
-from test_units import FakeFace, _Method
+from serve_helpers import assert_error
+from fakes import CANVAS, GROUP, GroupFace, RecordingGenerator, face, photo
 
 from deployments.config import Limits
 from deployments.generator.deployment import GeneratorCore, LoadedModel, accept_task
@@ -19,47 +18,6 @@ from deployments.messages import GenerationTask, PersonPlacement
 from deployments.ingress.schemas import default_size
 from instantid.people import REGION_MARGIN, grown_region
 
-CANVAS = [1000, 500]
-# three faces of a group photo on its analysed canvas, in detector order (not left to right)
-GROUP = [(600, 200), (100, 200), (350, 200)]
-
-
-def face(x, y, side=80):
-    box = np.array([x - side / 2, y - side / 2, x + side / 2, y + side / 2], np.float32)
-    kps = np.array([[x - 15, y - 10], [x + 15, y - 10], [x, y + 5], [x - 12, y + 20], [x + 12, y + 20]], np.float32)
-    return box, kps
-
-
-class GroupFace(FakeFace):
-    """FakeFace, plus a group pose photo with the faces of GROUP; each person's photos embed by their size."""
-
-    def __init__(self, group=GROUP):
-        super().__init__()
-        single = self.analyze.fn
-
-        async def analyze(photos, pose=None, thumbnail=False, group_photo=False):
-            out = await single(photos, pose, thumbnail)
-            if photos:  # a distinct embedding per person (the photo's byte length), a face in the middle
-                out.embedding = np.full(512, float(len(photos[0][1])), np.float32)
-                box, kps = face(512, 512, side=300)
-                out.pose_kps, out.pose_canvas = kps, [1024, 1024]
-                out.pose_face = {"source": photos[0][0], "bbox": box.tolist(), "score": 0.9, "kps": kps.tolist(),
-                                 "image_size": [1024, 1024]}
-            if group_photo:
-                faces = []
-                for x, y in group:
-                    box, kps = face(x, y)
-                    faces.append({"kps": kps, "bbox": box, "info": {
-                        "source": "pose_image", "bbox": box.tolist(), "score": 0.9, "kps": kps.tolist(),
-                        "image_size": CANVAS}})
-                out.pose_canvas, out.group = CANVAS, sorted(faces, key=lambda f: f["bbox"][0])
-            return out
-
-        self.analyze = _Method(analyze)
-
-
-def photo(shade=128):
-    return b64(png_bytes(size=(256 + shade, 256), color=(shade, shade, shade)))  # a distinct byte length
 
 
 def people_request(*people, **fields):

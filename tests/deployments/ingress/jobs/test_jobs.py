@@ -3,7 +3,6 @@ store and a real redis-server (tests/deployments/test_jobs_serve.py runs it all 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -15,61 +14,13 @@ from starlette.testclient import TestClient
 
 from deployments.config import AppArgs
 from deployments.ingress.http.app import build_http_app
-from deployments.messages import GenerationResult
 from deployments.ingress.service import GenerationService
 from deployments.ingress.jobs.webhooks import SIGNATURE_HEADER, verify
 from redis_server import redis_url  # noqa: F401  (a fixture)
-from serve_helpers import assert_error, b64, png_bytes, sse_events
-from test_units import FakeFace, _Method, _ready
+from serve_helpers import assert_error, png_bytes, sse_events
+from fakes import FakeFace, StreamingGenerator, job_request
 
 SECRET = "s3cret-for-tests"
-
-
-class _Stream:
-    """What ``handle.options(stream=True).denoise_stream.remote`` gives: an async iterator with cancel()."""
-
-    def __init__(self, agen):
-        self.agen = agen
-        self.cancelled = False
-
-    def __aiter__(self):
-        return self.agen.__aiter__()
-
-    def cancel(self):
-        self.cancelled = True
-
-
-class StreamingGenerator:
-    """Steps of ``step_s`` each; ``die`` the first N calls raise as a dead replica does."""
-
-    def __init__(self, step_s: float = 0.01, die: int = 0):
-        self.step_s, self.die, self.calls, self.streams = step_s, die, 0, []
-
-        async def steps(task, interval):
-            self.calls += 1
-            if self.die:
-                self.die -= 1
-                from ray.exceptions import ActorDiedError
-
-                raise ActorDiedError()
-            for step in range(1, task.steps + 1):
-                await asyncio.sleep(self.step_s)
-                yield {"progress": {"step": step, "total": task.steps}}
-            yield {"result": GenerationResult(
-                images=[np.zeros((task.height, task.width, 3), np.uint8)] * task.num_images, seed=task.seed,
-                model=task.model, timings={"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
-                                           "batch_images": task.num_images})}
-
-        def start(task, interval=0.25):
-            stream = _Stream(steps(task, interval))
-            self.streams.append(stream)
-            return stream
-
-        self.denoise_stream = _Method(start)
-        self.ready = _Method(_ready)
-
-    def options(self, **_):
-        return self
 
 
 def client_for(tmp_path, generator=None, **jobs):
@@ -77,10 +28,6 @@ def client_for(tmp_path, generator=None, **jobs):
     core = GenerationService(args, FakeFace(), generator or StreamingGenerator(),
                              status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
     return TestClient(build_http_app(core), raise_server_exceptions=False), core
-
-
-def _request(**fields):
-    return {"face_images": [b64(png_bytes())], "width": 64, "height": 64, "steps": 4, "seed": 3, **fields}
 
 
 def wait_status(client, job_id, statuses=("succeeded", "failed", "canceled"), timeout=20.0, **headers):
@@ -103,7 +50,7 @@ def store_args(request):
 def test_a_job_runs_with_progress_and_ends_with_the_generate_response(tmp_path, store_args):
     client, _ = client_for(tmp_path, StreamingGenerator(step_s=0.2), progress_interval_s=0.05, **store_args)
     with client:
-        resp = client.post("/v1/jobs", json=_request(num_images=2))
+        resp = client.post("/v1/jobs", json=job_request(num_images=2))
         assert resp.status_code == 202, resp.text
         job = resp.json()
         assert job["status"] in ("queued", "running") and job["id"].startswith("job_")  # a worker may be quick
@@ -126,9 +73,9 @@ def test_a_job_runs_with_progress_and_ends_with_the_generate_response(tmp_path, 
 def test_bad_input_is_refused_at_once_and_no_job_is_made(tmp_path):
     client, core = client_for(tmp_path)
     with client:
-        assert_error(client.post("/v1/jobs", json=_request(steps=0)), 422, "invalid_parameter", field="steps")
-        assert_error(client.post("/v1/jobs", json=_request(face_images=["%%%"])), 400, "invalid_base64")
-        assert_error(client.post("/v1/jobs", json=_request(webhook="https://evil.example/x")), 422,
+        assert_error(client.post("/v1/jobs", json=job_request(steps=0)), 422, "invalid_parameter", field="steps")
+        assert_error(client.post("/v1/jobs", json=job_request(face_images=["%%%"])), 400, "invalid_base64")
+        assert_error(client.post("/v1/jobs", json=job_request(webhook="https://evil.example/x")), 422,
                      "invalid_parameter", field="webhook")
         assert core.jobs.store.jobs == {}
         assert_error(client.get("/v1/jobs/job_" + "0" * 24), 404, "not_found")
@@ -148,8 +95,8 @@ def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(tmp_path, stor
     generator = StreamingGenerator(step_s=0.3)
     client, _ = client_for(tmp_path, generator, concurrency=1, **store_args)
     with client:
-        running = client.post("/v1/jobs", json=_request(steps=50)).json()
-        queued = client.post("/v1/jobs", json=_request(steps=50)).json()
+        running = client.post("/v1/jobs", json=job_request(steps=50)).json()
+        queued = client.post("/v1/jobs", json=job_request(steps=50)).json()
         wait_status(client, running["id"], ("running",))
         assert client.post(f"/v1/jobs/{queued['id']}/cancel").json()["status"] == "canceled"
         t0 = time.monotonic()
@@ -165,10 +112,10 @@ def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(tmp_path, stor
 def test_past_max_queued_submit_is_503_queue_full_with_retry_after(tmp_path, store_args):
     client, _ = client_for(tmp_path, StreamingGenerator(step_s=0.5), concurrency=1, max_queued=1, **store_args)
     with client:
-        first = client.post("/v1/jobs", json=_request(steps=20)).json()
+        first = client.post("/v1/jobs", json=job_request(steps=20)).json()
         wait_status(client, first["id"], ("running",))
-        assert client.post("/v1/jobs", json=_request()).status_code == 202  # waits in the queue
-        resp = client.post("/v1/jobs", json=_request())
+        assert client.post("/v1/jobs", json=job_request()).status_code == 202  # waits in the queue
+        resp = client.post("/v1/jobs", json=job_request())
         assert_error(resp, 503, "queue_full")
         assert int(resp.headers["retry-after"]) >= 1
 
@@ -176,7 +123,7 @@ def test_past_max_queued_submit_is_503_queue_full_with_retry_after(tmp_path, sto
 def test_events_stream_progress_then_the_final_job(tmp_path):
     client, _ = client_for(tmp_path, StreamingGenerator(step_s=0.15), progress_interval_s=0.05)
     with client:
-        job = client.post("/v1/jobs", json=_request(steps=6)).json()
+        job = client.post("/v1/jobs", json=job_request(steps=6)).json()
         with client.stream("GET", job["urls"]["events"]) as resp:
             assert resp.headers["content-type"].startswith("text/event-stream")
             events = sse_events(resp)
@@ -190,12 +137,12 @@ def test_events_stream_progress_then_the_final_job(tmp_path):
 def test_a_dead_generator_replica_is_retried_once_then_the_job_fails_saying_why(tmp_path):
     client, _ = client_for(tmp_path, StreamingGenerator(die=1))
     with client:
-        job = wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"])
+        job = wait_status(client, client.post("/v1/jobs", json=job_request()).json()["id"])
         assert job["status"] == "succeeded", job
     generator = StreamingGenerator(die=5)
     client, _ = client_for(tmp_path, generator)
     with client:
-        job = wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"], timeout=30)
+        job = wait_status(client, client.post("/v1/jobs", json=job_request()).json()["id"], timeout=30)
         assert job["status"] == "failed" and job["error"]["code"] == "unavailable", job
         assert "failed 2 times" in job["error"]["message"]
         assert generator.calls == 2
@@ -212,8 +159,8 @@ def test_jobs_are_scoped_to_their_api_key(tmp_path, monkeypatch):
                              status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
     with TestClient(build_http_app(core), raise_server_exceptions=False) as client:
         alice, bob = ({"Authorization": f"Bearer {n}-key"} for n in ("alice", "bob"))
-        assert_error(client.post("/v1/jobs", json=_request()), 401, "unauthorized")
-        job = client.post("/v1/jobs", json=_request(), headers=alice).json()
+        assert_error(client.post("/v1/jobs", json=job_request()), 401, "unauthorized")
+        job = client.post("/v1/jobs", json=job_request(), headers=alice).json()
         assert wait_status(client, job["id"], **alice)["status"] == "succeeded"
         assert_error(client.get(f"/v1/jobs/{job['id']}", headers=bob), 404, "not_found")
         assert_error(client.post(f"/v1/jobs/{job['id']}/cancel", headers=bob), 404, "not_found")
@@ -248,7 +195,7 @@ def test_a_webhook_gets_the_final_job_signed_after_a_retry(tmp_path, monkeypatch
                                                    "backoff_s": 0.1})
         url = f"http://127.0.0.1:{server.server_port}/hook"
         with client:
-            job = client.post("/v1/jobs", json=_request(webhook=url)).json()
+            job = client.post("/v1/jobs", json=job_request(webhook=url)).json()
             assert wait_status(client, job["id"])["status"] == "succeeded"
             deadline = time.monotonic() + 10
             while len(_Receiver.received) < 2 and time.monotonic() < deadline:
@@ -268,15 +215,15 @@ def test_webhook_urls_outside_the_allowlist_or_without_a_secret_are_refused(tmp_
     client, _ = client_for(tmp_path, webhooks={"allowed_hosts": ["hooks.example.com", "*.corp.example"]})
     with client:
         # no secret configured yet
-        assert_error(client.post("/v1/jobs", json=_request(webhook="https://hooks.example.com/x")), 422,
+        assert_error(client.post("/v1/jobs", json=job_request(webhook="https://hooks.example.com/x")), 422,
                      "invalid_parameter", field="webhook")
         monkeypatch.setenv("INSTANTID_WEBHOOK_SECRET", SECRET)
         for url in ("http://hooks.example.com/x", "https://169.254.169.254/latest", "https://corp.example/x",
                     "https://hooks.example.com.evil.io/x", "ftp://hooks.example.com/", "not a url"):
-            assert_error(client.post("/v1/jobs", json=_request(webhook=url)), 422, "invalid_parameter",
+            assert_error(client.post("/v1/jobs", json=job_request(webhook=url)), 422, "invalid_parameter",
                          field="webhook")
         for url in ("https://hooks.example.com/x", "https://a.corp.example/y"):
-            assert client.post("/v1/jobs", json=_request(webhook=url)).status_code == 202
+            assert client.post("/v1/jobs", json=job_request(webhook=url)).status_code == 202
 
 
 def test_redis_down_is_503_storage_unavailable_never_a_500(tmp_path):
@@ -284,7 +231,7 @@ def test_redis_down_is_503_storage_unavailable_never_a_500(tmp_path):
 
     client, _ = client_for(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with client:
-        resp = client.post("/v1/jobs", json=_request())
+        resp = client.post("/v1/jobs", json=job_request())
         assert_error(resp, 503, "storage_unavailable")
         assert resp.headers["retry-after"]
         assert_error(client.get("/v1/jobs/job_" + "0" * 24), 503, "storage_unavailable")

@@ -18,7 +18,7 @@ from deployments.messages import FaceAnalysisResult, GenerationResult
 from deployments.ingress.service import GenerationService
 from deployments.ingress.schemas import GenerateResponse
 from serve_helpers import assert_error, b64, png_bytes
-from test_units import _Method, _ready  # the shared fake handle pieces
+from fakes import FakeMethod, ready_ok
 
 
 PHOTO_EMBEDDINGS = [np.full(512, 1.0, np.float32), np.full(512, 3.0, np.float32)]
@@ -49,7 +49,7 @@ class ScoringFace:
                               if value else {"similarity": None, "face_found": False, "bbox": None})
             return {"scores": scores, "timings": {"identity_score_s": 0.25}}
 
-        self.analyze, self.score, self.ready = _Method(analyze), _Method(score), _Method(_ready)
+        self.analyze, self.score, self.ready = FakeMethod(analyze), FakeMethod(score), FakeMethod(ready_ok)
 
     def options(self, **kwargs):
         self.options_seen.append(kwargs)
@@ -73,7 +73,7 @@ class ValueGenerator:
                                     timings={"queue_s": 0.0, "denoise_s": 0.0, "vae_decode_s": 0.0, "batch_size": 1,
                                              "batch_images": job.num_images})
 
-        self.denoise, self.ready = _Method(generate), _Method(_ready)
+        self.denoise, self.ready = FakeMethod(generate), FakeMethod(ready_ok)
 
     def options(self, **_):
         return self
@@ -194,7 +194,7 @@ def test_a_failing_score_still_returns_the_images(tmp_path):
     async def broken(images, reference, references=None):
         raise RuntimeError("face analyzer replica died")
 
-    face.score = _Method(broken)
+    face.score = FakeMethod(broken)
     resp = client(tmp_path, face, ValueGenerator([204])).post("/v1/generate", json=request(min_similarity=0.5))
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["images"]) == 1 and "identity" not in resp.json()
@@ -220,7 +220,7 @@ def test_a_face_analyzer_that_never_answers_costs_the_score_not_the_images(tmp_p
     async def hang(images, reference, references=None):
         await asyncio.sleep(60)
 
-    face.score = _Method(hang)
+    face.score = FakeMethod(hang)
     http = client(tmp_path, face, ValueGenerator([204]))
     started = time.perf_counter()
     resp = http.post("/v1/generate", json=request(min_similarity=0.5))

@@ -16,7 +16,7 @@ from deployments.ingress.context import RequestContext
 from deployments.ingress.service import GenerationService
 from deployments.tiny_profile import resolve_args
 from serve_helpers import b64, png_bytes
-from test_service_controls import LocalFace, LocalGenerator
+from fakes import LocalFace, LocalGenerator
 
 
 @pytest.fixture(scope="module")

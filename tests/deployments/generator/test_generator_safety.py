@@ -13,7 +13,7 @@ from deployments.messages import GenerationTask
 from deployments.tiny_profile import resolve_args
 from instantid.safety import blur
 from serve_helpers import app_args, assert_error
-from test_units import _request, make_client
+from fakes import generate_request, make_client
 
 KPS = [[20, 22], [44, 22], [32, 34], [23, 46], [41, 46]]
 
@@ -69,14 +69,14 @@ def test_refuse_answers_an_all_flagged_result_422(tiny_bundle):
 
 def test_request_may_turn_it_off_only_where_allowed(tmp_path):
     on = {"safety": {"enabled": True, "model": "unused"}}
-    assert_error(make_client(tmp_path, **on).post("/v1/generate", json=_request(safety_checker=False)),
+    assert_error(make_client(tmp_path, **on).post("/v1/generate", json=generate_request(safety_checker=False)),
                  422, "invalid_parameter", "safety_checker")
     allowed = {"safety": {"enabled": True, "model": "unused", "allow_disable": True}}
-    assert make_client(tmp_path, **allowed).post("/v1/generate", json=_request(safety_checker=False)).status_code == 200
+    assert make_client(tmp_path, **allowed).post("/v1/generate", json=generate_request(safety_checker=False)).status_code == 200
 
 
 def test_nsfw_flags_reach_the_response(tmp_path):
-    from test_units import FakeGenerator
+    from fakes import FakeGenerator
 
     fake = FakeGenerator()
     inner = fake.denoise.fn
@@ -87,5 +87,5 @@ def test_nsfw_flags_reach_the_response(tmp_path):
         return result
 
     fake.denoise.fn = flagged
-    resp = make_client(tmp_path, generator=fake).post("/v1/generate", json=_request(num_images=2))
+    resp = make_client(tmp_path, generator=fake).post("/v1/generate", json=generate_request(num_images=2))
     assert resp.status_code == 200 and resp.json()["nsfw"] == [True, True]

@@ -23,7 +23,7 @@ from instantid.face import load_image
 from instantid.image_limits import MAX_JPEG_SCANS, DecodeAborted, check_structure
 from serve_helpers import (b64, jpeg_with_comments, mpo_bytes, png16_gray, png_bytes, png_with_chunks,
                            progressive_jpeg)
-from test_units import _request, make_client
+from fakes import generate_request, make_client
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_mpo_photos_are_accepted_first_frame(face):
     check_image(data, "face_images[0]", 4096 * 4096)
     image = load_image(data)
     assert image.size == Image.open(io.BytesIO(face)).size
-    resp = make_client_for_images().post("/v1/generate", json=_request(face_images=[b64(data)]))
+    resp = make_client_for_images().post("/v1/generate", json=generate_request(face_images=[b64(data)]))
     assert resp.status_code == 200, resp.text
 
 
@@ -129,7 +129,7 @@ def test_image_checks_do_not_hold_the_event_loop(tmp_path, monkeypatch):
     async def run():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
-            slow = asyncio.ensure_future(ac.post("/v1/generate", json=_request()))
+            slow = asyncio.ensure_future(ac.post("/v1/generate", json=generate_request()))
             await asyncio.sleep(0.1)
             started = time.perf_counter()
             health = await ac.get("/healthz")

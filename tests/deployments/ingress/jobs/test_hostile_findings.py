@@ -8,9 +8,8 @@ import json
 import pytest
 from serve_helpers import b64, png_bytes
 from starlette.testclient import TestClient
-from test_jobs import _request, client_for, wait_status
-from test_people_http import GroupFace, photo
-from test_surfaces import CountingGenerator
+from fakes import CountingGenerator, GroupFace, job_request, photo
+from test_jobs import client_for, wait_status
 
 from deployments.config import AppArgs
 from deployments.ingress.http.app import build_http_app
@@ -91,7 +90,7 @@ def test_request_fixture_sanity(tmp_path):
     """The plain job path works (so the failures above are the bugs, not the fixtures)."""
     client, _ = client_for(tmp_path, CountingGenerator())
     with client:
-        job = wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"])
+        job = wait_status(client, client.post("/v1/jobs", json=job_request()).json()["id"])
     assert job["status"] == "succeeded"
 
 
@@ -112,7 +111,7 @@ def test_a_webhook_sends_the_job_with_the_urls_get_shows(tmp_path, monkeypatch):
         client, _ = client_for(tmp_path, CountingGenerator(),
                                webhooks={"allowed_hosts": ["127.0.0.1"], "allow_http": True, "backoff_s": 0.1})
         with client:
-            job = client.post("/v1/jobs", json=_request(webhook=f"http://127.0.0.1:{server.server_port}/h")).json()
+            job = client.post("/v1/jobs", json=job_request(webhook=f"http://127.0.0.1:{server.server_port}/h")).json()
             shown = wait_status(client, job["id"])
             deadline = time.monotonic() + 10
             while not _Receiver.received and time.monotonic() < deadline:
@@ -133,11 +132,11 @@ def test_the_in_memory_job_store_forgets_expired_jobs_nobody_asks_for(tmp_path):
     client, core = client_for(tmp_path, CountingGenerator())
     store = core.jobs.store
     with client:
-        old = wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"])
+        old = wait_status(client, client.post("/v1/jobs", json=job_request()).json()["id"])
         assert old["status"] == "succeeded"
         store.expires[old["id"]] = time.time() - 1  # its result_ttl_s has passed
         for _ in range(3):  # the replica goes on working
-            assert wait_status(client, client.post("/v1/jobs", json=_request()).json()["id"])["status"] == "succeeded"
+            assert wait_status(client, client.post("/v1/jobs", json=job_request()).json()["id"])["status"] == "succeeded"
     assert old["id"] not in store.jobs
 
 
@@ -169,7 +168,7 @@ def test_a_webhook_url_the_sender_cannot_parse_is_refused_at_submit(tmp_path, mo
     monkeypatch.setenv("INSTANTID_WEBHOOK_SECRET", "s3cret")
     client, _ = client_for(tmp_path, CountingGenerator(), webhooks={"allowed_hosts": ["hooks.example.com"]})
     with client:
-        resp = client.post("/v1/jobs", json=_request(webhook=url))
+        resp = client.post("/v1/jobs", json=job_request(webhook=url))
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"]["field"] == "webhook"
 
@@ -184,7 +183,7 @@ def test_a_job_with_a_corrupt_ready_control_map_is_refused_at_submit(tmp_path):
     from deployments.generator.controls import decode_maps
     from deployments.errors import ServiceError
     from deployments.messages import ControlMaps
-    from test_units import FakeFace, _Method
+    from fakes import FakeFace, FakeMethod
 
     truncated = png_bytes()[:60]
     with pytest.raises(ServiceError) as refused:  # what the Generator does with it
@@ -196,12 +195,12 @@ def test_a_job_with_a_corrupt_ready_control_map_is_refused_at_submit(tmp_path):
     async def control_maps(items):
         return ControlMaps([np.zeros((64, 64, 3), np.uint8) for _ in items], {"control_maps_s": 0.0})
 
-    face.control_maps = _Method(control_maps)
+    face.control_maps = FakeMethod(control_maps)
     args = AppArgs.model_validate({"identity_store": str(tmp_path / "ids"), "models": [
         {"name": "m", "base_model": "x", "controlnets": {"lineart": "l"}}]})
     core = GenerationService(args, face, CountingGenerator(),
                              status_fn=lambda: {"FaceAnalyzer": "HEALTHY", "Generator": "HEALTHY"})
     with TestClient(build_http_app(core), raise_server_exceptions=False) as client:
-        resp = client.post("/v1/jobs", json=_request(controls=[{"type": "lineart", "map": b64(truncated)}]))
+        resp = client.post("/v1/jobs", json=job_request(controls=[{"type": "lineart", "map": b64(truncated)}]))
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["field"] == "controls[0].map"

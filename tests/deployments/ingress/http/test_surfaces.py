@@ -19,30 +19,12 @@ from deployments.errors import ServiceError
 from deployments.ingress.http.app import build_http_app
 from deployments.ingress.service import GenerationService
 from serve_helpers import b64, png_bytes
-from test_jobs import StreamingGenerator
-from test_units import FakeFace, FakeGenerator, _Method
+from fakes import CountingGenerator, FakeFace, StreamingGenerator
 
 openai = pytest.importorskip("openai")
 replicate = pytest.importorskip("replicate")
 
 KEY = "alice-key"
-
-
-class CountingGenerator(FakeGenerator):
-    """FakeGenerator (sync calls) and StreamingGenerator (jobs) in one; counts generate calls."""
-
-    def __init__(self, fail=None, step_s=0.01):
-        super().__init__(fail)
-        self.calls = 0
-        inner = self.denoise.fn
-
-        async def counted(task):
-            self.calls += 1
-            return await inner(task)
-
-        self.denoise = _Method(counted)
-        self.stream = StreamingGenerator(step_s=step_s)
-        self.denoise_stream = self.stream.denoise_stream
 
 
 @contextlib.contextmanager

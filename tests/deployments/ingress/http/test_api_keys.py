@@ -10,7 +10,7 @@ import pytest
 
 from deployments.ingress.http import api_keys
 from deployments.ingress.http.api_keys import KeyHashSource, parse_key_hashes
-from test_units import _request, make_client
+from fakes import generate_request, make_client
 
 OLD, NEW = "sk-old-" + "1" * 30, "sk-new-" + "2" * 30
 
@@ -77,11 +77,11 @@ def test_rotation_reaches_a_running_ingress(tmp_path, monkeypatch):
     monkeypatch.setenv("ROT_KEYS_FILE", str(path))
     client = make_client(tmp_path, auth={"enabled": True, "key_hashes_env": "ROT_KEYS", "rate_per_s": 100, "burst": 100})
     bearer = lambda key: {"Authorization": f"Bearer {key}"}  # noqa: E731
-    assert client.post("/v1/generate", json=_request(), headers=bearer(OLD)).status_code == 200
-    assert client.post("/v1/generate", json=_request(), headers=bearer(NEW)).status_code == 401
+    assert client.post("/v1/generate", json=generate_request(), headers=bearer(OLD)).status_code == 200
+    assert client.post("/v1/generate", json=generate_request(), headers=bearer(NEW)).status_code == 401
     path.write_text(entry("team-a", NEW))  # rotate: new key in, old key out
-    assert client.post("/v1/generate", json=_request(), headers=bearer(NEW)).status_code == 200
-    assert client.post("/v1/generate", json=_request(), headers=bearer(OLD)).status_code == 401
+    assert client.post("/v1/generate", json=generate_request(), headers=bearer(NEW)).status_code == 200
+    assert client.post("/v1/generate", json=generate_request(), headers=bearer(OLD)).status_code == 401
 
 
 @pytest.fixture(autouse=True)
