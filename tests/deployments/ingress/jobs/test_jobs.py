@@ -1,5 +1,5 @@
 """The job core and /v1/jobs without a cluster: fake FaceAnalyzer and a fake streaming Generator, the in-process
-store and a real redis-server (tests/deployments/test_jobs_serve.py runs it all on Ray Serve)."""
+store and a real redis-server (tests/deployments/ingress/jobs/test_jobs_serve.py runs it all on Ray Serve)."""
 
 from __future__ import annotations
 
