@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from deployments.errors import ServiceError, from_exception
+from deployments.errors import TIMEOUT, ServiceError, from_exception
 from deployments.ingress.schemas import GenerateRequest, GenerateResponse, IdentityList, IdentityResponse, ModelList
 
 __all__ = ["InstantIDClient", "ServiceError", "encode_image", "GenerateRequest", "GenerateResponse",
@@ -169,7 +169,7 @@ class InstantIDClient:
             if job["status"] in JOB_ENDED:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise ServiceError(504, "timeout", f"job {job_id} did not end within {timeout_s:g}s")
+                raise TIMEOUT(f"job {job_id} did not end within {timeout_s:g}s")
 
     async def wait_job_async(self, job_id: str, timeout_s: float | None = None) -> dict:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -179,7 +179,7 @@ class InstantIDClient:
             if job["status"] in JOB_ENDED:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise ServiceError(504, "timeout", f"job {job_id} did not end within {timeout_s:g}s")
+                raise TIMEOUT(f"job {job_id} did not end within {timeout_s:g}s")
 
 
 JOB_ENDED = ("succeeded", "failed", "canceled")

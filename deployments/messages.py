@@ -1,12 +1,14 @@
 """The typed messages that cross DeploymentHandles between the Ingress and its backends (Ray pickles them).
 
     Ingress --photos--> FaceAnalyzer.analyze   -> FaceAnalysisResult
-    Ingress --GenerationTask--> Generator.generate -> GenerationResult
+    Ingress --GenerationTask--> Generator.denoise (denoise_stream for a job) -> GenerationResult
     Ingress --(field, type, photo bytes)--> FaceAnalyzer.control_maps -> ControlMaps
 
 A message is built once, by the side that validated its contents (the Ingress validates client input; the
 FaceAnalyzer and the Generator only produce what they computed), and read by attribute on the other side and in
-the tests' fake backends: no dict shape is copied by hand anywhere.
+the tests' fake backends: no dict shape is copied by hand anywhere. ``PreparedGeneration`` is the Ingress's own
+record of a request ready for the Generator (a job keeps it between submit and run); ``load_map`` is the one
+decode of a ready control map, run at both ends.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from instantid import defaults
 
-from deployments.errors import ServiceError
+from deployments.errors import INVALID_IMAGE
 
 
 @dataclass
@@ -205,4 +207,4 @@ def load_map(source: bytes, i: int):
     try:
         return load_image(bytes(source), name=f"controls[{i}].map")
     except InvalidImageError as exc:
-        raise ServiceError(400, "invalid_image", str(exc).splitlines()[0], field=f"controls[{i}].map") from None
+        raise INVALID_IMAGE(str(exc).splitlines()[0], field=f"controls[{i}].map") from None

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from deployments.errors import ServiceError, to_service_error
+from deployments.errors import INVALID_IMAGE, from_exception
 from deployments.messages import ControlMaps
 
 MAP_THREADS = 2
@@ -36,7 +36,7 @@ class ControlMapsCore:
             try:
                 photo = load_image(data, name=field, should_stop=should_stop)
             except InvalidImageError as exc:
-                raise ServiceError(400, "invalid_image", str(exc).splitlines()[0], field=field) from None
+                raise INVALID_IMAGE(str(exc).splitlines()[0], field=field) from None
             with self._lock:
                 maps.append(np.asarray(self.preprocessors.derive(kind, resize_for_analysis(photo)), dtype=np.uint8))
         return ControlMaps(maps, {"control_maps_s": time.perf_counter() - started})
@@ -49,4 +49,4 @@ class ControlMapsCore:
             gone.set()
             raise
         except Exception as exc:
-            raise to_service_error(exc) from None
+            raise from_exception(exc) from None

@@ -23,7 +23,7 @@ import numpy as np
 from ray import serve
 
 from deployments import metrics
-from deployments.errors import ServiceError, to_service_error
+from deployments.errors import RETRY_LATER, UNAVAILABLE, from_exception
 from deployments.face_analyzer.control_maps import ControlMapsCore
 from deployments.messages import BackendHealth, FaceAnalysisResult, ModelNotLoaded
 from deployments.tiny_profile import resolve_args
@@ -250,7 +250,7 @@ class FaceAnalyzerDeployment:
     async def analyze(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
                       thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
         if self.core is None:
-            raise ServiceError(503, "unavailable", "the face model is not loaded", headers={"Retry-After": "5"})
+            raise UNAVAILABLE("the face model is not loaded", headers=RETRY_LATER)
         gone = threading.Event()  # set when the caller cancels (its deadline passed, its client left)
         try:
             result = await asyncio.wrap_future(self.core.pool.submit(self.core.predict, photos, pose, thumbnail,
@@ -259,14 +259,14 @@ class FaceAnalyzerDeployment:
             gone.set()  # the thread stops at its next read or photo; the replica's slot is freed now
             raise
         except Exception as exc:
-            raise to_service_error(exc) from None
+            raise from_exception(exc) from None
         metrics.stage("face_analysis", result.timings["face_analysis_s"])
         return result
 
     async def score(self, images: list, reference, references: list | None = None) -> dict:
         """Generated images (RGB arrays, one request's, in one call) -> each one's identity score."""
         if self.core is None:
-            raise ServiceError(503, "unavailable", "the face model is not loaded", headers={"Retry-After": "5"})
+            raise UNAVAILABLE("the face model is not loaded", headers=RETRY_LATER)
         gone = threading.Event()
         try:
             result = await asyncio.wrap_future(self.core.pool.submit(self.core.score, images, reference, references,
@@ -275,7 +275,7 @@ class FaceAnalyzerDeployment:
             gone.set()
             raise
         except Exception as exc:
-            raise to_service_error(exc) from None
+            raise from_exception(exc) from None
         metrics.stage("identity_score", result["timings"]["identity_score_s"])
         return result
 

@@ -1,11 +1,12 @@
 """Generator deployment: IdentityNet + SDXL UNet, one GPU per replica in production, CPU in the local profile.
 
-setup            load the default model (so the replica is ready, or unhealthy, before it takes traffic)
-decode_request   a ``GenerationTask`` from the Ingress (deployments/messages.py), checked by ``accept_task``
-                 (embedding float32 (512,), keypoints on their canvas); the keypoint image is drawn here, at the
-                 output size
-predict          ``pipe.generate`` once per compatible group: one denoising batch
-encode_response  a ``GenerationResult`` per task: uint8 HxWx3 arrays; the Ingress encodes them once (png/jpeg/webp)
+__init__         load the default model (so the replica is ready, or unhealthy, before it takes traffic)
+accept_task      a ``GenerationTask`` from the Ingress (deployments/messages.py) checked on arrival (embedding
+                 float32 (512,), keypoints on their canvas, control maps and people: controls.py, people.py)
+predict          ``GeneratorCore.predict``: ``pipe.generate`` once per compatible group, one denoising batch;
+                 the keypoint image is drawn here, at the output size
+screen           the safety checker over a batch's images; a ``GenerationResult`` per task: uint8 HxWx3 arrays
+                 (the Ingress encodes them once: png/jpeg/webp)
 
 Throughput
 - ``@serve.batch`` collects concurrent requests (``batch.max_batch_size``, ``batch.batch_wait_timeout_s``)
@@ -48,7 +49,7 @@ from instantid.weights import prefetch
 from deployments import metrics
 from deployments.messages import BackendHealth, GenerationResult, GenerationTask, ModelNotLoaded
 from deployments.ray_compat import multiplexed_models
-from deployments.errors import ServiceError, to_service_error
+from deployments.errors import INVALID_PARAMETER, TIMEOUT, UNSAFE_OUTPUT, ServiceError, from_exception
 from deployments.generator.controls import decode_maps
 from deployments.generator.people import accept_people, pipeline_people
 from deployments.tiny_profile import resolve_args
@@ -90,7 +91,7 @@ def accept_task(task: GenerationTask) -> GenerationTask:
 
 
 def abandoned_error() -> ServiceError:
-    return ServiceError(504, "timeout", "the request passed its deadline or was cancelled; its generation stopped")
+    return TIMEOUT("the request passed its deadline or was cancelled; its generation stopped")
 
 
 class LoadedModel:
@@ -214,7 +215,7 @@ class GeneratorCore:
             nsfw = [next(flags) for _ in out.images]
             metrics.images_flagged(out.model, sum(nsfw))
             if self.args.safety.action == "refuse" and all(nsfw):
-                outputs[k] = ServiceError(422, "unsafe_output", "the safety checker flagged every generated image",
+                outputs[k] = UNSAFE_OUTPUT("the safety checker flagged every generated image",
                                           field="safety_checker")
                 continue
             out.images = [np.asarray(blur(Image.fromarray(a))) if flag else a for a, flag in zip(out.images, nsfw)]
@@ -267,7 +268,7 @@ class Generator:
 
     async def _load(self, name: str) -> LoadedModel:
         if name not in self.core.specs:
-            raise ServiceError(422, "invalid_parameter", f"base_model: unknown model {name!r}", field="base_model")
+            raise INVALID_PARAMETER(f"base_model: unknown model {name!r}", field="base_model")
         _release_memory()  # an evicted pipeline's memory, before the next one is allocated
         loaded = await asyncio.to_thread(self.core.load, name)
         self.loads[name] += 1
@@ -280,7 +281,7 @@ class Generator:
         try:
             parsed = accept_task(task)
         except Exception as exc:
-            raise to_service_error(exc) from None
+            raise from_exception(exc) from None
         return await self._denoise(parsed)
 
     async def denoise_stream(self, task: GenerationTask, progress_interval_s: float = 0.25):
@@ -290,7 +291,7 @@ class Generator:
         try:
             parsed = accept_task(task)
         except Exception as exc:
-            raise to_service_error(exc) from None
+            raise from_exception(exc) from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         last = [-math.inf]
@@ -391,7 +392,7 @@ class Generator:
             try:
                 results = await self._predict_group(jobs)
             except Exception as exc:  # never leave a caller hanging
-                results = [to_service_error(exc)] * len(jobs)
+                results = [from_exception(exc)] * len(jobs)
             if self.args.safety.enabled:
                 # the safety check runs beside the next group's denoising, off the device queue's critical path
                 task = asyncio.get_running_loop().create_task(self._screen_and_answer(group, results))
@@ -404,7 +405,7 @@ class Generator:
         try:
             results = await asyncio.to_thread(self.core.screen, [job for job, _ in group], results)
         except Exception as exc:  # an image that could not be checked is never delivered
-            results = [to_service_error(exc)] * len(group)
+            results = [from_exception(exc)] * len(group)
         _answer(group, results)
 
     async def _predict_group(self, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
@@ -414,14 +415,14 @@ class Generator:
         try:
             model = await self.get_model(name)
         except Exception as exc:
-            return [to_service_error(exc)] * len(jobs)
+            return [from_exception(exc)] * len(jobs)
         load_s = time.perf_counter() - started if self.loads[name] > loads_before else None
         metrics.models_resident(len(self.resident_models()))
         self._running = jobs
         try:
             outputs = await asyncio.to_thread(self.core.predict, model, jobs)
         except Exception as exc:
-            return [to_service_error(exc)] * len(jobs)
+            return [from_exception(exc)] * len(jobs)
         finally:
             self._running = []
         done = [out for out in outputs if isinstance(out, GenerationResult)]

@@ -14,7 +14,7 @@ import contextlib
 import time
 from typing import Any
 
-from deployments.errors import ServiceError, from_exception
+from deployments.errors import RETRY_LATER, UNAVAILABLE, from_exception
 from deployments.messages import ModelNotLoaded
 from deployments.ray_compat import by_reference
 
@@ -81,8 +81,8 @@ class Backends:
         if down:  # the cached view may predate a replacement replica: look again before refusing
             down = self._down(await self.readiness(fresh=True), names)
         if down:
-            raise ServiceError(503, "unavailable", f"{', '.join(down)} is unavailable; retry later",
-                               headers={"Retry-After": "5"})
+            raise UNAVAILABLE(f"{', '.join(down)} is unavailable; retry later",
+                               headers=RETRY_LATER)
 
     def _down(self, state: dict, names: tuple[str, ...]) -> list[str]:
         """Backends with no running replica whose status says they failed. Serve's status lags: a replacement

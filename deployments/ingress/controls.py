@@ -24,7 +24,7 @@ import asyncio
 from instantid.controls import CONTROL_TYPES as DERIVED  # no torch at import: the Ingress stays light
 from instantid.controls import DEFAULT_SCALES
 
-from deployments.errors import ServiceError
+from deployments.errors import INVALID_PARAMETER
 from deployments.ingress.backends import BY_VALUE_MAX_BYTES
 from deployments.ingress.inputs import check_image, decode_base64
 from deployments.messages import ControlMaps, load_map
@@ -37,11 +37,10 @@ def check_controls(req, spec, faces: list[bytes] | None, pose: bytes | None, max
     for i, control in enumerate(req.controls):
         where = f"controls[{i}]"
         if control.type not in spec.controlnets:
-            raise ServiceError(422, "invalid_parameter",
-                               f"{where}.type: model {spec.name!r} has no {control.type!r} ControlNet; it has "
+            raise INVALID_PARAMETER(f"{where}.type: model {spec.name!r} has no {control.type!r} ControlNet; it has "
                                f"{sorted(spec.controlnets)}", field=f"{where}.type")
         if control.image is not None and control.map is not None:
-            raise ServiceError(422, "invalid_parameter", f"{where}: give image or map, not both", field=where)
+            raise INVALID_PARAMETER(f"{where}: give image or map, not both", field=where)
         entry = {"name": control.type, "start": control.start, "end": control.end,
                  "scale": DEFAULT_SCALES.get(control.type, 1.0) if control.scale is None else control.scale}
         if control.map is not None:
@@ -49,7 +48,7 @@ def check_controls(req, spec, faces: list[bytes] | None, pose: bytes | None, max
             check_image(entry["map"], f"{where}.map", max_pixels)
             load_map(entry["map"], i)  # decoded once here too: a corrupt map is the request's 400, never later
         elif control.type not in DERIVED:
-            raise ServiceError(422, "invalid_parameter", f"{where}.map: a {control.type!r} control needs a ready map",
+            raise INVALID_PARAMETER(f"{where}.map: a {control.type!r} control needs a ready map",
                                field=f"{where}.map")
         elif control.image is not None:
             entry["photo"] = decode_base64(control.image, f"{where}.image")
@@ -57,7 +56,7 @@ def check_controls(req, spec, faces: list[bytes] | None, pose: bytes | None, max
         elif pose is not None or faces:
             entry["photo"] = pose if pose is not None else faces[0]  # the demo's choice
         else:
-            raise ServiceError(422, "invalid_parameter", f"{where}.image: no photo to derive the {control.type} map "
+            raise INVALID_PARAMETER(f"{where}.image: no photo to derive the {control.type} map "
                                "from (a stored identity has none): give image, pose_image or map",
                                field=f"{where}.image")
         out.append(entry)

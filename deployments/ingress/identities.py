@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deployments.errors import ServiceError
+from deployments.errors import NOT_FOUND
 
 ID_PATTERN = r"^id_[0-9a-f]{32}$"  # also the request schema's pattern for identity_id
 ID_RE = re.compile(ID_PATTERN)
@@ -70,7 +70,7 @@ def require_visible(record: dict | None, scope: str | None, identity_id: str | N
     message names ``identity_id`` only where the caller gave a validated one (never echo a raw path)."""
     if record is None or not visible_to(record, scope):
         message = "identity not found" if identity_id is None else f"identity {identity_id} not found"
-        raise ServiceError(404, "not_found", message, field=field)
+        raise NOT_FOUND(message, field=field)
     return record
 
 

@@ -8,24 +8,24 @@ import binascii
 import io
 from typing import Any
 
-from deployments.errors import ServiceError
+from deployments.errors import IMAGE_TOO_LARGE, INVALID_BASE64, INVALID_IMAGE
 
 
 def decode_base64(text: Any, where: str) -> bytes:
     if not isinstance(text, str):
-        raise ServiceError(400, "invalid_base64", f"{where} must be a base64 string", field=where)
+        raise INVALID_BASE64(f"{where} must be a base64 string", field=where)
     text = text.strip()
     if text.startswith("data:"):
         _, comma, text = text.partition(",")
         if not comma:
-            raise ServiceError(400, "invalid_base64", f"{where} is a malformed data URL", field=where)
+            raise INVALID_BASE64(f"{where} is a malformed data URL", field=where)
     text = "".join(text.split())
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ServiceError(400, "invalid_base64", f"{where} is not valid base64", field=where) from None
+        raise INVALID_BASE64(f"{where} is not valid base64", field=where) from None
     if not data:
-        raise ServiceError(400, "invalid_image", f"{where} is empty", field=where)
+        raise INVALID_IMAGE(f"{where} is empty", field=where)
     return data
 
 
@@ -43,15 +43,14 @@ def check_image(data: bytes, where: str, max_pixels: int) -> None:
             with Image.open(io.BytesIO(data)) as image:
                 fmt, (width, height) = image.format, image.size
         except Image.DecompressionBombError:
-            raise ServiceError(413, "image_too_large", f"{where} has too many pixels", field=where) from None
+            raise IMAGE_TOO_LARGE(f"{where} has too many pixels", field=where) from None
         except Exception:
             raise unreadable(where) from None
         if width < 1 or height < 1:
             raise InvalidImageError(f"{where} claims a {width}x{height} size")
         check_format(fmt, where)
     except InvalidImageError as exc:
-        raise ServiceError(400, "invalid_image", str(exc), field=where) from None
+        raise INVALID_IMAGE(str(exc), field=where) from None
     if width * height > max_pixels:
-        raise ServiceError(413, "image_too_large",
-                           f"{where} is {width}x{height}, more than {max_pixels} pixels", field=where)
+        raise IMAGE_TOO_LARGE(f"{where} is {width}x{height}, more than {max_pixels} pixels", field=where)
 

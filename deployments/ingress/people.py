@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deployments.errors import ServiceError
+from deployments.errors import INVALID_PARAMETER
 from deployments.ingress.identities import decode_embedding, require_visible
 from deployments.ingress.inputs import check_image, decode_base64
 from deployments.messages import PersonPlacement
@@ -103,7 +103,7 @@ async def resolve_people(service, ctx, req, pose: bytes | None, init_image: byte
         default = default_size(source, limits)
         width, height = width or default[0], height or default[1]
     elif width is None or height is None:
-        raise ServiceError(422, "invalid_parameter", "width: give width and height for people placed by box or "
+        raise INVALID_PARAMETER("width: give width and height for people placed by box or "
                                                      "keypoints (no pose_image sets the canvas)", field="width")
 
     placements = [Placement(face_index=p.face_index, box=None if p.box is None else tuple(p.box),

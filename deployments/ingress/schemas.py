@@ -22,7 +22,7 @@ from instantid import defaults
 from instantid.defaults import PROMPT_WEIGHTINGS
 
 from deployments.config import AppArgs, Limits
-from deployments.errors import ServiceError
+from deployments.errors import INVALID_PARAMETER
 from deployments.ingress.identities import ID_PATTERN
 
 # Mirrors instantid.schedulers.NAMES (importing that module pulls in diffusers and torch); a test keeps
@@ -39,7 +39,7 @@ MAX_LIST_LIMIT = 1000  # identities one list call returns at most (HTTP ``?limit
 def list_limit(value: Any) -> int:
     """A list call's ``limit`` as given by any caller: an integer in 1..MAX_LIST_LIMIT, else a 422 naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIST_LIMIT:
-        raise ServiceError(422, "invalid_parameter", f"limit: must be an integer from 1 to {MAX_LIST_LIMIT}",
+        raise INVALID_PARAMETER(f"limit: must be an integer from 1 to {MAX_LIST_LIMIT}",
                            field="limit")
     return value
 

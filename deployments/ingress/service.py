@@ -24,7 +24,8 @@ from pydantic import BaseModel, ValidationError
 
 from deployments import metrics
 from deployments.config import AppArgs
-from deployments.errors import ServiceError, from_exception, storage_unavailable, validation_error
+from deployments.errors import (INVALID_PARAMETER, NOT_FOUND, TIMEOUT, TOO_COSTLY, ServiceError, from_exception,
+                                storage_unavailable, validation_error)
 from deployments.ingress.backends import BACKENDS, Backends
 from deployments.ingress.context import RequestContext
 from deployments.ingress.controls import finish_control_maps, start_control_maps
@@ -50,7 +51,7 @@ def _validate(model: type[BaseModel], data: dict, strict: bool = True) -> BaseMo
     except ValidationError as exc:
         raise validation_error(exc) from None
     except RecursionError:
-        raise ServiceError(422, "invalid_parameter", "a field is nested too deeply") from None
+        raise INVALID_PARAMETER("a field is nested too deeply") from None
 
 
 COST_FIELDS = ("width", "height", "steps", "num_images")
@@ -68,8 +69,7 @@ def check_cost(spec, req, deadline: float | None, size: tuple[int, int] | None =
     needed = spec.overhead_s + cost / spec.megapixel_steps_per_s
     left = deadline - time.time()
     if needed > left:
-        raise ServiceError(
-            422, "too_costly",
+        raise TOO_COSTLY(
             f"width x height x steps x num_images = {cost:.1f} megapixel-steps needs about {needed:.0f}s on model "
             f"{spec.name!r}, more than the {max(left, 0):.0f}s left before this request's deadline; lower width, "
             f"height, steps or num_images", field="steps", details=[{"field": f} for f in COST_FIELDS])
@@ -93,7 +93,7 @@ class GenerationService:
         left = timeout - (time.perf_counter() - ctx.started)  # receiving the body counted against it
         if left <= 0:
             coro.close()
-            raise ServiceError(504, "timeout", f"the request did not finish within {timeout:g}s")
+            raise TIMEOUT(f"the request did not finish within {timeout:g}s")
         ctx.deadline = time.time() + left
         task = asyncio.ensure_future(coro)
         try:
@@ -106,7 +106,7 @@ class GenerationService:
             return task.result()
         task.cancel()
         ctx.cancel_pending()
-        raise ServiceError(504, "timeout", f"the request did not finish within {timeout:g}s")
+        raise TIMEOUT(f"the request did not finish within {timeout:g}s")
 
     def fail(self, ctx: RequestContext, exc: BaseException) -> ServiceError:
         err = from_exception(exc, request_id=ctx.request_id)
@@ -149,16 +149,16 @@ class GenerationService:
         elif files.get("pose_image") is not None:
             pose = files["pose_image"]
         if faces is not None and req.identity_id is not None:
-            raise ServiceError(422, "invalid_parameter", "give face_images or identity_id, not both",
+            raise INVALID_PARAMETER("give face_images or identity_id, not both",
                                field="face_images")
         if req.people is not None and faces is not None:
-            raise ServiceError(422, "invalid_parameter", "people: replaces face_images; give one or the other",
+            raise INVALID_PARAMETER("people: replaces face_images; give one or the other",
                                field="people")
         if faces is None and req.identity_id is None and req.people is None:
-            raise ServiceError(422, "invalid_parameter", "face_images or identity_id is required",
+            raise INVALID_PARAMETER("face_images or identity_id is required",
                                field="face_images")
         if faces is not None and not 1 <= len(faces) <= limits.max_faces:
-            raise ServiceError(422, "invalid_parameter", f"face_images: give 1 to {limits.max_faces} images",
+            raise INVALID_PARAMETER(f"face_images: give 1 to {limits.max_faces} images",
                                field="face_images")
         for i, data_ in enumerate(faces or []):
             check_image(data_, f"face_images[{i}]", limits.max_image_pixels)
@@ -208,15 +208,14 @@ class GenerationService:
         spec = args.model(req.base_model)
         unknown = sorted(set(req.loras) - set(spec.loras))
         if unknown:
-            raise ServiceError(422, "invalid_parameter",
-                               f"loras: unknown LoRA {unknown} for model {spec.name!r}; "
+            raise INVALID_PARAMETER(f"loras: unknown LoRA {unknown} for model {spec.name!r}; "
                                f"available: {sorted(spec.loras)}",
                                field="loras")
         if req.delivery == "s3" and self.s3 is None:
-            raise ServiceError(422, "invalid_parameter", "delivery: S3 delivery is not configured on this service",
+            raise INVALID_PARAMETER("delivery: S3 delivery is not configured on this service",
                                field="delivery")
         if not req.safety_checker and args.safety.enabled and not args.safety.allow_disable:
-            raise ServiceError(422, "invalid_parameter", "safety_checker: this service does not allow turning the "
+            raise INVALID_PARAMETER("safety_checker: this service does not allow turning the "
                                "safety checker off", field="safety_checker")
         check_cost(spec, req, ctx.deadline)
         await self.backends.require(BACKENDS if req.identity_id is None or pose is not None else ("Generator",))
@@ -250,7 +249,7 @@ class GenerationService:
         if plan is None:
             bbox = canvas_bbox(face, canvas)
             if req.enhance_face_region and bbox is None:
-                raise ServiceError(422, "invalid_parameter", "enhance_face_region: no face box is known",
+                raise INVALID_PARAMETER("enhance_face_region: no face box is known",
                                    field="enhance_face_region")
             width, height = self.output_size(req, canvas, kps, bbox, init_image)
         ctx.timings["identities"] = len(plan.people) if plan else 1
@@ -337,11 +336,10 @@ class GenerationService:
         limits = self.args.limits
         if files and files.get("face_images"):
             if data:
-                raise ServiceError(422, "invalid_parameter",
-                                   f"unexpected fields {[k[:64] for k in sorted(data)[:8]]}")
+                raise INVALID_PARAMETER(f"unexpected fields {[k[:64] for k in sorted(data)[:8]]}")
             faces = list(files["face_images"])
             if not 1 <= len(faces) <= limits.max_faces:
-                raise ServiceError(422, "invalid_parameter", f"face_images: give 1 to {limits.max_faces} images",
+                raise INVALID_PARAMETER(f"face_images: give 1 to {limits.max_faces} images",
                                    field="face_images")
         else:
             req = _validate(self.schemas.IdentityCreateRequest, data, strict=files is None)
@@ -392,7 +390,7 @@ class GenerationService:
         except Exception as exc:
             raise self.fail(ctx, exc) from None
         if not deleted:
-            raise ServiceError(404, "not_found", "identity not found")  # never echo the input
+            raise NOT_FOUND("identity not found")  # never echo the input
 
     async def list_identities(self, ctx: RequestContext, limit: int) -> dict:
         limit = list_limit(limit)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from deployments.errors import ServiceError, install_handlers, json_response
+from deployments.errors import METHOD_NOT_ALLOWED, NOT_FOUND, ServiceError, install_handlers, json_response
 from deployments.ingress.context import RequestContext
 from deployments.ingress.http.auth import AccessControl, client_address
 from deployments.ingress.http.observe import Observe
@@ -85,7 +85,7 @@ def build_http_app(service: GenerationService) -> FastAPI:
         """Any other /v1 path: after auth (no route discovery without a key); 405 where the path exists."""
         if allowed_methods(request.scope):
             raise method_not_allowed(request.scope)
-        raise ServiceError(404, "not_found", "no such route")
+        raise NOT_FOUND("no such route")
 
     def allowed_methods(scope) -> list[str]:
         """The methods of every route at this path (the catch-all above aside)."""
@@ -107,7 +107,7 @@ def build_http_app(service: GenerationService) -> FastAPI:
         return out
 
     def method_not_allowed(scope) -> ServiceError:
-        return ServiceError(405, "method_not_allowed", "method not allowed",
+        return METHOD_NOT_ALLOWED("method not allowed",
                             headers={"Allow": ", ".join(allowed_methods(scope))})
 
     # Starlette answers a method no route lists (TRACE, QUERY, ...) with the first route at the path's methods

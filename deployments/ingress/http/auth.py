@@ -11,7 +11,7 @@ import math
 import time
 
 from deployments.ingress.http.api_keys import KeyHashSource
-from deployments.errors import ServiceError
+from deployments.errors import RATE_LIMITED, UNAUTHORIZED, ServiceError
 
 
 class Authenticator:
@@ -28,7 +28,7 @@ class Authenticator:
     def check(self, authorization: str | None) -> str:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ServiceError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
+            raise UNAUTHORIZED("missing API key: send 'Authorization: Bearer <key>'",
                                headers={"WWW-Authenticate": "Bearer"})
         digest = hashlib.sha256(token.strip().encode()).hexdigest()
         found = None
@@ -36,7 +36,7 @@ class Authenticator:
             if hmac.compare_digest(known, digest):
                 found = name
         if found is None:
-            raise ServiceError(401, "unauthorized", "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+            raise UNAUTHORIZED("invalid API key", headers={"WWW-Authenticate": "Bearer"})
         return found
 
 
@@ -54,7 +54,7 @@ class RateLimiter:
         if tokens < 1.0:
             self.buckets[key] = (tokens, now)
             retry = max(1, math.ceil((1.0 - tokens) / self.rate))
-            raise ServiceError(429, "rate_limited", "too many requests for this API key",
+            raise RATE_LIMITED("too many requests for this API key",
                                headers={"Retry-After": str(retry)})
         self.buckets[key] = (tokens - 1.0, now)
 
@@ -115,7 +115,7 @@ class AccessControl:
             return None
         wait = self.failures.exhausted(client) if client else None
         if wait is not None:
-            raise ServiceError(429, "rate_limited", "too many failed API key checks from this address",
+            raise RATE_LIMITED("too many failed API key checks from this address",
                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
         try:
             name = self.auth.check(authorization)

@@ -12,7 +12,8 @@ from typing import Any
 
 from fastapi import Request
 
-from deployments.errors import ServiceError
+from deployments.errors import (BAD_REQUEST, BODY_TIMEOUT, BODY_TOO_LARGE, INVALID_JSON, INVALID_PARAMETER,
+                                RATE_LIMITED, UNSUPPORTED_MEDIA_TYPE, ServiceError)
 from deployments.ingress.inputs import decode_base64
 
 
@@ -32,18 +33,18 @@ def loads_json(text: str | bytes):
     try:
         return json.loads(text, parse_int=_bounded_int)
     except RecursionError:
-        raise ServiceError(400, "invalid_json", "the JSON is nested too deeply") from None
+        raise INVALID_JSON("the JSON is nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "msg", None) or type(exc).__name__
-        raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {reason}") from None
+        raise INVALID_JSON(f"the body is not valid JSON: {reason}") from None
     except ValueError:
-        raise ServiceError(400, "invalid_json", "the body is not valid JSON") from None
+        raise INVALID_JSON("the body is not valid JSON") from None
 
 
 def parse_json(body: bytes) -> dict:
     data = loads_json(body)
     if not isinstance(data, dict):
-        raise ServiceError(422, "invalid_parameter", "the body must be a JSON object")
+        raise INVALID_PARAMETER("the body must be a JSON object")
     return data
 
 
@@ -63,7 +64,7 @@ class UploadSlots:
             yield
             return
         if self.active.get(who, 0) >= self.per_client:
-            raise ServiceError(429, "rate_limited", f"more than {self.per_client} uploads in progress from this "
+            raise RATE_LIMITED(f"more than {self.per_client} uploads in progress from this "
                                "client", headers={"Retry-After": "1"})
         self.active[who] = self.active.get(who, 0) + 1
         try:
@@ -81,7 +82,7 @@ async def read_body(request, limit: int, deadline: float | None = None) -> bytes
         async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.perf_counter())):
             return await _read_body(request, limit)
     except TimeoutError:
-        raise ServiceError(408, "timeout", "the request body was not received in time") from None
+        raise BODY_TIMEOUT("the request body was not received in time") from None
 
 
 async def _read_body(request, limit: int) -> bytes:
@@ -89,14 +90,14 @@ async def _read_body(request, limit: int) -> bytes:
     if declared is not None:
         try:
             if int(declared) > limit:
-                raise ServiceError(413, "body_too_large", f"the body is larger than {limit} bytes")
+                raise BODY_TOO_LARGE(f"the body is larger than {limit} bytes")
         except ValueError:
-            raise ServiceError(400, "bad_request", "malformed Content-Length") from None
+            raise BAD_REQUEST("malformed Content-Length") from None
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ServiceError(413, "body_too_large", f"the body is larger than {limit} bytes")
+            raise BODY_TOO_LARGE(f"the body is larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -114,13 +115,13 @@ async def read_form(request, body: bytes, max_files: int, limit: int,
         form = await Request(request.scope, replay).form(max_files=max_files, max_fields=64, max_part_size=limit)
     except Exception as exc:
         detail = getattr(exc, "detail", None) or str(exc)
-        raise ServiceError(400, "bad_request", f"malformed multipart body: {detail}".splitlines()[0]) from None
+        raise BAD_REQUEST(f"malformed multipart body: {detail}".splitlines()[0]) from None
     files: dict[str, list[bytes] | bytes] = {}
     data: dict[str, Any] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             if key not in file_fields:
-                raise ServiceError(422, "invalid_parameter", f"{key[:64]}: unexpected file field", field=key[:64])
+                raise INVALID_PARAMETER(f"{key[:64]}: unexpected file field", field=key[:64])
             content = await value.read()
             if key in ("pose_image", "init_image"):
                 files[key] = content
@@ -132,7 +133,7 @@ async def read_form(request, body: bytes, max_files: int, limit: int,
             try:
                 data["loras"] = loads_json(value) if value.strip() else {}
             except ServiceError:
-                raise ServiceError(422, "invalid_parameter", "loras: must be a JSON object", field="loras") from None
+                raise INVALID_PARAMETER("loras: must be a JSON object", field="loras") from None
         elif value == "" and key not in ("prompt", "negative_prompt"):
             continue  # an empty form field means "not given"
         else:
@@ -152,5 +153,5 @@ async def read_request(request, uploads: UploadSlots, who: str | None, limit: in
     if ctype == "multipart/form-data":
         return await read_form(request, body, max_files, limit, file_fields)
     if ctype not in ("", "application/json") and not ctype.endswith("+json"):
-        raise ServiceError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+        raise UNSUPPORTED_MEDIA_TYPE("send application/json or multipart/form-data")
     return parse_json(body), None

@@ -31,7 +31,8 @@ from typing import Any, Callable
 import numpy as np
 
 from deployments import metrics
-from deployments.errors import ServiceError, from_exception, unwrap
+from deployments.errors import (INTERNAL, NOT_FOUND, QUEUE_FULL, RETRY_LATER, STORAGE_UNAVAILABLE, UNAVAILABLE,
+                                ServiceError, from_exception, unwrap)
 from deployments.ingress.identities import visible_to
 from deployments.ingress.context import RequestContext
 from deployments.ingress.jobs.store import TERMINAL, MemoryJobStore, make_job_store
@@ -151,7 +152,7 @@ class JobService:
 
     async def _loop(self) -> None:
         next_reap = 0.0
-        lost = ServiceError(503, "unavailable", f"the replicas running this job stopped "
+        lost = UNAVAILABLE(f"the replicas running this job stopped "
                             f"{self.config.max_attempts} times; giving up").body()["error"]
         while True:
             try:
@@ -247,7 +248,7 @@ class JobService:
                         raise
                     attempts = await self.store.attempt(job_id)
                     if attempts > cfg.max_attempts:
-                        raise ServiceError(503, "unavailable", f"the Generator replica running this job failed "
+                        raise UNAVAILABLE(f"the Generator replica running this job failed "
                                            f"{cfg.max_attempts} times; giving up") from None
                     log.warning("job %s: Generator replica died; running it again (run %d)", job_id, attempts)
                     await asyncio.sleep(1.0)
@@ -278,7 +279,7 @@ class JobService:
         finally:
             with contextlib.suppress(ValueError):
                 ctx.pending.remove(stream)
-        raise ServiceError(500, "internal", "the Generator ended the job without a result")
+        raise INTERNAL("the Generator ended the job without a result")
 
     async def _ended(self, job_id: str) -> None:
         record = await self.store.get(job_id)
@@ -332,14 +333,14 @@ class JobService:
         return job_id, accepted
 
     def _queue_full(self) -> ServiceError:
-        return ServiceError(503, "queue_full", f"{self.config.max_queued} jobs are queued; retry later",
-                            headers={"Retry-After": "5"})
+        return QUEUE_FULL(f"{self.config.max_queued} jobs are queued; retry later",
+                            headers=RETRY_LATER)
 
     @staticmethod
     def _store_down(exc: BaseException) -> ServiceError:
         log.error("job store unavailable: %s", type(exc).__name__)
-        return ServiceError(503, "storage_unavailable", "the job store is unavailable; retry later",
-                            headers={"Retry-After": "5"})
+        return STORAGE_UNAVAILABLE("the job store is unavailable; retry later",
+                            headers=RETRY_LATER)
 
     async def get(self, ctx, job_id: str, result: bool = True) -> dict:
         """The record (without inputs); 404 when absent, expired or another key's."""
@@ -348,7 +349,7 @@ class JobService:
         except Exception as exc:
             raise self._store_down(exc) from None
         if record is None or not visible_to(record, ctx.scope):
-            raise ServiceError(404, "not_found", "job not found")
+            raise NOT_FOUND("job not found")
         return record
 
     async def cancel(self, ctx, job_id: str, wait_s: float = 5.0) -> dict:

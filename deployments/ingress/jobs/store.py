@@ -24,7 +24,6 @@ from typing import Any
 
 TERMINAL = ("succeeded", "failed", "canceled")
 SWEEP_BATCH = 64  # expired in-memory records forgotten per write at most
-STATUSES = ("queued", "running") + TERMINAL
 
 _SUBMIT = """
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end

@@ -27,7 +27,7 @@ import uuid
 from urllib.parse import urlsplit
 
 from deployments import metrics
-from deployments.errors import ServiceError
+from deployments.errors import INVALID_PARAMETER
 
 log = logging.getLogger("instantid.serve")
 
@@ -99,7 +99,7 @@ class WebhookSender:
     def check(self, url, field: str = "webhook") -> str:
         """The URL, or 422 naming ``field``: well-formed, https (or http when allowed), an allowed host."""
         if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
-            raise ServiceError(422, "invalid_parameter", f"{field}: a URL of at most {MAX_URL_CHARS} characters",
+            raise INVALID_PARAMETER(f"{field}: a URL of at most {MAX_URL_CHARS} characters",
                                field=field)
         try:
             parts = urlsplit(url)
@@ -107,21 +107,21 @@ class WebhookSender:
             parts.port  # noqa: B018 - raises on a malformed port
             sent = sender_host(url)  # the host aiohttp (the sender) will call: it must be the one checked
         except ValueError:
-            raise ServiceError(422, "invalid_parameter", f"{field}: not a valid URL", field=field) from None
+            raise INVALID_PARAMETER(f"{field}: not a valid URL", field=field) from None
         if "@" in parts.netloc or parts.username is not None or parts.password is not None:
-            raise ServiceError(422, "invalid_parameter", f"{field}: a URL with user info (user:password@) is not "
+            raise INVALID_PARAMETER(f"{field}: a URL with user info (user:password@) is not "
                                "accepted", field=field)
         if sent is not None and not same_host(sent, host):
-            raise ServiceError(422, "invalid_parameter", f"{field}: not a valid URL", field=field)
+            raise INVALID_PARAMETER(f"{field}: not a valid URL", field=field)
         schemes = ("https", "http") if self.config.allow_http else ("https",)
         if parts.scheme not in schemes or not host:
-            raise ServiceError(422, "invalid_parameter", f"{field}: must be an {' or '.join(schemes)} URL",
+            raise INVALID_PARAMETER(f"{field}: must be an {' or '.join(schemes)} URL",
                                field=field)
         if not host_allowed(host, self.config.allowed_hosts):
-            raise ServiceError(422, "invalid_parameter", f"{field}: host not in this service's webhook allowlist",
+            raise INVALID_PARAMETER(f"{field}: host not in this service's webhook allowlist",
                                field=field)
         if self.secret() is None:
-            raise ServiceError(422, "invalid_parameter", f"{field}: webhooks are not configured on this service "
+            raise INVALID_PARAMETER(f"{field}: webhooks are not configured on this service "
                                f"(no signing secret)", field=field)
         return url
 

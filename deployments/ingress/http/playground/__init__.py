@@ -19,7 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from deployments.errors import ServiceError
+from deployments.errors import NOT_FOUND
 from deployments.ingress.context import RequestContext
 from deployments.ingress.http.openapi import body_doc, multipart_schema
 from deployments.ingress.schemas import FaceInfo
@@ -73,5 +73,5 @@ def add_routes(app: FastAPI, v1: APIRouter, edge) -> None:
     @app.get("/playground/{name}", include_in_schema=False)
     async def asset(name: str):
         if name not in STATIC_FILES:  # a fixed list: no path from the URL ever reaches the filesystem
-            raise ServiceError(404, "not_found", "not found")
+            raise NOT_FOUND("not found")
         return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name], headers=PAGE_HEADERS)

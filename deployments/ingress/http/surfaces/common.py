@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from deployments.errors import ServiceError
+from deployments.errors import INVALID_PARAMETER
 from deployments.ingress.http.auth import client_address
 
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -24,6 +24,6 @@ def parse_size(size, field: str = "size") -> tuple[int, int] | None:
         return None
     match = SIZE.match(size) if isinstance(size, str) else None
     if match is None:
-        raise ServiceError(422, "invalid_parameter", f"{field}: expected 'WIDTHxHEIGHT' (e.g. '1024x1024') or "
+        raise INVALID_PARAMETER(f"{field}: expected 'WIDTHxHEIGHT' (e.g. '1024x1024') or "
                            "'auto'", field=field)
     return int(match.group(1)), int(match.group(2))

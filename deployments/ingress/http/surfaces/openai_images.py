@@ -20,7 +20,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from deployments.errors import ServiceError
+from deployments.errors import INVALID_PARAMETER, ServiceError
 from deployments.ingress.http.surfaces.common import authenticate, parse_size
 
 PREFIX = "/openai/v1"
@@ -72,15 +72,15 @@ def translate(data: dict, files: dict | None) -> tuple[dict, dict | None]:
             out["base_model"] = value
         elif key == "response_format":
             if value not in ("b64_json", "url"):
-                raise ServiceError(422, "invalid_parameter", "response_format: b64_json or url", field="delivery")
+                raise INVALID_PARAMETER("response_format: b64_json or url", field="delivery")
             out["delivery"] = "s3" if value == "url" else "inline"
         elif key == "num_inference_steps":
             out["steps"] = value
         elif key == "stream":
             if str(value).lower() not in ("false", "0"):
-                raise ServiceError(422, "invalid_parameter", "stream: streaming is not supported", field="stream")
+                raise INVALID_PARAMETER("stream: streaming is not supported", field="stream")
         elif key == "mask":
-            raise ServiceError(422, "invalid_parameter", "mask: inpainting masks are not supported", field="mask")
+            raise INVALID_PARAMETER("mask: inpainting masks are not supported", field="mask")
         elif key in ("image", "image[]"):  # a photo sent as text: base64 or a data URL
             photos_as_text.extend(value if isinstance(value, list) else [value])
         else:
@@ -88,14 +88,14 @@ def translate(data: dict, files: dict | None) -> tuple[dict, dict | None]:
     if photos_as_text:
         given = out.get("face_images", [])
         if not isinstance(given, list):
-            raise ServiceError(422, "invalid_parameter", "face_images: a list of photos (base64 or data URLs)",
+            raise INVALID_PARAMETER("face_images: a list of photos (base64 or data URLs)",
                                field="face_images")
         out["face_images"] = [*given, *photos_as_text]
     if files is None:
         return out, None
     photos = [*files.pop("image", []), *files.pop("image[]", []), *files.pop("face_images", [])]
     if "mask" in files:
-        raise ServiceError(422, "invalid_parameter", "mask: inpainting masks are not supported", field="mask")
+        raise INVALID_PARAMETER("mask: inpainting masks are not supported", field="mask")
     if photos:
         files["face_images"] = photos
     return out, files

@@ -21,7 +21,7 @@ import re
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from deployments.errors import ServiceError
+from deployments.errors import INVALID_PARAMETER, NOT_FOUND, ServiceError
 from deployments.ingress.http.auth import client_address
 from deployments.ingress.http.readers import loads_json, read_body
 from deployments.ingress.http.surfaces.common import authenticate
@@ -139,7 +139,7 @@ def add_routes(app, edge) -> None:
         owner, _, name = str(reference).rpartition("/")
         name = name.split(":")[0]
         if owner not in ("", OWNER) or name not in {m.name for m in core.args.models}:
-            raise ServiceError(404, "not_found", f"model {str(reference)[:100]!r} not found; models here are "
+            raise NOT_FOUND(f"model {str(reference)[:100]!r} not found; models here are "
                                f"{[f'{OWNER}/{m.name}' for m in core.args.models]}")
         return name
 
@@ -150,14 +150,14 @@ def add_routes(app, edge) -> None:
                                        ctx.started + core.args.request_timeout_s)
             payload = loads_json(body)
             if not isinstance(payload, dict) or not isinstance(payload.get("input", {}), dict):
-                raise ServiceError(422, "invalid_parameter", "the body must be {\"input\": {...}}", field="input")
+                raise INVALID_PARAMETER("the body must be {\"input\": {...}}", field="input")
             name = model_name(reference if reference is not None else payload.get("version"))
             data = dict(payload.get("input") or {})
             if "image" in data:
                 data.setdefault("face_images", [data.pop("image")])
             data.setdefault("base_model", name)
             if data["base_model"] != name:
-                raise ServiceError(422, "invalid_parameter", "input.base_model: differs from the model called",
+                raise INVALID_PARAMETER("input.base_model: differs from the model called",
                                    field="base_model")
             meta = {"surface": SURFACE, "input": summarize_input(payload.get("input") or {}),
                     "base_url": str(request.base_url)}

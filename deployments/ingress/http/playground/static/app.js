@@ -66,9 +66,8 @@ async function api(path, {method = "GET", body, signal} = {}) {
   throw new ApiError(resp.status, error);
 }
 
-// Runs one generation. Today the API answers /v1/generate in one response, so progress is indeterminate.
-// A jobs API plugs in as another runner with the same shape: submit, call onProgress(fraction) from its
-// events (the bar then shows a value), and cancel through the signal; nothing else in the page changes.
+// Runs one generation through /v1/generate (one response, so progress is indeterminate). /v1/jobs would plug
+// in as another runner of the same shape: submit, onProgress(fraction) from its events, cancel via the signal.
 const runners = {
   async generate(body, {signal, onProgress}) {
     onProgress(null);
