@@ -30,7 +30,7 @@ from deployments.ingress.identities import ID_PATTERN
 SCHEDULERS = ("default", "euler", "euler_a", "dpmpp_2m_karras", "lcm")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DELIVERIES = ("inline", "s3")
-MAX_SEED = 2**32 - 1
+MAX_SEED = defaults.MAX_SEED
 MAX_LORAS = 8
 MAX_NAME_CHARS = 128  # a LoRA name (a key in ``loras``)
 MAX_IDENTITY_RETRIES = 3  # regeneration rounds one request may ask for (each bounded by its deadline too)

@@ -133,3 +133,17 @@ def test_face_serialisation_is_the_librarys():
     info = _face_info(face, "face_images[0]", (100, 200), (300, 400))
     assert info == {"source": "face_images[0]", **face.to_dict((3.0, 2.0)), "image_size": [300, 400]}
     assert info["bbox"] == [30.0, 40.0, 90.0, 120.0] and info["kps"][0] == [30.0, 40.0] and info["score"] == 0.75
+
+
+def test_the_seed_range_is_one_constant():
+    """The API's bound, the service's draw and the CLI's draw all read instantid.defaults.MAX_SEED (the CLI drew
+    below 2**31 while the API allowed up to 2**32 - 1)."""
+    import inspect
+
+    from deployments.ingress import schemas
+    from instantid import cli, defaults
+
+    assert schemas.MAX_SEED is defaults.MAX_SEED == 2**32 - 1
+    bound = schemas.GenerateRequest.model_json_schema()["properties"]["seed"]["anyOf"][0]["maximum"]
+    assert bound == defaults.MAX_SEED
+    assert "random.randint(0, defaults.MAX_SEED)" in inspect.getsource(cli)
