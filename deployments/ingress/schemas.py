@@ -285,19 +285,21 @@ def _identity_model(limits: Limits):
 
 
 @dataclass(frozen=True)
-class Models:
+class RequestModels:
+    """The request classes bound to one deployment's limits (``GenerationService.schemas``)."""
+
     GenerateRequest: type[BaseModel]
     IdentityCreateRequest: type[BaseModel]
 
 
 @lru_cache(maxsize=8)
 def _build(limits_json: str, models: tuple[str, ...] | None, styles: tuple[str, ...] | None,
-           max_timeout: float | None) -> Models:
+           max_timeout: float | None) -> RequestModels:
     limits = Limits.model_validate_json(limits_json)
-    return Models(_generate_model(limits, models, styles, max_timeout), _identity_model(limits))
+    return RequestModels(_generate_model(limits, models, styles, max_timeout), _identity_model(limits))
 
 
-def build_models(args: AppArgs) -> Models:
+def build_models(args: AppArgs) -> RequestModels:
     """Request models bound to a deployment's limits, model names, styles and timeout."""
     from instantid.styles import presets
 
