@@ -316,6 +316,8 @@ def test_face_coordinates_map_back_to_a_non_square_photo():
     out = face.to_dict((1000 / 1280, 600 / 768))  # a 1000x600 photo analysed at 1280x768
     assert out["bbox"] == pytest.approx([78.125, 39.0625, 234.375, 195.3125])
     assert out["kps"][0] == pytest.approx([117.1875, 78.125])
+    out = face.to_dict((0.5, 0.25))  # x and y scaled apart (a photo stretched by the demo's rounding)
+    assert out["bbox"] == pytest.approx([50, 12.5, 150, 62.5]) and out["kps"][0] == pytest.approx([75, 25])
 
 
 def test_people_on_a_non_square_canvas_get_their_regions_by_hand():
