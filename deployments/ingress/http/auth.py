@@ -19,7 +19,8 @@ from deployments.errors import RATE_LIMITED, UNAUTHORIZED, ServiceError
 
 class Authenticator:
     """Bearer API keys, checked against sha256 hashes ('name:sha256hex,...') from an env var or the file that
-    <env var>_FILE names, re-read so that a rotated Secret reaches running replicas (deployments/ingress/http/api_keys.py)."""
+    <env var>_FILE names, re-read so that a rotated Secret reaches running replicas
+    (deployments/ingress/http/api_keys.py). With no usable key configured every bearer is refused (401)."""
 
     def __init__(self, env_var: str):
         self.source = KeyHashSource(env_var)
