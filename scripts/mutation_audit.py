@@ -160,7 +160,7 @@ MUTATIONS = [
     M("auth: every key scoped as an admin", "deployments/ingress/http/auth.py", "        return api_key\n",
       "        return None\n", ("tests/deployments/ingress/test_identity_scope.py",)),
     M("auth: per-key rate limit skipped", "deployments/ingress/http/auth.py", "        self.limiter.take(name)\n",
-      "", ("tests/deployments/ingress/http/test_security.py", "tests/deployments/ingress/http/test_api_keys.py")),
+      "", ("tests/deployments/ingress/test_units.py::test_api_keys_and_rate_limit",)),
     M("webhooks: port ignored", "deployments/ingress/jobs/webhooks.py",
       "            port_ok = port == DEFAULT_PORTS.get(scheme)", "            port_ok = True", (ROUND3,)),
     M("webhooks: a 3xx retried", "deployments/ingress/jobs/webhooks.py", "(200 <= status < 400 or",
