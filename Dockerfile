@@ -57,6 +57,10 @@ ENV HF_HOME=/models/huggingface \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# HAProxy's hard stop outside the chart (serve run/deploy in this image): Ray reloads HAProxy on every Ingress
+# replica change and by default kills the old worker's connections 120 s later; serve/production.yaml's requests
+# may take 300 s. 300 + 30, as the chart derives it (which sets it on every Ray pod from app.request_timeout_s).
+ENV RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S=330
 
 # 1) torch from the CUDA index first, so the project's `torch>=2.4` is already satisfied by the CUDA build
 #    (PyPI would otherwise be free to pick its default wheel).

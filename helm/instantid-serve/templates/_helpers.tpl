@@ -188,6 +188,11 @@ Call with: dict "root" $ "component" <head|face|generator|warmup>.
   value: "1"
 - name: RAY_SERVE_HAPROXY_BINARY_PATH
   value: "/home/ray/app/instantid-haproxy"
+{{- if ne .component "warmup" }}
+{{- /* a reload (every Ingress replica change) must not cut a request still within its deadline */}}
+- name: RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S
+  value: {{ include "instantid.hardStopAfterS" $root | quote }}
+{{- end }}
 {{- end }}
 {{- if and $root.Values.huggingface.offline (ne .component "warmup") }}
 - name: HF_HUB_OFFLINE
@@ -225,6 +230,19 @@ Call with: dict "root" $ "component" <head|face|generator|warmup>.
 {{- end -}}
 
 {{/*
+HAProxy's hard-stop-after in seconds: serve.haproxy.hardStopAfterS, or the longest request (app.request_timeout_s)
+plus the margin an answer (or the 504) needs to be written. "instantid.hardStopFloor" is the least the chart accepts.
+*/}}
+{{- define "instantid.hardStopFloor" -}}
+{{- add (int (ceil (float64 .Values.app.request_timeout_s))) 30 -}}
+{{- end -}}
+
+{{- define "instantid.hardStopAfterS" -}}
+{{- $v := (.Values.serve.haproxy | default dict).hardStopAfterS -}}
+{{- if kindIs "invalid" $v -}}{{ include "instantid.hardStopFloor" . }}{{- else -}}{{ int $v }}{{- end -}}
+{{- end -}}
+
+{{/*
 Render-time checks that a JSON schema cannot express (relations between values).
 */}}
 {{- define "instantid.validate" -}}
@@ -241,6 +259,9 @@ Render-time checks that a JSON schema cannot express (relations between values).
 {{- if lt $grace $timeout -}}
 {{- fail (printf "serve.deployments.%s.graceful_shutdown_timeout_s (%v) is less than app.request_timeout_s (%v): a replica that stops would cut requests still within their deadline" $name $grace $timeout) -}}
 {{- end -}}
+{{- end -}}
+{{- if and (eq .Values.serve.httpIngress "haproxy") (lt (int (include "instantid.hardStopAfterS" .)) (int (include "instantid.hardStopFloor" .))) -}}
+{{- fail (printf "serve.haproxy.hardStopAfterS (%v) is less than app.request_timeout_s (%v) + 30 s: Ray reloads HAProxy on every Ingress replica change and the old worker would cut requests still within their deadline" (include "instantid.hardStopAfterS" .) .Values.app.request_timeout_s) -}}
 {{- end -}}
 {{- if and (eq .Values.rayService.upgradeStrategy.type "NewCluster") (lt (float64 .Values.rayService.rayClusterDeletionDelaySeconds) $timeout) -}}
 {{- fail (printf "rayService.rayClusterDeletionDelaySeconds (%v) is less than app.request_timeout_s (%v): an upgrade would delete the old cluster under requests still within their deadline" .Values.rayService.rayClusterDeletionDelaySeconds $timeout) -}}
