@@ -53,7 +53,7 @@ def test_without_persistence_each_pod_gets_an_empty_dir():
     assert rendered.of_kind("PersistentVolumeClaim") == []
     for template in rendered.pod_templates().values():
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
-        assert volumes["model-cache"] == {"name": "model-cache", "emptyDir": {"sizeLimit": "80Gi"}}
+        assert volumes["model-cache"] == {"name": "model-cache", "emptyDir": {"sizeLimit": "30Gi"}}
 
 
 def test_auth_off_means_no_key_secret():
@@ -149,10 +149,11 @@ def test_new_readwritemany_claim_without_a_class_fails_at_render():
     assert "modelCache.persistence.storageClassName is empty" in message
     assert "efs" in message.lower() and "filestore" in message.lower()
     # What makes it bindable: a class, an existing claim, or per-pod caches (identities then on S3).
-    assert render({"modelCache": {"persistence": {"storageClassName": "standard-rwx"}}}).one("PersistentVolumeClaim")
+    assert render({"modelCache": {"persistence": {"storageClassName": "standard-rwx", "size": "1Ti"}}}).one("PersistentVolumeClaim")
     render_error_free = [
         {"modelCache": {"persistence": {"storageClassName": "", "existingClaim": "models"}}},
-        {"modelCache": {"persistence": {"storageClassName": "", "enabled": False}}, "app": {"identity_store": "s3://b/ids"}},
+        {"modelCache": {"persistence": {"storageClassName": "", "enabled": False}}, "app": {"identity_store": "s3://b/ids"},
+         "generatorWorker": {"resources": {"requests": {"ephemeral-storage": "52Gi"}}}},  # /tmp/ray + the per-pod cache
     ]
     for values in render_error_free:
         render(values)

@@ -147,6 +147,78 @@ exporter (every pod, with serve.httpIngress haproxy; RAY_SERVE_HAPROXY_METRICS_P
 {{- end -}}
 
 {{/*
+GPU placement. GPU memory per card in MiB, as NVIDIA's GPU feature discovery labels it (nvidia.com/gpu.memory);
+GKE labels only the accelerator's name, so its names are listed here with their memory.
+*/}}
+{{- define "instantid.gkeAccelerators" -}}
+{"nvidia-tesla-p4": 7680, "nvidia-tesla-t4": 15360, "nvidia-tesla-p100": 16384, "nvidia-tesla-v100": 16384, "nvidia-l4": 23034, "nvidia-tesla-a100": 40960, "nvidia-a100-80gb": 81920, "nvidia-h100-80gb": 81559, "nvidia-h100-mega-80gb": 81559, "nvidia-h200-141gb": 143771}
+{{- end -}}
+
+{{/* Least GPU memory (MiB) a Generator replica needs: SDXL in float16 ~12 GiB, ~7 GiB more per extra model kept
+loaded (app.max_models_per_replica): a 16 GB card for one, 24 GB for two, 48 GB beyond. */}}
+{{- define "instantid.gpuMinMiB" -}}
+{{- $v := .Values.generatorWorker.gpu.minMemoryMiB -}}
+{{- if not (kindIs "invalid" $v) -}}{{ int $v }}
+{{- else if le (int .Values.app.max_models_per_replica) 1 -}}15000
+{{- else if eq (int .Values.app.max_models_per_replica) 2 -}}22000
+{{- else -}}40000
+{{- end -}}
+{{- end -}}
+
+{{/* matchExpressions (JSON list) that admit only GPUs of at least instantid.gpuMinMiB, in the labels of
+generatorWorker.gpu.nodeLabels; [] for "none". */}}
+{{- define "instantid.gpuPinExpressions" -}}
+{{- $min := int (include "instantid.gpuMinMiB" .) -}}
+{{- $labels := .Values.generatorWorker.gpu.nodeLabels -}}
+{{- $out := list -}}
+{{- if eq $labels "gke" -}}
+{{- $names := list -}}
+{{- range $name, $mib := include "instantid.gkeAccelerators" . | fromJson -}}
+{{- if ge (int $mib) $min -}}{{- $names = append $names $name -}}{{- end -}}
+{{- end -}}
+{{- $out = append $out (dict "key" "cloud.google.com/gke-accelerator" "operator" "In" "values" (sortAlpha $names)) -}}
+{{- else if eq $labels "karpenter" -}}
+{{- /* Karpenter's label is EC2's figure (MiB), a little below NVIDIA's for some cards: 5% slack */ -}}
+{{- $out = append $out (dict "key" "karpenter.k8s.aws/instance-gpu-memory" "operator" "Gt" "values" (list (toString (sub (div (mul $min 95) 100) 1)))) -}}
+{{- else if eq $labels "gfd" -}}
+{{- $out = append $out (dict "key" "nvidia.com/gpu.memory" "operator" "Gt" "values" (list (toString (sub $min 1)))) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* matchExpressions (JSON list) that refuse every GPU node, whatever labels the cluster uses (none of them is on
+a CPU node): the head (do-not-disrupt) and the face pods would otherwise hold a GPU node that never scales down. */}}
+{{- define "instantid.offGpuExpressions" -}}
+{{- $keys := list "cloud.google.com/gke-accelerator" "karpenter.k8s.aws/instance-gpu-count" "nvidia.com/gpu.present" "nvidia.com/gpu.count" -}}
+{{- $out := list -}}
+{{- range $keys -}}{{- $out = append $out (dict "key" . "operator" "DoesNotExist") -}}{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* An affinity with a required node affinity of `expressions` added, unless the user's already has a node
+affinity (theirs wins). Call with dict "affinity" <map> "expressions" <list>; returns JSON. */}}
+{{- define "instantid.withNodeAffinity" -}}
+{{- $aff := deepCopy (.affinity | default dict) -}}
+{{- if and .expressions (not (hasKey $aff "nodeAffinity")) -}}
+{{- $_ := set $aff "nodeAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list (dict "matchExpressions" .expressions)))) -}}
+{{- end -}}
+{{- toJson $aff -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity (1Ti, 200Gi, 500M, bytes) in GiB, as a float. */}}
+{{- define "instantid.gib" -}}
+{{- $q := toString . -}}
+{{- $units := dict "Ki" 0.0000009536743164 "Mi" 0.0009765625 "Gi" 1.0 "Ti" 1024.0 "Pi" 1048576.0 "k" 0.000000931322574615 "M" 0.000931322574615 "G" 0.931322574615 "T" 931.322574615 -}}
+{{- $out := "" -}}
+{{- range $suffix := list "Ki" "Mi" "Gi" "Ti" "Pi" "k" "M" "G" "T" -}}
+{{- if and (not $out) (hasSuffix $suffix $q) -}}
+{{- $out = toString (mulf (float64 (trimSuffix $suffix $q)) (index $units $suffix)) -}}
+{{- end -}}
+{{- end -}}
+{{- default (toString (divf (float64 $q) 1073741824.0)) $out -}}
+{{- end -}}
+
+{{/*
 Secrets a component reads, as files (a mounted Secret is updated in place when it changes, so the app picks up a
 rotation without a restart; an env var is fixed for the life of the process). Only where used: API-key hashes
 on the face group (the Ingress replicas), the Hugging Face token where weights are downloaded (face, generator,
@@ -360,6 +432,33 @@ RayService and the operator would then refuse to reconcile it, saying so only in
 {{- if and (not (kindIs "invalid" $min)) (ge (int $min) (int $pods)) -}}
 {{- fail (printf "podDisruptionBudget.%s.minAvailable (%v) must be less than %s.minReplicas (%v): at the group's minimum size no pod could ever be evicted and node drains would hang" $component $min $key $pods) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* the scheduler reserves what a pod requests: the emptyDirs it writes must fit in its ephemeral-storage
+request, or the kubelet evicts it for disk pressure once they fill */ -}}
+{{- range $key := list "head" "faceWorker" "generatorWorker" -}}
+{{- $g := index $.Values $key -}}
+{{- $req := (($g.resources | default dict).requests | default dict) -}}
+{{- $need := float64 (include "instantid.gib" $g.rayTmpSize) -}}
+{{- $what := printf "%s.rayTmpSize (%s)" $key $g.rayTmpSize -}}
+{{- if and (eq $key "generatorWorker") (not $.Values.modelCache.persistence.enabled) -}}
+{{- $need = addf $need (float64 (include "instantid.gib" $.Values.modelCache.emptyDirSizeLimit)) -}}
+{{- $what = printf "%s + modelCache.emptyDirSizeLimit (%s, the per-pod model cache)" $what $.Values.modelCache.emptyDirSizeLimit -}}
+{{- end -}}
+{{- $have := 0.0 -}}
+{{- if hasKey $req "ephemeral-storage" -}}{{- $have = float64 (include "instantid.gib" (index $req "ephemeral-storage")) -}}{{- end -}}
+{{- if lt $have $need -}}
+{{- fail (printf "%s.resources.requests.ephemeral-storage (%v) is less than %s: the pod would be placed on a node without the disk it writes and evicted when it fills" $key (index $req "ephemeral-storage" | default "unset") $what) -}}
+{{- end -}}
+{{- end -}}
+{{- /* Filestore (GKE's ReadWriteMany classes) provisions at least 1 TiB (2.5 TiB for premium): a smaller claim
+stays Pending with a provisioning error */ -}}
+{{- $filestoreMin := dict "standard-rwx" 1024 "enterprise-rwx" 1024 "zonal-rwx" 1024 "premium-rwx" 2560 -}}
+{{- $pv := .Values.modelCache.persistence -}}
+{{- if and $pv.enabled (not $pv.existingClaim) (hasKey $filestoreMin (toString $pv.storageClassName)) -}}
+{{- $min := index $filestoreMin $pv.storageClassName -}}
+{{- if lt (float64 (include "instantid.gib" $pv.size)) (float64 $min) -}}
+{{- fail (printf "modelCache.persistence.size (%s) is below Filestore's minimum for %s (%vGi): the claim would stay Pending; set at least %vGi (docs/deploy.md 1.5)" $pv.size $pv.storageClassName $min $min) -}}
 {{- end -}}
 {{- end -}}
 {{- /* a new ReadWriteMany claim on the cluster's default class (EBS, PD: no RWX) stays Pending, and every Ray pod with it */ -}}
