@@ -88,6 +88,7 @@ GKE = {"head": "e2-standard-4", "face": "c2d-highcpu-8", "generator": ["g2-stand
 TARGETS = {
     "default": [EKS, GKE],
     "minimal": [EKS],
+    "trial": [EKS],
     "ha": [{**EKS, "extra_labels": {"head": {"karpenter.sh/capacity-type": "on-demand"}}}],
     "s3": [EKS],
     "no-monitoring": [EKS],

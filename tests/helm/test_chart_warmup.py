@@ -11,7 +11,7 @@ from chart_helpers import render, render_error, render_set
 MODELS = [{"name": "sdxl", "base_model": "stabilityai/stable-diffusion-xl-base-1.0", "loras": {}},
           {"name": "realvis", "base_model": "s3://ml-weights/sdxl/realvis xl", "loras": {}}]
 WARM = {"modelCache": {"warmup": {"enabled": True}}, "huggingface": {"token": "hf_x", "offline": True},
-        "aws": {"accessKeyId": "AKIA", "secretAccessKey": "s"}, "app": {"models": MODELS}}
+        "aws": {"existingSecret": "s3-creds"}, "app": {"models": MODELS}}
 
 
 def warmup_container(rendered) -> dict:
@@ -47,7 +47,7 @@ def test_downloads_every_model_in_the_serving_dtype_into_the_shared_cache(tmp_pa
     assert env["INSTANTID_CACHE"]["value"] == "/models/instantid"
     assert "HF_HUB_OFFLINE" not in env, "the warm-up is what lets the replicas run offline"
     assert env["HF_TOKEN_PATH"]["value"] == "/etc/instantid/hf/token"
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "instantid-serve-aws"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts == {"model-cache": "/models", "hf-token": "/etc/instantid/hf"}
     volumes = {v["name"] for v in rendered.head["template"]["spec"]["volumes"]}

@@ -138,7 +138,26 @@ exporter (every pod, with serve.httpIngress haproxy; RAY_SERVE_HAPROXY_METRICS_P
 {{- end -}}
 
 {{- define "instantid.awsCredentialsEnabled" -}}
-{{- if or .Values.aws.existingSecret (and .Values.aws.accessKeyId .Values.aws.secretAccessKey) -}}true{{- end -}}
+{{- if .Values.aws.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the jobs Redis URL (an existing one, or the trial Redis's); empty: none. */}}
+{{- define "instantid.jobsRedisSecret" -}}
+{{- if .Values.jobs.enabled -}}
+{{- if .Values.jobs.trialRedis.enabled -}}{{ printf "%s-jobs-redis" (include "instantid.fullname" .) }}
+{{- else -}}{{ .Values.jobs.redis.existingSecret }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "instantid.jobsRedisSecretKey" -}}
+{{- ternary "url" .Values.jobs.redis.existingSecretKey .Values.jobs.trialRedis.enabled -}}
+{{- end -}}
+
+{{/* Most Ingress replicas the config allows. */}}
+{{- define "instantid.ingressMaxReplicas" -}}
+{{- $i := .Values.serve.deployments.Ingress -}}
+{{- if $i.autoscaling_config -}}{{ int $i.autoscaling_config.max_replicas }}{{- else -}}{{ int ($i.num_replicas | default 1) }}{{- end -}}
 {{- end -}}
 
 {{/* Custom Ray resource of the CPU face group: name and one-replica request. */}}
@@ -273,6 +292,23 @@ Call with: dict "root" $ "component" <head|face|generator|warmup>.
 {{- range $f := include "instantid.secretFiles" . | fromJsonArray }}
 - name: {{ $f.env }}
   value: {{ printf "%s/%s" $f.dir $f.file | quote }}
+{{- end }}
+{{- if eq .component "face" }}
+{{- /* the Ingress runs on the face pods: it alone talks to the jobs store and signs webhooks */}}
+{{- with include "instantid.jobsRedisSecret" $root }}
+- name: {{ $root.Values.app.jobs.redis_url_env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ include "instantid.jobsRedisSecretKey" $root }}
+{{- end }}
+{{- with $root.Values.jobs.webhookSecret.existingSecret }}
+- name: {{ $root.Values.app.jobs.webhooks.secret_env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $root.Values.jobs.webhookSecret.existingSecretKey }}
+{{- end }}
 {{- end }}
 {{- with $root.Values.aws.region }}
 - name: AWS_REGION
@@ -434,6 +470,18 @@ RayService and the operator would then refuse to reconcile it, saying so only in
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- /* secrets come from existing Secrets: values end up in Helm's release Secret and in `helm get values` */ -}}
+{{- if or .Values.aws.accessKeyId .Values.aws.secretAccessKey -}}
+{{- fail "aws.accessKeyId/aws.secretAccessKey are refused (Helm keeps values in its release Secret, readable with `helm get values`): create a Secret and set aws.existingSecret, or use IRSA/workload identity (serviceAccount.annotations)" -}}
+{{- end -}}
+{{- with .Values.app.jobs.redis_url -}}
+{{- if contains "@" (toString .) -}}
+{{- fail "app.jobs.redis_url holds credentials and would be readable in the RayService's serve config: put the URL in a Secret and set jobs.redis.existingSecret" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.jobs.trialRedis.enabled .Values.jobs.redis.existingSecret -}}
+{{- fail "jobs.trialRedis.enabled and jobs.redis.existingSecret both name the jobs store: choose one" -}}
+{{- end -}}
 {{- /* the scheduler reserves what a pod requests: the emptyDirs it writes must fit in its ephemeral-storage
 request, or the kubelet evicts it for disk pressure once they fill */ -}}
 {{- range $key := list "head" "faceWorker" "generatorWorker" -}}
@@ -465,6 +513,11 @@ stays Pending with a provisioning error */ -}}
 {{- $p := .Values.modelCache.persistence -}}
 {{- if and $p.enabled (not $p.existingClaim) (has "ReadWriteMany" $p.accessModes) (not $p.storageClassName) -}}
 {{- fail "modelCache.persistence.storageClassName is empty: the cluster's default class (EBS on EKS, Persistent Disk on GKE) cannot do ReadWriteMany, so the model cache would stay Pending and every Ray pod with it. Set a ReadWriteMany class (EKS: an EFS class such as efs-sc; GKE: Filestore standard-rwx; AKS: azurefile-csi), or modelCache.persistence.existingClaim, or modelCache.persistence.enabled=false with an s3:// app.identity_store (per-pod caches); see docs/deploy.md 1.5" -}}
+{{- end -}}
+{{- /* jobs split across replicas: each Ingress replica without a shared store keeps its own, and about half the
+GETs land on the other one and 404 */ -}}
+{{- if and .Values.jobs.enabled (gt (int (include "instantid.ingressMaxReplicas" .)) 1) (not (include "instantid.jobsRedisSecret" .)) (not .Values.app.jobs.redis_url) -}}
+{{- fail (printf "serve.deployments.Ingress can run %v replicas (autoscaling_config.max_replicas) and the jobs have no shared store: set jobs.redis.existingSecret (a Secret with the URL of a managed Redis with a replica; the app reads it from app.jobs.redis_url_env), or jobs.trialRedis.enabled for a trial, or jobs.enabled false (docs/deploy.md 3)" (include "instantid.ingressMaxReplicas" .)) -}}
 {{- end -}}
 {{- end -}}
 
