@@ -52,12 +52,13 @@ class Shape:
 
 
 def _gpu_labels(cloud: str, gpus: int, gpu: str, gpu_mib: int, ec2_mib: int = 0, gke: str = "") -> dict:
-    labels = {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": str(gpus), "nvidia.com/gpu.memory": str(gpu_mib),
-              "nvidia.com/gpu.product": gpu}
+    labels = {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": str(gpus),
+              "nvidia.com/gpu.memory": str(gpu_mib), "nvidia.com/gpu.product": gpu}
     if cloud == "gke":
         labels["cloud.google.com/gke-accelerator"] = gke
     else:
-        labels.update({"karpenter.k8s.aws/instance-gpu-count": str(gpus), "karpenter.k8s.aws/instance-gpu-memory": str(ec2_mib),
+        labels.update({"karpenter.k8s.aws/instance-gpu-count": str(gpus),
+                       "karpenter.k8s.aws/instance-gpu-memory": str(ec2_mib),
                        "karpenter.k8s.aws/instance-gpu-name": gpu.split("-")[-1].lower()})
     return labels
 

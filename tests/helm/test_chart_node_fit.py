@@ -48,7 +48,8 @@ def admits(spec: dict, labels: dict) -> bool:
     """Kubernetes' nodeSelector + required node affinity, evaluated on a node's labels."""
     if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
         return False
-    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    node_affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
     if not required:
         return True
 
@@ -110,7 +111,8 @@ def test_head_and_face_pods_never_land_on_gpu_nodes(value_set):
         if role == "generator":
             continue
         for shape in gpu_shapes:
-            labels = {**shape.labels, "pool": "system" if role == "head" else "cpu", "karpenter.sh/capacity-type": "on-demand"}
+            labels = {**shape.labels, "pool": "system" if role == "head" else "cpu",
+                      "karpenter.sh/capacity-type": "on-demand"}  # what the sets' own selectors ask for
             assert not admits(template["spec"], labels), f"{value_set}: {role} pod admitted on GPU node {shape.name}"
             # a GPU node without NVIDIA's feature discovery carries only its cloud's labels
             cloud_only = {k: v for k, v in labels.items() if not k.startswith("nvidia.com/")}

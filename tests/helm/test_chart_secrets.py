@@ -82,7 +82,8 @@ def test_trial_redis_runs_in_the_release():
 def test_webhook_signing_key_from_an_existing_secret_on_the_ingress_pods_only():
     rendered = render({"jobs": {"webhookSecret": {"existingSecret": "hooks", "existingSecretKey": "hmac"}}})
     templates = rendered.pod_templates()
-    assert env(templates["face"])["INSTANTID_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "hooks", "key": "hmac"}
+    ref = env(templates["face"])["INSTANTID_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "hooks", "key": "hmac"}
     for group in ("head", "generator"):
         assert "INSTANTID_WEBHOOK_SECRET" not in env(templates[group])
     assert "INSTANTID_WEBHOOK_SECRET" not in env(render().pod_templates()["face"])
