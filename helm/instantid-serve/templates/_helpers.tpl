@@ -285,6 +285,10 @@ Call with: dict "root" $ "component" <head|face|generator|warmup>.
   value: {{ include "instantid.hardStopAfterS" $root | quote }}
 {{- end }}
 {{- end }}
+{{- if eq .component "warmup" }}
+- name: INSTANTID_WARMUP_CONFIG
+  value: {{ include "instantid.warmupConfig" $root | quote }}
+{{- end }}
 {{- if and $root.Values.huggingface.offline (ne .component "warmup") }}
 - name: HF_HUB_OFFLINE
   value: "1"
@@ -458,6 +462,14 @@ RayService and the operator would then refuse to reconcile it, saying so only in
 {{- if and .Values.modelCache.warmup.enabled (not .Values.modelCache.persistence.enabled) -}}
 {{- fail "modelCache.warmup.enabled needs modelCache.persistence.enabled: the warm-up fills the shared cache, and per-pod caches share nothing" -}}
 {{- end -}}
+{{- /* offline replicas load only what is cached or on S3: a hub reference that no warm-up fetched fails the first
+request that needs it (the safety checker: every generate) while the RayService looks Ready */ -}}
+{{- if and .Values.huggingface.offline (not .Values.modelCache.warmup.enabled) -}}
+{{- with include "instantid.hubRefs" . | fromJsonArray -}}
+{{- $first := first . -}}
+{{- fail (printf "%s (%s) is a Hugging Face hub reference, and with huggingface.offline nothing fetches it: enable modelCache.warmup (it runs `instantid download` for every model the app names), give an s3:// or a path on the model cache, or turn huggingface.offline off" $first.field $first.ref) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.gcsFaultTolerance.enabled (not .Values.gcsFaultTolerance.redisAddress) -}}
 {{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (host:port of a highly available Redis)" -}}
 {{- end -}}
@@ -522,14 +534,56 @@ GETs land on the other one and 404 */ -}}
 {{- end -}}
 
 {{/*
-The model-cache warm-up: `instantid download` once per base model of app.models (with the InstantID weights and
-the face pack, cached after the first), in the dtype the GPU serves (app.dtype "auto" is float16 on CUDA).
+The model-cache warm-up: `instantid download --config -` reads the app's model references (instantid.warmupConfig,
+in the env var INSTANTID_WARMUP_CONFIG: Kubernetes quotes it, no shell does) and fetches every model they name:
+each base model, InstantID, the face pack, extra ControlNets, LoRAs, the safety checker when it is on and the
+depth/pose preprocessors the ControlNets need, in the dtype the GPU serves (app.dtype "auto" is float16 on CUDA).
 */}}
+{{- define "instantid.warmupConfig" -}}
+{{- $a := .Values.app -}}
+{{- toJson (dict "models" $a.models "instantid" $a.instantid "face_model" $a.face_model "safety" $a.safety "preprocessors" $a.preprocessors) -}}
+{{- end -}}
+
 {{- define "instantid.warmupCommand" -}}
 {{- $dtype := ternary "float16" .Values.app.dtype (eq .Values.app.dtype "auto") -}}
-{{- $steps := list "set -e" -}}
-{{- range .Values.app.models -}}
-{{- $steps = append $steps (printf "instantid download --base-model %s --weights %s --face-model %s --dtype %s" (squote .base_model) (squote $.Values.app.instantid) (squote $.Values.app.face_model) $dtype) -}}
+{{- printf "printf '%%s' \"$INSTANTID_WARMUP_CONFIG\" | instantid download --config - --dtype %s" $dtype -}}
 {{- end -}}
-{{- join "; " $steps -}}
+
+{{/*
+The model references of app (what instantid.download.config_refs names, in the same order) that need the
+Hugging Face hub: a hub repo id (owner/name) or a named face pack (antelopev2 comes from its hub copy); not
+s3:// nor a path. JSON list of {field, ref}.
+*/}}
+{{- define "instantid.hubRefs" -}}
+{{- $a := .Values.app -}}
+{{- $refs := list (dict "field" "app.face_model" "ref" (toString $a.face_model)) -}}
+{{- range $i, $m := $a.models -}}
+{{- $refs = append $refs (dict "field" (printf "app.models[%d].base_model" $i) "ref" (toString $m.base_model)) -}}
+{{- end -}}
+{{- $refs = append $refs (dict "field" "app.instantid" "ref" (toString $a.instantid)) -}}
+{{- $kinds := list -}}
+{{- range $i, $m := $a.models -}}
+{{- range $kind := keys ($m.controlnets | default dict) | sortAlpha -}}
+{{- $refs = append $refs (dict "field" (printf "app.models[%d].controlnets.%s" $i $kind) "ref" (toString (index $m.controlnets $kind))) -}}
+{{- $kinds = append $kinds $kind -}}
+{{- end -}}
+{{- range $name := keys ($m.loras | default dict) | sortAlpha -}}
+{{- $refs = append $refs (dict "field" (printf "app.models[%d].loras.%s" $i $name) "ref" (toString (index $m.loras $name))) -}}
+{{- end -}}
+{{- end -}}
+{{- if $a.safety.enabled -}}
+{{- $refs = append $refs (dict "field" "app.safety.model" "ref" (toString $a.safety.model)) -}}
+{{- end -}}
+{{- range $kind := list "depth" "pose" -}}
+{{- if has $kind $kinds -}}
+{{- $refs = append $refs (dict "field" (printf "app.preprocessors.%s" $kind) "ref" (toString (index $a.preprocessors $kind))) -}}
+{{- end -}}
+{{- end -}}
+{{- $out := list -}}
+{{- range $refs -}}
+{{- if not (or (hasPrefix "s3://" .ref) (hasPrefix "/" .ref) (hasPrefix "." .ref) (hasPrefix "~" .ref)) -}}
+{{- $out = append $out . -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
 {{- end -}}
