@@ -106,3 +106,15 @@ def test_static_aws_keys_in_values_are_refused():
     for group, template in rendered.pod_templates().items():
         names = env(template)
         assert ("AWS_ACCESS_KEY_ID" in names) == (group != "head"), group
+
+
+def test_a_generator_autoscaling_policy_gives_the_head_the_store_too():
+    """A class-based policy (the jobs backlog policy) runs in Serve's controller, on the head: it reads the queue."""
+    policy = {"policy_function": "deployments.jobs.policy:BacklogPolicy"}
+    rendered = render({"serve": {"deployments": {"Generator": {"autoscaling_config": {"policy": policy}}}},
+                       "jobs": {"webhookSecret": {"existingSecret": "hooks"}}})
+    templates = rendered.pod_templates()
+    assert env(templates["head"])["INSTANTID_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "instantid-jobs-redis"
+    assert "INSTANTID_WEBHOOK_SECRET" not in env(templates["head"]), "the head signs nothing"
+    assert "INSTANTID_REDIS_URL" not in env(templates["generator"])
+    assert rendered.deployment("Generator")["autoscaling_config"]["policy"] == policy

@@ -297,8 +297,10 @@ Call with: dict "root" $ "component" <head|face|generator|warmup>.
 - name: {{ $f.env }}
   value: {{ printf "%s/%s" $f.dir $f.file | quote }}
 {{- end }}
-{{- if eq .component "face" }}
-{{- /* the Ingress runs on the face pods: it alone talks to the jobs store and signs webhooks */}}
+{{- $policy := (($root.Values.serve.deployments.Generator.autoscaling_config | default dict).policy) }}
+{{- if or (eq .component "face") (and (eq .component "head") $policy) }}
+{{- /* the Ingress runs on the face pods: it talks to the jobs store (and alone signs webhooks); Serve's controller
+on the head runs a Generator autoscaling policy, which reads the job backlog from the same store */}}
 {{- with include "instantid.jobsRedisSecret" $root }}
 - name: {{ $root.Values.app.jobs.redis_url_env }}
   valueFrom:
@@ -306,7 +308,7 @@ Call with: dict "root" $ "component" <head|face|generator|warmup>.
       name: {{ . }}
       key: {{ include "instantid.jobsRedisSecretKey" $root }}
 {{- end }}
-{{- with $root.Values.jobs.webhookSecret.existingSecret }}
+{{- with (eq .component "face" | ternary $root.Values.jobs.webhookSecret.existingSecret "") }}
 - name: {{ $root.Values.app.jobs.webhooks.secret_env }}
   valueFrom:
     secretKeyRef:
