@@ -64,3 +64,48 @@ def test_image_sets_it_for_serve_run_outside_kubernetes():
     production = yaml.safe_load((REPO / "serve" / "production.yaml").read_text())
     timeout = production["applications"][0]["args"]["request_timeout_s"]
     assert int(found.group(1)) >= timeout + MARGIN_S
+
+
+RENDER_RAYS_CONFIG = """
+import sys
+from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+api = HAProxyApi(HAProxyConfig(), config_file_path=sys.argv[1])
+api._generate_config_file_internal()
+print(open(sys.argv[1]).read())
+"""
+
+
+def rays_haproxy_config(tmp_path, env: dict) -> str:
+    """The HAProxy configuration Ray 2.60 itself writes in a process with `env` (its constants read it at import)."""
+    import os
+    import subprocess
+    import sys
+
+    private = {"RAY_SERVE_HAPROXY_SOCKET_PATH": str(tmp_path / "admin.sock"),
+               "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(tmp_path),
+               "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(tmp_path / "server-state")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    result = subprocess.run([sys.executable, "-c", RENDER_RAYS_CONFIG, str(tmp_path / "haproxy.cfg")],
+                            env={**base, **env, **private}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_rays_own_haproxy_config_carries_the_charts_hard_stop(tmp_path):
+    """Known answer from the other side: Ray's config generator, run with a GPU pod's environment exactly as the
+    chart renders it, writes `hard-stop-after 330s`; without it, Ray's 120 s. And the hardened HAProxy
+    (deployments/haproxy_guard.py rewrites Ray's config before each start and reload) keeps the line."""
+    from pathlib import Path
+
+    from deployments.haproxy_guard import harden, write_error_files
+
+    template = render().pod_templates()["generator"]
+    pod_env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"] if "value" in e}
+    (tmp_path / "chart").mkdir()
+    (tmp_path / "ray-default").mkdir()
+    ours = rays_haproxy_config(tmp_path / "chart", pod_env)
+    default = rays_haproxy_config(tmp_path / "ray-default", {})
+    assert re.findall(r"^\s*hard-stop-after (\d+)s$", default, re.M) == ["120"]
+    assert re.findall(r"^\s*hard-stop-after (\d+)s$", ours, re.M) == ["330"]
+    hardened = harden(ours, write_error_files(Path(tmp_path / "errors")))
+    assert re.findall(r"^\s*hard-stop-after (\d+)s$", hardened, re.M) == ["330"]
