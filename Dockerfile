@@ -69,7 +69,7 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 #    this layer. The requirement list is pyproject.toml's `dependencies` plus its `serve` extra, read here from the
 #    file (no second list to keep in step). Ray stays at the base image's version (pinned by the serve extra and
 #    the constraints). No onnxruntime-gpu: face analysis runs on the CPU face group with onnxruntime's CPU
-#    provider (deployments/face_analyzer.py), so the GPU build would only add weight. insightface and rtmlib pull
+#    provider (deployments/face_analyzer/deployment.py), so the GPU build would only add weight. insightface and rtmlib pull
 #    in the GUI OpenCV build (Qt/X11/libGL, absent here): use-headless-opencv keeps only the headless one and
 #    fails if cv2 still links a GUI library.
 WORKDIR /home/ray/build
