@@ -130,11 +130,13 @@ def test_image_and_pull_secrets():
 def test_ray_cluster_environment_matches_the_app(value_set):
     """Every Ray container gets deployments.ray_env.CLUSTER_ENV (the HAProxy ingress), the environment the tests
     and benchmarks run the app in; "proxy" falls back to Serve's Python proxy."""
-    from deployments.ray_env import CLUSTER_ENV
+    from deployments.ray_env import CLUSTER_ENV, HARD_STOP_ENV, hard_stop_after_s
 
+    # the hard stop follows the set's request timeout, by ray_env's rule
+    wanted = {**CLUSTER_ENV, HARD_STOP_ENV: str(hard_stop_after_s(effective_values(value_set)["app"]["request_timeout_s"]))}
     for group, template in render_set(value_set).pod_templates().items():
         env = env_of(template)
-        assert {k: env[k]["value"] for k in CLUSTER_ENV if k in env} == CLUSTER_ENV, group
+        assert {k: env[k]["value"] for k in CLUSTER_ENV if k in env} == wanted, group
     for group, template in render({"serve": {"httpIngress": "proxy"}}).pod_templates().items():
         assert not set(CLUSTER_ENV) & set(env_of(template)), group
 

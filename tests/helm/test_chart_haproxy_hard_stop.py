@@ -53,6 +53,26 @@ def test_refuses_a_hard_stop_shorter_than_the_longest_request(value):
     assert "serve.haproxy.hardStopAfterS" in message and "app.request_timeout_s" in message
 
 
+def test_the_chart_and_ray_env_use_one_rule():
+    """deployments/ray_env.py (tests, benchmarks, scripts/demo, `--local`) and the chart derive it alike."""
+    from deployments.ray_env import CLUSTER_ENV, HARD_STOP_MARGIN_S, LOCAL_ENV, main
+
+    assert HARD_STOP_MARGIN_S == MARGIN_S
+    assert CLUSTER_ENV[ENV] == env_of(render().head["template"])[ENV] == "330"
+    assert LOCAL_ENV[ENV] == "330"
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["--local"])
+    assert f"export {ENV}=330" in out.getvalue()
+    import shutil
+
+    state = re.search(r"export RAY_SERVE_HAPROXY_SERVER_STATE_BASE=(\S+)", out.getvalue()).group(1)
+    shutil.rmtree(state.strip("'"), ignore_errors=True)
+
+
 def test_image_sets_it_for_serve_run_outside_kubernetes():
     """The image's launcher (serve run/deploy outside the chart) gets the value the chart derives from the
     production config's timeout."""
@@ -64,6 +84,9 @@ def test_image_sets_it_for_serve_run_outside_kubernetes():
     production = yaml.safe_load((REPO / "serve" / "production.yaml").read_text())
     timeout = production["applications"][0]["args"]["request_timeout_s"]
     assert int(found.group(1)) >= timeout + MARGIN_S
+    from deployments.ray_env import CLUSTER_ENV
+
+    assert found.group(1) == CLUSTER_ENV[ENV]
 
 
 RENDER_RAYS_CONFIG = """
