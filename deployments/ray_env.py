@@ -43,7 +43,7 @@ CLUSTER_ENV: dict[str, str] = {
     # Measured on a 2-core machine: 7-9 ms less per request (docs/benchmarks.md, Serve overhead).
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # ... run as the hardened HAProxy (deployments/haproxy_guard.py: request timeouts, forwarded client address,
-    # JSON errors, stats on the service's host, dies with its Ray proxy) through the launcher the image writes
+    # JSON errors, stats page on loopback, dies with its Ray proxy) through the launcher the image writes
     # (Dockerfile). Local runs get a launcher of their own (private_haproxy_env).
     "RAY_SERVE_HAPROXY_BINARY_PATH": "/home/ray/app/instantid-haproxy",
     # ... whose reloads do not cut requests still within their deadline (the chart sets it per value set)
