@@ -11,8 +11,8 @@ import json
 import logging
 import os
 import random
+import secrets
 import sys
-import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     what.add_argument("--output", required=True, help="PATH.png/.jpg/.webp; -N suffixes for several images")
     what.add_argument("--no-score", dest="score", action="store_false",
-                      help="skip the identity score printed (on stderr) next to each file written")
+                      help="skip the identity score printed (on stderr) next to each file written (without the "
+                           "face model, e.g. with --face-embedding, it is skipped with a note, exit 0)")
 
     ana = sub.add_parser("analyze", help="detect faces; print JSON and save embeddings")
     ana.add_argument("images", nargs="+", metavar="IMG")
@@ -333,13 +334,24 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
 
 
+def _staging_file(path: Path) -> Path:
+    """A new, empty temporary file beside ``path``, created with mode 0666 less the umask as any new file is
+    (``mkstemp`` creates 0600, which ``os.replace`` would hand on to the output)."""
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def _save_all(images, paths: list[Path]) -> None:
     """Write every image to a temporary file first; rename only when all succeeded (nothing partial)."""
     staged = []
     try:
         for image, path in zip(images, paths):
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-            os.close(fd)
+            tmp = _staging_file(path)
             staged.append((tmp, path))
             image.save(tmp, format=FORMATS[path.suffix.lower()])
         for tmp, path in staged:
@@ -412,6 +424,8 @@ def cmd_generate(args) -> int:
         if args.enhance_face_region is not False and pose.bbox is not None and control_mask is None:
             control_mask = pose.face_mask(width, height)  # on by default wherever a face box is known, as the demo
 
+    scorer, unscored = _scorer(args, analyzer if (faces or pose_photo or people) else None)
+
     from .pipeline import GenerationRequest
     from .prompt_weighting import DEFAULT
 
@@ -448,16 +462,34 @@ def cmd_generate(args) -> int:
         print(path)
     print(f"seed: {seed}", file=sys.stderr)
     if args.score:
-        from .face import FaceModel
-
-        analyzer = analyzer if (faces or pose_photo or people) else FaceModel(args.face_model)
         references = [face.embedding for face in identity.faces] if faces else None
-        for image, path in outputs:
-            if people:
-                print(f"{path}: {_people_score_line(analyzer, image, people, person_embeddings)}", file=sys.stderr)
-            else:
-                print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
+        try:
+            if scorer is None:
+                raise unscored
+            lines = [f"{path}: {_people_score_line(scorer, image, people, person_embeddings)}" if people
+                     else f"{path}: identity {_score_line(scorer, image, embedding, references)}"
+                     for image, path in outputs]
+        except Exception as exc:  # the images are written: the score is extra, never a failure after them
+            if args.debug and exc is not unscored:
+                raise
+            reason = str(exc) if isinstance(exc, InstantIDError) else f"{type(exc).__name__}: {exc}"
+            lines = [f"identity score skipped: {reason}".splitlines()[0]]
+        for line in lines:
+            print(line, file=sys.stderr)
     return 0
+
+
+def _scorer(args, analyzer):
+    """(face model for the identity score, None) or (None, why not): a saved identity generates without the face
+    pack, so a missing one skips the score instead of failing after the images are written."""
+    if not args.score or analyzer is not None:
+        return analyzer, None
+    from .face import FaceModel
+
+    try:
+        return FaceModel(args.face_model), None
+    except InstantIDError as exc:
+        return None, exc
 
 
 def _control_inputs(args, controlnets: dict, controls: list, faces: list, pose_photo, size) -> list:

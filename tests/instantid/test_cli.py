@@ -612,3 +612,19 @@ def test_installed_entry_point(tiny_bundle, photos, plain, tmp_path):
     assert fail_err.splitlines() == [f"instantid: error: weights not found: {tmp_path / 'missing-sdxl'} "
                                      f"does not exist"]
     assert list(bad.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_outputs_honour_the_umask(tiny_bundle, photos, out, capfd, umask, mode):
+    """The atomic write's temporary file is created 0600; the output must get the mode any tool gives a new file
+    (0666 less the umask), or a web server or a teammate cannot read it."""
+    old = os.umask(umask)
+    try:
+        pose = out / "pose.png"
+        code = main(base_args(tiny_bundle, out / "x.png") + ["--face", str(photos["a"]), "--num-images", "2",
+                                                             "--save-pose-image", str(pose), "--no-score"])
+    finally:
+        os.umask(old)
+    assert code == 0, capfd.readouterr().err
+    for path in (out / "x-1.png", out / "x-2.png", pose):
+        assert (path.stat().st_mode & 0o777) == mode, (path, oct(path.stat().st_mode))
