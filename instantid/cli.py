@@ -558,7 +558,7 @@ def cmd_score(args) -> int:
 
 # -- analyze --------------------------------------------------------------------------------------------
 def cmd_analyze(args) -> int:
-    from .face import FaceModel, load_image, resize_for_analysis
+    from .face import FaceModel, analysis_mapping, load_image, resize_for_analysis
 
     images = [(path, load_image(path)) for path in args.images]  # all readable before any work
     out_dir = Path(args.output_dir)
@@ -575,12 +575,12 @@ def cmd_analyze(args) -> int:
     for path, image in images:
         canvas = resize_for_analysis(image)
         # report coordinates on the original photo; embeddings are computed on the analysed canvas
-        scale = (image.size[0] / canvas.size[0], image.size[1] / canvas.size[1])
+        mapping = analysis_mapping(*image.size)
         faces = []
         for i, face in enumerate(analyzer.analyze(canvas)):
             target = out_dir / f"{Path(path).stem}.face{i}.npy"
             arrays.append((target, face.embedding))
-            found = face.to_dict(scale)
+            found = face.to_dict(*mapping)
             faces.append({
                 "bbox": np.round(found["bbox"], 2).tolist(),
                 "score": round(found["score"], 4),
