@@ -46,7 +46,10 @@ class IdentityScore:
 
 def score_face(embedding: np.ndarray | None, bbox: list[float] | None, reference: np.ndarray,
                references: list[np.ndarray] | None = None) -> IdentityScore:
-    """The score of an already analysed output face (``embedding`` None: no face was found)."""
+    """The score of an already analysed output face (``embedding`` None: no face was found). A concatenated
+    identity (one row per photo) is scored against the mean of its rows, as the default identity is."""
+    if reference is not None and np.ndim(reference) == 2:
+        reference = np.asarray(reference, dtype=np.float32).mean(axis=0)
     if embedding is None:
         return IdentityScore(face_found=False)
     per = [cosine(embedding, r) for r in references] if references and len(references) > 1 else None
