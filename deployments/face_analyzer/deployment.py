@@ -95,10 +95,12 @@ def _header_pixels(name: str, data: bytes) -> int:
         return 1
 
 
-def _face_info(face, source: str, canvas: tuple[int, int], image_size: tuple[int, int]) -> dict:
-    """A face in the coordinates of the photo as uploaded (analysis ran on a resized canvas)."""
-    scale = (image_size[0] / canvas[0], image_size[1] / canvas[1])
-    return {"source": source, **face.to_dict(scale), "image_size": [int(image_size[0]), int(image_size[1])]}
+def _face_info(face, source: str, image_size: tuple[int, int]) -> dict:
+    """A face in the coordinates of the photo as uploaded (analysis ran on a resized, centre-cropped canvas)."""
+    from instantid.face import analysis_mapping
+
+    return {"source": source, **face.to_dict(*analysis_mapping(*image_size)),
+            "image_size": [int(image_size[0]), int(image_size[1])]}
 
 
 def make_thumbnail(image, bbox: list[float], side: int = THUMBNAIL_SIDE) -> bytes:
@@ -178,14 +180,14 @@ class FaceAnalysisCore:
                     faces, canvas = group_faces(self.analyzer, name, image)
                     group_found = [{"kps": np.asarray(f.kps, dtype=np.float32),
                                     "bbox": np.asarray(f.bbox, dtype=np.float32),
-                                    "info": _face_info(f, name, canvas, image.size)} for f in faces]
+                                    "info": _face_info(f, name, image.size)} for f in faces]
                     found.append((name, image, max(faces, key=lambda f: f.area), canvas))
             t2 = time.perf_counter()
             name, image, face, canvas = found[-1] if pose else found[0]
             # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
             result = FaceAnalysisResult(pose_kps=np.asarray(face.kps, dtype=np.float32),
                                         pose_canvas=[int(canvas[0]), int(canvas[1])],
-                                        pose_face=_face_info(face, name, canvas, image.size),
+                                        pose_face=_face_info(face, name, image.size),
                                         timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1},
                                         group=group_found)
             photos_found = found[:len(photos)]
@@ -194,7 +196,7 @@ class FaceAnalysisCore:
                 result.embedding = identity.embedding.astype(np.float32)
                 # each photo's own embedding: outputs are scored against each reference photo too
                 result.embeddings = [np.asarray(face.embedding, dtype=np.float32) for face in identity.faces]
-                result.faces = [_face_info(face, name, canvas, image.size)
+                result.faces = [_face_info(face, name, image.size)
                                 for name, image, face, canvas in photos_found]
                 if thumbnail:
                     result.thumbnail = make_thumbnail(photos_found[0][1], result.faces[0]["bbox"])
