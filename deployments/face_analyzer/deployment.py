@@ -156,10 +156,13 @@ class FaceAnalysisCore:
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                thumbnail: bool = False, should_stop=None, group: bool = False) -> FaceAnalysisResult:
+                thumbnail: bool = False, should_stop=None, group: bool = False, detection=None,
+                pose_detection=None) -> FaceAnalysisResult:
         """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis.
-        ``group``: the pose photo is a group photo (people): every face of it, left to right, in ``group``."""
-        from instantid.identity import analyze_faces, identity_of
+        ``group``: the pose photo is a group photo (people): every face of it, left to right, in ``group``.
+        ``detection``/``pose_detection``: instantid.identity.Detection for the photos/the pose photo (None: the
+        demo's, the largest face at the model's detector size)."""
+        from instantid.identity import DEMO, analyze_faces, identity_of
 
         items = list(photos) + ([pose] if pose else [])
         pixels = sum(_header_pixels(name, data) for name, data in items)
@@ -170,8 +173,9 @@ class FaceAnalysisCore:
             t1 = time.perf_counter()
             with self._lock:
                 each = decoded[:-1] if group and pose else decoded
-                found = [(name, image, *analyzed) for (name, image), analyzed
-                         in zip(each, analyze_faces(self.analyzer, each, should_stop))]
+                options = [detection or DEMO] * len(photos) + [pose_detection or DEMO] * (len(each) - len(photos))
+                found = [(name, image, *analyze_faces(self.analyzer, [(name, image)], should_stop, option)[0])
+                         for (name, image), option in zip(each, options)]
                 group_found = None
                 if group and pose:  # every face of the pose photo, left to right; the largest stands for it
                     from instantid.people import group_faces
@@ -250,13 +254,14 @@ class FaceAnalyzerDeployment:
             log.error("face model failed to load: %s", self.load_error)
 
     async def analyze(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                      thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
+                      thumbnail: bool = False, group: bool = False, detection=None,
+                      pose_detection=None) -> FaceAnalysisResult:
         if self.core is None:
             raise UNAVAILABLE("the face model is not loaded", headers=RETRY_LATER)
         gone = threading.Event()  # set when the caller cancels (its deadline passed, its client left)
         try:
             result = await asyncio.wrap_future(self.core.pool.submit(self.core.predict, photos, pose, thumbnail,
-                                                                     gone.is_set, group))
+                                                                     gone.is_set, group, detection, pose_detection))
         except asyncio.CancelledError:
             gone.set()  # the thread stops at its next read or photo; the replica's slot is freed now
             raise
