@@ -125,3 +125,35 @@ def test_a_concatenated_task_is_accepted_and_batches_only_with_its_token_count()
     assert concat.batch_key() == GenerationTask(embedding=np.zeros((3, 512), np.float32), **base).batch_key()
     with pytest.raises(Exception, match="512"):
         accept_task(GenerationTask(embedding=np.ones((3, 511), np.float32), **base))
+
+
+def test_the_handle_client_carries_the_options(service, photos, face_photo, tmp_path):
+    """deployments/client.py over the service (a handle-shaped adapter in process, as the Ray tests' handle)."""
+    from deployments.client import InstantIDClient
+    from deployments.ingress.schemas import GenerateRequest
+
+    class Response:
+        def __init__(self, payload):
+            self.payload = payload
+
+        def result(self, timeout_s=None):
+            return asyncio.run(service.generate(RequestContext(route="handle"), self.payload))
+
+    class Handle:
+        class generate:
+            @staticmethod
+            def remote(payload):
+                return Response(payload)
+
+    other = tmp_path / "other.png"
+    other.write_bytes(photos["other"])
+    client = InstantIDClient(handle=Handle())
+    request = GenerateRequest(face_images=[str(face_photo), str(other)], width=64, height=64, steps=1, seed=2,
+                              identity_score=False, combine="concat", noise=0.5, det_size=320)
+    response = client.generate(request)
+    assert response.seed == 2
+    task = last_task(service)
+    assert task.embedding.shape == (2, 512) and task.noise == 0.5
+    with pytest.raises(ServiceError) as info:
+        client.generate(face_images=[str(face_photo)], width=64, height=64, steps=1, noise=3)
+    assert info.value.status == 422 and info.value.field == "noise"
