@@ -109,7 +109,8 @@ def test_the_options_are_in_the_openapi_schema(tmp_path):
     schema = make_client(tmp_path).get("/openapi.json").json()
     props = next(s for name, s in schema["components"]["schemas"].items() if name.startswith("GenerateRequest")
                  )["properties"]
-    assert props["combine"]["enum"] == ["average", "norm_average", "concat"] and props["combine"]["default"] == "average"
+    assert props["combine"]["enum"] == ["average", "norm_average", "concat"]
+    assert props["combine"]["default"] == "average"
     assert props["noise"]["minimum"] == 0 and props["noise"]["maximum"] == 1 and props["noise"]["default"] == 0
     det = props["det_size"]["anyOf"][0]
     assert det["minimum"] == 160 and det["maximum"] == 1280 and det["multipleOf"] == 32
