@@ -46,7 +46,8 @@ class BatchConfig(_Strict):
 
 
 class PreprocessorConfig(_Strict):
-    """The models that derive control maps from a photo (canny needs none); loaded on first use, on CPU."""
+    """The models that derive control maps from a photo (canny needs none), on CPU: each FaceAnalyzer replica loads
+    those of the control types its models offer when it starts (not ready until they load)."""
 
     depth: str = Field("Intel/dpt-hybrid-midas", description="transformers DPT depth model: hub id, dir or s3://.")
     pose: str = Field("yzd-v/DWPose", description="DWPose ONNX files (yolox_l.onnx, dw-ll_ucoco_384.onnx): hub "
