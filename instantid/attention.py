@@ -35,6 +35,7 @@ class IdentityAttnProcessor(nn.Module):
         self.num_tokens = num_tokens
         self.scale: float | torch.Tensor = 1.0
         self.region: torch.Tensor | None = None
+        self.identity_tokens: int | None = None  # ID tokens of one identity when not num_tokens (concatenated)
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
@@ -90,7 +91,7 @@ class IdentityAttnProcessor(nn.Module):
 
         query = attn.to_q(hidden_states)
         people = self.region.shape[1] if self.region is not None and self.region.ndim == 4 else 1
-        split = encoder_hidden_states.shape[1] - people * self.num_tokens
+        split = encoder_hidden_states.shape[1] - people * (self.identity_tokens or self.num_tokens)
         text, ids = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
         if attention_mask is not None:  # a padding mask over [text; ID tokens] (prompts of unequal length)
             attention_mask = attention_mask[..., :split]
@@ -166,6 +167,13 @@ def identity_processors(unet) -> list[IdentityAttnProcessor]:
 def set_identity_scale(unet, scale: float | torch.Tensor) -> None:
     for proc in identity_processors(unet):
         proc.scale = scale
+
+
+def set_identity_tokens(unet, tokens: int | None) -> None:
+    """The number of ID tokens per identity at the end of the context (None: the Resampler's num_tokens); a
+    concatenated identity (combine "concat") has num_tokens per photo."""
+    for proc in identity_processors(unet):
+        proc.identity_tokens = tokens
 
 
 def set_identity_region(unet, region: torch.Tensor | None) -> None:

@@ -46,11 +46,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch.nn import functional as F
 
 from . import defaults, prompt_weighting
-from .attention import install_identity_adapter, set_identity_region, set_identity_scale
+from .attention import install_identity_adapter, set_identity_region, set_identity_scale, set_identity_tokens
 from .errors import InvalidParameterError, WeightsError
 from .people import Person, check_people
 from .resampler import Resampler
 from .schedulers import make_scheduler
+
+EMBEDDING_VALUES = 512  # a raw ArcFace embedding
 
 
 class _RedactTruncatedPrompt(logging.Filter):
@@ -83,7 +85,9 @@ class ControlInput:
 class GenerationRequest:
     """One request's conditioning. Size, steps and scheduler are shared by a batch and given to ``generate``."""
 
-    face_embedding: np.ndarray | torch.Tensor | None = None  # one identity; None with ``people``
+    # one identity, (512,); (photos, 512) puts each photo's 16 ID tokens side by side (combine "concat",
+    # identity.combine_embeddings); None with ``people``
+    face_embedding: np.ndarray | torch.Tensor | None = None
     keypoint_image: PIL.Image.Image | None = None
     prompt: str = ""
     negative_prompt: str | None = None
@@ -100,6 +104,10 @@ class GenerationRequest:
     control_mask: PIL.Image.Image | None = None  # white = face region; resized to the canvas when it differs
     init_image: PIL.Image.Image | None = None  # img2img: the picture to restyle (resized to the canvas)
     strength: float = defaults.IMG2IMG_STRENGTH  # img2img: the share of the schedule that is run (0 < strength <= 1)
+    # ComfyUI_InstantID's ``noise``: the unconditional branch's embedding is ``noise * U[0, 1)`` per value instead
+    # of zeros, drawn from a generator seeded with the request's seed (reproducible; the latents' generator is
+    # left alone, so only the unconditional ID tokens change). 0: the demo's all-zero embedding
+    noise: float = defaults.NOISE
     # 2-4 identities, each confined to its own region (people.py); replaces face_embedding, keypoint_image and
     # control_mask. One person is exactly the single-identity request with its region as the control mask.
     people: list[Person] = field(default_factory=list)
@@ -115,6 +123,20 @@ class GenerationRequest:
             return self.generator
         # CPU generator, as diffusers does: one seed gives one image on any device
         return torch.Generator("cpu").manual_seed(int(self.seed or 0))
+
+    def noise_generator(self) -> torch.Generator | None:
+        """The generator of the unconditional embedding's noise (None without noise): its own, seeded like the
+        latents' (the given generator's initial seed, else ``seed``), so that noise leaves the latents alone."""
+        if not self.noise:
+            return None
+        seed = self.generator.initial_seed() if self.generator is not None else int(self.seed or 0)
+        return torch.Generator("cpu").manual_seed(seed)
+
+    def id_token_groups(self) -> int:
+        """How many 16-token groups the identity takes: the rows of a concatenated embedding, else 1."""
+        if self.people or self.face_embedding is None:
+            return 1
+        return int(np.prod(np.shape(self.face_embedding))) // EMBEDDING_VALUES
 
 
 def _rows(values: list[float], counts: list[int], copies: int, like: torch.Tensor,
@@ -317,7 +339,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         # identity slots: every row has as many as the request with the most people; a request with fewer has
         # zero ID tokens and an empty region in the others, and IdentityNet skips its rows there
         slots = max(len(i) for i in identities)
-        per_slot = self.image_proj_model.num_queries
+        # ID tokens per identity slot: the Resampler's 16, times the photos of a concatenated identity (one slot)
+        per_slot = self.image_proj_model.num_queries * requests[0].id_token_groups()
 
         # 2. Encode prompts (text) and faces (ID tokens), per request, in the reference's [uncond, cond] order
         neg_embeds, pos_embeds, neg_pooled, pos_pooled, neg_ids, pos_ids = [], [], [], [], [], []
@@ -327,7 +350,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             if cfg:
                 neg_embeds.append(ne), neg_pooled.append(npool)
             uncond_ids, cond_ids = self._encode_faces([e for e, _, _ in identities[len(pos_ids)]], slots,
-                                                      r.num_images, cfg, device, dtype)
+                                                      r.num_images, cfg, device, dtype, r.noise, r.noise_generator())
             pos_ids.append(cond_ids)
             if cfg:
                 neg_ids.append(uncond_ids)
@@ -391,6 +414,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         set_identity_scale(self.unet, _rows([r.ip_adapter_scale for r in requests], counts, copies, id_tokens,
                                             always=serving is not None))
         set_identity_region(self.unet, region)
+        set_identity_tokens(self.unet, per_slot)
         encoder_mask = None
         if text_mask is not None:  # prompts of unequal length: padding is masked out; ID tokens always attended
             encoder_mask = torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], id_tokens.shape[1])], 1)
@@ -447,6 +471,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 keep = [k for k, position in enumerate(active) if position in wanted]
                 if not keep:
                     set_identity_region(self.unet, None)
+                    set_identity_tokens(self.unet, None)
                     return [None] * n_requests
                 if len(keep) < len(active):
                     # drop the other requests' rows from every per-row input (layout: copies x requests x images)
@@ -476,6 +501,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                                                         id_tokens))
 
         set_identity_region(self.unet, None)
+        set_identity_tokens(self.unet, None)
 
         # 8. Decode, per request (a request's images are decoded together, as the reference does)
         results: list = [None] * n_requests
@@ -510,8 +536,21 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                     raise InvalidParameterError("people", "replaces face_embedding, keypoint_image and "
                                                           "control_mask: give one or the other")
                 check_people(r.people)
+                if any(np.size(p.face_embedding) != EMBEDDING_VALUES for p in r.people):
+                    raise InvalidParameterError("people", f"each person's embedding has {EMBEDDING_VALUES} values "
+                                                          "(several photos of a person are averaged, not concatenated)")
             elif r.face_embedding is None or r.keypoint_image is None:
                 raise InvalidParameterError("face_embedding", "a face embedding and a keypoint image, or people")
+            else:
+                shape = tuple(np.shape(r.face_embedding))
+                if len(shape) not in (1, 2) or shape[-1] != EMBEDDING_VALUES or 0 in shape:
+                    raise InvalidParameterError("face_embedding", f"must be ({EMBEDDING_VALUES},) or (photos, "
+                                                                  f"{EMBEDDING_VALUES}), got shape {shape}")
+            if r.id_token_groups() != first.id_token_groups():
+                raise InvalidParameterError("face_embedding", "a batch must share one number of ID tokens (a "
+                                                              "concatenated identity has 16 per photo)")
+            if not 0 <= r.noise <= 1:
+                raise InvalidParameterError("noise", f"must be in [0, 1], got {r.noise}")
             for c in r.controls:
                 if c.name not in self.extra_controlnets:
                     raise InvalidParameterError("controls", f"unknown ControlNet {c.name!r}")
@@ -573,10 +612,10 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         noise = randn_tensor(init.shape, generator=generator, device=device, dtype=dtype)
         return scheduler.add_noise(init, noise, first_t.repeat(r.num_images))
 
-    def _encode_faces(self, embeddings, slots, num_images, cfg, device, dtype):
+    def _encode_faces(self, embeddings, slots, num_images, cfg, device, dtype, noise=0.0, generator=None):
         """ID tokens of a request's identities side by side, (rows, slots x tokens, dim) per branch; slots it
         has no identity for hold zeros (never attended: their region is empty)."""
-        encoded = [self._encode_face(e, num_images, cfg, device, dtype) for e in embeddings]
+        encoded = [self._encode_face(e, num_images, cfg, device, dtype, noise, generator) for e in embeddings]
         if slots == 1:
             return encoded[0]
         pad = torch.zeros_like(encoded[0][1])
@@ -631,14 +670,23 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 mid = mid.index_add(0, rows, m)
         return down, mid
 
-    def _encode_face(self, embedding, num_images, cfg, device, dtype):
-        """ID tokens for one face; the unconditional branch projects an all-zero embedding."""
+    def _encode_face(self, embedding, num_images, cfg, device, dtype, noise=0.0, generator=None):
+        """ID tokens for one face; the unconditional branch projects an all-zero embedding, or with ``noise``
+        ``noise * U[0, 1)`` drawn from ``generator`` (ComfyUI_InstantID's noise injection). An embedding of several
+        rows (combine "concat") goes through the Resampler one row at a time; their tokens are laid side by side."""
         if not isinstance(embedding, torch.Tensor):
             embedding = torch.from_numpy(np.asarray(embedding, dtype=np.float32))
         emb = embedding.to(device=device, dtype=dtype)
-        emb = emb.reshape(1, -1, self.image_proj_model.embedding_dim)
-        batch = torch.cat([torch.zeros_like(emb), emb]) if cfg else emb
-        tokens = self.image_proj_model(batch)
+        emb = emb.reshape(-1, 1, self.image_proj_model.embedding_dim)  # one row per photo
+        groups = emb.shape[0]
+        if cfg:
+            uncond = torch.zeros_like(emb) if not noise else (
+                noise * torch.rand(emb.shape, generator=generator, dtype=torch.float32)).to(device=device, dtype=dtype)
+            batch = torch.cat([uncond, emb])
+        else:
+            batch = emb
+        tokens = self.image_proj_model(batch)  # (copies x groups, 16, dim)
+        tokens = tokens.reshape(-1, groups * tokens.shape[1], tokens.shape[2])  # each copy's groups side by side
         tokens = tokens.repeat_interleave(num_images, dim=0)
         if cfg:
             return tokens[:num_images], tokens[num_images:]

@@ -74,7 +74,9 @@ def accept_task(task: GenerationTask) -> GenerationTask:
         if task.people:
             accept_people(task)
         else:
-            task.embedding = validate_embedding(task.embedding)
+            rows = np.asarray(task.embedding)
+            task.embedding = (np.stack([validate_embedding(r) for r in rows]) if rows.ndim == 2 and len(rows) > 1
+                              else validate_embedding(rows))  # several rows: a concatenated identity
             task.kps = validate_keypoints(task.kps)
             task.canvas = (int(task.canvas[0]), int(task.canvas[1]))
         if task.bbox is not None:
@@ -185,6 +187,7 @@ class GeneratorCore:
                 people=pipeline_people(j.people, j.width, j.height) if j.people else [],
                 controls=[ControlInput(c["name"], Image.fromarray(c["map"]), c["scale"], c["start"], c["end"])
                           for c in j.controls],
+                noise=j.noise,
             ))
         marks: dict[str, float] = {}
 
