@@ -328,10 +328,16 @@ function showValue(input) {
   input.parentElement.querySelector("output").textContent = input.value;
 }
 
+// [value, label] of the style chips: "none" sends no style (the prompts as typed); the demo's "(No style)" preset
+// would be a second "no style" (it differs only in sending an empty negative prompt), so it is left out here
+function styleChoices(styles) {
+  return [["", "none"], ...styles.filter((s) => s !== "(No style)").map((s) => [s, s])];
+}
+
 function applyModels(models) {
   state.models = models;
   $("tiny-notice").hidden = models.profile !== "tiny";
-  const chips = [["", "none"], ...models.styles.map((s) => [s, s])].map(([value, text]) => {
+  const chips = styleChoices(models.styles).map(([value, text]) => {
     const label = document.createElement("label");
     label.className = "chip";
     const radio = document.createElement("input");
