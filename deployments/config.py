@@ -178,11 +178,28 @@ class AppArgs(_Strict):
     presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     request_timeout_s: float = Field(300.0, gt=0, description="A request past this gets 504.")
     limits: Limits = Field(default_factory=Limits)
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Addresses (CIDRs) of the proxies in front of the Ingress whose X-Forwarded-For is believed: "
+        "the client is the first entry from the right that is not one of them. Default: our HAProxy on the node's "
+        "loopback. Behind ingress-nginx add its pods' range. A peer outside the list is the client itself.")
     auth: AuthConfig = Field(default_factory=AuthConfig)
     preprocessors: PreprocessorConfig = Field(default_factory=PreprocessorConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     compile: CompileConfig = Field(default_factory=CompileConfig)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {cidr!r} is not an address or CIDR") from None
+        return value
 
     @field_validator("models")
     @classmethod

@@ -18,7 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import defaults, weights
 from .errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
-from .image_limits import DecodeAborted, check_format, check_structure, open_bounded, unreadable
+from .image_limits import (MAX_DECODE_PIXELS, DecodeAborted, check_format, check_structure, open_bounded,
+                           unreadable)
 
 # A photo that takes longer than this to decode is refused (a bounded-scan JPEG at the pixel limit takes ~1 s).
 DECODE_TIMEOUT_S = 10.0
@@ -33,10 +34,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def load_image(source: str | Path | bytes, name: str | None = None, *, timeout_s: float = DECODE_TIMEOUT_S,
-               should_stop=None) -> Image.Image:
+               should_stop=None, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
     """Decode a JPEG (or a phone's MPO: its first frame), PNG or WebP file (path) or upload (bytes) into an RGB
     image with EXIF orientation applied. The decode is bounded (``instantid.image_limits``): refused when its
-    framing is hostile, stopped past ``timeout_s`` or as soon as ``should_stop()`` is true."""
+    framing is hostile, over ``max_pixels`` or past the scans its size may cost, stopped past ``timeout_s`` or
+    as soon as ``should_stop()`` is true."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "uploaded image"
         data = bytes(source)
@@ -48,8 +50,8 @@ def load_image(source: str | Path | bytes, name: str | None = None, *, timeout_s
             raise InvalidImageError(f"cannot read {label}: {exc.strerror or _one_line(exc)}") from exc
     check_structure(data, label)
     try:
-        image = open_bounded(data, label, timeout_s, should_stop)
-    except DecodeAborted:
+        image = open_bounded(data, label, timeout_s, should_stop, max_pixels)
+    except InvalidImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise unreadable(label) from exc
@@ -58,7 +60,7 @@ def load_image(source: str | Path | bytes, name: str | None = None, *, timeout_s
         image.load()  # decode now: a truncated file fails here rather than deep inside the pipeline
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
-    except DecodeAborted:
+    except InvalidImageError:  # stopped by a bound (DecodeAborted included): its own message
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"{label} is truncated or corrupt: {_one_line(exc)}") from exc

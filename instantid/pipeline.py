@@ -169,6 +169,22 @@ def _resized(region: torch.Tensor, like: torch.Tensor, mode: str) -> torch.Tenso
     return F.interpolate(region[:, None], like.shape[-2:], mode=mode).to(like.dtype)
 
 
+class _Abandoned(Exception):
+    """A request's caller gave up during its VAE decode (``still_wanted``): the decode stops at the next block."""
+
+
+def _wanted_check(still_wanted, position: int) -> Callable[[], None] | None:
+    if still_wanted is None:
+        return None
+
+    def check() -> None:
+        wanted = still_wanted()
+        if wanted is not None and position not in set(wanted):
+            raise _Abandoned
+
+    return check
+
+
 def _scale(tensor: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):
         return tensor * scale.view(-1, *([1] * (tensor.ndim - 1)))
@@ -307,12 +323,15 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         scheduler: str = "default",
         output_type: str = "pil",
         callback: Callable[[int, int], Iterable[int] | None] | None = None,
+        still_wanted: Callable[[], Iterable[int] | None] | None = None,
     ) -> list:
         """Run ``requests`` as one denoising batch; returns one list of images per request.
 
         ``callback(step, total)`` runs after each step. It may return the indices (into ``requests``) of the
         requests to go on with: the others' rows leave the batch before the next step (their callers gave up)
         and their entry in the result is None; the rest denoise exactly as they would have.
+        ``still_wanted()`` is asked the same (None: all) during the VAE decode, before each of the decoder's
+        blocks: a request whose caller gave up stops within its decode (a 2048x2048 decode takes ~25 s on CPU).
         Size defaults to the first request's keypoint image (the pose canvas). img2img requests must share one
         strength, and a batch is all img2img or none (their timesteps differ)."""
         # 1. Check inputs
@@ -506,8 +525,15 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         # 8. Decode, per request (a request's images are decoded together, as the reference does)
         results: list = [None] * n_requests
         for position, x in zip(active, latents):
-            if position < n_real and position not in gone:  # pad rows and given-up requests are not decoded
-                results[position] = x if output_type == "latent" else self._decode(x, output_type)
+            if position >= n_real or position in gone:  # pad rows and given-up requests are not decoded
+                continue
+            if output_type == "latent":
+                results[position] = x
+                continue
+            try:
+                results[position] = self._decode(x, output_type, _wanted_check(still_wanted, position))
+            except _Abandoned:
+                results[position] = None
         return results[:n_real]
 
     # -- steps of generate ---------------------------------------------------------------------------
@@ -747,10 +773,24 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             start += n
         return out
 
-    def _decode(self, latents: torch.Tensor, output_type: str):
+    def _decode(self, latents: torch.Tensor, output_type: str, check: Callable[[], None] | None = None):
         vae = self.vae
-        with self._vae_run() as vae_dtype:
-            image = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        hooks = []
+        if check is not None:
+            check()
+        # checks inside the decoder's forward, when it runs eagerly (CPU: seconds per block); a compiled decoder
+        # (optimize.py, fullgraph) cannot call back into Python mid-graph, and decodes in well under a second
+        if check is not None and not hasattr(vae.decoder, "_eager_forward"):
+            decoder = vae.decoder
+            blocks = [decoder.mid_block, *decoder.up_blocks, decoder.conv_out]
+            blocks += [r for up in decoder.up_blocks for r in getattr(up, "resnets", [])]
+            hooks = [b.register_forward_pre_hook(lambda module, args: check()) for b in blocks if b is not None]
+        try:
+            with self._vae_run() as vae_dtype:
+                image = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
         return self.image_processor.postprocess(image, output_type=output_type)
 
     @contextlib.contextmanager

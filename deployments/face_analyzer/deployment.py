@@ -83,16 +83,14 @@ def _return_memory() -> None:
 
 def _header_pixels(name: str, data: bytes) -> int:
     """Pixels of an upload from its header (the Ingress checked it already; an unreadable one counts 1)."""
-    from PIL import Image
+    from instantid.errors import InvalidImageError
+    from instantid.image_limits import read_header
 
-    from instantid.image_limits import check_structure
-
-    check_structure(data, name)  # before Pillow walks the header: bounded
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return max(1, image.size[0] * image.size[1])
-    except Exception:
-        return 1
+        width, height = read_header(data, name)[1]  # bounded: the framing walk before Pillow's header walk
+    except InvalidImageError:
+        return 1  # refused when it is decoded (load_image), with its reason
+    return max(1, width * height)
 
 
 def _face_info(face, source: str, image_size: tuple[int, int]) -> dict:

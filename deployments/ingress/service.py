@@ -14,7 +14,6 @@ The service imports no torch.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import secrets
 import time
@@ -195,13 +194,12 @@ class GenerationService:
         """The request's size, or the pose canvas's (the init image's after the demo's resize, for img2img);
         422 naming width/height when the face cannot fit that canvas."""
         from instantid.face import analysis_size
+        from instantid.image_limits import read_header
         from instantid.keypoints import fit_canvas
-        from PIL import Image
 
         source = tuple(canvas)
         if init_image is not None:
-            with Image.open(io.BytesIO(init_image)) as image:
-                source = analysis_size(*image.size)
+            source = analysis_size(*read_header(init_image, "init_image")[1])  # checked at the edge already
         default = default_size(source, self.args.limits)
         width, height = req.width or default[0], req.height or default[1]
         fit_canvas(tuple(canvas), (width, height), kps, bbox)  # raises InvalidParameterError (422) if no fit

@@ -16,13 +16,13 @@ problem details (``{title, detail, status}``), which the client raises as ``Repl
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from deployments.errors import INVALID_PARAMETER, NOT_FOUND, ServiceError
-from deployments.ingress.http.auth import client_address
 from deployments.ingress.http.readers import loads_json, read_body
 from deployments.ingress.http.surfaces.common import authenticate
 from deployments.ingress.jobs.service import iso
@@ -145,10 +145,10 @@ def add_routes(app, edge) -> None:
 
     async def create(request: Request, ctx, reference) -> JSONResponse:
         try:
-            with edge.uploads.hold(ctx.api_key or client_address(request)):
+            with edge.uploads.hold(ctx.api_key or edge.access.client(request)) as upload:
                 body = await read_body(request, core.args.limits.max_body_bytes,
-                                       ctx.started + core.args.request_timeout_s)
-            payload = loads_json(body)
+                                       ctx.started + core.args.request_timeout_s, upload)
+            payload = await asyncio.to_thread(loads_json, body)  # off the event loop, as read_request does
             if not isinstance(payload, dict) or not isinstance(payload.get("input", {}), dict):
                 raise INVALID_PARAMETER("the body must be {\"input\": {...}}", field="input")
             name = model_name(reference if reference is not None else payload.get("version"))
