@@ -65,7 +65,7 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 # 2) The project (its wheel, by path: never a same-named package from an index) with its serve extra. Ray
 #    stays at the base image's version (pinned twice: here and by the serve extra).
 #    No onnxruntime-gpu: face analysis runs on the CPU face group with onnxruntime's CPU provider
-#    (deployments/face_analyzer.py), so the GPU build would only add weight.
+#    (deployments/face_analyzer/deployment.py), so the GPU build would only add weight.
 #    insightface pulls in the GUI OpenCV build (Qt/X11/libGL, absent here): use-headless-opencv keeps only the
 #    headless one and fails if cv2 still links a GUI library. The smoke step imports what the replicas import.
 COPY --from=wheels --chown=ray:users /home/ray/wheels /tmp/wheels

@@ -41,7 +41,7 @@ def photo(side: int) -> bytes:
 
 
 def main() -> None:
-    from deployments.face_analyzer import MAX_DECODED_PIXELS, FaceAnalysisCore
+    from deployments.face_analyzer.deployment import MAX_DECODED_PIXELS, FaceAnalysisCore
     from instantid.tiny.face_pack import write_tiny_face_pack
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -73,8 +73,8 @@ class InProcess:
     def __init__(self, args: dict, threads: int, face_threads: int | None):
         import torch
 
-        from deployments.face_analyzer import FaceAnalysisCore
-        from deployments.generator import GeneratorCore
+        from deployments.face_analyzer.deployment import FaceAnalysisCore
+        from deployments.generator.deployment import GeneratorCore
         from deployments.tiny_profile import resolve_args
 
         torch.set_num_threads(threads)
@@ -84,7 +84,7 @@ class InProcess:
         self.model = self.gen.load(self.args.default_model)
 
     def _analyse(self, req: dict):
-        from deployments.http.readers import check_image, decode_base64
+        from deployments.ingress.inputs import check_image, decode_base64
         from deployments.messages import GenerationTask
 
         data = decode_base64(req["face_images"][0], "face_images[0]")
@@ -97,14 +97,14 @@ class InProcess:
 
     @staticmethod
     def _respond(face: dict, out) -> str:
-        from deployments.http.delivery import encode_image
+        from deployments.ingress.delivery import encode_image
 
         images = [base64.b64encode(encode_image(a, "png")).decode() for a in out.images]
         return json.dumps({"images": images, "seed": out.seed, "face": face, "timings": out.timings})
 
     def wave(self, body: dict, c: int) -> list[float]:
         """c simultaneous requests: analyse each, generate in batches of max_batch_size, respond."""
-        from deployments.generator import accept_task
+        from deployments.generator.deployment import accept_task
 
         started = time.perf_counter()
         reqs = [json.loads(json.dumps(body)) for _ in range(c)]  # parse cost, as a server would pay

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from .config import AppArgs
-from .tiny_profile import resolve_args
+from deployments.config import AppArgs
+from deployments.tiny_profile import resolve_args
 
 APP_NAME = "instantid"
 DEPLOYMENT_NAMES = ("Ingress", "FaceAnalyzer", "Generator")
@@ -23,9 +23,9 @@ DEPLOYMENT_NAMES = ("Ingress", "FaceAnalyzer", "Generator")
 def bind(args: AppArgs, options: dict[str, dict] | None = None) -> Application:
     """Bind the graph for already-resolved ``args``; ``options`` overrides deployment options by name
     (what a Serve config's ``deployments:`` section does; used by tests and the benchmark)."""
-    from .face_analyzer import FaceAnalyzerDeployment
-    from .generator import Generator
-    from .ingress import Ingress
+    from deployments.face_analyzer.deployment import FaceAnalyzerDeployment
+    from deployments.generator.deployment import Generator
+    from deployments.ingress.deployment import Ingress
 
     options = options or {}
     unknown = set(options) - set(DEPLOYMENT_NAMES)

@@ -10,7 +10,7 @@
                            "steps": 30})            # size: the identity's pose canvas
     open("out.png", "wb").write(out.image_bytes()[0])
 
-Requests and responses are the HTTP API's models (``deployments.schemas``); the service validates
+Requests and responses are the HTTP API's models (``deployments.ingress.schemas``); the service validates
 requests against its own configured limits. Errors raise ``ServiceError`` with the HTTP ``status``,
 ``code``, ``message`` and ``field`` the HTTP API would answer. The handle API is meant for trusted,
 in-cluster callers: it bypasses API keys and rate limits. Each method has an ``_async`` twin for use
@@ -26,8 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .errors import ServiceError, from_exception
-from .schemas import GenerateRequest, GenerateResponse, IdentityList, IdentityResponse, ModelList
+from deployments.errors import TIMEOUT, ServiceError, from_exception
+from deployments.ingress.schemas import GenerateRequest, GenerateResponse, IdentityList, IdentityResponse, ModelList
 
 __all__ = ["InstantIDClient", "ServiceError", "encode_image", "GenerateRequest", "GenerateResponse",
            "IdentityResponse"]
@@ -169,7 +169,7 @@ class InstantIDClient:
             if job["status"] in JOB_ENDED:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise ServiceError(504, "timeout", f"job {job_id} did not end within {timeout_s:g}s")
+                raise TIMEOUT(f"job {job_id} did not end within {timeout_s:g}s")
 
     async def wait_job_async(self, job_id: str, timeout_s: float | None = None) -> dict:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -179,7 +179,7 @@ class InstantIDClient:
             if job["status"] in JOB_ENDED:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise ServiceError(504, "timeout", f"job {job_id} did not end within {timeout_s:g}s")
+                raise TIMEOUT(f"job {job_id} did not end within {timeout_s:g}s")
 
 
 JOB_ENDED = ("succeeded", "failed", "canceled")

@@ -6,30 +6,67 @@ into it before raising, because it pickles faithfully (the library's ``NoFaceErr
 replay). The Ingress unwraps ``RayTaskError`` and maps everything else with ``from_exception``; anything
 unexpected becomes a generic 500 whose message carries the request id and never a traceback.
 
-Status codes:
-    400 invalid_json, invalid_base64, invalid_image, invalid_request,
-        bad_request (a malformed multipart body or Content-Length)
-    401 unauthorized                     404 not_found (identity or route)
-    405 method_not_allowed               408 timeout (the body did not arrive in time)
-    413 body_too_large, image_too_large  415 unsupported_media_type (neither JSON nor multipart)
-    422 invalid_parameter (``field``), no_face (``field`` names the image)
-        too_costly (width x height x steps x num_images cannot finish before the deadline; ``details`` names them)
-        unsafe_output (the safety checker flagged every image, ``safety.action: refuse``)
-    429 rate_limited (Retry-After)       500 internal
-    503 queue_full (Retry-After), unavailable (a backend down or its replica died mid-request),
-        model_unavailable, storage_unavailable (S3 or the identity directory failing)
-    504 timeout
+The errors there are: ``ERRORS`` below (status, code, retryable), the one table; docs/api.md's error table
+and the tests read it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from instantid.errors import InstantIDError, InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
 
 log = logging.getLogger("instantid.serve")
+
+RETRY_AFTER_S = 5  # what a retryable answer asks the client to wait, unless it knows better (a queue's own)
+RETRY_LATER = {"Retry-After": str(RETRY_AFTER_S)}
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """One row of the error table: the HTTP status, the stable code clients match on, and whether the same
+    request may succeed if sent again later (those answers carry ``Retry-After``)."""
+
+    status: int
+    code: str
+    retryable: bool = False
+    meaning: str = ""
+
+    def __call__(self, message: str, field: str | None = None, headers: dict[str, str] | None = None,
+                 details: list[dict] | None = None) -> "ServiceError":
+        return ServiceError(self.status, self.code, message, field=field, headers=headers, details=details)
+
+
+INVALID_JSON = ErrorKind(400, "invalid_json", meaning="the body is not JSON, or nested too deeply")
+INVALID_BASE64 = ErrorKind(400, "invalid_base64", meaning="an image field is not base64 or a data URL")
+INVALID_IMAGE = ErrorKind(400, "invalid_image", meaning="an image that cannot be read, or hostile framing")
+INVALID_REQUEST = ErrorKind(400, "invalid_request", meaning="a library error without a code of its own")
+BAD_REQUEST = ErrorKind(400, "bad_request", meaning="a malformed multipart body or Content-Length")
+UNAUTHORIZED = ErrorKind(401, "unauthorized", meaning="no API key, or an unknown one")
+NOT_FOUND = ErrorKind(404, "not_found", meaning="an identity, job or route that is absent (or another key's)")
+METHOD_NOT_ALLOWED = ErrorKind(405, "method_not_allowed", meaning="a route that exists, another method")
+BODY_TIMEOUT = ErrorKind(408, "timeout", meaning="the body did not arrive in time")
+BODY_TOO_LARGE = ErrorKind(413, "body_too_large", meaning="the body is over limits.max_body_bytes")
+IMAGE_TOO_LARGE = ErrorKind(413, "image_too_large", meaning="an image over limits.max_image_pixels")
+UNSUPPORTED_MEDIA_TYPE = ErrorKind(415, "unsupported_media_type", meaning="neither JSON nor multipart")
+INVALID_PARAMETER = ErrorKind(422, "invalid_parameter", meaning="a field out of range or inconsistent (field)")
+NO_FACE = ErrorKind(422, "no_face", meaning="no face in a photo (field names the image)")
+TOO_COSTLY = ErrorKind(422, "too_costly", meaning="width x height x steps x num_images cannot finish in time")
+UNSAFE_OUTPUT = ErrorKind(422, "unsafe_output", meaning="the safety checker flagged every image (refuse)")
+RATE_LIMITED = ErrorKind(429, "rate_limited", retryable=True, meaning="over the key's or address's rate")
+INTERNAL = ErrorKind(500, "internal", meaning="anything unexpected: the message carries the request id")
+QUEUE_FULL = ErrorKind(503, "queue_full", retryable=True, meaning="the Generator's or the job queue is full")
+UNAVAILABLE = ErrorKind(503, "unavailable", retryable=True,
+                        meaning="a backend down, or its replica died mid-request")
+MODEL_UNAVAILABLE = ErrorKind(503, "model_unavailable", retryable=True, meaning="a model's weights failed to load")
+STORAGE_UNAVAILABLE = ErrorKind(503, "storage_unavailable", retryable=True,
+                                meaning="S3, the identity directory or the job store failing")
+TIMEOUT = ErrorKind(504, "timeout", meaning="the request did not finish within its timeout")
+
+ERRORS: tuple[ErrorKind, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorKind))
 
 _STATUS_CODES = {
     400: "bad_request",
@@ -109,7 +146,7 @@ def from_exception(exc: BaseException, *, request_id: str | None = None) -> Serv
         return ServiceError(400, InvalidImageError.code, _one_line(str(exc)))
     if isinstance(exc, WeightsError):
         log.error("model weights unavailable: %s", exc)
-        return ServiceError(503, "model_unavailable", "the requested model could not be loaded; try again later",
+        return MODEL_UNAVAILABLE("the requested model could not be loaded; try again later",
                             headers={"Retry-After": "30"})
     if isinstance(exc, InstantIDError):
         return ServiceError(400, getattr(exc, "code", "invalid_request"), _one_line(str(exc)))
@@ -119,28 +156,28 @@ def from_exception(exc: BaseException, *, request_id: str | None = None) -> Serv
         BackPressureError = DeploymentUnavailableError = RequestCancelledError = ()  # type: ignore
     if BackPressureError and isinstance(exc, BackPressureError):
         retry = getattr(exc, "retry_after_s", None) or 1
-        return ServiceError(503, "queue_full", "the generator queue is full; retry later",
+        return QUEUE_FULL("the generator queue is full; retry later",
                             headers={"Retry-After": str(max(1, int(round(float(retry)))))})
     if DeploymentUnavailableError and isinstance(exc, DeploymentUnavailableError):
-        return ServiceError(503, "unavailable", "a backend deployment is unavailable; retry later",
-                            headers={"Retry-After": "5"})
+        return UNAVAILABLE("a backend deployment is unavailable; retry later",
+                            headers=RETRY_LATER)
     try:
         from ray.exceptions import RayActorError
     except ImportError:  # pragma: no cover
         RayActorError = ()  # type: ignore
     if RayActorError and isinstance(exc, RayActorError):  # a replica died or is unreachable mid-request
         log.warning("backend replica unavailable: %s", type(exc).__name__)
-        return ServiceError(503, "unavailable", "a backend replica failed during the request; retry later",
-                            headers={"Retry-After": "5"})
+        return UNAVAILABLE("a backend replica failed during the request; retry later",
+                            headers=RETRY_LATER)
     if _is_storage_error(exc):
         log.error("identity/output storage unavailable: %s", type(exc).__name__)
         return storage_unavailable()
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or (
             RequestCancelledError and isinstance(exc, RequestCancelledError)):
-        return ServiceError(504, "timeout", "the request did not finish within its timeout")
+        return TIMEOUT("the request did not finish within its timeout")
     suffix = f" (request id {request_id})" if request_id else ""
     log.error("unexpected error%s: %s: %s", suffix, type(exc).__name__, exc, exc_info=exc)
-    return ServiceError(500, "internal", f"internal error{suffix}")
+    return INTERNAL(f"internal error{suffix}")
 
 
 def _is_storage_error(exc: BaseException) -> bool:
@@ -157,13 +194,8 @@ def _is_storage_error(exc: BaseException) -> bool:
 
 
 def storage_unavailable() -> ServiceError:
-    return ServiceError(503, "storage_unavailable", "the storage backend is unavailable; retry later",
-                        headers={"Retry-After": "5"})
-
-
-def to_service_error(exc: BaseException) -> ServiceError:
-    """For replicas: convert before raising across a process boundary."""
-    return from_exception(exc)
+    return STORAGE_UNAVAILABLE("the storage backend is unavailable; retry later",
+                        headers=RETRY_LATER)
 
 
 def validation_error(exc, *, prefix: tuple = ()) -> ServiceError:
@@ -175,10 +207,10 @@ def validation_error(exc, *, prefix: tuple = ()) -> ServiceError:
         loc = list(prefix) + loc
         details.append({"field": field_name(loc), "message": _one_line(err.get("msg", "invalid value"))})
     if not details:
-        return ServiceError(422, "invalid_parameter", "invalid request")
+        return INVALID_PARAMETER("invalid request")
     first = details[0]
     where = first["field"] or "request"
-    return ServiceError(422, "invalid_parameter", f"{where}: {first['message']}", field=first["field"] or None,
+    return INVALID_PARAMETER(f"{where}: {first['message']}", field=first["field"] or None,
                         details=details)
 
 

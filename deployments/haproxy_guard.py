@@ -9,7 +9,7 @@ the client/server/connect timeouts, but not these, which the service needs (issu
   headers and the first buffer of its body (16 KB, HAProxy's ``tune.bufsize``), or a 408; before, a client
   sending a byte every 2 s held a connection for an hour (``timeout client`` 3600 s is an *idle* timeout).
   HAProxy connects to an Ingress replica only once that first buffer is there, so slow clients no longer hold
-  the replica's slots. The rest of a large body is bounded by the Ingress (``deployments/http/readers.py``,
+  the replica's slots. The rest of a large body is bounded by the Ingress (``deployments/ingress/http/readers.py``,
   ``read_body``: its time counts against the request's deadline);
 - ``option forwardfor``: the Ingress sees the client's address (per-address upload and auth-failure limits);
 - errors HAProxy answers itself (400 malformed or oversized request line/headers, 408, 500, 501, 502, 503,

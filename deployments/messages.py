@@ -1,12 +1,14 @@
 """The typed messages that cross DeploymentHandles between the Ingress and its backends (Ray pickles them).
 
     Ingress --photos--> FaceAnalyzer.analyze   -> FaceAnalysisResult
-    Ingress --GenerationTask--> Generator.generate -> GenerationResult
+    Ingress --GenerationTask--> Generator.denoise (denoise_stream for a job) -> GenerationResult
     Ingress --(field, type, photo bytes)--> FaceAnalyzer.control_maps -> ControlMaps
 
 A message is built once, by the side that validated its contents (the Ingress validates client input; the
 FaceAnalyzer and the Generator only produce what they computed), and read by attribute on the other side and in
-the tests' fake backends: no dict shape is copied by hand anywhere.
+the tests' fake backends: no dict shape is copied by hand anywhere. ``PreparedGeneration`` is the Ingress's own
+record of a request ready for the Generator (a job keeps it between submit and run); ``load_map`` is the one
+decode of a ready control map, run at both ends.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from instantid import defaults
+
+from deployments.errors import INVALID_IMAGE
 
 
 @dataclass
@@ -56,7 +60,7 @@ class PersonPlacement:
 
 @dataclass
 class ControlMaps:
-    """Control maps derived from a request's photos (deployments/controls.py), in the order asked: uint8 arrays at
+    """Control maps derived from a request's photos (deployments/ingress/controls.py), in the order asked: uint8 arrays at
     the demo's resize of each photo (HxW for canny, HxWx3 otherwise); the Generator resizes them to the output."""
 
     maps: list[np.ndarray]
@@ -109,8 +113,8 @@ class GenerationTask:
 
     def message_bytes(self) -> int:
         """The larger way across the handle: the task (an img2img upload, control maps) or its result (the RGB
-        arrays). The caller sends over 1 MiB by reference (deployments/backends.py): gRPC's 4 MiB cap."""
-        sent = sum(c["map"].nbytes if isinstance(c["map"], np.ndarray) else len(c["map"]) for c in self.controls)
+        arrays). The caller sends over 1 MiB by reference (deployments/ingress/backends.py): gRPC's 4 MiB cap."""
+        sent = controls_bytes(self.controls)
         if isinstance(self.init_image, (bytes, bytearray)):
             sent += len(self.init_image)
         return max(self.num_images * self.width * self.height * 3, sent)
@@ -174,3 +178,33 @@ class ModelNotLoaded(RuntimeError):
                     found = line[at:][:300]
                     break
         return found
+
+
+def controls_bytes(controls: list[dict]) -> int:
+    """What a task's control maps weigh on the wire (derived arrays, or a ready map's bytes)."""
+    return sum(c["map"].nbytes if isinstance(c["map"], np.ndarray) else len(c["map"]) for c in controls)
+
+
+@dataclass
+class PreparedGeneration:
+    """A request ready for the Generator (the Ingress's own record, kept by a job between submit and run): its
+    task, and what the response needs besides the Generator's output (the pose face as reported, the identity
+    embedding and each photo's for the identity score)."""
+
+    task: GenerationTask
+    face: dict
+    embedding: Any
+    references: list | None = None
+    people: list | None = None  # the people as the response reports them (``people`` requests)
+
+
+def load_map(source: bytes, i: int):
+    """A ready control map (bytes) decoded as an RGB image, or the 400 ``invalid_image`` naming
+    ``controls[i].map``: the one decode of ready maps, run by the Ingress (refused at submit) and the Generator."""
+    from instantid.errors import InvalidImageError
+    from instantid.face import load_image
+
+    try:
+        return load_image(bytes(source), name=f"controls[{i}].map")
+    except InvalidImageError as exc:
+        raise INVALID_IMAGE(str(exc).splitlines()[0], field=f"controls[{i}].map") from None

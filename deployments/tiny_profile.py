@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import AppArgs, ModelSpec
+from deployments.config import AppArgs, ModelSpec
 
 log = logging.getLogger("instantid.serve")
 

@@ -422,7 +422,7 @@ def cmd_generate(args) -> int:
     pipe = loading.load_pipeline(args.base_model, args.instantid, device=args.device, dtype=args.dtype,
                                  controlnets=controlnets, loras=loras, base_config=args.base_config)
     pipe.set_loras({f"lora{i}": scale for i, (_, scale) in enumerate(args.lora)})
-    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    seed = args.seed if args.seed is not None else random.randint(0, defaults.MAX_SEED)
     request = GenerationRequest(
         face_embedding=embedding, keypoint_image=keypoint_image, prompt=prompt,
         negative_prompt=negative, num_images=args.num_images, seed=seed, guidance_scale=args.guidance_scale,

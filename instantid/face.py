@@ -218,7 +218,7 @@ class FaceModel:
 
     Any pack whose detector gives five keypoints and whose recogniser gives 512-d embeddings loads, but
     InstantID's adapter was trained on antelopev2's embeddings: another recogniser loses the identity.
-    (The service's FaceAnalyzer deployment, deployments/face_analyzer.py, runs one per replica.)
+    (The service's FaceAnalyzer deployment, deployments/face_analyzer/deployment.py, runs one per replica.)
     """
 
     def __init__(

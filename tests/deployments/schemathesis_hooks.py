@@ -68,7 +68,7 @@ def _breaks_generate_rules(case) -> bool:
     coverage phase labels such bodies positive, as it builds them property by property."""
     import jsonschema
 
-    from deployments.schemas import GENERATE_RULES
+    from deployments.ingress.schemas import GENERATE_RULES
 
     if (case.method.upper(), case.path) not in GENERATING or not isinstance(case.body, dict):
         return False

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from deployments.client import InstantIDClient, ServiceError, encode_image
-from deployments.schemas import GenerateRequest, GenerateResponse
+from deployments.ingress.schemas import GenerateRequest, GenerateResponse
 
 pytestmark = pytest.mark.serve
 

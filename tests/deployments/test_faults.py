@@ -229,7 +229,7 @@ def test_directory_store_failure_is_503_and_leaves_no_partial_record(tmp_path, f
     import os
 
     from serve_helpers import b64
-    from test_units import make_client
+    from fakes import make_client
 
     client = make_client(tmp_path)
     store = tmp_path / "ids"
@@ -241,7 +241,7 @@ def test_directory_store_failure_is_503_and_leaves_no_partial_record(tmp_path, f
     def disk_full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("deployments.identities.os.replace", disk_full)
+    monkeypatch.setattr("deployments.ingress.identities.os.replace", disk_full)
     assert_error(client.post("/v1/identities", json=photo), 503, "storage_unavailable")
     monkeypatch.undo()
     assert sorted(os.listdir(store)) == before
@@ -304,7 +304,7 @@ def test_model_that_fails_to_load_is_not_ready_with_the_reason(serve_env, face_b
 
 
 def test_readiness_reason_is_one_line_without_traceback():
-    from deployments.backends import _reason
+    from deployments.ingress.backends import _reason
 
     serve_message = ("The deployment failed to start 3 times in a row. Error:\n  File \"generator.py\", line 351\n"
                      "    raise RuntimeError(f\"model not loaded: {self.ready_error}\")\n"

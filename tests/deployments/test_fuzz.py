@@ -35,7 +35,7 @@ OPERATIONS = [("POST", "/v1/generate"), ("POST", "/v1/identities"), ("GET", "/v1
               ("POST", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("POST", "/v1/jobs/{job_id}/cancel"),
               ("GET", "/v1/jobs/{job_id}/events")]
 # The OpenAI and Replicate surfaces are left out of /openapi.json (their schemas are OpenAI's and Replicate's);
-# tests/deployments/test_surfaces.py drives them with the real clients.
+# tests/deployments/ingress/http/test_surfaces.py drives them with the real clients.
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deployments.backends import BY_VALUE_MAX_BYTES
+from deployments.ingress.backends import BY_VALUE_MAX_BYTES
 from deployments.messages import GenerationTask
 
 

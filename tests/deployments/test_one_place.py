@@ -22,7 +22,7 @@ def _field_defaults(cls) -> dict:
 def test_generation_defaults_come_from_instantid_defaults(monkeypatch, name, value):
     """The request schema and the CLI are built from instantid.defaults when they are built: a changed default
     reaches both (the library's own dataclasses are checked for equality below)."""
-    import deployments.schemas as schemas
+    import deployments.ingress.schemas as schemas
     from deployments.config import AppArgs
     from instantid.cli import build_parser
 
@@ -56,8 +56,8 @@ def test_library_and_messages_share_the_defaults():
 
 
 def test_identity_id_pattern_is_the_stores():
-    from deployments.identities import ID_PATTERN, new_identity_id, valid_identity_id
-    from deployments.schemas import GenerateRequest
+    from deployments.ingress.identities import ID_PATTERN, new_identity_id, valid_identity_id
+    from deployments.ingress.schemas import GenerateRequest
 
     schema = GenerateRequest.model_json_schema()["properties"]["identity_id"]
     patterns = [s.get("pattern") for s in schema.get("anyOf", [schema])]
@@ -72,7 +72,7 @@ def test_accepted_formats_are_refused_the_same_way_by_the_library_and_the_servic
     from PIL import Image
 
     from deployments.errors import ServiceError
-    from deployments.http.readers import check_image
+    from deployments.ingress.inputs import check_image
     from instantid.errors import InvalidImageError
     from instantid.face import load_image
 
@@ -89,7 +89,7 @@ def test_accepted_formats_are_refused_the_same_way_by_the_library_and_the_servic
 def test_model_not_loaded_is_written_and_read_in_one_place():
     """check_health's failure reaches the Ingress only as text in Serve's status message (inside a traceback);
     ModelNotLoaded both writes that text and finds it again, skipping the source line that raised it."""
-    from deployments.backends import _reason
+    from deployments.ingress.backends import _reason
     from deployments.messages import ModelNotLoaded
 
     for model in ("model", "face model"):
@@ -104,8 +104,8 @@ def test_model_not_loaded_is_written_and_read_in_one_place():
 
 
 def test_backends_report_health_as_data(tmp_path):
-    from deployments.face_analyzer import FaceAnalyzerDeployment
-    from deployments.generator import Generator
+    from deployments.face_analyzer.deployment import FaceAnalyzerDeployment
+    from deployments.generator.deployment import Generator
     from deployments.messages import BackendHealth, ModelNotLoaded
 
     face = FaceAnalyzerDeployment.func_or_class.__new__(FaceAnalyzerDeployment.func_or_class)
@@ -123,7 +123,7 @@ def test_face_serialisation_is_the_librarys():
     """The service's FaceInfo is Face.to_dict on the photo's scale (x by width, y by height), plus its source."""
     import numpy as np
 
-    from deployments.face_analyzer import _face_info
+    from deployments.face_analyzer.deployment import _face_info
     from instantid.face import Face
 
     face = Face(bbox=np.array([10, 20, 30, 60], np.float32), score=np.float32(0.75),
@@ -133,3 +133,17 @@ def test_face_serialisation_is_the_librarys():
     info = _face_info(face, "face_images[0]", (100, 200), (300, 400))
     assert info == {"source": "face_images[0]", **face.to_dict((3.0, 2.0)), "image_size": [300, 400]}
     assert info["bbox"] == [30.0, 40.0, 90.0, 120.0] and info["kps"][0] == [30.0, 40.0] and info["score"] == 0.75
+
+
+def test_the_seed_range_is_one_constant():
+    """The API's bound, the service's draw and the CLI's draw all read instantid.defaults.MAX_SEED (the CLI drew
+    below 2**31 while the API allowed up to 2**32 - 1)."""
+    import inspect
+
+    from deployments.ingress import schemas
+    from instantid import cli, defaults
+
+    assert schemas.MAX_SEED is defaults.MAX_SEED == 2**32 - 1
+    bound = schemas.GenerateRequest.model_json_schema()["properties"]["seed"]["anyOf"][0]["maximum"]
+    assert bound == defaults.MAX_SEED
+    assert "random.randint(0, defaults.MAX_SEED)" in inspect.getsource(cli)

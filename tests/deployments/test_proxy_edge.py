@@ -24,7 +24,7 @@ import pytest
 from deployments.ray_env import free_port
 from deployments.haproxy_guard import HTTP_REQUEST_TIMEOUT_S, MARK, error_file, harden, real_binary, write_error_files
 from serve_helpers import assert_error
-from test_units import _request, make_client
+from fakes import generate_request, make_client
 
 
 def ray_like_config(directory: Path, port: int, stats: int, metrics: int) -> str:
@@ -210,7 +210,7 @@ def test_a_slow_body_counts_against_the_deadline(tmp_path):
 def test_uploads_in_progress_are_limited_per_client(tmp_path):
     import httpx
 
-    from deployments.http.readers import MAX_UPLOADS_PER_CLIENT
+    from deployments.ingress.http.readers import MAX_UPLOADS_PER_CLIENT
 
     app = make_client(tmp_path, request_timeout_s=5).app
 
@@ -221,11 +221,11 @@ def test_uploads_in_progress_are_limited_per_client(tmp_path):
                                                   headers={"Content-Type": "application/json", **me}))
                     for _ in range(MAX_UPLOADS_PER_CLIENT)]
             await asyncio.sleep(0.3)
-            over = await ac.post("/v1/generate", json=_request(), headers=me)
-            other = await ac.post("/v1/generate", json=_request(), headers={"X-Forwarded-For": "198.51.100.7"})
+            over = await ac.post("/v1/generate", json=generate_request(), headers=me)
+            other = await ac.post("/v1/generate", json=generate_request(), headers={"X-Forwarded-For": "198.51.100.7"})
             health = await ac.get("/healthz")
             done = await asyncio.gather(*slow)
-            after = await ac.post("/v1/generate", json=_request(), headers=me)
+            after = await ac.post("/v1/generate", json=generate_request(), headers=me)
             return over, other, health, done, after
 
     over, other, health, done, after = asyncio.run(run())

@@ -190,7 +190,7 @@ def test_api_keys_are_a_file_on_the_face_pods_only():
     env = env_of(face)
     assert env["INSTANTID_API_KEY_HASHES_FILE"]["value"] == "/etc/instantid/api-keys/hashes"
     assert "INSTANTID_API_KEY_HASHES" not in env
-    # The app reads <auth.key_hashes_env>_FILE (deployments/api_keys.py).
+    # The app reads <auth.key_hashes_env>_FILE (deployments/ingress/http/api_keys.py).
     assert rendered.app["args"]["auth"] == {**rendered.app["args"]["auth"], "enabled": True, "key_hashes_env": "INSTANTID_API_KEY_HASHES"}
     for group in ("head", "generator"):
         assert _secret_mounts(templates[group]) == {}, group

@@ -1,0 +1,132 @@
+"""The FastAPI app of one Ingress replica: the probes, the /v1 router behind auth, the API surfaces on it, the
+metrics middleware and the OpenAPI document (bounds in its schemas come from ``service.args``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from deployments.errors import METHOD_NOT_ALLOWED, NOT_FOUND, ServiceError, install_handlers, json_response
+from deployments.ingress.context import RequestContext
+from deployments.ingress.http.auth import AccessControl, client_address
+from deployments.ingress.http.observe import Observe
+from deployments.ingress.http.openapi import install_openapi
+from deployments.ingress.http.playground import add_routes as add_playground  # POST /v1/faces:analyze, the page
+from deployments.ingress.http.readers import UploadSlots, read_request
+from deployments.ingress.http.surfaces import jobs, native, openai_images, replicate
+from deployments.ingress.schemas import ErrorBody, Health, Readiness
+from deployments.ingress.service import GenerationService
+
+ERROR_STATUSES = (400, 401, 404, 413, 422, 429, 500, 503, 504)
+
+
+@dataclass
+class Edge:
+    """What every surface's route needs from the HTTP edge: the service, the caller's context, and the body."""
+
+    service: GenerationService
+    access: AccessControl
+    uploads: UploadSlots
+    errors: dict  # OpenAPI ``responses`` for the error statuses
+
+    def caller(self, route: str, request: Request) -> RequestContext:
+        """A request's context with the caller's key name and identity scope (set by the auth dependency)."""
+        api_key = getattr(request.state, "api_key", None)
+        return RequestContext(route=route, api_key=api_key, scope=self.access.scope_of(api_key))
+
+    async def read(self, request: Request, ctx: RequestContext, max_files: int,
+                   file_fields: tuple[str, ...] = ("face_images", "pose_image")) -> tuple[dict, dict | None]:
+        """The request's fields and files (JSON or multipart), within the caller's upload slots and the
+        request's deadline; a failure is mapped as the service maps its own (``fail``)."""
+        args = self.service.args
+        who = getattr(request.state, "api_key", None) or client_address(request)
+        try:
+            return await read_request(request, self.uploads, who, args.limits.max_body_bytes,
+                                      ctx.started + args.request_timeout_s, max_files, file_fields)
+        except Exception as exc:
+            raise self.service.fail(ctx, exc) from None
+
+
+def build_http_app(service: GenerationService) -> FastAPI:
+    """The FastAPI app of one Ingress replica."""
+    args = service.args
+    app = FastAPI(
+        title="InstantID Serve",
+        version="0.1.0",
+        description="Identity-preserving image generation (InstantID on SDXL). Errors are "
+                    '`{"error": {"code", "message", "field"?}}`. Limits of this deployment are in the schemas.',
+    )
+    install_handlers(app)
+    app.add_middleware(Observe, router=app.router)
+    edge = Edge(service, AccessControl(args.auth), UploadSlots(), {s: {"model": ErrorBody} for s in ERROR_STATUSES})
+
+    if args.auth.enabled:
+        bearer = HTTPBearer(auto_error=False, description="API key")
+
+        async def auth(request: Request, _creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+            request.state.api_key = edge.access.authenticate(request.headers.get("authorization"),
+                                                             client_address(request))
+    else:
+        async def auth(request: Request):
+            request.state.api_key = None
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+    native.add_routes(v1, edge)
+
+    add_playground(app, v1, edge)  # before the catch-all below: routes match in order
+    jobs.add_routes(v1, edge)
+
+    @v1.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                  include_in_schema=False)
+    async def unknown(request: Request, path: str):
+        """Any other /v1 path: after auth (no route discovery without a key); 405 where the path exists."""
+        if allowed_methods(request.scope):
+            raise method_not_allowed(request.scope)
+        raise NOT_FOUND("no such route")
+
+    def allowed_methods(scope) -> list[str]:
+        """The methods of every route at this path (the catch-all above aside)."""
+        from starlette.routing import Match
+
+        return sorted({m for r in flat_routes([*v1.routes, *app.router.routes])
+                       if getattr(r, "endpoint", None) is not unknown
+                       and getattr(r, "methods", None)
+                       and r.matches({**scope, "method": "__none__"})[0] == Match.PARTIAL
+                       for m in r.methods})
+
+    def flat_routes(routes) -> list:
+        """The routes, those of included routers among them: FastAPI >= 0.16x keeps an included router as one
+        entry (no ``.methods``; its routes under ``original_router``; included here without a prefix)."""
+        out = []
+        for route in routes:
+            inner = getattr(route, "original_router", None)
+            out.extend(flat_routes(inner.routes) if inner is not None else [route])
+        return out
+
+    def method_not_allowed(scope) -> ServiceError:
+        return METHOD_NOT_ALLOWED("method not allowed",
+                            headers={"Allow": ", ".join(allowed_methods(scope))})
+
+    # Starlette answers a method no route lists (TRACE, QUERY, ...) with the first route at the path's methods
+    # only; Allow must name all of them
+    app.add_exception_handler(405, lambda request, _exc: json_response(method_not_allowed(request.scope)))
+
+    app.include_router(v1)
+    openai_images.add_routes(app, edge)  # /openai/v1
+    replicate.add_routes(app, edge)  # /replicate/v1
+
+    @app.get("/healthz", response_model=Health, summary="Liveness: the Ingress answers")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
+             summary="Readiness: FaceAnalyzer and Generator have replicas with their models loaded")
+    async def readyz():
+        state = await service.live_readiness()
+        return JSONResponse(state, status_code=200 if state["ready"] else 503)
+
+    install_openapi(app, service.schemas)
+    return app
