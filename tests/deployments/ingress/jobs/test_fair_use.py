@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from deployments.errors import ServiceError
-from proto.fair_use import KeySlots, dumps_with_raw, image_bytes, result_bytes
-from proto.store import RawJSON
+from deployments.ingress.http.auth import KeySlots
+from deployments.ingress.jobs.fair_use import dumps_with_raw, image_bytes, result_bytes
+from deployments.ingress.jobs.store import RawJSON
 
 
 @pytest.mark.parametrize("size", [(64, 64), (256, 128), (512, 512)])

@@ -1,14 +1,12 @@
-"""Fair use on the job path: what one API key may hold, how large a job's result may be, and views that embed a
-stored result without parsing it (docs/jobs.md, "Fair use")."""
+"""Fair use on the job path: how large a job's result may be, and views that embed a stored result without
+parsing it (docs/jobs.md, "Fair use")."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from deployments.errors import ServiceError
-
-from .store import RawJSON
+from deployments.ingress.jobs.store import RawJSON
 
 # base64 of a PNG at most: raw RGB (8-bit PNG's worst case: stored deflate blocks, a filter byte per row, chunk
 # headers) x 4/3
@@ -29,31 +27,6 @@ def result_bytes(width: int, height: int, num_images: int, inline: bool, pose_im
     if pose_image:
         size += image_bytes(width, height)
     return size
-
-
-class KeySlots:
-    """Calls in flight per API key on this Ingress replica (``auth.max_in_flight``): past the bound a call is
-    answered 429 at once with Retry-After, instead of one key's long calls (``Prefer: wait``, SSE, /v1/generate)
-    holding every slot of the replica while other keys and the probes wait."""
-
-    def __init__(self, limit: int, retry_after_s: int = 2):
-        self.limit, self.retry_after_s = int(limit), int(retry_after_s)
-        self.held: dict[str, int] = {}
-
-    def take(self, key: str) -> None:
-        held = self.held.get(key, 0)
-        if self.limit and held >= self.limit:
-            raise ServiceError(429, "too_many_in_flight",
-                               f"this API key has {held} calls in flight on this replica (auth.max_in_flight "
-                               f"{self.limit}); retry when one has ended", headers={"Retry-After": str(self.retry_after_s)})
-        self.held[key] = held + 1
-
-    def give(self, key: str) -> None:
-        held = self.held.get(key, 0) - 1
-        if held > 0:
-            self.held[key] = held
-        else:
-            self.held.pop(key, None)
 
 
 _MARK = "\u0000raw{}\u0000"

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from redis_server import redis_url  # noqa: F401  (a fixture)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deployments"))
-from redis_server import redis_url  # noqa: E402,F401  (a fixture)
-
-from proto.store import (ACCEPTED, KEY_BUSY, KEY_FULL, QUEUE_FULL, Limits, MemoryJobStore,  # noqa: E402
-                         RawJSON, RedisJobStore)
+from deployments.ingress.jobs.store import (ACCEPTED, KEY_BUSY, KEY_FULL, QUEUE_FULL, Limits, MemoryJobStore, RawJSON,
+                                            RedisJobStore)
 
 BIG = Limits(100)
 
@@ -104,15 +100,16 @@ def test_claims_stop_at_the_published_capacity(store):
         for i in range(3):
             await submit(store, f"j{i}", None)
         if isinstance(store, MemoryJobStore):
-            store.capacity = 1
+            store.capacity_value = 1
         else:
             await store.redis.set(store.capacity_key, 1)
+        assert await store.capacity() == 1
         assert await store.claim("w1", 5) == "j0"
         assert await store.claim("w2", 5) is None  # the Generators take one job at once
         assert await store.finish("j0", "succeeded", 60, result=RawJSON("{}"))
         assert await store.claim("w2", 5) == "j1"
         if isinstance(store, MemoryJobStore):
-            store.capacity = None
+            store.capacity_value = None
         else:
             await store.redis.delete(store.capacity_key)
         assert await store.claim("w3", 5) == "j2"  # no capacity published: no global bound

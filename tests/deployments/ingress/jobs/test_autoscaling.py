@@ -7,19 +7,14 @@ controller wraps every policy with."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from ray.serve._private.common import DeploymentID
+from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
+from redis_server import redis_server
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deployments"))
-from redis_server import redis_server  # noqa: E402
-
-from proto.backlog_policy import BacklogPolicy, desired_replicas  # noqa: E402
-
-from ray.serve._private.common import DeploymentID  # noqa: E402
-from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy  # noqa: E402
+from deployments.ingress.jobs.autoscaling import BacklogPolicy, desired_replicas
 
 
 def context(*, current: int, target: int | None = None, ongoing: float = 0.0, lo: int = 0, hi: int = 4,
@@ -72,7 +67,7 @@ def serve_wrapped(policy_kwargs: dict):
     from ray.serve._private.autoscaling_state import _resolve_policy_callable
     from ray.serve.autoscaling_policy import _apply_autoscaling_config
 
-    config = AutoscalingPolicy(policy_function="proto.backlog_policy:BacklogPolicy", policy_kwargs=policy_kwargs)
+    config = AutoscalingPolicy(policy_function="deployments.ingress.jobs.autoscaling:BacklogPolicy", policy_kwargs=policy_kwargs)
     instance = _resolve_policy_callable(config)
     assert type(instance).__name__ == "BacklogPolicy" and instance.per_replica == policy_kwargs["per_replica"]
     return instance, _apply_autoscaling_config(instance)
