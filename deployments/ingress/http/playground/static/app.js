@@ -115,9 +115,20 @@ function jobOutcome(job) {
 }
 
 const runners = {
+  async generate(body, {signal, onProgress}) {  // one response: progress is indeterminate
+    onProgress(null, "Generating…");
+    return api("v1/generate", {method: "POST", body, signal});
+  },
   async job(body, {signal, onProgress}) {
     onProgress(null, "Queued…");
-    const job = await api("v1/jobs", {method: "POST", body, signal});
+    let job;
+    try {
+      job = await api("v1/jobs", {method: "POST", body, signal});
+    } catch (err) {
+      // a result too large to keep as a job (jobs.max_result_bytes, no output bucket): one direct call instead
+      if (err.code === "result_too_large") return runners.generate(body, {signal, onProgress});
+      throw err;
+    }
     state.jobId = job.id;
     try {
       for (;;) {  // a stream cut short (a proxy's idle timeout, a replica restart) is opened again
