@@ -268,3 +268,44 @@ def test_replicate_predictions_list_with_the_replicate_client(tmp_path, monkeypa
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# -- 3. workers claim what the Generators can batch --------------------------------------------------------------
+def test_workers_run_as_many_jobs_as_the_published_capacity(tmp_path):
+    """With the policy's capacity (here 2) the workers run 2 jobs at once whatever jobs.concurrency (1) says;
+    without one they fall back to jobs.concurrency."""
+    generator = StreamingGenerator(step_s=0.05)
+    core, app = client_for(tmp_path, generator, jobs={"concurrency": 1, "progress_interval_s": 0.05})
+    store = core.jobs.store
+    store.capacity_value = 2
+    peak = {"running": 0}
+    with TestClient(app) as client:
+        ids = [client.post("/v1/jobs", json=job_request(steps=10)).json()["id"] for _ in range(5)]
+        deadline = time.monotonic() + 30
+        while not all(store.jobs[j]["status"] == "succeeded" for j in ids):
+            peak["running"] = max(peak["running"], len(store.running))
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert peak["running"] == 2
+        store.capacity_value = None
+        ids = [client.post("/v1/jobs", json=job_request(steps=10)).json()["id"] for _ in range(3)]
+        peak["running"] = 0
+        while not all(store.jobs[j]["status"] == "succeeded" for j in ids):
+            peak["running"] = max(peak["running"], len(store.running))
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.01)
+        assert peak["running"] == 1
+
+
+def test_serve_accepts_the_production_policy():
+    """serve/production.yaml as Serve parses it: the Generator's policy is our class, instantiated with its
+    kwargs as the controller does (no cluster)."""
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve" / "production.yaml").read_text()))
+    generator = next(d for d in config.applications[0].deployments if d.name == "Generator")
+    auto = AutoscalingConfig(**generator.autoscaling_config)
+    policy = _resolve_policy_callable(auto.policy)
+    assert type(policy).__name__ == "BacklogPolicy" and policy.per_replica == 4
