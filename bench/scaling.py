@@ -827,7 +827,9 @@ def jobs_backlog(sc: Scenario, redis_url: str, jobs: int = 40, kill_jobs: int = 
     prefix = "instantid:"
     r = redis_py.from_url(redis_url)
     wait_for(lambda: not sc.cluster.nodes(GPU_GROUP), idle_timeout_s, "no GPU node")
-    sc.deploy(min_generators=0, jobs={"redis_url": redis_url, "key_prefix": prefix, "lease_s": 3.0})
+    # one anonymous client submits them all: the per-key cap must let the whole batch in
+    sc.deploy(min_generators=0, jobs={"redis_url": redis_url, "key_prefix": prefix, "lease_s": 3.0,
+                                      "max_active_per_key": max(jobs, kill_jobs) + 8})
     sc.timeline.extra = lambda: {"queued": r.llen(prefix + "queue"), "jobs_running": r.llen(prefix + "running")}
     body = sc.generate_body(sc.identity())
     assert not sc.cluster.replicas("Generator").get("RUNNING")
