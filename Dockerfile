@@ -16,7 +16,7 @@ ARG RAY_PLATFORM=gpu
 ARG BASE_IMAGE=rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${RAY_PLATFORM}
 
 # ---------------------------------------------------------------------------------------------------------
-# Build stage: wheels for everything that needs a compiler (insightface ships only an sdist) and the project.
+# Build stage: a wheel of insightface, which ships only an sdist and needs a compiler, at its constrained version.
 FROM ${BASE_IMAGE} AS wheels
 USER root
 RUN apt-get update \
@@ -24,10 +24,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 USER ray
 WORKDIR /home/ray/src
-COPY --chown=ray:users pyproject.toml README.md* ./
-COPY --chown=ray:users instantid ./instantid
-COPY --chown=ray:users deployments ./deployments
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /home/ray/wheels . "insightface>=0.7.3"
+COPY --chown=ray:users constraints.txt ./
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /home/ray/wheels -c constraints.txt insightface
 
 # ---------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
@@ -57,26 +55,50 @@ ENV HF_HOME=/models/huggingface \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# HAProxy's hard stop outside the chart (serve run/deploy in this image): Ray reloads HAProxy on every Ingress
+# replica change and by default kills the old worker's connections 120 s later; serve/production.yaml's requests
+# may take 300 s. 300 + 30, as the chart derives it (which sets it on every Ray pod from app.request_timeout_s).
+ENV RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S=330
 
 # 1) torch from the CUDA index first, so the project's `torch>=2.4` is already satisfied by the CUDA build
 #    (PyPI would otherwise be free to pick its default wheel).
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-# 2) The project (its wheel, by path: never a same-named package from an index) with its serve extra. Ray
-#    stays at the base image's version (pinned twice: here and by the serve extra).
-#    No onnxruntime-gpu: face analysis runs on the CPU face group with onnxruntime's CPU provider
-#    (deployments/face_analyzer/deployment.py), so the GPU build would only add weight.
-#    insightface pulls in the GUI OpenCV build (Qt/X11/libGL, absent here): use-headless-opencv keeps only the
-#    headless one and fails if cv2 still links a GUI library. The smoke step imports what the replicas import.
+# 2) The dependencies, before any code, at the versions of constraints.txt (generated from a resolved environment
+#    by scripts/constraints.py; torch excluded: step 1's CUDA build satisfies `torch>=2.4`), so a code change reuses
+#    this layer. The requirement list is pyproject.toml's `dependencies` plus its `serve` extra, read here from the
+#    file (no second list to keep in step). Ray stays at the base image's version (pinned by the serve extra and
+#    the constraints). No onnxruntime-gpu: face analysis runs on the CPU face group with onnxruntime's CPU
+#    provider (deployments/face_analyzer/deployment.py), so the GPU build would only add weight. insightface and rtmlib pull
+#    in the GUI OpenCV build (Qt/X11/libGL, absent here): use-headless-opencv keeps only the headless one and
+#    fails if cv2 still links a GUI library.
+WORKDIR /home/ray/build
 COPY --from=wheels --chown=ray:users /home/ray/wheels /tmp/wheels
-COPY --chown=ray:users scripts/use-headless-opencv /tmp/use-headless-opencv
-RUN pip install --no-cache-dir --find-links /tmp/wheels \
-      "$(echo /tmp/wheels/instantid_serve-*.whl)[serve]" "ray[serve]==${RAY_VERSION}" \
- && sh /tmp/use-headless-opencv python \
- && rm -rf /tmp/wheels /tmp/use-headless-opencv \
- && python -c "import cv2, insightface, deployments.config, deployments.app, instantid, onnxruntime, torch, ray; \
+COPY --chown=ray:users pyproject.toml constraints.txt scripts/use-headless-opencv ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > requirements.txt \
+ && pip install --no-cache-dir --find-links /tmp/wheels -c constraints.txt -r requirements.txt \
+ && sh use-headless-opencv python \
+ && rm -rf /tmp/wheels
+
+# 3) The code, installed without dependencies (all there from step 2), then the smoke step: import every module
+#    the replicas import (every deployments.* module, diffusers, transformers, insightface, cv2, onnxruntime),
+#    check the Ray and torch versions, and load the tiny profile once (random weights in the real layouts: the
+#    pipeline and the face pack load as the replicas load them, on CPU).
+COPY --chown=ray:users README.md ./
+COPY --chown=ray:users instantid ./instantid
+COPY --chown=ray:users deployments ./deployments
+RUN pip install --no-cache-dir --no-deps . \
+ && python -c "import importlib, pkgutil, cv2, insightface, diffusers, transformers, onnxruntime, torch, ray, instantid, deployments; \
+[importlib.import_module(m.name) for m in pkgutil.walk_packages(deployments.__path__, 'deployments.')]; \
+import deployments.generator, deployments.app; \
 assert ray.__version__ == '${RAY_VERSION}', ray.__version__; \
-assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
+assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__" \
+ && instantid make-tiny /tmp/tiny > /dev/null \
+ && python -c "from instantid.face import FaceModel; from instantid.loading import load_pipeline; \
+load_pipeline('/tmp/tiny/sdxl', '/tmp/tiny/instantid', device='cpu', dtype='float32'); \
+FaceModel('/tmp/tiny/antelopev2', providers=['CPUExecutionProvider'])" \
+ && rm -rf /tmp/tiny
 
 # Serve configs (serve/*.yaml) for `serve run` / `serve deploy` outside Kubernetes.
 WORKDIR /home/ray/app

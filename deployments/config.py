@@ -46,7 +46,8 @@ class BatchConfig(_Strict):
 
 
 class PreprocessorConfig(_Strict):
-    """The models that derive control maps from a photo (canny needs none); loaded on first use, on CPU."""
+    """The models that derive control maps from a photo (canny needs none), on CPU: each FaceAnalyzer replica loads
+    those of the control types its models offer when it starts (not ready until they load)."""
 
     depth: str = Field("Intel/dpt-hybrid-midas", description="transformers DPT depth model: hub id, dir or s3://.")
     pose: str = Field("yzd-v/DWPose", description="DWPose ONNX files (yolox_l.onnx, dw-ll_ucoco_384.onnx): hub "
@@ -145,6 +146,22 @@ class JobsConfig(_Strict):
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
 
 
+class CompileConfig(_Strict):
+    """Compiled serving (instantid.optimize.ServingPlan): on at replica start, every planned graph is compiled and
+    run once before the replica reports ready; other shapes, LoRA requests and everything after a compile failure
+    run eager (logged, counted in instantid_compile_fallbacks). For GPUs; off on the CPU."""
+
+    enabled: bool = Field(False, description="optimize() + warm-up of every bucket at replica start.")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    backend: Literal["inductor", "eager"] = Field(
+        "inductor", description="'eager': dynamo captures and guards but runs the graphs as they are (tests).")
+    cache_dir: str | None = Field("~/.cache/instantid/inductor", description="Inductor's kernel cache: on the "
+                                  "model cache volume, only a node's first replica compiles.")
+    batch_buckets: list[int] = Field([2, 4, 8], min_length=1, description="Denoising rows per graph "
+                                     "(guidance doubles a request's images); batches are padded up to one.")
+    sizes: list[tuple[int, int]] = Field([(1024, 1024)], min_length=1, description="(width, height) compiled.")
+
+
 class AppArgs(_Strict):
     """Everything ``build_app`` needs; ``serve build`` writes these under the application's ``args``."""
 
@@ -180,6 +197,7 @@ class AppArgs(_Strict):
     preprocessors: PreprocessorConfig = Field(default_factory=PreprocessorConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
 
     @field_validator("models")
     @classmethod

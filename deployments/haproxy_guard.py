@@ -14,7 +14,8 @@ the client/server/connect timeouts, but not these, which the service needs (issu
 - ``option forwardfor``: the Ingress sees the client's address (per-address upload and auth-failure limits);
 - errors HAProxy answers itself (400 malformed or oversized request line/headers, 408, 500, 501, 502, 503,
   504) in the API's JSON shape, 502/503 with ``Retry-After``; Ray sent 502/503/504 as a plain-text 500;
-- its stats page (no login) and Prometheus exporter bind to the service's host instead of every interface;
+- its Prometheus exporter binds to the service's host instead of every interface, its stats page (no login,
+  needed by no one: Ray's manager uses the admin socket) to loopback;
   its admin socket is mode 600 instead of 666; its 404 for paths outside every app does not echo the path;
 - HAProxy dies with the Ray proxy actor that started it (``PR_SET_PDEATHSIG``): ``ray stop --force`` or a
   crash of ``serve run`` used to leave it orphaned, listening on the service's port.
@@ -82,7 +83,7 @@ def harden(config: str, error_files: dict[int, Path], http_request_timeout_s: in
         return config
     lines = config.splitlines()
     host, section = "*", ""
-    for line in lines:  # the service's own bind address (its HTTP host), for the stats and metrics listeners
+    for line in lines:  # the service's own bind address (its HTTP host), for the metrics listener
         if line and not line[0].isspace():
             section = line.strip()
         found = re.match(r"\s*bind\s+(\S+):\d+\s*$", line)
@@ -98,7 +99,9 @@ def harden(config: str, error_files: dict[int, Path], http_request_timeout_s: in
             line = re.sub(r"\bmode\s+666\b", "mode 600", line)
         elif section in ("frontend prometheus", "listen stats") and stripped.startswith("bind "):
             port = stripped.split()[1].rsplit(":", 1)[-1]
-            line = f"    bind {host}:{port}"
+            # the exporter where Prometheus reaches the service; the stats page (no login, needed by no one:
+            # Ray's manager uses the admin socket) on loopback, whatever the service binds
+            line = f"    bind {host if section == 'frontend prometheus' else '127.0.0.1'}:{port}"
         elif section == "defaults" and re.match(r"errorfile\s+50[234]\s", stripped):
             continue  # replaced below
         elif section == "backend default_backend" and stripped.startswith("http-request return status 404"):

@@ -10,6 +10,7 @@ ships (``scripts/demo`` does this).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shlex
@@ -19,6 +20,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+# HAProxy's hard-stop-after must outlive the longest request: Ray reloads HAProxy on every Ingress replica change
+# and kills the old worker's connections this long after (Ray's default 120 s; requests may take
+# request_timeout_s). The chart derives the same from app.request_timeout_s (instantid.hardStopFloor in
+# helm/instantid-serve/templates/_helpers.tpl; a test keeps the two equal).
+HARD_STOP_MARGIN_S = 30
+HARD_STOP_ENV = "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S"
+
+
+def hard_stop_after_s(request_timeout_s: float) -> int:
+    """Seconds of hard-stop-after for a service whose requests may take ``request_timeout_s``."""
+    return math.ceil(request_timeout_s) + HARD_STOP_MARGIN_S
+
+
+# serve/production.yaml's and AppArgs' request_timeout_s
+DEFAULT_REQUEST_TIMEOUT_S = 300
+
 CLUSTER_ENV: dict[str, str] = {
     # Ray's HAProxy ingress (Ray >= 2.56, KubeRay's high-throughput setting): HAProxy on each node's HTTP port
     # hands a request straight to an Ingress replica's own HTTP server. Serve's Python proxy instead forwards
@@ -26,9 +43,11 @@ CLUSTER_ENV: dict[str, str] = {
     # Measured on a 2-core machine: 7-9 ms less per request (docs/benchmarks.md, Serve overhead).
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # ... run as the hardened HAProxy (deployments/haproxy_guard.py: request timeouts, forwarded client address,
-    # JSON errors, stats on the service's host, dies with its Ray proxy) through the launcher the image writes
+    # JSON errors, stats page on loopback, dies with its Ray proxy) through the launcher the image writes
     # (Dockerfile). Local runs get a launcher of their own (private_haproxy_env).
     "RAY_SERVE_HAPROXY_BINARY_PATH": "/home/ray/app/instantid-haproxy",
+    # ... whose reloads do not cut requests still within their deadline (the chart sets it per value set)
+    HARD_STOP_ENV: str(hard_stop_after_s(DEFAULT_REQUEST_TIMEOUT_S)),
 }
 
 LOCAL_ENV: dict[str, str] = {

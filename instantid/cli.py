@@ -179,15 +179,21 @@ def _add_download_parser(sub) -> None:
             "dropped connection resumes within the file, and a run again fetches only what is not complete yet; "
             "every file is checked against its hash; the face pack is checked to be one InstantID can use. Prints the terms of what it fetched. Afterwards everything "
             "loads with HF_HUB_OFFLINE=1.", 100))
-    down.add_argument("--base-model", default=BASE_MODEL.ref, metavar="REF",
-                      help="SDXL diffusers repo, directory or s3:// (default %(default)s)")
-    down.add_argument("--weights", default=INSTANTID.ref, metavar="REF",
+    down.add_argument("--config", metavar="FILE",
+                      help="a service configuration (YAML/JSON: a Serve config such as serve/production.yaml, or "
+                           "the application's args; - reads standard input): fetch every model it names, i.e. "
+                           "each base model, InstantID, the face pack, extra ControlNets, LoRAs, the safety checker "
+                           "when enabled and the depth/pose preprocessors its ControlNets need. Not with "
+                           "--base-model/--weights/--face-model")
+    down.add_argument("--base-model", default=None, metavar="REF",
+                      help=f"SDXL diffusers repo, directory or s3:// (default {BASE_MODEL.ref})")
+    down.add_argument("--weights", default=None, metavar="REF",
                       help="InstantID repo, directory or s3:// with ControlNetModel/ and ip-adapter.bin "
-                           "(default %(default)s)")
-    down.add_argument("--face-model", default=FACE_MODEL.ref, metavar="REF",
+                           f"(default {INSTANTID.ref})")
+    down.add_argument("--face-model", default=None, metavar="REF",
                       help=f"insightface pack: a name (installed under $INSIGHTFACE_HOME/models; {FACE_MODEL.ref} "
                            f"comes from {FACE_MODEL.hub_repo}), a hub repo id, a directory or s3://. InstantID's "
-                           f"adapter was trained on {FACE_MODEL.ref} embeddings (default %(default)s)")
+                           f"adapter was trained on {FACE_MODEL.ref} embeddings (default {FACE_MODEL.ref})")
     down.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                       help="the dtype the service will run in: float16/bfloat16 fetch the SDXL fp16 files only "
                            "(default %(default)s)")
@@ -590,9 +596,18 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .download import cache_locations, download
+    from .download import cache_locations, download, download_config, load_config
+    from .sources import BASE_MODEL, FACE_MODEL, INSTANTID
 
-    fetched = download(args.base_model, args.weights, args.face_model, dtype=args.dtype)
+    named = [flag for flag, value in (("--base-model", args.base_model), ("--weights", args.weights),
+                                      ("--face-model", args.face_model)) if value is not None]
+    if args.config is not None:
+        if named:
+            raise InvalidParameterError("config", f"give the models in the config or as {', '.join(named)}, not both")
+        fetched = download_config(load_config(args.config), dtype=args.dtype)
+    else:
+        fetched = download(args.base_model or BASE_MODEL.ref, args.weights or INSTANTID.ref,
+                           args.face_model or FACE_MODEL.ref, dtype=args.dtype)
     for item in fetched:
         print(f"{item.role}: {item.ref}\n  at {item.path}\n  {item.detail}")
         for line in item.terms():

@@ -165,7 +165,8 @@ def _input_size(path: Path) -> tuple[int, int]:
 
 @dataclass
 class Preprocessors:
-    """The map derivers of one deployment: canny needs no model; depth and pose load on first use, once."""
+    """The map derivers of one deployment: canny needs no model; depth and pose load once, on first use or at
+    ``preload``."""
 
     depth: str = DEFAULT_PREPROCESSORS["depth"]
     pose: str = DEFAULT_PREPROCESSORS["pose"]
@@ -180,6 +181,17 @@ class Preprocessors:
                 loader = {"depth": DepthEstimator, "pose": PoseEstimator}[kind]
                 self._loaded[kind] = loader.load(getattr(self, kind))
             return self._loaded[kind]
+
+    def preload(self, kinds) -> list[str]:
+        """Load now the models of the control types in ``kinds`` that need one (depth, pose; canny needs none), as a
+        replica does at start for the types its config offers; returns them. A failure names the preprocessor."""
+        wanted = [kind for kind in ("depth", "pose") if kind in set(kinds)]
+        for kind in wanted:
+            try:
+                self.model(kind)
+            except WeightsError as exc:
+                raise WeightsError(f"{kind} preprocessor {getattr(self, kind)}: {exc}") from exc
+        return wanted
 
     def derive(self, kind: str, image: PIL.Image.Image, size: tuple[int, int] | None = None) -> PIL.Image.Image:
         """The ``kind`` map of ``image``, resized to ``size`` (width, height) when given, as the demo does."""

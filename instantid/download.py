@@ -4,7 +4,10 @@
   plus configs and tokenizers, into the Hugging Face cache (``$HF_HOME``);
 - InstantID: ``ControlNetModel/`` and ``ip-adapter.bin``, into the Hugging Face cache;
 - the face pack: a name (``antelopev2``) is installed under ``$INSIGHTFACE_HOME/models/<name>`` from its hub
-  copy; a hub repo id stays in the Hugging Face cache; ``s3://`` goes to ``$INSTANTID_CACHE``.
+  copy; a hub repo id stays in the Hugging Face cache; ``s3://`` goes to ``$INSTANTID_CACHE``;
+- with a service configuration (``download_config``, ``instantid download --config``): also every base model,
+  extra ControlNet and LoRA it names, the safety checker when it is on, and the depth/pose preprocessors of the
+  control types its models offer, each resolved exactly as the replicas resolve it.
 
 Hub downloads show huggingface_hub's progress bars; a dropped connection resumes within the file (a ranged
 request for the rest), and a run after a failed one fetches only the files not yet complete (huggingface_hub
@@ -153,6 +156,129 @@ def download(base_model: str = BASE_MODEL.ref, instantid: str = INSTANTID.ref, f
     # the face pack first: it is small and the check most likely to refuse (a wrong pack named by hand)
     face = fetch_face_pack(face_model, face_root)
     return [fetch_base(base_model, dtype), fetch_instantid(instantid), face]
+
+
+# -- what a service configuration names -----------------------------------------------------------------------
+CONTROL_TYPES_WITH_PREPROCESSOR = ("depth", "pose")  # canny derives its map with OpenCV, no model
+
+
+def _fetch_dir(role: str, ref: str, patterns: list[str] | None, required: list[str]) -> Fetched:
+    """A model directory as the service resolves it (the same ``allow_patterns``), checked complete."""
+    path = weights.resolve(ref, allow_patterns=patterns)
+    if required:
+        missing = [rel for rel in required if not (path / rel).is_file()]
+        if missing:
+            raise WeightsError(f"{role} {ref} is incomplete: missing {', '.join(missing)}")
+    checked = _checked(path, ref, patterns or ["*"])
+    return Fetched(role, ref, path, f"{_size(path, patterns) / 1e6:.0f} MB; {checked}", source_for(ref))
+
+
+def fetch_controlnet(ref: str) -> Fetched:
+    return _fetch_dir("ControlNet", ref, weights.CONTROLNET_PATTERNS, weights.CONTROLNET_PATTERNS)
+
+
+def fetch_lora(ref: str) -> Fetched:
+    path = weights.resolve(ref)  # the whole repo or file, as pipeline.load_lora resolves it
+    checked = _checked(path, ref, ["*"]) if path.is_dir() else "local, used in place"
+    if weights.is_hub_ref(ref) and path.is_dir() and not any(path.rglob("*.safetensors")):
+        raise WeightsError(f"LoRA {ref} has no .safetensors weights")
+    return Fetched("LoRA", ref, path, f"{_size(path) / 1e6:.0f} MB; {checked}", source_for(ref))
+
+
+def fetch_safety_checker(ref: str) -> Fetched:
+    from .safety import PATTERNS
+
+    return _fetch_dir("safety checker", ref, PATTERNS, ["config.json"])
+
+
+def fetch_preprocessor(kind: str, ref: str) -> Fetched:
+    from .controls import DEPTH_PATTERNS, POSE_PATTERNS
+
+    if kind == "depth":
+        return _fetch_dir("depth preprocessor", ref, DEPTH_PATTERNS, ["config.json"])
+    return _fetch_dir("pose preprocessor", ref, POSE_PATTERNS, POSE_PATTERNS)
+
+
+def config_refs(config: dict) -> list[tuple[str, str, str]]:
+    """Every model a service configuration names, as (role, field, reference), in fetch order, each reference
+    once. ``config`` is the application's args (``AppArgs``: models, instantid, face_model, safety,
+    preprocessors) or a whole Serve config (every application's args). Preprocessors are named only where a
+    model has a ControlNet of their control type (no request can use them otherwise); the safety checker only
+    where it is enabled."""
+    from .controls import DEFAULT_PREPROCESSORS
+    from .safety import DEFAULT_MODEL as DEFAULT_SAFETY
+
+    if not isinstance(config, dict):
+        raise InvalidParameterError("config", "must be a mapping (the application's args or a Serve config)")
+    if "applications" in config:
+        out: list[tuple[str, str, str]] = []
+        for i, app in enumerate(config["applications"] or []):
+            for role, field, ref in config_refs(app.get("args") or {}):
+                if all(ref != r or role != o for o, _, r in out):
+                    out.append((role, f"applications[{i}].args.{field}", ref))
+        return out
+    models = config.get("models") or [{"name": "sdxl", "base_model": BASE_MODEL.ref}]
+    refs = [(FACE_MODEL.role, "face_model", str(config.get("face_model") or FACE_MODEL.ref))]
+    for i, model in enumerate(models):
+        refs.append((BASE_MODEL.role, f"models[{i}].base_model", str(model["base_model"])))
+    refs.append((INSTANTID.role, "instantid", str(config.get("instantid") or INSTANTID.ref)))
+    kinds: set[str] = set()
+    for i, model in enumerate(models):
+        for kind, ref in sorted((model.get("controlnets") or {}).items()):
+            refs.append(("ControlNet", f"models[{i}].controlnets.{kind}", str(ref)))
+            kinds.add(kind)
+        for name, ref in sorted((model.get("loras") or {}).items()):
+            refs.append(("LoRA", f"models[{i}].loras.{name}", str(ref)))
+    safety = config.get("safety") or {}
+    if safety.get("enabled"):
+        refs.append(("safety checker", "safety.model", str(safety.get("model") or DEFAULT_SAFETY)))
+    preprocessors = config.get("preprocessors") or {}
+    for kind in CONTROL_TYPES_WITH_PREPROCESSOR:
+        if kind in kinds:
+            refs.append((f"{kind} preprocessor", f"preprocessors.{kind}",
+                         str(preprocessors.get(kind) or DEFAULT_PREPROCESSORS[kind])))
+    seen, out = set(), []
+    for role, field, ref in refs:
+        if (role, ref) not in seen:
+            seen.add((role, ref))
+            out.append((role, field, ref))
+    return out
+
+
+def download_config(config: dict, *, dtype: str = "float16", face_root: str | None = None) -> list[Fetched]:
+    """Fetch, verify and check every model a service configuration names (config_refs), so replicas started
+    with HF_HUB_OFFLINE=1 find all of them; a failure names the config field."""
+    if dtype not in DTYPES:
+        raise InvalidParameterError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    fetchers = {FACE_MODEL.role: lambda ref: fetch_face_pack(ref, face_root),
+                BASE_MODEL.role: lambda ref: fetch_base(ref, dtype),
+                INSTANTID.role: fetch_instantid, "ControlNet": fetch_controlnet, "LoRA": fetch_lora,
+                "safety checker": fetch_safety_checker,
+                "depth preprocessor": lambda ref: fetch_preprocessor("depth", ref),
+                "pose preprocessor": lambda ref: fetch_preprocessor("pose", ref)}
+    fetched = []
+    for role, field, ref in config_refs(config):
+        try:
+            fetched.append(fetchers[role](ref))
+        except WeightsError as exc:
+            raise WeightsError(f"{field} ({ref}): {exc}") from exc
+    return fetched
+
+
+def load_config(path: str) -> dict:
+    """A YAML or JSON file (``-``: standard input) holding the application's args or a whole Serve config."""
+    import sys
+
+    import yaml
+
+    text = sys.stdin.read() if path == "-" else Path(path).expanduser().read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidParameterError("config", f"not YAML or JSON: {exc}".splitlines()[0]) from exc
+    if not isinstance(data, dict):
+        raise InvalidParameterError("config", "must be a mapping (the application's args or a Serve config)")
+    return data
 
 
 def cache_locations() -> list[str]:

@@ -234,10 +234,12 @@ class FaceAnalysisCore:
 class FaceAnalyzerDeployment:
     """setup: load the pack; analyze(): photos (+pose) bytes -> embedding, keypoints, faces, thumbnail."""
 
+    maps_error: str | None = None  # why the preprocessors the config offers did not load (None: loaded, or none)
+
     def __init__(self, args: dict):
         self.args = resolve_args(args)
         self.core: FaceAnalysisCore | None = None
-        self._maps = None  # control map derivation, created on first use
+        self._maps = None  # control map derivation: at start when a model offers depth or pose, else on first use
         self.load_error: str | None = None
         try:
             self.core = FaceAnalysisCore(self.args.face_model, threads=replica_cpus())
@@ -246,6 +248,18 @@ class FaceAnalyzerDeployment:
         except Exception as exc:  # reported by check_health and /readyz; Serve replaces the replica
             self.load_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.error("face model failed to load: %s", self.load_error)
+        # the preprocessors of the control types the models offer, loaded now: a replica that cannot load what its
+        # config names is not ready (instead of failing the first request with controls)
+        offered = {kind for model in self.args.models for kind in model.controlnets}
+        if offered & {"depth", "pose"}:
+            try:
+                self._maps = ControlMapsCore(self.args.preprocessors.depth, self.args.preprocessors.pose)
+                loaded = self._maps.preprocessors.preload(offered)
+                log.info("control preprocessors loaded: %s", ", ".join(loaded))
+            except Exception as exc:
+                self._maps = None
+                self.maps_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                log.error("control preprocessors failed to load: %s", self.maps_error)
 
     async def analyze(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
                       thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
@@ -289,8 +303,11 @@ class FaceAnalyzerDeployment:
 
     def ready(self) -> BackendHealth:
         loaded = self.core is not None
-        return BackendHealth(loaded, self.load_error, details={"threads": self.core.threads if loaded else None})
+        return BackendHealth(loaded and self.maps_error is None, self.load_error or self.maps_error,
+                             details={"threads": self.core.threads if loaded else None})
 
     def check_health(self) -> None:
         if self.core is None:  # Serve replaces the replica; its status carries the reason
             raise ModelNotLoaded("face model", self.load_error)
+        if self.maps_error is not None:
+            raise ModelNotLoaded("control preprocessors", self.maps_error)

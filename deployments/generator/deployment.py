@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from ray import serve
@@ -132,7 +133,34 @@ class GeneratorCore:
         pipe = load_pipeline(spec.base_model, self.args.instantid, device=self.args.device, dtype=self.args.dtype,
                              loras=dict(spec.loras) or None, controlnets=dict(spec.controlnets) or None)
         pipe.set_progress_bar_config(disable=True)
+        if self.args.compile.enabled:
+            self.compile(pipe)
         return LoadedModel(name, pipe, time.perf_counter() - started)
+
+    def compile(self, pipe) -> dict:
+        """optimize() with the serving plan, then compile and run every planned graph (before the replica is
+        ready: the default model loads in the replica's constructor). A compile failure leaves it serving eager."""
+        from instantid.identity import Pose
+        from instantid.optimize import ServingPlan, optimize, warm_up
+        from instantid.pipeline import GenerationRequest
+
+        cfg = self.args.compile
+        plan = ServingPlan(batch_buckets=tuple(cfg.batch_buckets), sizes=tuple(map(tuple, cfg.sizes)))
+        cache = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
+        started = time.perf_counter()
+        applied = optimize(pipe, serving=plan, compile_mode=cfg.mode, backend=cfg.backend, cache_dir=cache)
+        pipe.serving.on_fallback.append(metrics.compile_fallback)
+        kps = np.array([[0.35, 0.4], [0.65, 0.4], [0.5, 0.55], [0.38, 0.7], [0.62, 0.7]]) * 512
+
+        def request(slots, text_length, guided):
+            return GenerationRequest(face_embedding=np.zeros(512, np.float32), prompt="warm-up",
+                                     keypoint_image=Pose(kps, (512, 512)).draw(),
+                                     guidance_scale=5.0 if guided else 1.0)
+
+        summary = warm_up(pipe, request)
+        log.info("compiled %s; %d signatures warmed in %.1fs%s", ", ".join(applied), summary["warmed"],
+                 time.perf_counter() - started, f"; serving eager: {summary['broken']}" if summary["broken"] else "")
+        return summary
 
     def predict(self, model: LoadedModel, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         """One denoising batch for compatible jobs; one result (arrays + timings) per job."""

@@ -88,10 +88,15 @@ def test_hardened_config_is_valid_and_bounded(hardened):
     assert harden(text, {}) == text and text.startswith(MARK)  # idempotent: reloads re-run it
 
 
-def test_service_on_all_interfaces_keeps_stats_there(tmp_path):
+def test_stats_page_stays_on_loopback_when_the_service_is_on_every_interface(tmp_path):
+    """A pod's service binds every interface (0.0.0.0: the serve Service reaches it on the pod's address). The
+    exporter follows it (Prometheus scrapes the pod's address); the stats page, which no one in the cluster needs
+    (Ray's HAProxy manager uses the admin socket) and which answers without a login, stays on loopback
+    (`kubectl port-forward` reaches it there)."""
     config = ray_like_config(tmp_path, 8000, 8404, 9101).replace("bind 127.0.0.1:8000", "bind *:8000")
     text = harden(config, {})
-    assert "bind *:8404" in text and "bind *:9101" in text
+    assert "bind 127.0.0.1:8404" in text and "bind *:8404" not in text
+    assert "bind *:9101" in text
 
 
 @pytest.mark.parametrize("status", [400, 408, 500, 501, 502, 503, 504])

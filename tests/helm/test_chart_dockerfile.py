@@ -59,22 +59,23 @@ def test_runs_as_non_root():
 
 def test_installs_the_project_with_cuda_torch_pinned_like_the_tests():
     runs = " ".join(rest for word, rest in instructions() if word == "RUN")
-    assert "[serve]" in runs and "[serve,gpu]" not in runs, "no onnxruntime-gpu: face analysis runs on CPU pods"
+    assert "['optional-dependencies']['serve']" in runs and "'gpu'" not in runs, \
+        "the serve extra only: no onnxruntime-gpu (face analysis runs on CPU pods)"
     assert "onnxruntime-gpu" not in runs
     assert re.search(r"--index-url \"\$\{TORCH_INDEX_URL\}\" \"torch==\$\{TORCH_VERSION\}\"", runs)
     assert arg_default("TORCH_INDEX_URL").startswith("https://download.pytorch.org/whl/cu")
     tested = re.search(r"pip install --quiet torch==([0-9.]+)", (REPO / "scripts" / "test").read_text()).group(1)
     assert arg_default("TORCH_VERSION") == tested, "the image's torch is the one the test suite runs"
-    assert 'ray[serve]==${RAY_VERSION}' in runs
+    assert f"ray=={arg_default('RAY_VERSION')}" in (REPO / "constraints.txt").read_text().splitlines()
 
 
 def test_image_keeps_only_headless_opencv_and_smoke_imports_it():
     """insightface requires the GUI opencv-python (libGL, absent from Ray images): the image replaces it and the
     smoke step imports cv2 and insightface, so a broken cv2 fails the build, not the replicas."""
     runs = [rest for word, rest in instructions() if word == "RUN"]
-    install = next(r for r in runs if "instantid_serve-*.whl" in r)
-    assert install.index("sh /tmp/use-headless-opencv python") > install.index("pip install")
-    smoke = install[install.index("python -c"):]
+    install = next(r for r in runs if "-r requirements.txt" in r)
+    assert install.index("sh use-headless-opencv python") > install.index("pip install")
+    smoke = smoke_step()
     for module in ("cv2", "insightface", "deployments.app", "onnxruntime", "torch", "ray"):
         assert re.search(rf"import [^;]*\b{re.escape(module)}\b", smoke), module
     copies = [rest for word, rest in instructions() if word == "COPY"]
@@ -145,3 +146,119 @@ def test_the_image_writes_the_hardened_haproxy_launcher_the_cluster_env_names():
     runs = [rest for word, rest in instructions() if word == "RUN" and path in rest]
     assert runs, f"no RUN writes {path}"
     assert "deployments.haproxy_guard" in runs[0] and f"chmod 755 {path}" in runs[0]
+
+
+# -- layers, constraints and the smoke step -------------------------------------------------------------------
+def smoke_step() -> str:
+    runs = [rest for word, rest in instructions() if word == "RUN"]
+    return next(r for r in runs if "pip install --no-cache-dir --no-deps ." in r)
+
+
+def test_a_code_change_does_not_reinstall_dependencies():
+    """Docker reuses a layer until an input of it changes: the dependency install must come before any COPY of
+    code, with only pyproject.toml and constraints.txt (and the OpenCV script) as inputs; the code after it,
+    installed without dependencies."""
+    steps = instructions()
+    final = max(i for i, (word, rest) in enumerate(steps) if word == "FROM")
+    steps = steps[final:]
+    deps = next(i for i, (word, rest) in enumerate(steps) if word == "RUN" and "-r requirements.txt" in rest)
+    code = [i for i, (word, rest) in enumerate(steps) if word == "COPY" and re.search(r"\b(instantid|deployments)\b", rest)]
+    assert code and min(code) > deps, "code is copied before the dependencies are installed"
+    before = [rest for word, rest in steps[:deps] if word == "COPY"]
+    sources = {s for rest in before for s in rest.split()[:-1] if not s.startswith("--")}
+    assert sources <= {"/home/ray/wheels", "/tmp/wheels", "pyproject.toml", "constraints.txt",
+                       "scripts/use-headless-opencv"}, sources
+    assert "-c constraints.txt" in steps[deps][1]
+    assert re.search(r"pip install --no-cache-dir --no-deps \.", smoke_step())
+    torch_step = next(i for i, (word, rest) in enumerate(steps) if word == "RUN" and "torch==" in rest)
+    assert torch_step < deps, "the CUDA torch must be there before the requirements (torch>=2.4) are resolved"
+
+
+def test_constraints_are_generated_from_this_environment_and_current():
+    """scripts/constraints.py walks the project's runtime requirements through this environment's metadata;
+    scripts/test installs with the same file, so the test environment and the image agree."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "constraints.py"), "--check"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "-c constraints.txt" in (REPO / "scripts" / "test").read_text()
+
+
+def test_constraints_satisfy_pyproject_and_each_other():
+    """What `pip check` would say of an environment installed from constraints.txt: every direct requirement of
+    the image (dependencies + serve extra, torch aside) pinned within its range, and every pinned package's own
+    requirements (read from its installed metadata) pinned within theirs."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    assert "torch" not in pins and not any(n.startswith("nvidia-") for n in pins)
+    assert "opencv-python" not in pins and "opencv-python-headless" in pins
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"] + project["optional-dependencies"]["serve"]:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{name} is not pinned"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} outside {req.specifier}"
+    unmet = []
+    for name, version in pins.items():
+        dist = metadata.distribution(name)
+        assert dist.version == version, f"{name}: installed {dist.version}, pinned {version} (scripts/test -c)"
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            dep = canonicalize_name(req.name)
+            if dep in pins and not req.specifier.contains(pins[dep], prereleases=True):
+                unmet.append(f"{name} needs {req}, pinned {pins[dep]}")
+    assert not unmet, unmet
+
+
+def test_pip_accepts_the_constraints_offline():
+    """pip itself resolves the image's direct requirements under constraints.txt against this environment without
+    fetching anything (--no-index: every pin is already what is installed). --no-deps: insightface and rtmlib
+    declare the GUI opencv-python, removed on purpose (use-headless-opencv); the closure is checked above."""
+    import subprocess
+    import sys
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + project["optional-dependencies"]["serve"]
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps", "--quiet",
+                             "-c", str(REPO / "constraints.txt"), *reqs], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_smoke_step_imports_every_deployment_module_and_loads_the_tiny_profile():
+    smoke = smoke_step()
+    for module in ("diffusers", "transformers", "insightface", "cv2"):
+        assert re.search(rf"import [^;]*\b{module}\b", smoke), module
+    assert "pkgutil.walk_packages(deployments.__path__, 'deployments.')" in smoke
+    assert "import deployments.generator" in smoke
+    assert "instantid make-tiny /tmp/tiny" in smoke and "load_pipeline('/tmp/tiny/sdxl', '/tmp/tiny/instantid'" in smoke
+
+
+def test_smoke_step_passes_here(tiny_bundle):
+    """The smoke step's Python, run in this environment (the image's versions): every deployments.* module
+    imports, and the tiny profile loads as written."""
+    import subprocess
+    import sys
+
+    smoke = smoke_step()
+    snippets = re.findall(r'python -c "(.*?)"(?: &&|$)', smoke)
+    assert len(snippets) == 2
+    imports = snippets[0].replace("${RAY_VERSION}", arg_default("RAY_VERSION")).replace(
+        "${TORCH_VERSION}", arg_default("TORCH_VERSION"))
+    subprocess.run([sys.executable, "-c", imports], check=True, timeout=300, cwd=REPO)
+    load = snippets[1].replace("/tmp/tiny", str(tiny_bundle))  # what `instantid make-tiny /tmp/tiny` writes
+    subprocess.run([sys.executable, "-c", load], check=True, timeout=300, cwd=REPO)

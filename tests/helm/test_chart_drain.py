@@ -81,8 +81,8 @@ def test_ray_tmp_on_its_own_volume_with_ephemeral_storage_requested(group):
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         container = template["spec"]["containers"][0]
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-        assert mounts["ray-tmp"] == "/tmp/ray"
-        limit = volumes["ray-tmp"]["emptyDir"]["sizeLimit"]
+        assert mounts["ray-logs"] == "/tmp/ray"
+        limit = volumes["ray-logs"]["emptyDir"]["sizeLimit"]
         need = gib(limit)
         if group == "generator" and "emptyDir" in volumes["model-cache"]:
             need += gib(volumes["model-cache"]["emptyDir"]["sizeLimit"])  # without the PVC, SDXL lands here

@@ -53,7 +53,7 @@ def test_without_persistence_each_pod_gets_an_empty_dir():
     assert rendered.of_kind("PersistentVolumeClaim") == []
     for template in rendered.pod_templates().values():
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
-        assert volumes["model-cache"] == {"name": "model-cache", "emptyDir": {"sizeLimit": "80Gi"}}
+        assert volumes["model-cache"] == {"name": "model-cache", "emptyDir": {"sizeLimit": "30Gi"}}
 
 
 def test_auth_off_means_no_key_secret():
@@ -81,18 +81,16 @@ def test_s3_with_irsa():
     assert all(ref.startswith("s3://") for ref in refs)
 
 
-def test_s3_with_static_credentials_and_endpoint():
+def test_s3_credentials_from_an_existing_secret_and_endpoint():
     rendered = render_set("full")
-    secret = [s for s in rendered.of_kind("Secret") if s["metadata"]["name"] == "instantid-aws"]
-    assert len(secret) == 1
-    assert secret[0]["stringData"] == {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "example-secret"}
+    assert not [s for s in rendered.of_kind("Secret") if "aws" in s["metadata"]["name"]], "no chart-made key Secret"
     assert "AWS_ACCESS_KEY_ID" not in env_of(rendered.pod_templates()["head"]), "the head reads nothing from S3"
     for group, template in rendered.pod_templates().items():
         env = env_of(template)
         if group == "head":
             continue
-        assert secret_ref(env["AWS_ACCESS_KEY_ID"]) == ("instantid-aws", "AWS_ACCESS_KEY_ID")
-        assert secret_ref(env["AWS_SECRET_ACCESS_KEY"]) == ("instantid-aws", "AWS_SECRET_ACCESS_KEY")
+        assert secret_ref(env["AWS_ACCESS_KEY_ID"]) == ("minio-credentials", "AWS_ACCESS_KEY_ID")
+        assert secret_ref(env["AWS_SECRET_ACCESS_KEY"]) == ("minio-credentials", "AWS_SECRET_ACCESS_KEY")
         assert env["AWS_ENDPOINT_URL"]["value"] == "https://minio.storage.svc:9000"
         assert env["INSTANTID_LOG_LEVEL"]["value"] == "debug"
     for template in rendered.pod_templates().values():
@@ -132,11 +130,13 @@ def test_image_and_pull_secrets():
 def test_ray_cluster_environment_matches_the_app(value_set):
     """Every Ray container gets deployments.ray_env.CLUSTER_ENV (the HAProxy ingress), the environment the tests
     and benchmarks run the app in; "proxy" falls back to Serve's Python proxy."""
-    from deployments.ray_env import CLUSTER_ENV
+    from deployments.ray_env import CLUSTER_ENV, HARD_STOP_ENV, hard_stop_after_s
 
+    # the hard stop follows the set's request timeout, by ray_env's rule
+    wanted = {**CLUSTER_ENV, HARD_STOP_ENV: str(hard_stop_after_s(effective_values(value_set)["app"]["request_timeout_s"]))}
     for group, template in render_set(value_set).pod_templates().items():
         env = env_of(template)
-        assert {k: env[k]["value"] for k in CLUSTER_ENV if k in env} == CLUSTER_ENV, group
+        assert {k: env[k]["value"] for k in CLUSTER_ENV if k in env} == wanted, group
     for group, template in render({"serve": {"httpIngress": "proxy"}}).pod_templates().items():
         assert not set(CLUSTER_ENV) & set(env_of(template)), group
 
@@ -149,10 +149,11 @@ def test_new_readwritemany_claim_without_a_class_fails_at_render():
     assert "modelCache.persistence.storageClassName is empty" in message
     assert "efs" in message.lower() and "filestore" in message.lower()
     # What makes it bindable: a class, an existing claim, or per-pod caches (identities then on S3).
-    assert render({"modelCache": {"persistence": {"storageClassName": "standard-rwx"}}}).one("PersistentVolumeClaim")
+    assert render({"modelCache": {"persistence": {"storageClassName": "standard-rwx", "size": "1Ti"}}}).one("PersistentVolumeClaim")
     render_error_free = [
         {"modelCache": {"persistence": {"storageClassName": "", "existingClaim": "models"}}},
-        {"modelCache": {"persistence": {"storageClassName": "", "enabled": False}}, "app": {"identity_store": "s3://b/ids"}},
+        {"modelCache": {"persistence": {"storageClassName": "", "enabled": False}}, "app": {"identity_store": "s3://b/ids"},
+         "generatorWorker": {"resources": {"requests": {"ephemeral-storage": "52Gi"}}}},  # /tmp/ray + the per-pod cache
     ]
     for values in render_error_free:
         render(values)
@@ -171,12 +172,19 @@ def _secret_mounts(template: dict) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def test_no_secret_reaches_a_pod_through_env_except_static_s3_keys(value_set):
-    """Secrets are files where they can rotate (a mounted Secret is updated in place; env is fixed)."""
+def test_no_secret_reaches_a_pod_through_env_except_s3_keys_and_the_jobs_store(value_set):
+    """Secrets are files where they can rotate (a mounted Secret is updated in place; env is fixed). Env only
+    for what the libraries read from env: S3 keys (boto3), and on the Ingress's face pods the jobs Redis URL and
+    the webhook key (app.jobs.redis_url_env, app.jobs.webhooks.secret_env; a rotation needs a rolling restart)."""
+    values = effective_values(value_set)
+    jobs_env = {values["app"]["jobs"]["redis_url_env"], values["app"]["jobs"]["webhooks"]["secret_env"]}
     for group, template in render_set(value_set).pod_templates().items():
         for entry in template["spec"]["containers"][0]["env"]:
             if "valueFrom" in entry:
-                assert entry["name"] in {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, (group, entry["name"])
+                allowed = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+                if group == values["faceWorker"]["groupName"]:
+                    allowed |= jobs_env
+                assert entry["name"] in allowed, (group, entry["name"])
 
 
 def test_api_keys_are_a_file_on_the_face_pods_only():

@@ -233,7 +233,8 @@ def test_http_path_survives_losing_a_face_pod(value_set):
 def test_face_spread_modes():
     required = render({"faceWorker": {"spreadAcrossNodes": "required"}}).group("face")["template"]["spec"]["affinity"]
     assert list(required["podAntiAffinity"]) == ["requiredDuringSchedulingIgnoredDuringExecution"]
-    assert "affinity" not in render({"faceWorker": {"spreadAcrossNodes": "none"}}).group("face")["template"]["spec"]
+    spread_none = render({"faceWorker": {"spreadAcrossNodes": "none"}}).group("face")["template"]["spec"]["affinity"]
+    assert list(spread_none) == ["nodeAffinity"], "only the chart's keep-off-GPU-nodes rule"
     own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cpu"]}]}]}}}
     assert render({"faceWorker": {"affinity": own}}).group("face")["template"]["spec"]["affinity"] == own

@@ -167,7 +167,8 @@ def test_every_value_set_renders_the_core_objects(value_set):
     kinds = render_set(value_set).kinds()
     assert kinds.count("RayService") == 1
     assert set(kinds) <= {"RayService", "ServiceAccount", "Secret", "PersistentVolumeClaim", "Ingress", "Service",
-                          "ServiceMonitor", "PodMonitor", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"}
+                          "ServiceMonitor", "PodMonitor", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy",
+                          "Deployment"}  # the trial Redis
 
 
 def test_common_labels_reach_objects_and_pods():

@@ -148,7 +148,7 @@ BAD_VALUES = [
     ({"serve": {"httpOptions": {"port": 9000}}}, "/serve/httpOptions/port"),
     ({"autoscaler": {"upscalingMode": "Turbo"}}, "/autoscaler/upscalingMode"),
     ({"rayService": {"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade"}}}, "/rayService/upgradeStrategy/type"),
-    ({"aws": {"accessKeyId": "AKIA"}}, "/aws"),
+    ({"aws": {"region": 5}}, "/aws/region"),
     ({"monitoring": {"podMonitor": {"interval": "often"}}}, "/monitoring/podMonitor/interval"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"modelCache": {"persistence": {"accessModes": ["ReadWriteAlways"]}}}, "/modelCache/persistence/accessModes/0"),

@@ -156,3 +156,17 @@ def test_derived_maps_change_the_image_through_their_controlnets(tiny_bundle, pr
     both = run(prepare_controls(preprocessors, [ControlSpec("pose", photo=photo), ControlSpec("canny", photo=photo)],
                                 (64, 64)))
     assert not torch.equal(both, outputs["pose"]) and not torch.equal(both, outputs["canny"])
+
+
+def test_preload_loads_the_models_of_the_named_types_now_and_names_the_failure(tiny_bundle, tmp_path):
+    """A replica loads the preprocessors its config offers at start (not on the first request that needs one), so
+    a missing model makes it not ready, saying which."""
+    from instantid.errors import WeightsError
+
+    ready = Preprocessors(depth=str(tiny_bundle / "dpt"), pose=str(tiny_bundle / "dwpose"))
+    assert ready.preload(["canny", "depth", "pose", "depth"]) == ["depth", "pose"]
+    assert set(ready._loaded) == {"depth", "pose"}
+    assert Preprocessors(depth=str(tmp_path / "none"), pose=str(tmp_path / "none")).preload(["canny"]) == []
+    broken = Preprocessors(depth=str(tiny_bundle / "dpt"), pose=str(tmp_path / "no-dwpose"))
+    with pytest.raises(WeightsError, match=r"pose preprocessor .*no-dwpose"):
+        broken.preload(["depth", "pose"])

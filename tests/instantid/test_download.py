@@ -335,3 +335,72 @@ def wrong_packs(tmp_path_factory, tiny_bundle) -> dict[str, Path]:
     return {"no_keypoints": pack_without_keypoints(tiny_bundle / "antelopev2", root / "nokps"),
             "256d": pack_with_256d_recognizer(tiny_bundle / "antelopev2", root / "256d")}
 
+
+
+# -- everything a service configuration names (--config) --------------------------------------------------------
+EXTRA = {"acme/controlnet-depth-sdxl": "controlnet-depth", "acme/controlnet-pose-sdxl": "controlnet-pose",
+         "acme/pixel-lora": "lora", "acme/safety-checker": "safety", "acme/dpt": "dpt", "acme/dwpose": "dwpose"}
+CONFIG = {"applications": [{"name": "instantid", "args": {
+    "models": [{"name": "sdxl", "base_model": BASE,
+                "controlnets": {"depth": "acme/controlnet-depth-sdxl", "pose": "acme/controlnet-pose-sdxl"},
+                "loras": {"pixel": "acme/pixel-lora"}}],
+    "safety": {"enabled": True, "model": "acme/safety-checker"},
+    "preprocessors": {"depth": "acme/dpt", "pose": "acme/dwpose"}}}]}
+
+
+def test_config_fetches_every_model_it_names_then_each_loads_offline(hub_content, tiny_bundle, tmp_path, hf_cache):
+    import yaml
+
+    content = dict(hub_content)
+    for repo, folder in EXTRA.items():
+        content[repo] = {p.relative_to(tiny_bundle / folder).as_posix(): p.read_bytes()
+                         for p in (tiny_bundle / folder).rglob("*") if p.is_file()}
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    with new_hub(content) as hub:
+        result = download(tmp_path, hub, "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    for repo, folder in EXTRA.items():
+        assert fetched_files(hub, repo) == {p.relative_to(tiny_bundle / folder).as_posix()
+                                            for p in (tiny_bundle / folder).rglob("*") if p.is_file()}, repo
+    for role in ("ControlNet", "LoRA", "safety checker", "depth preprocessor", "pose preprocessor"):
+        assert f"{role}: acme/" in result.stdout, role
+    # the hub gone: a second run finds it all, and each loads as the replicas load it
+    assert download(tmp_path, None, "--config", str(config)).returncode == 0
+    from instantid.controls import DepthEstimator, PoseEstimator
+    from instantid.safety import SafetyChecker
+
+    SafetyChecker.load("acme/safety-checker")
+    DepthEstimator.load("acme/dpt")
+    PoseEstimator.load("acme/dwpose")
+    assert weights.resolve("acme/controlnet-depth-sdxl", allow_patterns=weights.CONTROLNET_PATTERNS).is_dir()
+
+
+def test_config_names_preprocessors_only_for_its_control_types_and_the_checker_only_when_on():
+    from instantid.download import config_refs
+
+    refs = {role: ref for role, _, ref in config_refs({"models": [{"name": "a", "base_model": "x/y",
+                                                                   "controlnets": {"canny": "x/canny"}}]})}
+    assert refs == {sources.FACE_MODEL.role: "antelopev2", sources.BASE_MODEL.role: "x/y",
+                    sources.INSTANTID.role: "InstantX/InstantID", "ControlNet": "x/canny"}  # canny: no preprocessor
+    roles = [role for role, _, _ in config_refs({"models": [{"name": "a", "base_model": "x/y"}]})]
+    assert "safety checker" not in roles and not any("preprocessor" in r for r in roles)
+    on = config_refs({"safety": {"enabled": True}, "models": [{"name": "a", "base_model": "x/y",
+                                                               "controlnets": {"pose": "x/pose"}}]})
+    assert ("safety checker", "safety.model", "CompVis/stable-diffusion-safety-checker") in on
+    assert ("pose preprocessor", "preprocessors.pose", "yzd-v/DWPose") in on
+
+
+def test_config_failure_names_the_field(tiny_bundle, tmp_path):
+    import yaml
+
+    config = tmp_path / "args.yaml"
+    config.write_text(yaml.safe_dump({
+        "face_model": str(tiny_bundle / "antelopev2"), "instantid": str(tiny_bundle / "instantid"), "models": [
+        {"name": "a", "base_model": str(tiny_bundle / "sdxl")},
+        {"name": "b", "base_model": str(tiny_bundle / "sdxl"), "loras": {"gone": "acme/no-such-lora"}}]}))
+    result = download(tmp_path, None, "--config", str(config))
+    assert result.returncode != 0
+    assert "models[1].loras.gone (acme/no-such-lora)" in result.stderr, result.stderr
+    both = download(tmp_path, None, "--config", str(config), "--face-model", "antelopev2")
+    assert both.returncode != 0 and "not both" in both.stderr

@@ -2,7 +2,7 @@
 Pod template of one Ray node group (head, face, generator).
 Call with: dict "root" $ "group" <group values> "component" <label> "containerName" <name>
                 "resources" <container resources> "ports" <container ports>
-           optional "affinity" (used instead of the group's own when given),
+           "affinity" (the group's own with the chart's node affinity added, computed in rayservice.yaml),
            optional "drainSeconds" (worker groups: grace period and preStop drain, see instantid.preStopDrain)
 */}}
 {{- define "instantid.podTemplate" -}}
@@ -50,7 +50,7 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with (default $g.affinity .affinity) }}
+  {{- with .affinity }}
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
@@ -113,7 +113,10 @@ spec:
           mountPath: {{ $root.Values.modelCache.mountPath }}
         - name: dshm
           mountPath: /dev/shm
-        - name: ray-tmp
+        {{- /* "ray-logs": KubeRay's name for /tmp/ray (RayLogVolumeName); it mounts the volume of that name into
+        the autoscaler sidecar, so under any other name the autoscaler would write to an emptyDir of its own,
+        unbounded and invisible to the head's log tooling */}}
+        - name: ray-logs
           mountPath: /tmp/ray
         {{- range $secretFiles }}
         - name: {{ .volume }}
@@ -133,7 +136,7 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ $g.shmSize }}
-    - name: ray-tmp
+    - name: ray-logs
       emptyDir:
         sizeLimit: {{ $g.rayTmpSize }}
     {{- $volumeFiles := $secretFiles }}

@@ -12,6 +12,9 @@ Placement is decided here, not in the Python code (Serve applies these ray_actor
 {{- $pool := include "instantid.cpuPoolResource" . -}}
 {{- $args := deepCopy .Values.app -}}
 {{- $_ := set $args.auth "key_hashes_env" "INSTANTID_API_KEY_HASHES" -}}
+{{- if not .Values.jobs.enabled -}}
+{{- $_ := set $args.jobs "enabled" false -}}
+{{- end -}}
 {{- $ingress := deepCopy .Values.serve.deployments.Ingress -}}
 {{- $_ := set $ingress.ray_actor_options "resources" (dict $pool 1) -}}
 {{- $face := deepCopy .Values.serve.deployments.FaceAnalyzer -}}
