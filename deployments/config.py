@@ -89,6 +89,9 @@ class AuthConfig(_Strict):
     )
     rate_per_s: float = Field(2.0, gt=0, description="Token-bucket refill per API key.")
     burst: int = Field(10, ge=1, description="Token-bucket size per API key.")
+    max_in_flight: int = Field(
+        8, ge=0, description="Calls of one API key in flight on one Ingress replica at most (long ones: Prefer: "
+        "wait, event streams, /v1/generate); past it 429 too_many_in_flight with Retry-After. 0: no bound.")
     admin_keys: list[str] = Field(
         default_factory=list,
         description="Key names (the 'name' of key_hashes_env entries) with the operators' scope: they see, use "
@@ -115,13 +118,25 @@ class WebhookConfig(_Strict):
 class JobsConfig(_Strict):
     """Asynchronous jobs (POST /v1/jobs, the Replicate surface): where records live and how much is queued."""
 
+    enabled: bool = Field(True, description="false: no job routes (404) and no job workers; the one way to run "
+                          "several Ingress replicas without a shared store.")
     redis_url: str | None = Field(
         None, description="redis://[:password@]host:port/db holding job records and the queue. None: the env var "
         "named by redis_url_env, else an in-process store (one Ingress replica only; records die with it).")
     redis_url_env: str = Field("INSTANTID_REDIS_URL", description="Env var read when redis_url is not set.")
     key_prefix: str = Field("instantid:", description="Prefix of every Redis key (several services, one Redis).")
     max_queued: int = Field(256, ge=1, description="Jobs waiting to start; past it submit answers 503 queue_full.")
-    concurrency: int = Field(4, ge=1, le=256, description="Jobs each Ingress replica runs at once.")
+    concurrency: int = Field(4, ge=1, le=256, description="Jobs each Ingress replica runs at once while the "
+                             "Generator's autoscaling policy publishes no capacity (docs/jobs.md).")
+    max_running_per_replica: int = Field(64, ge=1, le=1024, description="Jobs one Ingress replica runs at once at "
+                                         "most when the capacity is published (all replicas together: it).")
+    max_result_bytes: int = Field(24 * 2**20, ge=2**20, description="A job's result (JSON) at most: an inline "
+                                  "result that could be larger goes to S3 (output_bucket set) or is refused at "
+                                  "submit (422 result_too_large).")
+    max_jobs_per_key: int = Field(200, ge=1, description="Jobs one API key has stored (any status, until they "
+                                  "expire) at most; past it 429 too_many_jobs.")
+    max_active_per_key: int = Field(32, ge=1, description="Jobs of one API key queued or running at most; past it "
+                                    "429 too_many_jobs (one key cannot fill the queue for all).")
     result_ttl_s: int = Field(3600, ge=60, description="Finished jobs (results included) expire after this.")
     lease_s: float = Field(15.0, ge=1, description="A running job whose replica stops renewing its lease this long "
                            "is taken over by another replica.")

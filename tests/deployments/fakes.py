@@ -72,6 +72,14 @@ class FakeGenerator:
         self.denoise = FakeMethod(generate)
         self.ready = FakeMethod(ready_ok)
 
+        async def steps(task, interval):  # a job's stream: one progress event a step, then what denoise gives
+            for step in range(1, task.steps + 1):
+                await asyncio.sleep(0)
+                yield {"progress": {"step": step, "total": task.steps}}
+            yield {"result": await self.denoise.fn(task)}  # the denoise of the moment (subclasses replace it)
+
+        self.denoise_stream = FakeMethod(lambda task, interval=0.25: FakeStream(steps(task, interval)))
+
     def options(self, **_):
         return self
 

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from deployments.errors import METHOD_NOT_ALLOWED, NOT_FOUND, ServiceError, install_handlers, json_response
 from deployments.ingress.context import RequestContext
-from deployments.ingress.http.auth import AccessControl
+from deployments.ingress.http.auth import AccessControl, ReleaseSlots
 from deployments.ingress.http.observe import Observe
 from deployments.ingress.http.openapi import install_openapi
 from deployments.ingress.http.playground import add_routes as add_playground  # POST /v1/faces:analyze, the page
@@ -103,16 +103,16 @@ def build_http_app(service: GenerationService) -> FastAPI:
     app.router.redirect_slashes = False
     add_docs(app)
     install_handlers(app)
-    app.add_middleware(Observe, router=app.router)
     edge = Edge(service, AccessControl(args.auth, args.trusted_proxies), UploadSlots(),
                 {s: {"model": ErrorBody} for s in ERROR_STATUSES})
+    app.add_middleware(ReleaseSlots, slots=edge.access.slots)  # inside Observe: a slot goes before metrics
+    app.add_middleware(Observe, router=app.router)
 
     if args.auth.enabled:
         bearer = HTTPBearer(auto_error=False, description="API key")
 
         async def auth(request: Request, _creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
-            request.state.api_key = edge.access.authenticate(request.headers.get("authorization"),
-                                                             edge.access.client(request))
+            edge.access.admit(request)  # the key, its rate limit and one of its in-flight slots
     else:
         async def auth(request: Request):
             request.state.api_key = None
@@ -121,7 +121,8 @@ def build_http_app(service: GenerationService) -> FastAPI:
     native.add_routes(v1, edge)
 
     add_playground(app, v1, edge)  # before the catch-all below: routes match in order
-    jobs.add_routes(v1, edge)
+    if args.jobs.enabled:  # jobs.enabled false: no job routes (the catch-all's 404)
+        jobs.add_routes(v1, edge)
 
     @v1.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                   include_in_schema=False)
@@ -160,7 +161,8 @@ def build_http_app(service: GenerationService) -> FastAPI:
 
     app.include_router(v1)
     openai_images.add_routes(app, edge)  # /openai/v1
-    replicate.add_routes(app, edge)  # /replicate/v1
+    if args.jobs.enabled:
+        replicate.add_routes(app, edge)  # /replicate/v1
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the Ingress answers")
     async def healthz():

@@ -14,7 +14,7 @@ import math
 import time
 
 from deployments.ingress.http.api_keys import KeyHashSource
-from deployments.errors import RATE_LIMITED, UNAUTHORIZED, ServiceError
+from deployments.errors import RATE_LIMITED, TOO_MANY_IN_FLIGHT, UNAUTHORIZED, ServiceError
 
 
 class Authenticator:
@@ -127,6 +127,49 @@ def _credential(authorization: str | None) -> str:
     return "key:" + hashlib.sha256((authorization or "").strip().encode()).hexdigest()[:16]
 
 
+class KeySlots:
+    """Calls in flight per API key on this Ingress replica (``auth.max_in_flight``): past the bound a call is
+    answered 429 at once with Retry-After, instead of one key's long calls (``Prefer: wait``, event streams,
+    /v1/generate) holding every slot of the replica while the other keys and the probes wait."""
+
+    def __init__(self, limit: int, retry_after_s: int = 2):
+        self.limit, self.retry_after_s = int(limit), int(retry_after_s)
+        self.held: dict[str, int] = {}
+
+    def take(self, key: str) -> None:
+        held = self.held.get(key, 0)
+        if self.limit and held >= self.limit:
+            raise TOO_MANY_IN_FLIGHT(f"this API key has {held} calls in flight on this replica (auth.max_in_flight "
+                                     f"{self.limit}); retry when one has ended",
+                                     headers={"Retry-After": str(self.retry_after_s)})
+        self.held[key] = held + 1
+
+    def give(self, key: str) -> None:
+        held = self.held.get(key, 0) - 1
+        if held > 0:
+            self.held[key] = held
+        else:
+            self.held.pop(key, None)
+
+
+SLOT_KEY = "instantid_in_flight_key"  # in the request's scope state: the key whose slot the call holds
+
+
+class ReleaseSlots:
+    """ASGI middleware: gives back a call's in-flight slot once its response has ended (a stream's too)."""
+
+    def __init__(self, app, slots: KeySlots):
+        self.app, self.slots = app, slots
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            key = (scope.get("state") or {}).pop(SLOT_KEY, None)
+            if key is not None:
+                self.slots.give(key)
+
+
 class AccessControl:
     """Who a /v1 caller is (its key's name) and which identities it may see; throttles requests per key and failed
     checks per client address, per credential and per replica."""
@@ -138,6 +181,7 @@ class AccessControl:
         self.limiter = RateLimiter(auth_args.rate_per_s, auth_args.burst) if auth_args.enabled else None
         self.failures = RateLimiter(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST)
         self.all_failures = RateLimiter(GLOBAL_AUTH_FAILURES_PER_S, GLOBAL_AUTH_FAILURE_BURST)
+        self.slots = KeySlots(auth_args.max_in_flight)
 
     def client(self, request) -> str | None:
         """The caller's address (``client_address`` with this service's trusted proxies)."""
@@ -168,4 +212,14 @@ class AccessControl:
                                    headers={"Retry-After": str(max(1, math.ceil(max(waits))))}) from None
             raise refused
         self.limiter.take(name)
+        return name
+
+    def admit(self, request) -> str | None:
+        """Authenticate a request and hold one of its key's in-flight slots until its response ends
+        (``ReleaseSlots``); sets ``request.state.api_key``."""
+        name = self.authenticate(request.headers.get("authorization"), self.client(request))
+        request.state.api_key = name
+        if name is not None and SLOT_KEY not in request.scope.setdefault("state", {}):
+            self.slots.take(name)
+            request.scope["state"][SLOT_KEY] = name
         return name

@@ -152,14 +152,14 @@ class WebhookSender:
                                f"(no signing secret)", field=field)
         return url
 
-    def send(self, url: str, payload: dict) -> asyncio.Task:
+    def send(self, url: str, payload: dict | str) -> asyncio.Task:
         """Deliver in the background; the caller never waits."""
         task = asyncio.ensure_future(self.deliver(url, payload))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def deliver(self, url: str, payload: dict) -> bool:
+    async def deliver(self, url: str, payload: dict | str) -> bool:
         import aiohttp
 
         secret = self.secret()
@@ -167,7 +167,8 @@ class WebhookSender:
             log.warning("webhook not sent: %s is unset", self.config.secret_env)
             metrics.webhook("failed")
             return False
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        # a str is the JSON already (the job core serialises the final job once, off the event loop)
+        body = (payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))).encode()
         delivery = uuid.uuid4().hex
         delay = self.config.backoff_s
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)

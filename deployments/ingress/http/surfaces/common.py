@@ -10,11 +10,12 @@ SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")  # fullmatch: "$" would let "64x64\n" 
 
 
 def authenticate(edge, request) -> str | None:
-    """The /v1 API keys, rate limit and failed-login throttle; sets ``request.state.api_key``. Raises
-    ServiceError: the surface re-raises it in its own shape."""
-    request.state.api_key = (edge.access.authenticate(request.headers.get("authorization"), edge.access.client(request))
-                             if edge.service.args.auth.enabled else None)
-    return request.state.api_key
+    """The /v1 API keys, rate limit, failed-login throttle and in-flight bound; sets ``request.state.api_key``.
+    Raises ServiceError: the surface re-raises it in its own shape."""
+    if not edge.service.args.auth.enabled:
+        request.state.api_key = None
+        return None
+    return edge.access.admit(request)
 
 
 def parse_size(size, field: str = "size") -> tuple[int, int] | None:
