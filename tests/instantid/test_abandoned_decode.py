@@ -4,21 +4,12 @@ decode on CPU ran ~25 s past its 504). ``still_wanted()`` is asked before each o
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from instantid.identity import Pose
-from instantid.loading import load_pipeline
 from instantid.pipeline import GenerationRequest
 
 KPS = np.array([[20, 22], [44, 22], [32, 34], [23, 46], [41, 46]], dtype=float)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    p = load_pipeline(str(tiny_bundle / "sdxl"), str(tiny_bundle / "instantid"), device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def request(seed):

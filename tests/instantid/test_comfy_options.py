@@ -15,7 +15,6 @@ import torch
 from instantid.errors import InvalidParameterError, NoFaceError
 from instantid.face import FaceModel, load_image, resize_for_analysis
 from instantid.identity import Detection, Pose, build_identity, build_pose, combine_embeddings
-from instantid.loading import load_pipeline
 from instantid.pipeline import GenerationRequest
 
 SIZE = 64
@@ -78,13 +77,6 @@ def test_build_identity_combines_as_asked_and_defaults_to_the_mean(analyzer, pho
 
 
 # --- the pipeline: concatenated tokens and noise ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    p = load_pipeline(str(tiny_bundle / "sdxl"), str(tiny_bundle / "instantid"), device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def request(**overrides):

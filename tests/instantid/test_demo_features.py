@@ -8,20 +8,12 @@ from PIL import Image
 
 from instantid.errors import InvalidParameterError
 from instantid.identity import Pose
-from instantid.loading import load_pipeline
 from instantid.pipeline import GenerationRequest
 from instantid.prompt_weighting import chunk_tokens, encode_weighted_prompt, parse_weighted_prompt
 
 SIZE = 64
 KPS = np.array([[20, 22], [44, 22], [32, 34], [23, 46], [41, 46]], dtype=float)
 BOX = np.array([12, 10, 52, 56], dtype=float)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    p = load_pipeline(str(tiny_bundle / "sdxl"), str(tiny_bundle / "instantid"), device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def request(**overrides):

@@ -29,7 +29,6 @@ import pytest
 import torch
 
 from instantid.identity import Pose
-from instantid.loading import load_pipeline
 from instantid.pipeline import GenerationRequest
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_pipeline.json"
@@ -88,13 +87,6 @@ def fingerprint(tensor: torch.Tensor) -> dict:
     picks = torch.linspace(0, flat.numel() - 1, SAMPLES).round().long()
     return {"shape": list(tensor.shape), "mean": flat.mean().item(), "std": flat.std().item(),
             "abs_max": flat.abs().max().item(), "values": flat[picks].tolist()}
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    p = load_pipeline(str(tiny_bundle / "sdxl"), str(tiny_bundle / "instantid"), device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def run_case(pipe, name: str) -> dict:

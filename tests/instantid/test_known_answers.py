@@ -21,20 +21,12 @@ from instantid.attention import IdentityAttnProcessor, region_at
 from instantid.face import Face, analysis_size
 from instantid.identity import Pose
 from instantid.keypoints import fit_canvas
-from instantid.loading import load_pipeline
 from instantid.people import Placement, grown_region, place_people
 from instantid.pipeline import GenerationRequest
 from instantid.prompt_weighting import encode_weighted_prompt
 
 SIZE = 64
 KPS = np.array([[20, 22], [44, 22], [32, 34], [23, 46], [41, 46]], dtype=float)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    p = load_pipeline(str(tiny_bundle / "sdxl"), str(tiny_bundle / "instantid"), device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def request(**overrides):

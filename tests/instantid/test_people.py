@@ -13,20 +13,12 @@ from instantid.attention import IdentityAttnProcessor, region_at
 from instantid.errors import InvalidParameterError
 from instantid.identity import Pose
 from instantid.keypoints import face_region_mask
-from instantid.loading import load_pipeline
 from instantid.people import MAX_PEOPLE, REGION_MARGIN, Placement, place_people
 from instantid.pipeline import GenerationRequest, _resized
 
 SIZE = 128
 KPS_A = np.array([[22, 40], [34, 40], [28, 47], [23, 54], [33, 54]], dtype=float)
 KPS_B = KPS_A + [70, 10]
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    p = load_pipeline(str(tiny_bundle / "sdxl"), str(tiny_bundle / "instantid"), device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def embedding(seed=0):
