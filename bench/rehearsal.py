@@ -26,7 +26,7 @@ Changed, because this machine cannot have it (``CHANGES``, also in the JSON resu
   overlap; the script refuses a conflict).
 
 Every scenario is in one cluster; ``SimCluster.stop`` removes every process of it, the redis-server stops with
-the script (also on SIGTERM), and ``summary.json`` records how many processes were left (must be 0).
+the script (also on SIGINT), and ``summary.json`` records how many processes were left (must be 0).
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ import argparse
 import base64
 import hashlib
 import json
-import os
-import signal
 import sys
 import threading
 import time
@@ -48,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "helm"))
 
-from scaling import APP, RedisServer, SimCluster, _app_running, wait_for  # noqa: E402
+from scaling import RedisServer, SimCluster, _app_running, wait_for  # noqa: E402
 
 from deployments.ray_env import HARD_STOP_ENV, haproxy_pids  # noqa: E402
 
@@ -293,8 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reload-hold", type=float, default=15.0,
                         help="seconds the reload scenario's request stays open after the reload")
     args = parser.parse_args(argv)
-    # SIGTERM (a test's timeout) unwinds like Ctrl-C: the cluster and the redis-server are stopped on the way out
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Stopped by a signal, send SIGINT (KeyboardInterrupt: the cluster and redis-server stop on the way out),
+    # not SIGTERM: once connected, Ray's handler turns SIGTERM into an abort that skips every finally (seen).
     from instantid.tiny import make_tiny
 
     out = args.out
@@ -325,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.monotonic()
         try:
             cluster.start()
-            (out / "cluster.json").write_text(json.dumps({"temp_dir": cluster.temp_dir}))
+            (out / "cluster.json").write_text(json.dumps({"temp_dir": cluster.temp_dir,
+                                                          "haproxy_dir": str(cluster._haproxy_dir)}))
             report["cluster_up_s"] = round(time.monotonic() - started, 1)
             from urllib.parse import urlparse
 

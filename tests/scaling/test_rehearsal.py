@@ -17,7 +17,7 @@ One test, one cluster: (a) native generate through HAProxy, and the refusal with
 on one Ingress replica and polled on the other; (c) an in-place config update scaling the Ingress 2 -> 3
 makes Ray reload HAProxy while a request is open through the old process: it still gets its image (the same
 scenario with ``--hard-stop 10 --reload-hold 15`` cuts it: bench only, docs/scaling.md). Bounded: the script runs in its
-own process under a timeout; on every path its cluster and redis-server are stopped (SIGTERM unwinds it; a
+own process under a timeout; on every path its cluster and redis-server are stopped (SIGINT unwinds it; a
 backstop here kills what it left by pid).
 """
 
@@ -62,10 +62,15 @@ def _backstop(out: Path) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from scaling import SimCluster, _kill_trees
 
+    from deployments.ray_env import stop_haproxy
+
     info = out / "cluster.json"
     if info.exists():
-        leftover = SimCluster(temp_dir=json.loads(info.read_text())["temp_dir"])._pids()
-        _kill_trees(leftover)
+        dirs = json.loads(info.read_text())
+        _kill_trees(SimCluster(temp_dir=dirs["temp_dir"])._pids())
+        stop_haproxy(dirs["haproxy_dir"])
+        for directory in dirs.values():
+            shutil.rmtree(directory, ignore_errors=True)
     pid_file = out / "redis.pid"
     if pid_file.exists():
         try:
@@ -86,9 +91,9 @@ def test_rehearsal_native_jobs_across_replicas_and_haproxy_reload(tmp_path, tiny
     try:
         stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # unwinds: the script stops its cluster and redis-server
+        proc.send_signal(signal.SIGINT)  # may unwind (the script stops its cluster); else the backstop below
         try:
-            stdout, stderr = proc.communicate(timeout=60)
+            stdout, stderr = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()
