@@ -484,6 +484,7 @@ class Timeline:
         self.samples: list[dict] = []
         self.events: list[tuple[float, str]] = []
         self.loads: list[ClosedLoopLoad] = []
+        self.extra = None  # a callable adding fields to each sample (the job queue, for jobs_backlog)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -515,6 +516,7 @@ class Timeline:
             "face_nodes": len(self.cluster.nodes(FACE_GROUP)),
             "in_flight": sum(load.in_flight for load in self.loads),
             "p50_s": percentile(recent, 50), "p95_s": percentile(recent, 95),
+            **(self.extra() if self.extra else {}),
         }
 
     def close(self) -> None:
@@ -551,7 +553,7 @@ class Scenario:
     t0: float = field(default_factory=time.monotonic)
     timeline: Timeline | None = None
 
-    def deploy(self, min_generators: int | None = None) -> None:
+    def deploy(self, min_generators: int | None = None, **app_args) -> None:
         from ray import serve
 
         from deployments.app import bind
@@ -559,7 +561,7 @@ class Scenario:
 
         identity_dir = self.work / "identities"
         identity_dir.mkdir(parents=True, exist_ok=True)
-        args = tiny_app_args(self.tiny, identity_dir, self.request_timeout_s)
+        args = {**tiny_app_args(self.tiny, identity_dir, self.request_timeout_s), **app_args}
         app = bind(resolve_args(args), app_options(self.time_scale, self.cluster.max_gpu_nodes, min_generators))
         serve.run(app, name=APP, route_prefix="/", blocking=False)
         wait_for(lambda: _app_running(), 300, "the app to be RUNNING")
@@ -766,6 +768,129 @@ def head_recovery(sc: Scenario, redis_address: str, clients: int = 2, phase_s: f
                      phases={k: summarize(v) for k, v in phases.items()})
 
 
+class JobBatch:
+    """``count`` jobs submitted to /v1/jobs at once, then polled until each has ended."""
+
+    def __init__(self, sc: Scenario, body: dict, count: int):
+        import httpx
+
+        self.sc, self.started = sc, sc.timeline.now()
+        self.ids, self.refused, self.ended = [], [], {}
+        with httpx.Client(base_url=sc.cluster.http_url, timeout=sc.request_timeout_s) as client:
+            for _ in range(count):
+                resp = client.post("/v1/jobs", json=body)
+                (self.ids.append(resp.json()["id"]) if resp.status_code == 202 else self.refused.append(
+                    resp.status_code))
+        self.submitted = sc.timeline.now()
+
+    def poll(self) -> bool:
+        """One look at every job not yet ended; True when all have."""
+        import httpx
+
+        with httpx.Client(base_url=self.sc.cluster.http_url, timeout=30) as client:
+            for job_id in self.ids:
+                if job_id in self.ended:
+                    continue
+                try:
+                    job = client.get(f"/v1/jobs/{job_id}").json()
+                except httpx.HTTPError:
+                    continue  # the Ingress is being replaced: look again
+                if job.get("status") in ("succeeded", "failed", "canceled"):
+                    self.ended[job_id] = (self.sc.timeline.now(), job["status"])
+        return len(self.ended) == len(self.ids)
+
+    def drain(self, timeout_s: float, during=None) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.poll():
+            if during is not None:
+                during(self)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.ids) - len(self.ended)} jobs not ended after {timeout_s:g} s")
+            time.sleep(0.5)
+
+    def report(self) -> dict:
+        ends = sorted(t for t, _ in self.ended.values())
+        span = (ends[-1] - self.started) if ends else None
+        return {"submitted": len(self.ids), "refused_at_submit": self.refused,
+                "statuses": dict(Counter(status for _, status in self.ended.values())),
+                "submit_s": round(self.submitted - self.started, 2),
+                "drained_after_s": round(span, 2) if span else None,
+                "images_per_min": round(len(ends) / span * 60, 1) if span else None}
+
+
+def jobs_backlog(sc: Scenario, redis_url: str, jobs: int = 40, kill_jobs: int = 20, drain_timeout_s: float = 600,
+                 idle_timeout_s: float = 240) -> dict:
+    """Generator at 0 replicas, ``jobs`` jobs queued: the backlog policy (serve/production.yaml's
+    ``autoscaling_config.policy``) brings replicas up to ``max_replicas``, the queue drains, replicas fall back
+    to 0. With the replicas warm, the job path's images per minute against the sync path's (``jobs`` each, as
+    many sync clients as the Generators batch); then ``kill_jobs`` more with the Ingress replica killed
+    mid-drain: nothing may be lost."""
+    import ray
+    import redis as redis_py
+
+    prefix = "instantid:"
+    r = redis_py.from_url(redis_url)
+    wait_for(lambda: not sc.cluster.nodes(GPU_GROUP), idle_timeout_s, "no GPU node")
+    # one anonymous client submits them all: the per-key cap must let the whole batch in
+    sc.deploy(min_generators=0, jobs={"redis_url": redis_url, "key_prefix": prefix, "lease_s": 3.0,
+                                      "max_active_per_key": max(jobs, kill_jobs) + 8})
+    sc.timeline.extra = lambda: {"queued": r.llen(prefix + "queue"), "jobs_running": r.llen(prefix + "running")}
+    body = sc.generate_body(sc.identity())
+    assert not sc.cluster.replicas("Generator").get("RUNNING")
+    per_replica = production_deployments()["Generator"]["autoscaling_config"]["policy"]["policy_kwargs"][
+        "per_replica"]
+    maximum = sc.cluster.max_gpu_nodes
+
+    sc.timeline.event(f"{jobs} jobs submitted")
+    cold = JobBatch(sc, body, jobs)
+    peak = {"replicas": 0}
+
+    def watch(_batch):
+        peak["replicas"] = max(peak["replicas"], sc.cluster.replicas("Generator").get("RUNNING", 0))
+    cold.drain(drain_timeout_s, during=watch)
+    sc.timeline.event("queue drained")
+
+    sc.timeline.event(f"{jobs} jobs, replicas warm")
+    warm = JobBatch(sc, body, jobs)
+    warm.drain(drain_timeout_s)
+    sc.timeline.event(f"{jobs} sync requests, {maximum * per_replica} clients")
+    sync_started = sc.timeline.now()
+    load = sc.load("/v1/generate", body, max_clients=maximum * per_replica, max_requests=jobs)
+    load.set(maximum * per_replica)
+    wait_for(lambda: len(load.outcomes) >= jobs, drain_timeout_s, "the sync requests", period_s=0.2)
+    load.close()
+    sync_ok = [o for o in load.outcomes if o.status == 200]
+    sync_span = max(o.end for o in load.outcomes) - sync_started
+    replicas_at_comparison = sc.cluster.replicas("Generator").get("RUNNING", 0)
+
+    sc.timeline.event(f"{kill_jobs} jobs; the Ingress will be killed")
+    killed = {"done": False}
+
+    def kill_ingress(batch):
+        if not killed["done"] and len(batch.ended) >= kill_jobs // 4:
+            name = next(iter(sc.cluster.replica_nodes("Ingress")))
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            killed["done"] = True
+            sc.timeline.event("Ingress replica killed")
+    chaos = JobBatch(sc, body, kill_jobs)
+    chaos.drain(drain_timeout_s, during=kill_ingress)
+    sc.timeline.event("drained after the kill")
+    drained_at = sc.timeline.now()
+    wait_for(lambda: sc.cluster.replicas("Generator").get("RUNNING", 0) == 0, idle_timeout_s,
+             "the Generator back at 0 replicas")
+    sc.timeline.event("Generator at 0")
+    zero_at = sc.timeline.now()
+    r.close()
+    job_rate, sync_rate = warm.report()["images_per_min"], round(len(sync_ok) / sync_span * 60, 1)
+    return sc.finish("jobs_backlog", per_replica=per_replica, max_replicas=maximum, peak_replicas=peak["replicas"],
+                     cold=cold.report(), warm_jobs=warm.report(),
+                     sync={"requests": len(load.outcomes), "ok": len(sync_ok), "images_per_min": sync_rate},
+                     replicas_at_comparison=replicas_at_comparison,
+                     job_vs_sync=round(job_rate / sync_rate, 3) if job_rate and sync_rate else None,
+                     ingress_killed=chaos.report(), killed=killed["done"],
+                     back_to_zero_after_drain_s=round(zero_at - drained_at, 1))
+
+
 class RedisServer:
     """A private redis-server on 127.0.0.1 (Debian's package), nothing saved to disk."""
 
@@ -862,7 +987,7 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
-SCENARIOS = ("scale_up_down", "scale_from_zero", "node_loss", "head_recovery")
+SCENARIOS = ("scale_up_down", "scale_from_zero", "node_loss", "head_recovery", "jobs_backlog")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -884,6 +1009,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gcs-down", type=float, default=10.0, help="head_recovery: seconds the GCS stays down")
     parser.add_argument("--request-timeout", type=float, default=90.0, help="the app's request_timeout_s")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=40, help="jobs_backlog: jobs queued at once")
     parser.add_argument("--tiny", type=Path, default=None, help="a tiny bundle (built under --out if absent)")
     args = parser.parse_args(argv)
 
@@ -914,7 +1040,23 @@ def main(argv: list[str] | None = None) -> dict:
                     result = head_recovery(sc, redis.address, gcs_down_s=args.gcs_down)
                     _record(args.out, report, cluster, name, result, started)
                 report["processes_left"] += len(cluster._pids())
-    names = [n for n in names if n != "head_recovery"]
+    if "jobs_backlog" in names:
+        # its own cluster: the Serve controller (the backlog policy) reads the queue from $INSTANTID_REDIS_URL,
+        # which the head must have from its start, as the chart gives it to the head pod
+        with RedisServer(args.out / "jobs-redis") as redis:
+            url = f"redis://{redis.address}/0"
+            saved, os.environ["INSTANTID_REDIS_URL"] = os.environ.get("INSTANTID_REDIS_URL"), url
+            try:
+                with SimCluster(max_gpu_nodes=args.gpu_nodes, idle_timeout_s=idle_s, keep_logs_in=args.out) as cluster:
+                    sc = Scenario(cluster, tiny, args.out / "work", args.time_scale, args.request_timeout, args.steps)
+                    started = time.monotonic()
+                    result = jobs_backlog(sc, url, jobs=args.jobs, idle_timeout_s=idle_s + 240)
+                    _record(args.out, report, cluster, "jobs_backlog", result, started)
+                report["processes_left"] += len(cluster._pids())
+            finally:
+                os.environ.pop("INSTANTID_REDIS_URL") if saved is None else os.environ.update(
+                    INSTANTID_REDIS_URL=saved)
+    names = [n for n in names if n not in ("head_recovery", "jobs_backlog")]
     if not names:
         (args.out / "summary.json").write_text(json.dumps(report, indent=1))
         return report

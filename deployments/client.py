@@ -153,6 +153,14 @@ class InstantIDClient:
     async def job_async(self, job_id: str) -> dict:
         return await self._await(self.handle.job.remote(job_id))
 
+    def list_jobs(self, limit: int = 20, cursor: str | None = None) -> dict:
+        """Jobs submitted through the handle, newest first, without results: ``{"jobs": [...], "next_cursor"?}``
+        (pass ``next_cursor`` back as ``cursor`` for the next page)."""
+        return self._result(self.handle.list_jobs.remote(limit, cursor))
+
+    async def list_jobs_async(self, limit: int = 20, cursor: str | None = None) -> dict:
+        return await self._await(self.handle.list_jobs.remote(limit, cursor))
+
     def cancel_job(self, job_id: str) -> dict:
         """Cancel; returns the job once its denoising stopped (``status`` canceled), or as it is after 5 s."""
         return self._result(self.handle.cancel_job.remote(job_id))

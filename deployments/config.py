@@ -89,6 +89,9 @@ class AuthConfig(_Strict):
     )
     rate_per_s: float = Field(2.0, gt=0, description="Token-bucket refill per API key.")
     burst: int = Field(10, ge=1, description="Token-bucket size per API key.")
+    max_in_flight: int = Field(
+        8, ge=0, description="Calls of one API key in flight on one Ingress replica at most (long ones: Prefer: "
+        "wait, event streams, /v1/generate); past it 429 too_many_in_flight with Retry-After. 0: no bound.")
     admin_keys: list[str] = Field(
         default_factory=list,
         description="Key names (the 'name' of key_hashes_env entries) with the operators' scope: they see, use "
@@ -115,13 +118,25 @@ class WebhookConfig(_Strict):
 class JobsConfig(_Strict):
     """Asynchronous jobs (POST /v1/jobs, the Replicate surface): where records live and how much is queued."""
 
+    enabled: bool = Field(True, description="false: no job routes (404) and no job workers; the one way to run "
+                          "several Ingress replicas without a shared store.")
     redis_url: str | None = Field(
         None, description="redis://[:password@]host:port/db holding job records and the queue. None: the env var "
         "named by redis_url_env, else an in-process store (one Ingress replica only; records die with it).")
     redis_url_env: str = Field("INSTANTID_REDIS_URL", description="Env var read when redis_url is not set.")
     key_prefix: str = Field("instantid:", description="Prefix of every Redis key (several services, one Redis).")
     max_queued: int = Field(256, ge=1, description="Jobs waiting to start; past it submit answers 503 queue_full.")
-    concurrency: int = Field(4, ge=1, le=256, description="Jobs each Ingress replica runs at once.")
+    concurrency: int = Field(4, ge=1, le=256, description="Jobs each Ingress replica runs at once while the "
+                             "Generator's autoscaling policy publishes no capacity (docs/jobs.md).")
+    max_running_per_replica: int = Field(64, ge=1, le=1024, description="Jobs one Ingress replica runs at once at "
+                                         "most when the capacity is published (all replicas together: it).")
+    max_result_bytes: int = Field(24 * 2**20, ge=2**20, description="A job's result (JSON) at most: an inline "
+                                  "result that could be larger goes to S3 (output_bucket set) or is refused at "
+                                  "submit (422 result_too_large).")
+    max_jobs_per_key: int = Field(200, ge=1, description="Jobs one API key has stored (any status, until they "
+                                  "expire) at most; past it 429 too_many_jobs.")
+    max_active_per_key: int = Field(32, ge=1, description="Jobs of one API key queued or running at most; past it "
+                                    "429 too_many_jobs (one key cannot fill the queue for all).")
     result_ttl_s: int = Field(3600, ge=60, description="Finished jobs (results included) expire after this.")
     lease_s: float = Field(15.0, ge=1, description="A running job whose replica stops renewing its lease this long "
                            "is taken over by another replica.")
@@ -129,6 +144,22 @@ class JobsConfig(_Strict):
                               "Ingress replica died is retried until this, then failed with the reason.")
     progress_interval_s: float = Field(0.25, ge=0.05, description="Progress updates per job at most this often.")
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
+
+
+class CompileConfig(_Strict):
+    """Compiled serving (instantid.optimize.ServingPlan): on at replica start, every planned graph is compiled and
+    run once before the replica reports ready; other shapes, LoRA requests and everything after a compile failure
+    run eager (logged, counted in instantid_compile_fallbacks). For GPUs; off on the CPU."""
+
+    enabled: bool = Field(False, description="optimize() + warm-up of every bucket at replica start.")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    backend: Literal["inductor", "eager"] = Field(
+        "inductor", description="'eager': dynamo captures and guards but runs the graphs as they are (tests).")
+    cache_dir: str | None = Field("~/.cache/instantid/inductor", description="Inductor's kernel cache: on the "
+                                  "model cache volume, only a node's first replica compiles.")
+    batch_buckets: list[int] = Field([2, 4, 8], min_length=1, description="Denoising rows per graph "
+                                     "(guidance doubles a request's images); batches are padded up to one.")
+    sizes: list[tuple[int, int]] = Field([(1024, 1024)], min_length=1, description="(width, height) compiled.")
 
 
 class AppArgs(_Strict):
@@ -162,10 +193,28 @@ class AppArgs(_Strict):
     presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     request_timeout_s: float = Field(300.0, gt=0, description="A request past this gets 504.")
     limits: Limits = Field(default_factory=Limits)
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Addresses (CIDRs) of the proxies in front of the Ingress whose X-Forwarded-For is believed: "
+        "the client is the first entry from the right that is not one of them. Default: our HAProxy on the node's "
+        "loopback. Behind ingress-nginx add its pods' range. A peer outside the list is the client itself.")
     auth: AuthConfig = Field(default_factory=AuthConfig)
     preprocessors: PreprocessorConfig = Field(default_factory=PreprocessorConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {cidr!r} is not an address or CIDR") from None
+        return value
 
     @field_validator("models")
     @classmethod

@@ -56,7 +56,13 @@ INVALID_PARAMETER = ErrorKind(422, "invalid_parameter", meaning="a field out of 
 NO_FACE = ErrorKind(422, "no_face", meaning="no face in a photo (field names the image)")
 TOO_COSTLY = ErrorKind(422, "too_costly", meaning="width x height x steps x num_images cannot finish in time")
 UNSAFE_OUTPUT = ErrorKind(422, "unsafe_output", meaning="the safety checker flagged every image (refuse)")
+RESULT_TOO_LARGE = ErrorKind(422, "result_too_large",
+                             meaning="a job's inline result could be over jobs.max_result_bytes (use delivery s3)")
 RATE_LIMITED = ErrorKind(429, "rate_limited", retryable=True, meaning="over the key's or address's rate")
+TOO_MANY_IN_FLIGHT = ErrorKind(429, "too_many_in_flight", retryable=True,
+                               meaning="the key has auth.max_in_flight calls in flight on this replica")
+TOO_MANY_JOBS = ErrorKind(429, "too_many_jobs", retryable=True,
+                          meaning="the key has jobs.max_active_per_key jobs in flight or max_jobs_per_key stored")
 INTERNAL = ErrorKind(500, "internal", meaning="anything unexpected: the message carries the request id")
 QUEUE_FULL = ErrorKind(503, "queue_full", retryable=True, meaning="the Generator's or the job queue is full")
 UNAVAILABLE = ErrorKind(503, "unavailable", retryable=True,

@@ -74,7 +74,7 @@ class GenerationTask:
     several people, ``people`` (then embedding, kps and canvas are None)."""
 
     model: str
-    embedding: np.ndarray | None  # (512,) float32
+    embedding: np.ndarray | None  # (512,) float32; (photos, 512) for combine "concat"
     kps: np.ndarray | None  # (5, 2) on ``canvas``
     canvas: tuple[int, int] | None
     width: int
@@ -100,6 +100,7 @@ class GenerationTask:
     # Generator resizes each map to width x height on arrival (accept_task)
     controls: list[dict] = field(default_factory=list)
     safety_checker: bool = True  # off only where the service's safety.allow_disable lets the request say so
+    noise: float = defaults.NOISE  # the unconditional identity embedding's noise (GenerationRequest.noise)
     deadline: float | None = None  # time.time() past which nobody waits for the result
     # The Generator's own bookkeeping, reset when a task arrives there (accept_task): ``arrived`` is its clock.
     id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
@@ -123,11 +124,13 @@ class GenerationTask:
         """Tasks with equal keys can share one denoising batch: one size, step count and scheduler, guided or not
         (classifier-free guidance doubles the batch), one LoRA set, and for img2img one strength (it cuts the
         timesteps). Prompts, prompt weighting, seeds and scales differ freely within a batch, and so does the
-        number of people: the pipeline runs each extra identity's IdentityNet pass on its own rows only."""
+        number of people: the pipeline runs each extra identity's IdentityNet pass on its own rows only. A concatenated
+        identity (combine "concat") has 16 ID tokens per photo: tasks share a batch with the same count only."""
         return (self.model, self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1,
                 tuple(sorted(self.loras.items())),
                 self.strength if self.init_image is not None else None,
-                tuple(c["name"] for c in self.controls))  # one batch runs the same extra ControlNets, in order
+                tuple(c["name"] for c in self.controls),  # one batch runs the same extra ControlNets, in order
+                1 if self.embedding is None else int(np.prod(np.shape(self.embedding))) // 512)  # ID tokens / 16
 
 
 @dataclass

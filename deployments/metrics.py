@@ -50,6 +50,8 @@ LOAD_BUCKETS = [0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
 SIMILARITY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
 
 _SPECS = {
+    "compile_fallbacks": ("counter", "instantid_compile_fallbacks", "Compiled-module calls that ran eager, by "
+                          "reason (unplanned shape, compile_failed).", ("reason",), None),
     "requests": ("counter", "instantid_requests", "Requests by route, method and status.",
                  ("route", "method", "status"), None),
     "request_seconds": ("histogram", "instantid_request_seconds", "End-to-end request latency at the Ingress.",
@@ -177,6 +179,10 @@ def face_not_found(route: str) -> None:
 
 
 @_safe
+def compile_fallback(reason: str) -> None:
+    metric("compile_fallbacks").inc(tags={"reason": reason})
+
+
 def model_loaded(model: str, seconds: float, resident: int) -> None:
     metric("model_load_seconds").observe(seconds, tags={"model": model})
     metric("model_loads").inc(tags={"model": model})

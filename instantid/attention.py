@@ -35,6 +35,7 @@ class IdentityAttnProcessor(nn.Module):
         self.num_tokens = num_tokens
         self.scale: float | torch.Tensor = 1.0
         self.region: torch.Tensor | None = None
+        self.identity_tokens: int | None = None  # ID tokens of one identity when not num_tokens (concatenated)
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
@@ -55,13 +56,21 @@ class IdentityAttnProcessor(nn.Module):
         exactly ``region_i * attn(q, K_i, V_i)`` summed over identities. Positions in no region attend to the
         first identity and are zeroed by their (zero) region value."""
         b, tokens = query.shape[0], query.shape[1]
-        masks = region_at(self.region.flatten(0, 1), tokens).view(b, people, tokens)
+        masks = self._region_at(tokens).view(b, people, tokens)
         owner = masks.argmax(dim=1)  # (rows, positions); all-zero positions -> 0
         weight = masks.gather(1, owner[:, None]).view(b, tokens, 1)
         token_owner = torch.arange(people * self.num_tokens, device=query.device) // self.num_tokens
         allowed = (owner[:, :, None] == token_owner)[:, None]  # (rows, 1 head, positions, people x tokens)
         out = self._attend(attn, query, self.to_k_ip(ids), self.to_v_ip(ids), allowed)
         return out * weight.to(out.dtype)
+
+    def _region_at(self, tokens: int) -> torch.Tensor:
+        """The region at a layer of ``tokens`` positions: from the levels set_identity_region made once per
+        batch (a step re-interpolates nothing), else computed."""
+        levels = getattr(self, "region_levels", None)
+        if levels is not None and tokens in levels:
+            return levels[tokens]
+        return region_at(self.region if self.region.ndim == 3 else self.region.flatten(0, 1), tokens)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
         if encoder_hidden_states is None:
@@ -82,7 +91,7 @@ class IdentityAttnProcessor(nn.Module):
 
         query = attn.to_q(hidden_states)
         people = self.region.shape[1] if self.region is not None and self.region.ndim == 4 else 1
-        split = encoder_hidden_states.shape[1] - people * self.num_tokens
+        split = encoder_hidden_states.shape[1] - people * (self.identity_tokens or self.num_tokens)
         text, ids = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
         if attention_mask is not None:  # a padding mask over [text; ID tokens] (prompts of unequal length)
             attention_mask = attention_mask[..., :split]
@@ -95,7 +104,7 @@ class IdentityAttnProcessor(nn.Module):
         else:
             id_out = self._attend(attn, query, self.to_k_ip(ids), self.to_v_ip(ids))
             if self.region is not None:
-                id_out = id_out * region_at(self.region, id_out.shape[1]).to(id_out.dtype)
+                id_out = id_out * self._region_at(id_out.shape[1]).to(id_out.dtype)
         scale = self.scale
         if isinstance(scale, torch.Tensor):
             scale = scale.to(device=id_out.device, dtype=id_out.dtype).view(-1, 1, 1)
@@ -160,7 +169,25 @@ def set_identity_scale(unet, scale: float | torch.Tensor) -> None:
         proc.scale = scale
 
 
+def set_identity_tokens(unet, tokens: int | None) -> None:
+    """The number of ID tokens per identity at the end of the context (None: the Resampler's num_tokens); a
+    concatenated identity (combine "concat") has num_tokens per photo."""
+    for proc in identity_processors(unet):
+        proc.identity_tokens = tokens
+
+
 def set_identity_region(unet, region: torch.Tensor | None) -> None:
-    """Per-row face-region masks (rows, H, W) for the identity branch, or None for none."""
+    """Per-row face-region masks (rows, H, W) -- or (rows, people, H, W) -- for the identity branch, or None
+    for none. The masks at every UNet level are made here, once, and shared by all layers and steps."""
+    levels = None
+    if region is not None:
+        flat = region if region.ndim == 3 else region.flatten(0, 1)
+        levels, (h, w) = {}, flat.shape[-2:]
+        while True:
+            levels[h * w] = region_at(flat, h * w)
+            if h * w == 1:
+                break
+            h, w = (h + 1) // 2, (w + 1) // 2
     for proc in identity_processors(unet):
         proc.region = region
+        proc.region_levels = levels

@@ -11,8 +11,8 @@ import json
 import logging
 import os
 import random
+import secrets
 import sys
-import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -107,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "on the output canvas, or @K.json five keypoints on it. Each identity acts only in its "
                           "face box grown by 25%% per side; regions may not overlap")
 
+    who.add_argument("--combine", choices=defaults.COMBINE_MODES, default=defaults.COMBINE,
+                     help="how several --face photos combine: average (the demo's mean raw embedding), norm_average "
+                          "(mean of unit vectors at their mean length: every photo pulls equally), concat (16 ID "
+                          "tokens per photo side by side); ComfyUI_InstantID's combine_embeds")
+    who.add_argument("--noise", type=float, default=defaults.NOISE, metavar="F",
+                     help="0-1: uniform noise of this size in the unconditional identity embedding instead of zeros, "
+                          "seeded by --seed (ComfyUI_InstantID's noise, which it sets to 0.35 against the 'burnt' "
+                          "look); 0 (default): the demo's")
+    who.add_argument("--det-size", type=int, default=None, metavar="N",
+                     help=f"face detector input side, a multiple of 32 from {defaults.DET_SIZE_MIN} to "
+                          f"{defaults.DET_SIZE_MAX} (default {defaults.DET_SIZE}): larger finds smaller faces, slower")
+    who.add_argument("--det-retry", action="store_true",
+                     help="when no face is found, retry 64 pixels smaller at a time down to 192 (faces filling the "
+                          "photo), as ComfyUI_InstantID does")
+    who.add_argument("--face-index", type=int, default=None, metavar="N",
+                     help="use the N-th face (0-based, left to right) of each --face photo instead of the largest")
+    who.add_argument("--pose-face-index", type=int, default=None, metavar="N",
+                     help="take the keypoints from the N-th face (0-based, left to right) of the --pose photo")
+
     what = gen.add_argument_group("generation")
     what.add_argument("--prompt", default="", help="text prompt (empty: image-only)")
     what.add_argument("--negative-prompt", default=None)
@@ -140,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     what.add_argument("--output", required=True, help="PATH.png/.jpg/.webp; -N suffixes for several images")
     what.add_argument("--no-score", dest="score", action="store_false",
-                      help="skip the identity score printed (on stderr) next to each file written")
+                      help="skip the identity score printed (on stderr) next to each file written (without the "
+                           "face model, e.g. with --face-embedding, it is skipped with a note, exit 0)")
 
     ana = sub.add_parser("analyze", help="detect faces; print JSON and save embeddings")
     ana.add_argument("images", nargs="+", metavar="IMG")
@@ -236,6 +256,7 @@ def _check_generate_args(args) -> None:
         raise InvalidParameterError("--output", f"directory {Path(args.output).parent} does not exist")
     if not 0 < args.strength <= 1:
         raise InvalidParameterError("--strength", f"must be in (0, 1], got {args.strength}")
+    _check_face_options(args)
     if args.enhance_face_region and args.control_mask:
         raise InvalidParameterError("--control-mask", "give --control-mask or --enhance-face-region, not both")
     if args.enhance_face_region and not (args.face or args.pose):
@@ -247,6 +268,32 @@ def _check_generate_args(args) -> None:
             raise InvalidParameterError("--save-pose-image", f"extension must be one of {sorted(FORMATS)}")
         if not pose_path.resolve().parent.is_dir():
             raise InvalidParameterError("--save-pose-image", f"directory {pose_path.parent} does not exist")
+
+
+def _check_face_options(args) -> None:
+    from .face import check_det_size
+
+    if not 0 <= args.noise <= 1:
+        raise InvalidParameterError("--noise", f"must be in [0, 1], got {args.noise}")
+    if args.det_size is not None:
+        check_det_size(args.det_size, "--det-size")
+    for flag, value in (("--face-index", args.face_index), ("--pose-face-index", args.pose_face_index)):
+        if value is not None and value < 0:
+            raise InvalidParameterError(flag, f"must be 0 or more, got {value}")
+    if args.face_index is not None and not args.face:
+        raise InvalidParameterError("--face-index", "picks a face of the --face photos; give --face")
+    if args.pose_face_index is not None and (not args.pose or args.person):
+        raise InvalidParameterError("--pose-face-index", "picks the face of a --pose photo (with --person, each "
+                                                         "person's :N does)")
+    if args.combine == "concat" and args.person:
+        raise InvalidParameterError("--combine", "concat is for one identity; with --person use average or "
+                                                 "norm_average")
+
+
+def _detection(args, index: int | None = None):
+    from .identity import Detection
+
+    return Detection(det_size=args.det_size, retry=args.det_retry, face_index=index)
 
 
 def _check_people(args) -> None:
@@ -282,15 +329,15 @@ def _read_people(args) -> list[tuple[list, "Placement"]]:
     return out
 
 
-def _people(persons, pose_photo, analyzer, width, height):
+def _people(persons, pose_photo, analyzer, width, height, args):
     """The --person options as pipeline people on the output canvas (and that canvas's size)."""
     from .identity import build_identity
     from .people import group_faces, place_people
 
-    group = group_faces(analyzer, *pose_photo) if pose_photo else None
+    group = group_faces(analyzer, *pose_photo, args.det_size, args.det_retry) if pose_photo else None
     embeddings, placements, references = [], [], []
     for photos, placement in persons:
-        identity = build_identity(analyzer, photos)
+        identity = build_identity(analyzer, photos, detection=_detection(args), combine=args.combine)
         embeddings.append(identity.embedding)
         references.append(identity.pose)
         placements.append(placement)
@@ -339,13 +386,24 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
 
 
+def _staging_file(path: Path) -> Path:
+    """A new, empty temporary file beside ``path``, created with mode 0666 less the umask as any new file is
+    (``mkstemp`` creates 0600, which ``os.replace`` would hand on to the output)."""
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def _save_all(images, paths: list[Path]) -> None:
     """Write every image to a temporary file first; rename only when all succeeded (nothing partial)."""
     staged = []
     try:
         for image, path in zip(images, paths):
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-            os.close(fd)
+            tmp = _staging_file(path)
             staged.append((tmp, path))
             image.save(tmp, format=FORMATS[path.suffix.lower()])
         for tmp, path in staged:
@@ -399,7 +457,7 @@ def cmd_generate(args) -> int:
         from .people import keypoints_overview
 
         analyzer = FaceModel(args.face_model)
-        people, (width, height), person_embeddings = _people(persons, pose_photo, analyzer, width, height)
+        people, (width, height), person_embeddings = _people(persons, pose_photo, analyzer, width, height, args)
         embedding = keypoint_image = None
     else:
         pose = Pose(kps, (width or 1024, height or 1024)) if kps is not None else None
@@ -408,15 +466,18 @@ def cmd_generate(args) -> int:
 
             analyzer = FaceModel(args.face_model)
             if faces:
-                identity = build_identity(analyzer, faces)
+                identity = build_identity(analyzer, faces, detection=_detection(args, args.face_index),
+                                          combine=args.combine)
                 embedding, pose = identity.embedding, pose or identity.pose
             if pose_photo:
-                pose = build_pose(analyzer, *pose_photo)
+                pose = build_pose(analyzer, *pose_photo, _detection(args, args.pose_face_index))
 
         width, height = width or pose.size[0], height or pose.size[1]  # default: the pose photo's analysed canvas
         keypoint_image = pose.draw(width, height)
         if args.enhance_face_region is not False and pose.bbox is not None and control_mask is None:
             control_mask = pose.face_mask(width, height)  # on by default wherever a face box is known, as the demo
+
+    scorer, unscored = _scorer(args, analyzer if (faces or pose_photo or people) else None)
 
     from .pipeline import GenerationRequest
     from .prompt_weighting import DEFAULT
@@ -436,7 +497,7 @@ def cmd_generate(args) -> int:
         control_guidance_start=args.control_guidance_start, control_guidance_end=args.control_guidance_end,
         controls=control_inputs,
         prompt_weighting=args.prompt_weighting or DEFAULT, control_mask=control_mask, init_image=init_image,
-        strength=args.strength, people=people,
+        strength=args.strength, people=people, noise=args.noise,
     )
     images = pipe.generate([request], width=width, height=height, steps=args.steps, scheduler=args.scheduler)[0]
     paths = _output_paths(args.output, len(images))
@@ -454,16 +515,34 @@ def cmd_generate(args) -> int:
         print(path)
     print(f"seed: {seed}", file=sys.stderr)
     if args.score:
-        from .face import FaceModel
-
-        analyzer = analyzer if (faces or pose_photo or people) else FaceModel(args.face_model)
         references = [face.embedding for face in identity.faces] if faces else None
-        for image, path in outputs:
-            if people:
-                print(f"{path}: {_people_score_line(analyzer, image, people, person_embeddings)}", file=sys.stderr)
-            else:
-                print(f"{path}: identity {_score_line(analyzer, image, embedding, references)}", file=sys.stderr)
+        try:
+            if scorer is None:
+                raise unscored
+            lines = [f"{path}: {_people_score_line(scorer, image, people, person_embeddings)}" if people
+                     else f"{path}: identity {_score_line(scorer, image, embedding, references)}"
+                     for image, path in outputs]
+        except Exception as exc:  # the images are written: the score is extra, never a failure after them
+            if args.debug and exc is not unscored:
+                raise
+            reason = str(exc) if isinstance(exc, InstantIDError) else f"{type(exc).__name__}: {exc}"
+            lines = [f"identity score skipped: {reason}".splitlines()[0]]
+        for line in lines:
+            print(line, file=sys.stderr)
     return 0
+
+
+def _scorer(args, analyzer):
+    """(face model for the identity score, None) or (None, why not): a saved identity generates without the face
+    pack, so a missing one skips the score instead of failing after the images are written."""
+    if not args.score or analyzer is not None:
+        return analyzer, None
+    from .face import FaceModel
+
+    try:
+        return FaceModel(args.face_model), None
+    except InstantIDError as exc:
+        return None, exc
 
 
 def _control_inputs(args, controlnets: dict, controls: list, faces: list, pose_photo, size) -> list:
@@ -532,7 +611,7 @@ def cmd_score(args) -> int:
 
 # -- analyze --------------------------------------------------------------------------------------------
 def cmd_analyze(args) -> int:
-    from .face import FaceModel, load_image, resize_for_analysis
+    from .face import FaceModel, analysis_mapping, load_image, resize_for_analysis
 
     images = [(path, load_image(path)) for path in args.images]  # all readable before any work
     out_dir = Path(args.output_dir)
@@ -549,12 +628,12 @@ def cmd_analyze(args) -> int:
     for path, image in images:
         canvas = resize_for_analysis(image)
         # report coordinates on the original photo; embeddings are computed on the analysed canvas
-        scale = (image.size[0] / canvas.size[0], image.size[1] / canvas.size[1])
+        mapping = analysis_mapping(*image.size)
         faces = []
         for i, face in enumerate(analyzer.analyze(canvas)):
             target = out_dir / f"{Path(path).stem}.face{i}.npy"
             arrays.append((target, face.embedding))
-            found = face.to_dict(scale)
+            found = face.to_dict(*mapping)
             faces.append({
                 "bbox": np.round(found["bbox"], 2).tolist(),
                 "score": round(found["score"], 4),

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import weights
+from . import defaults, weights
 from .errors import InvalidImageError, InvalidParameterError, NoFaceError, WeightsError
-from .image_limits import DecodeAborted, check_format, check_structure, open_bounded, unreadable
+from .image_limits import (MAX_DECODE_PIXELS, DecodeAborted, check_format, check_structure, open_bounded,
+                           unreadable)
 
 # A photo that takes longer than this to decode is refused (a bounded-scan JPEG at the pixel limit takes ~1 s).
 DECODE_TIMEOUT_S = 10.0
@@ -33,10 +34,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def load_image(source: str | Path | bytes, name: str | None = None, *, timeout_s: float = DECODE_TIMEOUT_S,
-               should_stop=None) -> Image.Image:
+               should_stop=None, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
     """Decode a JPEG (or a phone's MPO: its first frame), PNG or WebP file (path) or upload (bytes) into an RGB
     image with EXIF orientation applied. The decode is bounded (``instantid.image_limits``): refused when its
-    framing is hostile, stopped past ``timeout_s`` or as soon as ``should_stop()`` is true."""
+    framing is hostile, over ``max_pixels`` or past the scans its size may cost, stopped past ``timeout_s`` or
+    as soon as ``should_stop()`` is true."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "uploaded image"
         data = bytes(source)
@@ -48,8 +50,8 @@ def load_image(source: str | Path | bytes, name: str | None = None, *, timeout_s
             raise InvalidImageError(f"cannot read {label}: {exc.strerror or _one_line(exc)}") from exc
     check_structure(data, label)
     try:
-        image = open_bounded(data, label, timeout_s, should_stop)
-    except DecodeAborted:
+        image = open_bounded(data, label, timeout_s, should_stop, max_pixels)
+    except InvalidImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise unreadable(label) from exc
@@ -58,7 +60,7 @@ def load_image(source: str | Path | bytes, name: str | None = None, *, timeout_s
         image.load()  # decode now: a truncated file fails here rather than deep inside the pipeline
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
-    except DecodeAborted:
+    except InvalidImageError:  # stopped by a bound (DecodeAborted included): its own message
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"{label} is truncated or corrupt: {_one_line(exc)}") from exc
@@ -76,18 +78,36 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_for_analysis(image: Image.Image) -> Image.Image:
-    """The official demo's ``resize_img`` (max_side=1280, min_side=1024, base 64): two bilinear resizes.
+    """The photo on the demo's canvas without squashing it: the official demo's ``resize_img`` (max_side=1280,
+    min_side=1024, base 64) first resize (bilinear, rounding as the reference, one scale for both axes), then a
+    centred crop to the demo's output size (each side floored to a multiple of 64: at most 63 pixels cut).
 
-    Kept step for step, rounding included, so detected keypoints and embeddings match the reference.
+    The demo resizes a second time, non-uniformly, to that size, which squashes the face by up to ~6 % on a photo
+    whose sides are not multiples of 64; the crop keeps the person's proportions and the demo's output size.
+    ``analysis_mapping`` maps the canvas's coordinates back onto the photo.
     """
     (w_resize, h_resize), (new_w, new_h) = _analysis_sizes(*image.size)
     image = image.resize([w_resize, h_resize], Image.BILINEAR)
-    return image.resize([new_w, new_h], Image.BILINEAR)
+    left, top = _crop_origin((w_resize, h_resize), (new_w, new_h))
+    return image.crop((left, top, left + new_w, top + new_h))
 
 
 def analysis_size(width: int, height: int) -> tuple[int, int]:
     """The size ``resize_for_analysis`` gives a width x height image (the demo's output size for it)."""
     return _analysis_sizes(width, height)[1]
+
+
+def analysis_mapping(width: int, height: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(scale, offset), each (x, y): a point on the analysed canvas of a width x height photo lies at
+    ``canvas * scale + offset`` on the photo (the scales differ only by the resize's rounding)."""
+    (w_resize, h_resize), size = _analysis_sizes(width, height)
+    sx, sy = width / w_resize, height / h_resize
+    left, top = _crop_origin((w_resize, h_resize), size)
+    return (sx, sy), (left * sx, top * sy)
+
+
+def _crop_origin(resized: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    return (resized[0] - size[0]) // 2, (resized[1] - size[1]) // 2
 
 
 def _analysis_sizes(width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -116,16 +136,17 @@ class Face:
         x1, y1, x2, y2 = (float(v) for v in self.bbox)
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
-    def to_dict(self, scale: tuple[float, float] = (1.0, 1.0)) -> dict:
-        """JSON-able summary, coordinates multiplied by ``scale`` (x, y): from the analysed canvas to the photo
-        as given, ``(photo width / canvas width, photo height / canvas height)``. The embedding is left out: it
-        is large and an identity biometric. The CLI's report and the service's ``FaceInfo`` both start here."""
+    def to_dict(self, scale: tuple[float, float] = (1.0, 1.0), offset: tuple[float, float] = (0.0, 0.0)) -> dict:
+        """JSON-able summary, coordinates mapped by ``canvas * scale + offset`` (each x, y): from the analysed
+        canvas to the photo as given, ``analysis_mapping(*photo.size)``. The embedding is left out: it is large
+        and an identity biometric. The CLI's report and the service's ``FaceInfo`` both start here."""
         sx, sy = float(scale[0]), float(scale[1])
+        ox, oy = float(offset[0]), float(offset[1])
         x1, y1, x2, y2 = (float(v) for v in self.bbox)
         return {
-            "bbox": [x1 * sx, y1 * sy, x2 * sx, y2 * sy],
+            "bbox": [x1 * sx + ox, y1 * sy + oy, x2 * sx + ox, y2 * sy + oy],
             "score": float(self.score),
-            "kps": [[float(x) * sx, float(y) * sy] for x, y in np.asarray(self.kps)],
+            "kps": [[float(x) * sx + ox, float(y) * sy + oy] for x, y in np.asarray(self.kps)],
         }
 
 
@@ -263,8 +284,16 @@ class FaceModel:
         ctx_id = 0 if "CUDAExecutionProvider" in self.providers else -1
         self.app.prepare(ctx_id=ctx_id, det_size=tuple(det_size))
 
-    def analyze(self, image: Image.Image | np.ndarray) -> list[Face]:
-        """Detect and embed every face of an RGB image; largest box first."""
+    def analyze(self, image: Image.Image | np.ndarray, det_size: int | None = None,
+                retry: bool = False) -> list[Face]:
+        """Detect and embed every face of an RGB image; largest box first.
+
+        ``det_size``: the detector's input side for this call (default: the model's, 640); a larger one finds
+        smaller faces, at a cost that grows with its square. ``retry``: when no face is found, try again 64 pixels
+        smaller at a time down to 192, as ComfyUI_InstantID does (a face that fills the photo is too large for
+        the detector's anchors at 640)."""
+        if det_size is not None:
+            check_det_size(det_size)
         if isinstance(image, Image.Image):
             rgb = np.asarray(image.convert("RGB"))
         else:
@@ -272,6 +301,14 @@ class FaceModel:
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 raise InvalidImageError(f"expected an HxWx3 uint8 RGB array, got {rgb.dtype} {rgb.shape}")
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # insightface, like OpenCV, works in BGR
+        sizes = [det_size]
+        if retry:
+            first = det_size or int(self.app.det_model.input_size[0])
+            sizes += list(range(first - 64, defaults.DET_RETRY_MIN - 1, -64))
+        for size in sizes:
+            found = self._get(bgr, size)
+            if found:
+                break
         faces = [
             Face(
                 bbox=np.asarray(f.bbox[:4], dtype=np.float32),
@@ -279,9 +316,24 @@ class FaceModel:
                 kps=np.asarray(f.kps, dtype=np.float32).reshape(5, 2),
                 embedding=np.asarray(f.embedding, dtype=np.float32).reshape(EMBEDDING_DIM),
             )
-            for f in self.app.get(bgr)
+            for f in found
         ]
         return sorted(faces, key=lambda f: f.area, reverse=True)  # stable: equal areas keep detector order
+
+    def _get(self, bgr: np.ndarray, det_size: int | None) -> list:
+        """insightface's ``FaceAnalysis.get`` (detection, then recognition of each face), with the detector's input
+        size passed per call rather than set on the shared model (concurrent calls may ask for other sizes)."""
+        if det_size is None:
+            return self.app.get(bgr)
+        from insightface.app.common import Face as InsightFace
+
+        bboxes, kpss = self.app.det_model.detect(bgr, input_size=(det_size, det_size), max_num=0, metric="default")
+        found = []
+        for i in range(bboxes.shape[0]):
+            face = InsightFace(bbox=bboxes[i, 0:4], kps=None if kpss is None else kpss[i], det_score=bboxes[i, 4])
+            self.app.models["recognition"].get(bgr, face)
+            found.append(face)
+        return found
 
     def largest_face(self, image: Image.Image | np.ndarray, source: str) -> Face:
         """The largest face, as the official demo uses; NoFaceError naming ``source`` when there is none."""
@@ -289,6 +341,16 @@ class FaceModel:
         if not faces:
             raise NoFaceError(source)
         return faces[0]
+
+
+def check_det_size(value, field: str = "det_size") -> int:
+    """A detector input side: a multiple of 32 (SCRFD's largest stride) in [DET_SIZE_MIN, DET_SIZE_MAX]."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidParameterError(field, f"must be an integer, got {value!r}")
+    if not defaults.DET_SIZE_MIN <= value <= defaults.DET_SIZE_MAX or value % 32:
+        raise InvalidParameterError(field, f"must be a multiple of 32 from {defaults.DET_SIZE_MIN} to "
+                                           f"{defaults.DET_SIZE_MAX}, got {value}")
+    return int(value)
 
 
 def mean_embedding(faces: list[Face]) -> np.ndarray:

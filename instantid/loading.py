@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -46,8 +47,38 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise InvalidParameterError("dtype", f"must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
     if device == "cpu" and dtype != "float32":
-        raise InvalidParameterError("dtype", "the CPU path runs in float32 only")
+        # Allowed for tests and for anyone without a GPU who wants the GPU's numerics: half-precision kernels on
+        # the CPU are slow (many fall back to float32 internally), never a way to serve.
+        warnings.warn(f"{dtype} on the CPU is slow: meant for tests of the GPU's numerics, not for serving",
+                      CpuHalfPrecisionWarning, stacklevel=2)
     return DTYPES[dtype]
+
+
+class CpuHalfPrecisionWarning(UserWarning):
+    """float16/bfloat16 requested on the CPU (allowed, slow)."""
+
+
+VAE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def pick_vae_dtype(vae_dtype: str, dtype: torch.dtype, device: str, force_upcast: bool) -> torch.dtype:
+    """The VAE's dtype in a pipeline whose other models are ``dtype``.
+
+    ``auto``: the pipeline's dtype, except that a VAE that overflows in float16 (``force_upcast``, SDXL's own)
+    runs in bfloat16 where the device has it (float32's exponent range, so no overflow, at half float32's memory
+    and time; 8 mantissa bits, and its output is quantised to 8-bit pixels), else in float32 as the reference
+    upcasts it. ``float16`` is refused for such a VAE."""
+    if vae_dtype not in VAE_DTYPES:
+        raise InvalidParameterError("vae_dtype", f"must be one of {list(VAE_DTYPES)}, got {vae_dtype!r}")
+    if vae_dtype == "auto":
+        if dtype != torch.float16 or not force_upcast:
+            return dtype
+        bf16 = device != "cuda" or torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if vae_dtype == "float16" and force_upcast:
+        raise InvalidParameterError("vae_dtype", "this VAE overflows in float16 (force_upcast): use bfloat16, "
+                                                 "float32 or an fp16-fixed VAE")
+    return DTYPES[vae_dtype]
 
 
 def load_controlnet(path: Path, dtype: torch.dtype) -> ControlNetModel:
@@ -130,11 +161,17 @@ def load_pipeline(
     controlnets: dict[str, str] | None = None,
     loras: dict[str, str] | None = None,
     base_config: str | None = None,
+    vae_dtype: str = "auto",
 ) -> InstantIDPipeline:
-    """Load everything, move it to the device, and return a ready pipeline."""
+    """Load everything, move it to the device, and return a ready pipeline.
+
+    Every model runs in ``dtype`` but the VAE, which runs in ``vae_dtype`` (see ``pick_vae_dtype``); the layout
+    is the same on the CPU as on CUDA, so the CPU can test the GPU's numerics."""
     started = time.perf_counter()
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
+    if vae_dtype not in VAE_DTYPES:  # checked again with the VAE's config once loaded; a typo fails at once
+        raise InvalidParameterError("vae_dtype", f"must be one of {list(VAE_DTYPES)}, got {vae_dtype!r}")
     # Resolve every reference (and open ip-adapter.bin) before loading any model: a typo or a missing
     # object fails in a moment, not after the base model has been loaded.
     instantid_dir = resolve(instantid, allow_patterns=INSTANTID_PATTERNS)
@@ -158,7 +195,7 @@ def load_pipeline(
     for name, path in lora_paths.items():
         pipe.load_lora(name, str(path))
     pipe.to(device)
-    if torch_dtype == torch.float16 and pipe.vae.config.force_upcast:
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; the reference upcasts it for decoding too
-    log.info("pipeline loaded in %.1fs (%s, %s)", time.perf_counter() - started, device, torch_dtype)
+    pipe.vae.to(pick_vae_dtype(vae_dtype, torch_dtype, device, bool(pipe.vae.config.force_upcast)))
+    log.info("pipeline loaded in %.1fs (%s, %s, VAE %s)", time.perf_counter() - started, device, torch_dtype,
+             pipe.vae.dtype)
     return pipe

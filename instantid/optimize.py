@@ -27,13 +27,34 @@
   in tiles (less peak memory for large batches, small seams); ``"auto"`` = ``"bf16"`` where the device
   supports bfloat16, else ``"fp32"``.
 
+Serving (``serving=ServingPlan(...)``): compiled graphs are only safe under mixed traffic when their number is
+bounded and they are all built before the first request. With a plan, ``generate`` pads every batch to a
+batch-size bucket (pad rows are discarded), keeps a dropped request's rows in the batch (so the shape stays),
+gives every request the same graph inputs (per-row scale tensors, a control-mask tensor of ones when there is
+none, a text-padding mask, IdentityNet on every row of every identity slot), and each compiled module runs its
+compiled graph only for input signatures that ``warm_up`` compiled; anything else (an unplanned size, LoRA,
+more people or a longer prompt than planned) runs eager, and so does everything after a compile failure:
+logged and counted in ``ServingState.eager_calls``, never a failed request.
+
+diffusers 0.42 decorates ``UNet2DConditionModel.forward`` and ``ControlNetModel.forward`` with one
+``apply_lora_scale`` wrapper: compiling the bound methods puts every module's graphs in one code object's cache,
+so they share one recompile budget (``torch._dynamo.config.recompile_limit``, 8) and with ``fullgraph=True``
+the 9th graph raises ``FailOnRecompileLimitHit``. Each module is therefore compiled through a function with its
+own code object (its own cache and budget), and the budget is raised to the plan's graph count plus a margin.
+
 The CPU float32 path never calls this module, so its parity with the reference is untouched.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
+import threading
+import types
+from dataclasses import dataclass, field
 
+import PIL.Image
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
@@ -42,6 +63,74 @@ from .attention import IdentityAttnProcessor
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, None: None}
 VAE_MODES = ("auto", "bf16", "fp32", "fp16", "tiled")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+log = logging.getLogger(__name__)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What a broken compile raises (tracing, the backend, the recompile limit), as opposed to a model error."""
+    from torch._dynamo import exc
+
+    return exc.TorchDynamoException, exc.FailOnRecompileLimitHit
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """The graphs a serving replica compiles and warms before it reports ready.
+
+    ``batch_buckets`` count denoising rows (classifier-free guidance doubles a request's images), so a guided
+    request of one image and an unguided one of two share the 2-row graph. ``sizes`` are (width, height);
+    ``text_lengths`` the encoded prompt lengths (77 per CLIP chunk; long weighted prompts encode longer);
+    ``people_slots`` the identity-slot counts (1 = single identity)."""
+
+    batch_buckets: tuple[int, ...] = (2, 4, 8)
+    sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)
+    text_lengths: tuple[int, ...] = (77,)
+    people_slots: tuple[int, ...] = (1,)
+    # schedulers warmed: their timesteps are a graph input whose dtype differs (Euler's float32, DPM-Solver's and
+    # LCM's int64); others with the same dtype share the graphs
+    schedulers: tuple[str, ...] = ("euler", "dpmpp_2m_karras")
+    steps: int = 2  # warm-up steps per graph set (a graph does not depend on the step count)
+
+    def __post_init__(self):
+        if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
+            raise ValueError("batch_buckets must be positive row counts")
+        if any(b % 2 and b != 1 for b in self.batch_buckets):
+            raise ValueError("batch_buckets above 1 must be even (a guided request has two rows per image)")
+
+    def bucket(self, rows: int) -> int | None:
+        """The smallest bucket holding ``rows`` rows; None when none does (the batch runs eager)."""
+        return min((b for b in self.batch_buckets if b >= rows), default=None)
+
+    def text_bucket(self, tokens: int) -> int:
+        """The planned text length a prompt of ``tokens`` is padded to (masked); its own when none is longer."""
+        return min((n for n in self.text_lengths if n >= tokens), default=tokens)
+
+    def graphs_per_module(self) -> int:
+        return (len(self.batch_buckets) * len(self.sizes) * len(self.text_lengths) * len(self.people_slots)
+                * len(self.schedulers))
+
+
+RECOMPILE_MARGIN = 4  # guards beyond the planned signatures (a first-call specialisation) get a little room
+
+
+@dataclass
+class ServingState:
+    """A compiled pipeline's serving state: the plan, the signatures warmed, and the eager fallbacks."""
+
+    plan: ServingPlan
+    cudagraphs: bool = False  # compile_mode reduce-overhead: generate marks each step's start
+    warming: bool = False
+    broken: str | None = None  # the first compile failure; everything runs eager after it
+    warmed: set = field(default_factory=set)
+    eager_calls: dict = field(default_factory=dict)  # reason -> count
+    on_fallback: list = field(default_factory=list)  # callables(reason) (a metric); called once per fallback
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fallback(self, reason: str) -> None:
+        with self.lock:
+            self.eager_calls[reason] = self.eager_calls.get(reason, 0) + 1
+        for hook in self.on_fallback:
+            hook(reason)
 
 
 def optimize(
@@ -57,6 +146,8 @@ def optimize(
     compile_vae: bool = True,
     cache_dir: str | os.PathLike | None = None,
     inductor_tuning: bool = True,
+    serving: ServingPlan | None = None,
+    backend: str | object = "inductor",
 ) -> list[str]:
     """Apply the optimisations to ``pipe`` in place; returns the names of those applied (see the module doc)."""
     if fp16_vae not in VAE_MODES:
@@ -92,19 +183,46 @@ def optimize(
                 _as_tensor_scale(proc)
         applied.append("tensor_scales")
 
+    if serving is not None:
+        if not (compile and tensor_scales):
+            raise ValueError("serving= plans compiled graphs: it needs compile=True and tensor_scales=True")
+        pipe.serving = ServingState(serving, cudagraphs=compile_mode == "reduce-overhead")
     if compile:
         if cache_dir is not None:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
-        if inductor_tuning:
+            set_cache_dir(cache_dir)
+        if inductor_tuning and backend == "inductor":
             _tune_inductor()
-        kwargs = dict(mode=compile_mode, fullgraph=True, dynamic=False)
-        _compile_forward(pipe.unet, **kwargs)
-        for net in controlnets:
-            _compile_forward(net, scalar_args=("conditioning_scale",) if tensor_scales else (), **kwargs)
+        if serving is not None:
+            budget = serving.graphs_per_module() + RECOMPILE_MARGIN
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, budget)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, budget * (len(nets) + 1))
+        kwargs = dict(fullgraph=True, dynamic=False, backend=backend)
+        if backend == "inductor":
+            kwargs["mode"] = compile_mode
+        state = getattr(pipe, "serving", None)
+        # LoRA scales are Python floats in peft's layers (constants of a graph): an active LoRA is its own key
+        unet_key = (lambda: (_identity_state(pipe.unet), pipe.__dict__.get("_active_loras", ()))) \
+            if state is not None else None
+        _compile_forward(pipe.unet, state=state, extra_key=unet_key, name="unet", **kwargs)
+        for k, net in enumerate(controlnets):
+            _compile_forward(net, scalar_args=("conditioning_scale",) if tensor_scales else (), state=state,
+                             name=f"controlnet{k}", **kwargs)
         if compile_vae:
-            _compile_forward(pipe.vae.decoder, **kwargs)
-        applied.append(f"compile({compile_mode})")
+            _compile_forward(pipe.vae.decoder, state=state, name="vae_decoder", **kwargs)
+        applied.append(f"compile({compile_mode if backend == 'inductor' else backend})")
     return applied
+
+
+def set_cache_dir(cache_dir: str | os.PathLike) -> None:
+    """Persist Inductor's compiled kernels (FX graph cache, autotuning results) in ``cache_dir``: on the model
+    cache volume, the first replica of a node compiles and the others load kernels in seconds."""
+    import torch._inductor.config as cfg
+
+    os.makedirs(cache_dir, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read by Inductor's cache at first use
+    cfg.fx_graph_cache = True
+    cfg.autotune_local_cache = True
 
 
 # -- VAE ------------------------------------------------------------------------------------------------
@@ -141,6 +259,8 @@ def _fuse_self_attention(model, *, cross_too: bool) -> int:
             continue
         if module.is_cross_attention and not cross_too:
             continue
+        if any(hasattr(getattr(module, name, None), "base_layer") for name in ("to_q", "to_k", "to_v")):
+            continue  # a LoRA (peft) wraps the projection: the fused GEMM would bypass it
         with torch.no_grad():
             module.fuse_projections()
         parts = ["to_k", "to_v"] if module.is_cross_attention else ["to_q", "to_k", "to_v"]
@@ -203,24 +323,123 @@ def _tune_inductor() -> None:
     cfg.epilogue_fusion = False
 
 
-def _compile_forward(module, *, scalar_args: tuple[str, ...] = (), **kwargs) -> None:
+def _own_code(fn, name: str):
+    """``fn`` with a code object of its own: dynamo keeps compiled graphs (and counts recompiles) per code
+    object, so each module compiled through its own copy has its own cache and budget."""
+    code = fn.__code__.replace(co_name=f"compiled_{name}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _signature(value):
+    """Shapes and dtypes of every tensor in ``value`` (nested lists, tuples, dicts): what a graph is keyed on."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in sorted(value.items()))
+    return type(value).__name__ if value is not None else None
+
+
+def _identity_state(unet):
+    """What the identity processors add to the UNet's graph: the region's and the scale's shapes."""
+    from .attention import identity_processors
+
+    procs = identity_processors(unet)
+    if not procs:
+        return None
+    first = procs[0]
+    return _signature(first.region), _signature(first.scale)
+
+
+_SCALARS: dict = {}
+
+
+def scalar_tensor(value: float, device, dtype) -> torch.Tensor:
+    """A 0-d tensor for a Python float, made once per (value, device, dtype): no host-to-device copy per call."""
+    key = (float(value), torch.device(device), dtype)
+    tensor = _SCALARS.get(key)
+    if tensor is None:
+        tensor = _SCALARS[key] = torch.tensor(float(value), device=device, dtype=dtype)
+    return tensor
+
+
+def _compile_forward(module, *, scalar_args: tuple[str, ...] = (), state: ServingState | None = None,
+                     extra_key=None, name: str = "module", **kwargs) -> None:
     """Replace ``module.forward`` with its compiled version; Python scalars named in ``scalar_args`` become
-    0-d tensors first (outside the compiled region), so their values are graph inputs, not constants."""
+    0-d tensors first (outside the compiled region), so their values are graph inputs, not constants.
+
+    With a serving ``state``, the compiled graph runs only for signatures warmed (or while warming); others run
+    eager, and a compile failure switches every module to eager for good: both logged and counted."""
     if hasattr(module, "_eager_forward"):
         return
     eager = module.forward
-    compiled = torch.compile(eager, **kwargs)
+
+    def call(*args, **kw):
+        return eager(*args, **kw)
+
+    compiled = torch.compile(_own_code(call, name), **kwargs)
+    errors = _compile_errors()
 
     def forward(*args, **kw):
-        for name in scalar_args:
-            value = kw.get(name)
+        for arg in scalar_args:
+            value = kw.get(arg)
             if value is not None and not isinstance(value, torch.Tensor):
                 ref = args[0] if args else next(iter(kw.values()))
-                kw[name] = torch.tensor(float(value), device=ref.device, dtype=ref.dtype)
-        return compiled(*args, **kw)
+                kw[arg] = scalar_tensor(value, ref.device, ref.dtype)
+        if state is None:
+            return compiled(*args, **kw)
+        if state.broken is not None:
+            state.fallback("compile_failed")
+            return eager(*args, **kw)
+        key = (name, _signature(args), _signature(kw), extra_key() if extra_key else None)
+        if not state.warming and key not in state.warmed:
+            state.fallback("unplanned")
+            log.info("%s: an unplanned input signature runs eager", name)
+            log.debug("%s: unplanned signature %s; warmed %s", name, key, state.warmed)
+            return eager(*args, **kw)
+        try:
+            out = compiled(*args, **kw)
+        except errors as exc:
+            state.broken = f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.error("compile failed, serving eager from now on: %s", state.broken)
+            state.fallback("compile_failed")
+            return eager(*args, **kw)
+        if state.warming:
+            state.warmed.add(key)
+        return out
 
     module._eager_forward = eager
     module.forward = forward
+
+
+def warm_up(pipe, make_request) -> dict:
+    """Compile and run every graph of ``pipe.serving.plan`` once: each size x batch bucket x text length x
+    people-slot count x scheduler. ``make_request(slots, text_length, guided)`` builds one
+    request (a face embedding and keypoint image at any size; the pipeline resizes them). Returns a summary:
+    the signatures warmed, and the compile failure if there was one (then the pipeline serves eager)."""
+    state: ServingState = pipe.serving
+    plan = state.plan
+    state.warming = True
+    try:
+        for (width, height), slots, text_len, bucket in itertools.product(
+                plan.sizes, plan.people_slots, plan.text_lengths, plan.batch_buckets):
+            for scheduler in plan.schedulers:
+                if state.broken:
+                    break
+                from .pipeline import ControlInput
+
+                guided = bucket % 2 == 0
+                request = make_request(slots, text_len, guided)
+                request.num_images = bucket // 2 if guided else bucket
+                # every extra ControlNet at once: the UNet's inputs have the same shapes with or without them
+                blank = PIL.Image.new("RGB", (width, height))
+                request.controls = [ControlInput(name, blank) for name in pipe.extra_controlnets]
+                pipe.generate([request], width=width, height=height, steps=plan.steps, scheduler=scheduler,
+                              output_type="pil")  # decodes too: the VAE decoder's graph for that many images
+    finally:
+        state.warming = False
+    return {"warmed": len(state.warmed), "broken": state.broken}
 
 
 def is_optimized(module) -> bool:

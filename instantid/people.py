@@ -194,12 +194,15 @@ def keypoints_overview(people: list[Person]) -> Image.Image:
     return Image.fromarray(np.maximum.reduce([np.asarray(p.keypoint_image.convert("RGB")) for p in people]))
 
 
-def group_faces(analyzer, name: str, image: Image.Image) -> tuple[list, tuple[int, int]]:
-    """Every face of a group pose photo (after the reference resize), left to right, and the analysed size."""
+def group_faces(analyzer, name: str, image: Image.Image, det_size: int | None = None,
+                retry: bool = False) -> tuple[list, tuple[int, int]]:
+    """Every face of a group pose photo (after the reference resize), left to right, and the analysed size;
+    ``det_size``/``retry`` as ``FaceModel.analyze``."""
     from .face import resize_for_analysis
 
     canvas = resize_for_analysis(image)
-    faces = analyzer.analyze(canvas)
+    faces = analyzer.analyze(canvas, det_size=det_size, retry=retry) if (det_size or retry) else analyzer.analyze(
+        canvas)
     if not faces:
         raise NoFaceError(name)
     return sorted_left_to_right(faces), canvas.size

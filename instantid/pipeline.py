@@ -31,6 +31,8 @@ get alone (up to float rounding of batched matrix products).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -44,11 +46,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch.nn import functional as F
 
 from . import defaults, prompt_weighting
-from .attention import install_identity_adapter, set_identity_region, set_identity_scale
+from .attention import install_identity_adapter, set_identity_region, set_identity_scale, set_identity_tokens
 from .errors import InvalidParameterError, WeightsError
 from .people import Person, check_people
 from .resampler import Resampler
 from .schedulers import make_scheduler
+
+EMBEDDING_VALUES = 512  # a raw ArcFace embedding
 
 
 class _RedactTruncatedPrompt(logging.Filter):
@@ -81,7 +85,9 @@ class ControlInput:
 class GenerationRequest:
     """One request's conditioning. Size, steps and scheduler are shared by a batch and given to ``generate``."""
 
-    face_embedding: np.ndarray | torch.Tensor | None = None  # one identity; None with ``people``
+    # one identity, (512,); (photos, 512) puts each photo's 16 ID tokens side by side (combine "concat",
+    # identity.combine_embeddings); None with ``people``
+    face_embedding: np.ndarray | torch.Tensor | None = None
     keypoint_image: PIL.Image.Image | None = None
     prompt: str = ""
     negative_prompt: str | None = None
@@ -98,6 +104,10 @@ class GenerationRequest:
     control_mask: PIL.Image.Image | None = None  # white = face region; resized to the canvas when it differs
     init_image: PIL.Image.Image | None = None  # img2img: the picture to restyle (resized to the canvas)
     strength: float = defaults.IMG2IMG_STRENGTH  # img2img: the share of the schedule that is run (0 < strength <= 1)
+    # ComfyUI_InstantID's ``noise``: the unconditional branch's embedding is ``noise * U[0, 1)`` per value instead
+    # of zeros, drawn from a generator seeded with the request's seed (reproducible; the latents' generator is
+    # left alone, so only the unconditional ID tokens change). 0: the demo's all-zero embedding
+    noise: float = defaults.NOISE
     # 2-4 identities, each confined to its own region (people.py); replaces face_embedding, keypoint_image and
     # control_mask. One person is exactly the single-identity request with its region as the control mask.
     people: list[Person] = field(default_factory=list)
@@ -114,20 +124,40 @@ class GenerationRequest:
         # CPU generator, as diffusers does: one seed gives one image on any device
         return torch.Generator("cpu").manual_seed(int(self.seed or 0))
 
+    def noise_generator(self) -> torch.Generator | None:
+        """The generator of the unconditional embedding's noise (None without noise): its own, seeded like the
+        latents' (the given generator's initial seed, else ``seed``), so that noise leaves the latents alone."""
+        if not self.noise:
+            return None
+        seed = self.generator.initial_seed() if self.generator is not None else int(self.seed or 0)
+        return torch.Generator("cpu").manual_seed(seed)
 
-def _rows(values: list[float], counts: list[int], copies: int, like: torch.Tensor) -> float | torch.Tensor:
-    """Per-row scale for a batch laid out as ``copies`` blocks of requests; a float when all rows agree."""
-    if len(set(values)) == 1:
+    def id_token_groups(self) -> int:
+        """How many 16-token groups the identity takes: the rows of a concatenated embedding, else 1."""
+        if self.people or self.face_embedding is None:
+            return 1
+        return int(np.prod(np.shape(self.face_embedding))) // EMBEDDING_VALUES
+
+
+def _rows(values: list[float], counts: list[int], copies: int, like: torch.Tensor,
+          always: bool = False) -> float | torch.Tensor:
+    """Per-row scale for a batch laid out as ``copies`` blocks of requests; a float when all rows agree (unless
+    ``always``: compiled serving wants one graph input whatever the values)."""
+    if len(set(values)) == 1 and not always:
         return values[0]
     per_block = [v for v, n in zip(values, counts) for _ in range(n)]
     return torch.tensor(per_block * copies, device=like.device, dtype=like.dtype)
 
 
-def _pad_text(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _pad_text(embeds: list[torch.Tensor], always: bool = False,
+              bucket: Callable[[int], int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate text embeddings over the batch; when lengths differ (weighted prompts), pad with zeros and
-    return the (rows, tokens) attention mask that hides the padding. Equal lengths: no mask, as before."""
+    return the (rows, tokens) attention mask that hides the padding. Equal lengths: no mask, as before (unless
+    ``always``, for compiled serving: a mask, and the length padded to ``bucket(longest)``)."""
     longest = max(e.shape[1] for e in embeds)
-    if all(e.shape[1] == longest for e in embeds):
+    if bucket is not None:
+        longest = bucket(longest)
+    if all(e.shape[1] == longest for e in embeds) and not always:
         return torch.cat(embeds), None
     padded = [F.pad(e, (0, 0, 0, longest - e.shape[1])) for e in embeds]
     mask = torch.cat([(torch.arange(longest) < e.shape[1]).repeat(e.shape[0], 1) for e in embeds])
@@ -137,6 +167,22 @@ def _pad_text(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | 
 def _resized(region: torch.Tensor, like: torch.Tensor, mode: str) -> torch.Tensor:
     """(rows, H, W) masks resized to a residual's (rows, C, h, w) resolution, as (rows, 1, h, w)."""
     return F.interpolate(region[:, None], like.shape[-2:], mode=mode).to(like.dtype)
+
+
+class _Abandoned(Exception):
+    """A request's caller gave up during its VAE decode (``still_wanted``): the decode stops at the next block."""
+
+
+def _wanted_check(still_wanted, position: int) -> Callable[[], None] | None:
+    if still_wanted is None:
+        return None
+
+    def check() -> None:
+        wanted = still_wanted()
+        if wanted is not None and position not in set(wanted):
+            raise _Abandoned
+
+    return check
 
 
 def _scale(tensor: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -199,6 +245,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             raise InvalidParameterError("loras", f"unknown LoRA {sorted(unknown)}; loaded: {sorted(known)}")
         if not known:
             return
+        self.__dict__["_active_loras"] = tuple(sorted(scales.items()))  # part of a compiled UNet graph's key
         if scales:
             self.enable_lora()
             self.set_adapters(list(scales), adapter_weights=list(scales.values()))
@@ -276,12 +323,15 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         scheduler: str = "default",
         output_type: str = "pil",
         callback: Callable[[int, int], Iterable[int] | None] | None = None,
+        still_wanted: Callable[[], Iterable[int] | None] | None = None,
     ) -> list:
         """Run ``requests`` as one denoising batch; returns one list of images per request.
 
         ``callback(step, total)`` runs after each step. It may return the indices (into ``requests``) of the
         requests to go on with: the others' rows leave the batch before the next step (their callers gave up)
         and their entry in the result is None; the rest denoise exactly as they would have.
+        ``still_wanted()`` is asked the same (None: all) during the VAE decode, before each of the decoder's
+        blocks: a request whose caller gave up stops within its decode (a 2048x2048 decode takes ~25 s on CPU).
         Size defaults to the first request's keypoint image (the pose canvas). img2img requests must share one
         strength, and a batch is all img2img or none (their timesteps differ)."""
         # 1. Check inputs
@@ -292,12 +342,24 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         self._check(requests, width, height, steps)
         device, dtype = self._execution_device, self.unet.dtype
         cfg = requests[0].guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
-        counts = [r.num_images for r in requests]
         copies = 2 if cfg else 1
+        # Compiled serving (optimize.ServingPlan): the batch is padded to a bucket with a copy of the first
+        # request whose images are discarded, so every batch has one of a few shapes.
+        serving = getattr(self, "serving", None)
+        n_real = len(requests)
+        if serving is not None:
+            rows = copies * sum(r.num_images for r in requests)
+            bucket = serving.plan.bucket(rows)
+            if bucket is not None and bucket > rows and (bucket - rows) % copies == 0:
+                requests = [*requests, dataclasses.replace(requests[0], num_images=(bucket - rows) // copies,
+                                                           generator=None, seed=0)]
+                identities.append(identities[0])
+        counts = [r.num_images for r in requests]
         # identity slots: every row has as many as the request with the most people; a request with fewer has
         # zero ID tokens and an empty region in the others, and IdentityNet skips its rows there
         slots = max(len(i) for i in identities)
-        per_slot = self.image_proj_model.num_queries
+        # ID tokens per identity slot: the Resampler's 16, times the photos of a concatenated identity (one slot)
+        per_slot = self.image_proj_model.num_queries * requests[0].id_token_groups()
 
         # 2. Encode prompts (text) and faces (ID tokens), per request, in the reference's [uncond, cond] order
         neg_embeds, pos_embeds, neg_pooled, pos_pooled, neg_ids, pos_ids = [], [], [], [], [], []
@@ -307,11 +369,12 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             if cfg:
                 neg_embeds.append(ne), neg_pooled.append(npool)
             uncond_ids, cond_ids = self._encode_faces([e for e, _, _ in identities[len(pos_ids)]], slots,
-                                                      r.num_images, cfg, device, dtype)
+                                                      r.num_images, cfg, device, dtype, r.noise, r.noise_generator())
             pos_ids.append(cond_ids)
             if cfg:
                 neg_ids.append(uncond_ids)
-        prompt_embeds, text_mask = _pad_text(neg_embeds + pos_embeds)
+        prompt_embeds, text_mask = _pad_text(neg_embeds + pos_embeds, always=serving is not None,
+                                             bucket=serving.plan.text_bucket if serving is not None else None)
         pooled = torch.cat(neg_pooled + pos_pooled)
         id_tokens = torch.cat(neg_ids + pos_ids)
 
@@ -323,7 +386,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                                 width, height, self.controlnet.dtype)
             for k in range(slots)
         ]
-        slot_rows = self._slot_rows(identities, counts, copies, slots, device)
+        slot_rows = self._slot_rows(identities, counts, copies, slots, device, serving is not None)
         extra_names = [c.name for c in requests[0].controls]
         extra_images = {
             name: self._control_batch([r.controls[k].image for r in requests], counts, copies, width, height,
@@ -331,7 +394,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             for k, name in enumerate(extra_names)
         }
 
-        region = self._region_batch(identities, slots, counts, copies, width, height, device, prompt_embeds.dtype)
+        region = self._region_batch(identities, slots, counts, copies, width, height, device, prompt_embeds.dtype,
+                                    always=serving is not None)
 
         # 4. Prepare timesteps: one scheduler per request (their state advances independently); img2img keeps the
         # last ``strength`` share of them
@@ -366,8 +430,10 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(pooled.shape[0], 1)}
         unet_context = torch.cat([prompt_embeds, id_tokens], dim=1)
         timestep_cond = self._timestep_cond(requests, device, prompt_embeds.dtype)
-        set_identity_scale(self.unet, _rows([r.ip_adapter_scale for r in requests], counts, copies, id_tokens))
+        set_identity_scale(self.unet, _rows([r.ip_adapter_scale for r in requests], counts, copies, id_tokens,
+                                            always=serving is not None))
         set_identity_region(self.unet, region)
+        set_identity_tokens(self.unet, per_slot)
         encoder_mask = None
         if text_mask is not None:  # prompts of unequal length: padding is masked out; ID tokens always attended
             encoder_mask = torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], id_tokens.shape[1])], 1)
@@ -376,21 +442,32 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         extra_windows = {name: [(r.controls[k].scale, r.controls[k].start, r.controls[k].end) for r in requests]
                          for k, name in enumerate(extra_names)}
 
-        # 7. Denoise
+        # 7. Denoise. Every per-step value is made here, once per batch (and again only when rows leave): the step
+        # loop copies nothing from the host to the device.
         n = len(timesteps)
         n_requests = len(requests)
         active = list(range(n_requests))  # positions in the caller's list of the requests still in the batch
+        gone: set[int] = set()  # compiled serving: requests given up whose rows stay in the batch (same shape)
+
+        def step_scales():
+            like = id_tokens
+            return (self._step_scales(identity_window, n, counts, copies, like, serving is not None),
+                    {name: self._step_scales(w, n, counts, copies, like, serving is not None)
+                     for name, w in extra_windows.items()})
+
+        identity_steps, extra_steps = step_scales()
+        masks: dict = {}  # region masks at each residual's resolution, made at the first step
         with self.progress_bar(total=n) as bar:
             for i, t in enumerate(timesteps):
+                if serving is not None and serving.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free
                 scaled = [s.scale_model_input(x, t) for s, x in zip(schedulers, latents)]
                 model_input = torch.cat(scaled * copies)
                 down, mid = self._identity_net(model_input, t, id_tokens, identity_images, added, region, slot_rows,
-                                               _rows(self._keep(identity_window, i, n), counts, copies, model_input),
-                                               per_slot)
+                                               identity_steps[i], per_slot, masks)
                 for name in extra_names:
                     d2, m2 = self._control(self.extra_controlnets[name], model_input, t, id_tokens[:, :per_slot],
-                                           extra_images[name], added,
-                                           _rows(self._keep(extra_windows[name], i, n), counts, copies, model_input))
+                                           extra_images[name], added, extra_steps[name][i])
                     down = [a + b for a, b in zip(down, d2)]
                     mid = mid + m2
                 noise = self.unet(
@@ -404,9 +481,16 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 if wanted is None:
                     continue
                 wanted = set(wanted)
+                if serving is not None:  # the rows stay (the shape is a compiled graph's); results are dropped
+                    gone |= {position for position in active if position not in wanted}
+                    if all(position in gone for position in active if position < n_real):
+                        set_identity_region(self.unet, None)
+                        return [None] * n_real
+                    continue
                 keep = [k for k, position in enumerate(active) if position in wanted]
                 if not keep:
                     set_identity_region(self.unet, None)
+                    set_identity_tokens(self.unet, None)
                     return [None] * n_requests
                 if len(keep) < len(active):
                     # drop the other requests' rows from every per-row input (layout: copies x requests x images)
@@ -419,6 +503,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                     unet_context, id_tokens = unet_context[rows], id_tokens[rows]
                     identity_images = [image[rows] for image in identity_images]
                     slot_rows = self._slot_rows(identities, counts, copies, slots, device)
+                    masks.clear()
                     extra_images = {name: image[rows] for name, image in extra_images.items()}
                     added = {key: value[rows] for key, value in added.items()}
                     if timestep_cond is not None:  # guidance-embedding models run unguided: one copy
@@ -430,16 +515,26 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                         set_identity_region(self.unet, region)
                     identity_window = [identity_window[k] for k in keep]
                     extra_windows = {name: [w[k] for k in keep] for name, w in extra_windows.items()}
+                    identity_steps, extra_steps = step_scales()
                     set_identity_scale(self.unet, _rows([r.ip_adapter_scale for r in requests], counts, copies,
                                                         id_tokens))
 
         set_identity_region(self.unet, None)
+        set_identity_tokens(self.unet, None)
 
         # 8. Decode, per request (a request's images are decoded together, as the reference does)
         results: list = [None] * n_requests
         for position, x in zip(active, latents):
-            results[position] = x if output_type == "latent" else self._decode(x, output_type)
-        return results
+            if position >= n_real or position in gone:  # pad rows and given-up requests are not decoded
+                continue
+            if output_type == "latent":
+                results[position] = x
+                continue
+            try:
+                results[position] = self._decode(x, output_type, _wanted_check(still_wanted, position))
+            except _Abandoned:
+                results[position] = None
+        return results[:n_real]
 
     # -- steps of generate ---------------------------------------------------------------------------
     def _check(self, requests, width, height, steps) -> None:
@@ -467,8 +562,21 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                     raise InvalidParameterError("people", "replaces face_embedding, keypoint_image and "
                                                           "control_mask: give one or the other")
                 check_people(r.people)
+                if any(np.size(p.face_embedding) != EMBEDDING_VALUES for p in r.people):
+                    raise InvalidParameterError("people", f"each person's embedding has {EMBEDDING_VALUES} values "
+                                                          "(several photos of a person are averaged, not concatenated)")
             elif r.face_embedding is None or r.keypoint_image is None:
                 raise InvalidParameterError("face_embedding", "a face embedding and a keypoint image, or people")
+            else:
+                shape = tuple(np.shape(r.face_embedding))
+                if len(shape) not in (1, 2) or shape[-1] != EMBEDDING_VALUES or 0 in shape:
+                    raise InvalidParameterError("face_embedding", f"must be ({EMBEDDING_VALUES},) or (photos, "
+                                                                  f"{EMBEDDING_VALUES}), got shape {shape}")
+            if r.id_token_groups() != first.id_token_groups():
+                raise InvalidParameterError("face_embedding", "a batch must share one number of ID tokens (a "
+                                                              "concatenated identity has 16 per photo)")
+            if not 0 <= r.noise <= 1:
+                raise InvalidParameterError("noise", f"must be in [0, 1], got {r.noise}")
             for c in r.controls:
                 if c.name not in self.extra_controlnets:
                     raise InvalidParameterError("controls", f"unknown ControlNet {c.name!r}")
@@ -495,11 +603,12 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                                   do_classifier_free_guidance=cfg, negative_prompt=r.negative_prompt)
 
     @staticmethod
-    def _region_batch(identities, slots, counts, copies, width, height, device, dtype) -> torch.Tensor | None:
+    def _region_batch(identities, slots, counts, copies, width, height, device, dtype,
+                      always: bool = False) -> torch.Tensor | None:
         """Per-row control masks, 1 = face, from each mask's first channel: (rows, H, W) with one identity slot
-        (ones for rows without a mask; None when no row has one), (rows, slots, H, W) with several (a slot a
-        request has no identity in is zeros)."""
-        if slots == 1 and all(ids[0][2] is None for ids in identities):
+        (ones for rows without a mask; None when no row has one, unless ``always``), (rows, slots, H, W) with
+        several (a slot a request has no identity in is zeros)."""
+        if slots == 1 and not always and all(ids[0][2] is None for ids in identities):
             return None
 
         def as_tensor(image):
@@ -522,25 +631,17 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         """img2img latents: the init image VAE-encoded (a sample, from the request's generator) and noised at the
         first kept timestep, as diffusers 0.27's SDXL ControlNet img2img ``prepare_latents``."""
         image = self.image_processor.preprocess(r.init_image.convert("RGB"), height=height, width=width)
-        image = image.to(device=device, dtype=dtype)
         vae = self.vae
-        upcast = vae.config.force_upcast and vae.dtype != torch.float32
-        if upcast:
-            image = image.float()
-            vae.to(dtype=torch.float32)
-        try:
-            init = vae.encode(image).latent_dist.sample(generator)
-        finally:
-            if upcast:
-                vae.to(dtype=dtype)
+        with self._vae_run() as vae_dtype:
+            init = vae.encode(image.to(device=device, dtype=vae_dtype)).latent_dist.sample(generator)
         init = (vae.config.scaling_factor * init.to(dtype)).repeat(r.num_images, 1, 1, 1)
         noise = randn_tensor(init.shape, generator=generator, device=device, dtype=dtype)
         return scheduler.add_noise(init, noise, first_t.repeat(r.num_images))
 
-    def _encode_faces(self, embeddings, slots, num_images, cfg, device, dtype):
+    def _encode_faces(self, embeddings, slots, num_images, cfg, device, dtype, noise=0.0, generator=None):
         """ID tokens of a request's identities side by side, (rows, slots x tokens, dim) per branch; slots it
         has no identity for hold zeros (never attended: their region is empty)."""
-        encoded = [self._encode_face(e, num_images, cfg, device, dtype) for e in embeddings]
+        encoded = [self._encode_face(e, num_images, cfg, device, dtype, noise, generator) for e in embeddings]
         if slots == 1:
             return encoded[0]
         pad = torch.zeros_like(encoded[0][1])
@@ -549,9 +650,13 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         return uncond, cond
 
     @staticmethod
-    def _slot_rows(identities, counts, copies, slots, device) -> list[torch.Tensor | None]:
-        """Per identity slot, the batch rows whose request has an identity there (None: all rows)."""
+    def _slot_rows(identities, counts, copies, slots, device, all_rows: bool = False) -> list[torch.Tensor | None]:
+        """Per identity slot, the batch rows whose request has an identity there (None: all rows). ``all_rows``
+        (compiled serving): every slot on every row, one shape; a row without that identity has zero ID tokens,
+        a blank keypoint image and an all-zero region there, so it adds exactly nothing."""
         out: list[torch.Tensor | None] = [None]
+        if all_rows:
+            return out * slots
         offsets = np.cumsum([0] + counts)
         for k in range(1, slots):
             out.append(torch.tensor([c * offsets[-1] + offsets[q] + j for c in range(copies)
@@ -559,7 +664,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                                      for j in range(counts[q])], dtype=torch.long, device=device))
         return out
 
-    def _identity_net(self, model_input, t, id_tokens, images, added, region, slot_rows, row_scale, per_slot):
+    def _identity_net(self, model_input, t, id_tokens, images, added, region, slot_rows, row_scale, per_slot,
+                      masks: dict):
         """IdentityNet once per identity slot, on the rows that have that identity, with its own keypoint image
         and ID tokens; residuals masked (bilinear) to the slot's region and summed. The control mask of a
         single-identity request acts the same way, on IdentityNet only, as in the reference."""
@@ -576,24 +682,37 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                                  pick(id_tokens[:, k * per_slot:(k + 1) * per_slot]), pick(images[k]),
                                  {key: pick(v) for key, v in added.items()}, scale)
             if region is not None:
-                mask = pick(region if region.ndim == 3 else region[:, k])
-                d = [x * _resized(mask, x, "bilinear") for x in d]
-                m = m * _resized(mask, m, "bilinear")
-            if rows is None:
+                if k not in masks:  # once per batch: the same masks serve every step
+                    mask = pick(region if region.ndim == 3 else region[:, k])
+                    masks[k] = [_resized(mask, x, "bilinear") for x in (*d, m)]
+                d = [x * w for x, w in zip(d, masks[k])]
+                m = m * masks[k][-1]
+            if rows is None and down is not None:  # compiled serving runs every slot on every row
+                down, mid = [a + b for a, b in zip(down, d)], mid + m
+            elif rows is None:
                 down, mid = d, m
             else:
                 down = [a.index_add(0, rows, b) for a, b in zip(down, d)]
                 mid = mid.index_add(0, rows, m)
         return down, mid
 
-    def _encode_face(self, embedding, num_images, cfg, device, dtype):
-        """ID tokens for one face; the unconditional branch projects an all-zero embedding."""
+    def _encode_face(self, embedding, num_images, cfg, device, dtype, noise=0.0, generator=None):
+        """ID tokens for one face; the unconditional branch projects an all-zero embedding, or with ``noise``
+        ``noise * U[0, 1)`` drawn from ``generator`` (ComfyUI_InstantID's noise injection). An embedding of several
+        rows (combine "concat") goes through the Resampler one row at a time; their tokens are laid side by side."""
         if not isinstance(embedding, torch.Tensor):
             embedding = torch.from_numpy(np.asarray(embedding, dtype=np.float32))
         emb = embedding.to(device=device, dtype=dtype)
-        emb = emb.reshape(1, -1, self.image_proj_model.embedding_dim)
-        batch = torch.cat([torch.zeros_like(emb), emb]) if cfg else emb
-        tokens = self.image_proj_model(batch)
+        emb = emb.reshape(-1, 1, self.image_proj_model.embedding_dim)  # one row per photo
+        groups = emb.shape[0]
+        if cfg:
+            uncond = torch.zeros_like(emb) if not noise else (
+                noise * torch.rand(emb.shape, generator=generator, dtype=torch.float32)).to(device=device, dtype=dtype)
+            batch = torch.cat([uncond, emb])
+        else:
+            batch = emb
+        tokens = self.image_proj_model(batch)  # (copies x groups, 16, dim)
+        tokens = tokens.reshape(-1, groups * tokens.shape[1], tokens.shape[2])  # each copy's groups side by side
         tokens = tokens.repeat_interleave(num_images, dim=0)
         if cfg:
             return tokens[:num_images], tokens[num_images:]
@@ -606,6 +725,16 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             for img, n in zip(images, counts)
         ]
         return torch.cat(prepared * copies)
+
+    def _step_scales(self, windows, n, counts, copies, like, always) -> list[float | torch.Tensor]:
+        """Each step's conditioning scales: a float per step when all rows agree (and not ``always``), else one
+        (steps, rows) tensor made in one copy, indexed per step (a view)."""
+        per_step = [self._keep(windows, i, n) for i in range(n)]
+        if not always and all(len(set(v)) == 1 for v in per_step):
+            return [v[0] for v in per_step]
+        table = torch.tensor([[v for v, c in zip(values, counts) for _ in range(c)] * copies for values in per_step],
+                             device=like.device, dtype=like.dtype)
+        return list(table.unbind(0))
 
     @staticmethod
     def _keep(windows, i: int, n: int) -> list[float]:
@@ -644,8 +773,40 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             start += n
         return out
 
-    def _decode(self, latents: torch.Tensor, output_type: str):
+    def _decode(self, latents: torch.Tensor, output_type: str, check: Callable[[], None] | None = None):
         vae = self.vae
-        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        hooks = []
+        if check is not None:
+            check()
+        # checks inside the decoder's forward, when it runs eagerly (CPU: seconds per block); a compiled decoder
+        # (optimize.py, fullgraph) cannot call back into Python mid-graph, and decodes in well under a second
+        if check is not None and not hasattr(vae.decoder, "_eager_forward"):
+            decoder = vae.decoder
+            blocks = [decoder.mid_block, *decoder.up_blocks, decoder.conv_out]
+            blocks += [r for up in decoder.up_blocks for r in getattr(up, "resnets", [])]
+            hooks = [b.register_forward_pre_hook(lambda module, args: check()) for b in blocks if b is not None]
+        try:
+            with self._vae_run() as vae_dtype:
+                image = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
         return self.image_processor.postprocess(image, output_type=output_type)
+
+    @contextlib.contextmanager
+    def _vae_run(self):
+        """The dtype the VAE runs in; inputs are cast to it. The VAE keeps the dtype it was loaded in
+        (loading.pick_vae_dtype, optimize's ``fp16_vae``): a request never recasts it, which would race with
+        other threads and invalidate compiled graphs. Only a float16 VAE that overflows in float16
+        (``force_upcast``, a layout neither the loader nor optimize makes) is upcast for the call, as diffusers'
+        own pipelines do, and put back in float16 after it."""
+        vae = self.vae
+        dtype = next(iter(vae.post_quant_conv.parameters())).dtype
+        if not (dtype == torch.float16 and vae.config.force_upcast):
+            yield dtype
+            return
+        vae.to(dtype=torch.float32)
+        try:
+            yield torch.float32
+        finally:
+            vae.to(dtype=torch.float16)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .face import FaceModel, resize_for_analysis
+from .face import FaceModel, analysis_mapping, resize_for_analysis
 
 
 def normed(embedding: np.ndarray) -> np.ndarray:
@@ -46,7 +46,10 @@ class IdentityScore:
 
 def score_face(embedding: np.ndarray | None, bbox: list[float] | None, reference: np.ndarray,
                references: list[np.ndarray] | None = None) -> IdentityScore:
-    """The score of an already analysed output face (``embedding`` None: no face was found)."""
+    """The score of an already analysed output face (``embedding`` None: no face was found). A concatenated
+    identity (one row per photo) is scored against the mean of its rows, as the default identity is."""
+    if reference is not None and np.ndim(reference) == 2:
+        reference = np.asarray(reference, dtype=np.float32).mean(axis=0)
     if embedding is None:
         return IdentityScore(face_found=False)
     per = [cosine(embedding, r) for r in references] if references and len(references) > 1 else None
@@ -62,8 +65,7 @@ def output_face(analyzer: FaceModel, image: Image.Image | np.ndarray) -> tuple[n
     faces = analyzer.analyze(canvas)
     if not faces:
         return None, None
-    scale = np.array([image.size[0] / canvas.size[0], image.size[1] / canvas.size[1]] * 2)
-    return faces[0].embedding, [round(float(v), 2) for v in faces[0].bbox * scale]
+    return faces[0].embedding, [round(float(v), 2) for v in faces[0].to_dict(*analysis_mapping(*image.size))["bbox"]]
 
 
 def score_image(analyzer: FaceModel, image: Image.Image | np.ndarray, reference: np.ndarray,
@@ -80,8 +82,8 @@ def score_people(analyzer: FaceModel, image: Image.Image | np.ndarray, regions: 
         image = Image.fromarray(image)
     image = image.convert("RGB")
     canvas = resize_for_analysis(image)
-    scale = np.array([image.size[0] / canvas.size[0], image.size[1] / canvas.size[1]] * 2)
-    faces = [(f.embedding, f.bbox * scale) for f in analyzer.analyze(canvas)]  # largest first
+    mapping = analysis_mapping(*image.size)
+    faces = [(f.embedding, f.to_dict(*mapping)["bbox"]) for f in analyzer.analyze(canvas)]  # largest first
     scores = []
     for (x1, y1, x2, y2), embedding in zip(regions, embeddings):
         inside = [(e, b) for e, b in faces if x1 <= (b[0] + b[2]) / 2 < x2 and y1 <= (b[1] + b[3]) / 2 < y2]

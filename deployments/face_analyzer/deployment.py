@@ -83,22 +83,22 @@ def _return_memory() -> None:
 
 def _header_pixels(name: str, data: bytes) -> int:
     """Pixels of an upload from its header (the Ingress checked it already; an unreadable one counts 1)."""
-    from PIL import Image
+    from instantid.errors import InvalidImageError
+    from instantid.image_limits import read_header
 
-    from instantid.image_limits import check_structure
-
-    check_structure(data, name)  # before Pillow walks the header: bounded
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return max(1, image.size[0] * image.size[1])
-    except Exception:
-        return 1
+        width, height = read_header(data, name)[1]  # bounded: the framing walk before Pillow's header walk
+    except InvalidImageError:
+        return 1  # refused when it is decoded (load_image), with its reason
+    return max(1, width * height)
 
 
-def _face_info(face, source: str, canvas: tuple[int, int], image_size: tuple[int, int]) -> dict:
-    """A face in the coordinates of the photo as uploaded (analysis ran on a resized canvas)."""
-    scale = (image_size[0] / canvas[0], image_size[1] / canvas[1])
-    return {"source": source, **face.to_dict(scale), "image_size": [int(image_size[0]), int(image_size[1])]}
+def _face_info(face, source: str, image_size: tuple[int, int]) -> dict:
+    """A face in the coordinates of the photo as uploaded (analysis ran on a resized, centre-cropped canvas)."""
+    from instantid.face import analysis_mapping
+
+    return {"source": source, **face.to_dict(*analysis_mapping(*image_size)),
+            "image_size": [int(image_size[0]), int(image_size[1])]}
 
 
 def make_thumbnail(image, bbox: list[float], side: int = THUMBNAIL_SIDE) -> bytes:
@@ -154,10 +154,13 @@ class FaceAnalysisCore:
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                thumbnail: bool = False, should_stop=None, group: bool = False) -> FaceAnalysisResult:
+                thumbnail: bool = False, should_stop=None, group: bool = False, detection=None,
+                pose_detection=None) -> FaceAnalysisResult:
         """``should_stop()`` true (the request was cancelled) abandons the decode and skips the analysis.
-        ``group``: the pose photo is a group photo (people): every face of it, left to right, in ``group``."""
-        from instantid.identity import analyze_faces, identity_of
+        ``group``: the pose photo is a group photo (people): every face of it, left to right, in ``group``.
+        ``detection``/``pose_detection``: instantid.identity.Detection for the photos/the pose photo (None: the
+        demo's, the largest face at the model's detector size)."""
+        from instantid.identity import DEMO, analyze_faces, identity_of
 
         items = list(photos) + ([pose] if pose else [])
         pixels = sum(_header_pixels(name, data) for name, data in items)
@@ -168,8 +171,9 @@ class FaceAnalysisCore:
             t1 = time.perf_counter()
             with self._lock:
                 each = decoded[:-1] if group and pose else decoded
-                found = [(name, image, *analyzed) for (name, image), analyzed
-                         in zip(each, analyze_faces(self.analyzer, each, should_stop))]
+                options = [detection or DEMO] * len(photos) + [pose_detection or DEMO] * (len(each) - len(photos))
+                found = [(name, image, *analyze_faces(self.analyzer, [(name, image)], should_stop, option)[0])
+                         for (name, image), option in zip(each, options)]
                 group_found = None
                 if group and pose:  # every face of the pose photo, left to right; the largest stands for it
                     from instantid.people import group_faces
@@ -178,14 +182,14 @@ class FaceAnalysisCore:
                     faces, canvas = group_faces(self.analyzer, name, image)
                     group_found = [{"kps": np.asarray(f.kps, dtype=np.float32),
                                     "bbox": np.asarray(f.bbox, dtype=np.float32),
-                                    "info": _face_info(f, name, canvas, image.size)} for f in faces]
+                                    "info": _face_info(f, name, image.size)} for f in faces]
                     found.append((name, image, max(faces, key=lambda f: f.area), canvas))
             t2 = time.perf_counter()
             name, image, face, canvas = found[-1] if pose else found[0]
             # the pose: keypoints on the analysed canvas (what Pose.draw scales from) + the face as uploaded
             result = FaceAnalysisResult(pose_kps=np.asarray(face.kps, dtype=np.float32),
                                         pose_canvas=[int(canvas[0]), int(canvas[1])],
-                                        pose_face=_face_info(face, name, canvas, image.size),
+                                        pose_face=_face_info(face, name, image.size),
                                         timings={"decode_s": t1 - t0, "face_analysis_s": t2 - t1},
                                         group=group_found)
             photos_found = found[:len(photos)]
@@ -194,7 +198,7 @@ class FaceAnalysisCore:
                 result.embedding = identity.embedding.astype(np.float32)
                 # each photo's own embedding: outputs are scored against each reference photo too
                 result.embeddings = [np.asarray(face.embedding, dtype=np.float32) for face in identity.faces]
-                result.faces = [_face_info(face, name, canvas, image.size)
+                result.faces = [_face_info(face, name, image.size)
                                 for name, image, face, canvas in photos_found]
                 if thumbnail:
                     result.thumbnail = make_thumbnail(photos_found[0][1], result.faces[0]["bbox"])
@@ -262,13 +266,14 @@ class FaceAnalyzerDeployment:
                 log.error("control preprocessors failed to load: %s", self.maps_error)
 
     async def analyze(self, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                      thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
+                      thumbnail: bool = False, group: bool = False, detection=None,
+                      pose_detection=None) -> FaceAnalysisResult:
         if self.core is None:
             raise UNAVAILABLE("the face model is not loaded", headers=RETRY_LATER)
         gone = threading.Event()  # set when the caller cancels (its deadline passed, its client left)
         try:
             result = await asyncio.wrap_future(self.core.pool.submit(self.core.predict, photos, pose, thumbnail,
-                                                                     gone.is_set, group))
+                                                                     gone.is_set, group, detection, pose_detection))
         except asyncio.CancelledError:
             gone.set()  # the thread stops at its next read or photo; the replica's slot is freed now
             raise

@@ -28,7 +28,8 @@ checks, new arrivals and batching keep running on the event loop.
 Abandoned work stops: a job carries its request's deadline (wall-clock, set by the Ingress) and is marked
 cancelled when its caller goes away (Serve cancels ``generate`` when the Ingress cancels the call: client
 disconnect, 504). After each denoising step the pipeline's callback drops such jobs' rows from the batch; the
-others go on, and a batch with none left stops at once. Their callers get ``504 timeout``.
+others go on, and a batch with none left stops at once; during the VAE decode a job is checked before each decoder
+block (``still_wanted``: a 2048x2048 decode takes ~25 s on CPU). Their callers get ``504 timeout``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from ray import serve
@@ -73,7 +75,9 @@ def accept_task(task: GenerationTask) -> GenerationTask:
         if task.people:
             accept_people(task)
         else:
-            task.embedding = validate_embedding(task.embedding)
+            rows = np.asarray(task.embedding)
+            task.embedding = (np.stack([validate_embedding(r) for r in rows]) if rows.ndim == 2 and len(rows) > 1
+                              else validate_embedding(rows))  # several rows: a concatenated identity
             task.kps = validate_keypoints(task.kps)
             task.canvas = (int(task.canvas[0]), int(task.canvas[1]))
         if task.bbox is not None:
@@ -132,7 +136,34 @@ class GeneratorCore:
         pipe = load_pipeline(spec.base_model, self.args.instantid, device=self.args.device, dtype=self.args.dtype,
                              loras=dict(spec.loras) or None, controlnets=dict(spec.controlnets) or None)
         pipe.set_progress_bar_config(disable=True)
+        if self.args.compile.enabled:
+            self.compile(pipe)
         return LoadedModel(name, pipe, time.perf_counter() - started)
+
+    def compile(self, pipe) -> dict:
+        """optimize() with the serving plan, then compile and run every planned graph (before the replica is
+        ready: the default model loads in the replica's constructor). A compile failure leaves it serving eager."""
+        from instantid.identity import Pose
+        from instantid.optimize import ServingPlan, optimize, warm_up
+        from instantid.pipeline import GenerationRequest
+
+        cfg = self.args.compile
+        plan = ServingPlan(batch_buckets=tuple(cfg.batch_buckets), sizes=tuple(map(tuple, cfg.sizes)))
+        cache = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
+        started = time.perf_counter()
+        applied = optimize(pipe, serving=plan, compile_mode=cfg.mode, backend=cfg.backend, cache_dir=cache)
+        pipe.serving.on_fallback.append(metrics.compile_fallback)
+        kps = np.array([[0.35, 0.4], [0.65, 0.4], [0.5, 0.55], [0.38, 0.7], [0.62, 0.7]]) * 512
+
+        def request(slots, text_length, guided):
+            return GenerationRequest(face_embedding=np.zeros(512, np.float32), prompt="warm-up",
+                                     keypoint_image=Pose(kps, (512, 512)).draw(),
+                                     guidance_scale=5.0 if guided else 1.0)
+
+        summary = warm_up(pipe, request)
+        log.info("compiled %s; %d signatures warmed in %.1fs%s", ", ".join(applied), summary["warmed"],
+                 time.perf_counter() - started, f"; serving eager: {summary['broken']}" if summary["broken"] else "")
+        return summary
 
     def predict(self, model: LoadedModel, jobs: list[GenerationTask]) -> list[GenerationResult | ServiceError]:
         """One denoising batch for compatible jobs; one result (arrays + timings) per job."""
@@ -157,6 +188,7 @@ class GeneratorCore:
                 people=pipeline_people(j.people, j.width, j.height) if j.people else [],
                 controls=[ControlInput(c["name"], Image.fromarray(c["map"]), c["scale"], c["start"], c["end"])
                           for c in j.controls],
+                noise=j.noise,
             ))
         marks: dict[str, float] = {}
 
@@ -170,11 +202,15 @@ class GeneratorCore:
             wanted = [k for k, j in enumerate(jobs) if not j.abandoned(now)]
             return wanted if len(wanted) < len(jobs) else None  # the others' rows leave the batch
 
+        def still_wanted() -> list[int]:  # asked during the VAE decode, before each decoder block
+            now = time.time()
+            return [k for k, j in enumerate(jobs) if not j.abandoned(now)]
+
         with self._lock:
             started = time.perf_counter()
             model.pipe.set_loras(dict(first.loras))
             images = model.pipe.generate(requests, width=first.width, height=first.height, steps=first.steps,
-                                         scheduler=first.scheduler, callback=on_step)
+                                         scheduler=first.scheduler, callback=on_step, still_wanted=still_wanted)
             finished = time.perf_counter()
         denoised = marks.get("denoised", finished)
         n_images = sum(j.num_images for j in jobs)

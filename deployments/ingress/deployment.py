@@ -8,6 +8,8 @@ The Ingress imports no torch. Auth (API keys) and per-key rate limiting are on t
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 from ray import serve
@@ -18,8 +20,16 @@ from deployments.errors import ServiceError
 from deployments.ingress.context import RequestContext
 from deployments.ingress.http.app import build_http_app
 from deployments.ingress.http.surfaces.jobs import SURFACE, job_view
+from deployments.ingress.jobs.service import check_shared_store, max_replicas_of
 from deployments.ingress.service import GenerationService
 from deployments.ray_compat import loop_local_handle
+
+
+async def parsed(view: dict) -> dict:
+    """A job view for the handle API: its stored result (JSON text) as the dict it was, parsed in a thread."""
+    if isinstance(view.get("result"), str):
+        view = {**view, "result": await asyncio.to_thread(json.loads, view["result"])}
+    return view
 
 
 @serve.deployment(
@@ -42,6 +52,9 @@ class Ingress:
         # the backends' handles from this replica's event loop, by value (deployments/ray_compat.py): 3.8 -> 2.3 ms
         # per call, 5.0 -> 2.6 ms with a 128 KB photo; calls over BY_VALUE_MAX_BYTES go by reference (backends.py)
         self.service = GenerationService(args, loop_local_handle(face_analyzer), loop_local_handle(generator))
+        # several Ingress replicas need a shared job store: refuse to start with one in memory (docs/jobs.md)
+        check_shared_store(self.service.args.jobs, self.service.jobs.store,
+                           max_replicas_of(serve.get_replica_context()._deployment_config))
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self.service)
@@ -86,20 +99,30 @@ class Ingress:
         """Handle API: the POST /v1/jobs JSON body -> the job."""
         async def submit(ctx, data):
             webhook = data.pop("webhook", None)
-            return job_view(*await self.service.jobs.submit(ctx, data, webhook=webhook, meta={"surface": SURFACE}))
+            return await parsed(job_view(*await self.service.jobs.submit(ctx, data, webhook=webhook,
+                                                                         meta={"surface": SURFACE})))
 
         return await self._handle("submit_job", submit, dict(request))
 
     async def job(self, job_id: str, wait_s: float = 0.0) -> dict:
         """Handle API: the job, once it ends or after ``wait_s`` seconds (at most 60)."""
         async def get(ctx, job_id):
-            return job_view(job_id, await self.service.jobs.wait(ctx, job_id, min(float(wait_s), 60.0)))
+            return await parsed(job_view(job_id, await self.service.jobs.wait(ctx, job_id, min(float(wait_s), 60.0))))
 
         return await self._handle("job", get, job_id)
 
+    async def list_jobs(self, limit: int = 20, cursor: str | None = None) -> dict:
+        """Handle API: jobs submitted through the handle, newest first: ``{"jobs": [...], "next_cursor"?}``."""
+        async def listing(ctx, limit, cursor):
+            records, next_cursor = await self.service.jobs.list(ctx, limit, cursor)
+            out = {"jobs": [job_view(r["id"], r) for r in records]}
+            return {**out, "next_cursor": next_cursor} if next_cursor else out
+
+        return await self._handle("list_jobs", listing, limit, cursor)
+
     async def cancel_job(self, job_id: str) -> dict:
         async def cancel(ctx, job_id):
-            return job_view(job_id, await self.service.jobs.cancel(ctx, job_id))
+            return await parsed(job_view(job_id, await self.service.jobs.cancel(ctx, job_id)))
 
         return await self._handle("cancel_job", cancel, job_id)
 

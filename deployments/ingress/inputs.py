@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from typing import Any
 
 from deployments.errors import IMAGE_TOO_LARGE, INVALID_BASE64, INVALID_IMAGE
@@ -32,25 +31,13 @@ def decode_base64(text: Any, where: str) -> bytes:
 def check_image(data: bytes, where: str, max_pixels: int) -> None:
     """Format and size from the header only: refuse non-images, oversized images and hostile framing (bounded
     work, ``instantid.image_limits``) before decoding. Blocking: callers run it off the event loop."""
-    from PIL import Image
-
     from instantid.errors import InvalidImageError
-    from instantid.image_limits import check_format, check_structure, unreadable
+    from instantid.image_limits import ImageTooLarge, read_header
 
     try:
-        check_structure(data, where)
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                fmt, (width, height) = image.format, image.size
-        except Image.DecompressionBombError:
-            raise IMAGE_TOO_LARGE(f"{where} has too many pixels", field=where) from None
-        except Exception:
-            raise unreadable(where) from None
-        if width < 1 or height < 1:
-            raise InvalidImageError(f"{where} claims a {width}x{height} size")
-        check_format(fmt, where)
+        read_header(data, where, max_pixels)
+    except ImageTooLarge as exc:
+        raise IMAGE_TOO_LARGE(str(exc), field=where) from None
     except InvalidImageError as exc:
         raise INVALID_IMAGE(str(exc), field=where) from None
-    if width * height > max_pixels:
-        raise IMAGE_TOO_LARGE(f"{where} is {width}x{height}, more than {max_pixels} pixels", field=where)
 

@@ -90,14 +90,10 @@ async def resolve_people(service, ctx, req, pose: bytes | None, init_image: byte
 
     source = group[1] if group else None
     if init_image is not None and (req.width is None or req.height is None):
-        import io
-
-        from PIL import Image
-
         from instantid.face import analysis_size
+        from instantid.image_limits import read_header
 
-        with Image.open(io.BytesIO(init_image)) as image:
-            source = analysis_size(*image.size)
+        source = analysis_size(*read_header(init_image, "init_image")[1])  # checked at the edge already
     width, height = req.width, req.height
     if source is not None:
         default = default_size(source, limits)

@@ -237,6 +237,28 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
             0, ge=0, le=MAX_IDENTITY_RETRIES,
             description="Regenerate images under min_similarity with new seeds, at most this many more rounds, "
                         "keeping the best of each; rounds stop at the request's deadline.")
+        # ComfyUI_InstantID's controls; the defaults are the demo's behaviour
+        combine: Literal[defaults.COMBINE_MODES] = Field(  # type: ignore[valid-type]
+            defaults.COMBINE, description="How several face_images combine: average (the demo's mean raw "
+                                          "embedding), norm_average (the mean of their unit vectors at their mean "
+                                          "length: every photo pulls equally), concat (16 ID tokens per photo side "
+                                          "by side). With face_images only.")
+        noise: float = Field(defaults.NOISE, ge=0.0, le=1.0,
+                             description="Uniform noise of this size in the unconditional identity embedding "
+                                         "instead of zeros, drawn from the request's seed (ComfyUI_InstantID's "
+                                         "noise, 0.35 there against the 'burnt' look). 0: the demo's.")
+        det_size: Optional[int] = Field(
+            None, ge=defaults.DET_SIZE_MIN, le=defaults.DET_SIZE_MAX, multiple_of=32,
+            description=f"The face detector's input side for face_images and pose_image (absent: "
+                        f"{defaults.DET_SIZE}); larger finds smaller faces, at a cost growing with its square.")
+        det_retry: bool = Field(False, description="When no face is found, retry the detector 64 pixels smaller at "
+                                                   "a time down to 192 (a face filling the photo), as "
+                                                   "ComfyUI_InstantID does.")
+        face_index: Optional[int] = Field(None, ge=0, le=255, description="Use the N-th face (0-based, left to "
+                                          "right) of each face_images photo instead of the largest.")
+        pose_face_index: Optional[int] = Field(None, ge=0, le=255, description="Take the keypoints from the N-th "
+                                               "face (0-based, left to right) of pose_image instead of the "
+                                               "largest.")
 
         # fields declared after ``people`` see it in info.data: the 422 names the field at fault
         @field_validator("people")
@@ -253,6 +275,18 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
             if value is not None and value is not False and info.data.get("people") is not None:
                 raise ValueError("not with people (each person's region already confines its identity; identity "
                                  "scores are for one identity)")
+            return value
+
+        @field_validator("combine", "det_size", "det_retry", "face_index", "pose_face_index")
+        @classmethod
+        def _face_options_alone(cls, value, info):
+            default = {"combine": defaults.COMBINE, "det_retry": False}.get(info.field_name)
+            if value is None or value == default:
+                return value
+            if info.data.get("people") is not None:
+                raise ValueError("not with people (a person's photos and the group photo use the defaults)")
+            if info.field_name in ("combine", "face_index") and info.data.get("identity_id") is not None:
+                raise ValueError("applies to face_images; a stored identity is already combined")
             return value
 
         @model_validator(mode="after")

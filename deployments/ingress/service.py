@@ -14,13 +14,15 @@ The service imports no torch.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import secrets
 import time
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+
+from instantid import defaults
+from instantid.identity import DEMO, Detection, combine_embeddings
 
 from deployments import metrics
 from deployments.config import AppArgs
@@ -55,6 +57,14 @@ def _validate(model: type[BaseModel], data: dict, strict: bool = True) -> BaseMo
 
 
 COST_FIELDS = ("width", "height", "steps", "num_images")
+
+
+def face_options(req) -> dict:
+    """The FaceAnalyzer's Detection messages for a request's face photos and pose photo, only where they differ
+    from the demo's (a plain analysis keeps its call)."""
+    photos = Detection(det_size=req.det_size, retry=req.det_retry, face_index=req.face_index)
+    pose = Detection(det_size=req.det_size, retry=req.det_retry, face_index=req.pose_face_index)
+    return {k: v for k, v in (("detection", photos), ("pose_detection", pose)) if v != DEMO}
 
 
 def check_cost(spec, req, deadline: float | None, size: tuple[int, int] | None = None) -> None:
@@ -164,6 +174,12 @@ class GenerationService:
             check_image(data_, f"face_images[{i}]", limits.max_image_pixels)
         if pose is not None:
             check_image(pose, "pose_image", limits.max_image_pixels)
+        if req.pose_face_index is not None and pose is None:
+            raise INVALID_PARAMETER("pose_face_index: picks a face of pose_image; give pose_image",
+                                    field="pose_face_index")
+        if (req.face_index is not None or req.combine != defaults.COMBINE) and faces is None:
+            field = "face_index" if req.face_index is not None else "combine"
+            raise INVALID_PARAMETER(f"{field}: applies to face_images; give face_images", field=field)
         return req, faces, pose, time.perf_counter() - started
 
     def validate_init_image(self, req, files: dict | None) -> bytes | None:
@@ -178,13 +194,12 @@ class GenerationService:
         """The request's size, or the pose canvas's (the init image's after the demo's resize, for img2img);
         422 naming width/height when the face cannot fit that canvas."""
         from instantid.face import analysis_size
+        from instantid.image_limits import read_header
         from instantid.keypoints import fit_canvas
-        from PIL import Image
 
         source = tuple(canvas)
         if init_image is not None:
-            with Image.open(io.BytesIO(init_image)) as image:
-                source = analysis_size(*image.size)
+            source = analysis_size(*read_header(init_image, "init_image")[1])  # checked at the edge already
         default = default_size(source, self.args.limits)
         width, height = req.width or default[0], req.height or default[1]
         fit_canvas(tuple(canvas), (width, height), kps, bbox)  # raises InvalidParameterError (422) if no fit
@@ -238,12 +253,14 @@ class GenerationService:
             face = {**record["faces"][0], "source": f"identity:{req.identity_id}"}
             kps, canvas = record["pose"]["kps"], record["pose"]["canvas"]
             if pose is not None:
-                posed = await self.analyze_photos(ctx, [], ("pose_image", pose))
+                posed = await self.analyze_photos(ctx, [], ("pose_image", pose), **face_options(req))
                 kps, canvas, face = posed.pose_kps, posed.pose_canvas, posed.pose_face
         else:
             photos = [(f"face_images[{i}]", data) for i, data in enumerate(faces)]
-            analysis = await self.analyze_photos(ctx, photos, ("pose_image", pose) if pose is not None else None)
-            embedding = analysis.embedding
+            analysis = await self.analyze_photos(ctx, photos, ("pose_image", pose) if pose is not None else None,
+                                                 **face_options(req))
+            embedding = analysis.embedding if req.combine == defaults.COMBINE else combine_embeddings(
+                analysis.embeddings, req.combine)
             kps, canvas, face = analysis.pose_kps, analysis.pose_canvas, analysis.pose_face
 
         if plan is None:
@@ -266,7 +283,7 @@ class GenerationService:
             guidance_scale=req.guidance_scale, ip_adapter_scale=req.ip_adapter_scale,
             controlnet_conditioning_scale=req.controlnet_conditioning_scale, loras=dict(req.loras),
             deadline=ctx.deadline, people=plan.people if plan else None, controls=controls,
-            safety_checker=req.safety_checker,
+            safety_checker=req.safety_checker, noise=req.noise,
         )
         # per photo embeddings for the identity score: only photos sent with this request have them
         return PreparedGeneration(task=task, face=face, embedding=embedding,
@@ -308,12 +325,13 @@ class GenerationService:
         return {k: v for k, v in response.items() if v is not None}
 
     async def analyze_photos(self, ctx: RequestContext, photos: list[tuple[str, bytes]], pose: tuple[str, bytes] | None = None,
-                             thumbnail: bool = False, group: bool = False) -> FaceAnalysisResult:
+                             thumbnail: bool = False, group: bool = False, **detection) -> FaceAnalysisResult:
         """The FaceAnalyzer's analysis of named photos (and a pose photo, every face of it with ``group``); its
-        timings go into the request's."""
+        timings go into the request's. ``detection``: ``face_options``' non-default Detection messages."""
         size = sum(len(data) for _, data in photos) + (len(pose[1]) if pose is not None else 0)
         extra = (group,) if group else ()  # only people requests send it: a plain analysis keeps its signature
-        analysis = await ctx.call(self.backends.face_for(size).analyze.remote(photos, pose, thumbnail, *extra))
+        analysis = await ctx.call(self.backends.face_for(size).analyze.remote(photos, pose, thumbnail, *extra,
+                                                                                **detection))
         ctx.timings["image_decode_s"] = analysis.timings["decode_s"]
         ctx.timings["face_analysis_s"] = analysis.timings["face_analysis_s"]
         return analysis

@@ -25,8 +25,8 @@ class FakeMethod:
     def __init__(self, fn):
         self.fn = fn
 
-    def remote(self, *args):
-        return self.fn(*args)
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
 
 
 async def ready_ok():
@@ -35,11 +35,12 @@ async def ready_ok():
 
 class FakeFace:
     def __init__(self):
-        async def analyze(photos, pose=None, thumbnail=False):
+        async def analyze(photos, pose=None, thumbnail=False, detection=None, pose_detection=None):
             canvas = [1024, 1024]
             face = {"source": "face_images[0]", "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.9,
                     "kps": [[1.0, 1.0]] * 5, "image_size": [256, 256]}
             return FaceAnalysisResult(embedding=np.ones(512, np.float32), faces=[face] * len(photos),
+                                      embeddings=[np.ones(512, np.float32)] * len(photos),
                                       pose_kps=np.full((5, 2), 500.0, np.float32), pose_canvas=canvas,
                                       pose_face=face, thumbnail=b"jpeg" if thumbnail else None,
                                       timings={"decode_s": 0.0, "face_analysis_s": 0.0})
@@ -70,6 +71,14 @@ class FakeGenerator:
 
         self.denoise = FakeMethod(generate)
         self.ready = FakeMethod(ready_ok)
+
+        async def steps(task, interval):  # a job's stream: one progress event a step, then what denoise gives
+            for step in range(1, task.steps + 1):
+                await asyncio.sleep(0)
+                yield {"progress": {"step": step, "total": task.steps}}
+            yield {"result": await self.denoise.fn(task)}  # the denoise of the moment (subclasses replace it)
+
+        self.denoise_stream = FakeMethod(lambda task, interval=0.25: FakeStream(steps(task, interval)))
 
     def options(self, **_):
         return self
@@ -223,8 +232,8 @@ class TaskMethod:
     def __init__(self, fn):
         self.fn = fn
 
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))
+    def remote(self, *args, **kwargs):
+        return asyncio.ensure_future(self.fn(*args, **kwargs))
 
 
 class LocalFace:
@@ -235,8 +244,9 @@ class LocalFace:
         self.maps = ControlMapsCore(args.preprocessors.depth, args.preprocessors.pose)
         self.calls: list = []
 
-        async def analyze(photos, pose=None, thumbnail=False):
-            return await asyncio.to_thread(self.core.predict, photos, pose, thumbnail)
+        async def analyze(photos, pose=None, thumbnail=False, group=False, detection=None, pose_detection=None):
+            return await asyncio.to_thread(self.core.predict, photos, pose, thumbnail, None, group, detection,
+                                           pose_detection)
 
         async def control_maps(items):
             self.calls.append(items)

@@ -120,7 +120,8 @@ def test_backends_report_health_as_data(tmp_path):
 
 
 def test_face_serialisation_is_the_librarys():
-    """The service's FaceInfo is Face.to_dict on the photo's scale (x by width, y by height), plus its source."""
+    """The service's FaceInfo is Face.to_dict mapped onto the photo (the analysis scale and crop offset), plus its
+    source."""
     import numpy as np
 
     from deployments.face_analyzer.deployment import _face_info
@@ -129,10 +130,10 @@ def test_face_serialisation_is_the_librarys():
     face = Face(bbox=np.array([10, 20, 30, 60], np.float32), score=np.float32(0.75),
                 kps=np.array([[10, 20], [30, 20], [20, 40], [12, 50], [28, 50]], np.float32),
                 embedding=np.zeros(512, np.float32))
-    # x and y scale differently (3 and 2), so a swapped axis shows
-    info = _face_info(face, "face_images[0]", (100, 200), (300, 400))
-    assert info == {"source": "face_images[0]", **face.to_dict((3.0, 2.0)), "image_size": [300, 400]}
-    assert info["bbox"] == [30.0, 40.0, 90.0, 120.0] and info["kps"][0] == [30.0, 40.0] and info["score"] == 0.75
+    # 640x400: resized to 1280x800 (scale 1/2 back), cropped to 1280x768 (16 rows off the top)
+    info = _face_info(face, "face_images[0]", (640, 400))
+    assert info == {"source": "face_images[0]", **face.to_dict((0.5, 0.5), (0.0, 8.0)), "image_size": [640, 400]}
+    assert info["bbox"] == [5.0, 18.0, 15.0, 38.0] and info["kps"][0] == [5.0, 18.0] and info["score"] == 0.75
 
 
 def test_the_seed_range_is_one_constant():

@@ -102,3 +102,50 @@ def test_generate_prints_each_files_score_and_no_score_skips_it(tiny_bundle, pho
     code = main(generate_args(tiny_bundle, output, "--face", str(photos["a"]), "--no-score"))
     captured = capfd.readouterr()
     assert code == 0 and "identity" not in captured.err
+
+
+def _without_face_pack(args: list[str]) -> list[str]:
+    """generate_args with --face-model back to the default named pack (absent under an empty INSIGHTFACE_HOME)."""
+    args = list(args)
+    args[args.index("--face-model") + 1] = "antelopev2"
+    return args
+
+
+def test_saved_identity_without_a_face_pack_writes_says_why_the_score_was_skipped_and_exits_0(
+        tiny_bundle, tmp_path, capfd, monkeypatch):
+    """A saved identity is how a user generates without the face pack: the image is the result, the score is
+    extra. The README's rule holds both ways: no output on failure, no failure after a good output."""
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "empty-home"))  # no antelopev2 here
+    np.save(tmp_path / "e.npy", np.random.default_rng(3).standard_normal(512).astype(np.float32))
+    (tmp_path / "k.json").write_text("[[20, 22], [44, 22], [32, 34], [23, 46], [41, 46]]")
+    output = tmp_path / "out.png"
+    code = main(_without_face_pack(generate_args(tiny_bundle, output, "--face-embedding", str(tmp_path / "e.npy"),
+                                                 "--face-kps", str(tmp_path / "k.json"))))
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.splitlines() == [str(output)] and Image.open(output).size == (64, 64)
+    skipped = [line for line in captured.err.splitlines() if "identity score" in line]
+    assert len(skipped) == 1, captured.err
+    assert "skipped" in skipped[0] and "antelopev2" in skipped[0] and "not found" in skipped[0]
+    assert "error" not in captured.err
+
+    # a face photo needs the face model: that is bad input, refused before anything is written
+    other = tmp_path / "other.png"
+    code = main(_without_face_pack(generate_args(tiny_bundle, other, "--face", str(tmp_path / "k.json"))))
+    captured = capfd.readouterr()
+    assert code == 1 and not other.exists()
+
+
+def test_a_failing_score_after_a_good_output_does_not_fail_the_command(tiny_bundle, photos, tmp_path, capfd,
+                                                                        monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("onnxruntime went away")
+
+    monkeypatch.setattr("instantid.scoring.score_image", broken)
+    output = tmp_path / "out.png"
+    code = main(generate_args(tiny_bundle, output, "--face", str(photos["a"])))
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    assert output.exists()
+    assert [line for line in captured.err.splitlines() if "identity score" in line] == [
+        "identity score skipped: RuntimeError: onnxruntime went away"]

@@ -15,6 +15,7 @@ from instantid.errors import InvalidImageError, InvalidParameterError, NoFaceErr
 from instantid.face import (
     Face,
     FaceModel,
+    analysis_mapping,
     load_image,
     mean_embedding,
     resize_for_analysis,
@@ -322,12 +323,16 @@ def test_resize_for_analysis_sizes(size, expected):
     assert resize_for_analysis(Image.new("RGB", size)).size == expected
 
 
-def test_resize_for_analysis_matches_the_two_step_reference():
+def test_resize_for_analysis_is_the_references_first_step_then_a_centred_crop():
+    """The demo's first resize (one scale), then a centred crop to its output size -- not its second,
+    non-uniform resize to that size, which squashes the face (tests/instantid/test_aspect.py)."""
     image = Image.fromarray(noise(450, 700, seed=3))
     # reference steps for 700x450: 1024/450 -> 1593x1024; 1280/1593 -> 1280x823; floor to 64 -> 1280x768
     step = image.resize([1280, 823], Image.BILINEAR)
-    expected = step.resize([1280, 768], Image.BILINEAR)
+    expected = step.crop((0, 27, 1280, 27 + 768))  # (823 - 768) // 2 = 27 rows cut at the top, 28 at the bottom
     np.testing.assert_array_equal(np.asarray(resize_for_analysis(image)), np.asarray(expected))
+    scale, offset = analysis_mapping(700, 450)
+    assert scale == pytest.approx((700 / 1280, 450 / 823)) and offset == pytest.approx((0, 27 * 450 / 823))
 
 
 def test_resize_for_analysis_rejects_degenerate_aspect():

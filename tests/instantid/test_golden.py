@@ -45,7 +45,42 @@ CASES = {
              controlnet_conditioning_scale=0.6, control_guidance_end=0.5, guidance_scale=3.0),
         dict(steps=3, scheduler="dpmpp_2m_karras")),
     "unguided": (dict(prompt="a person", seed=3, guidance_scale=1.0), dict(steps=2, scheduler="euler_a")),
+    # each demo feature and mode (issue 30); the parity harness checks the same features against the official code
+    "lpw-weighted": (dict(prompt="a (person:1.3), [blurry] (((portrait)))", negative_prompt="(ugly:1.2)",
+                          prompt_weighting="lpw", seed=5), dict(steps=2)),
+    "control-mask": (dict(prompt="a person", seed=6, control_mask="face-box"), dict(steps=2)),
+    "img2img-default-strength": (dict(prompt="a person", seed=8, init_image=0), dict(steps=5)),
+    "img2img-strength-0.3": (dict(prompt="a person", seed=8, init_image=0, strength=0.3), dict(steps=7)),
+    "two-people": (dict(prompt="two people", seed=9, people="two"), dict(steps=2, width=96)),
+    "guidance-window-0.3-0.7": (dict(prompt="a person", seed=4, control_guidance_start=0.3,
+                                     control_guidance_end=0.7), dict(steps=3)),
+    "seed-0": (dict(prompt="a person", seed=0), dict(steps=2)),
+    "non-square-96x64": (dict(prompt="a person", seed=2, control_mask="face-box"), dict(steps=2, width=96)),
 }
+TWO_PEOPLE = [np.array([[10, 22], [22, 22], [16, 30], [11, 38], [21, 38]], dtype=float),
+              np.array([[74, 22], [86, 22], [80, 30], [75, 38], [85, 38]], dtype=float)]
+
+
+def build(fields: dict, width: int, height: int) -> dict:
+    """Request fields with the named inputs built: a face-box control mask, a random init image, two people."""
+    from PIL import Image
+
+    from instantid.people import Placement, place_people
+
+    fields = dict(fields)
+    embedding = np.random.RandomState(0).randn(512).astype(np.float32) * 10
+    pose = Pose(KPS, (64, 64), np.array([12, 10, 52, 56], dtype=float))
+    if fields.get("control_mask") == "face-box":
+        fields["control_mask"] = pose.face_mask(width, height)
+    if "init_image" in fields:
+        rng = np.random.RandomState(fields["init_image"])
+        fields["init_image"] = Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
+    if fields.pop("people", None) == "two":
+        second = np.random.RandomState(1).randn(512).astype(np.float32) * 10
+        fields["people"], _ = place_people([embedding, second], [Placement(keypoints=k) for k in TWO_PEOPLE],
+                                           width, height)
+        return fields
+    return dict(face_embedding=embedding, keypoint_image=pose.draw(width, height), **fields)
 
 
 def fingerprint(tensor: torch.Tensor) -> dict:
@@ -64,12 +99,12 @@ def pipe(tiny_bundle):
 
 def run_case(pipe, name: str) -> dict:
     fields, kwargs = CASES[name]
-    request = GenerationRequest(face_embedding=np.random.RandomState(0).randn(512).astype(np.float32) * 10,
-                                keypoint_image=Pose(KPS, (64, 64)).draw(), **fields)
+    kwargs = {"width": 64, "height": 64, **kwargs}
+    request = GenerationRequest(**build(fields, kwargs["width"], kwargs["height"]))
     noise = []
     hook = pipe.unet.register_forward_hook(lambda module, args, out: noise.append(out[0].clone()))
     try:
-        latents = pipe.generate([request], width=64, height=64, output_type="latent", **kwargs)[0]
+        latents = pipe.generate([request], output_type="latent", **kwargs)[0]
     finally:
         hook.remove()
     # the first UNet call's output: rows [uncond..., cond...] under CFG, cond only without

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from deployments.errors import METHOD_NOT_ALLOWED, NOT_FOUND, ServiceError, install_handlers, json_response
 from deployments.ingress.context import RequestContext
-from deployments.ingress.http.auth import AccessControl, client_address
+from deployments.ingress.http.auth import AccessControl, ReleaseSlots
 from deployments.ingress.http.observe import Observe
 from deployments.ingress.http.openapi import install_openapi
 from deployments.ingress.http.playground import add_routes as add_playground  # POST /v1/faces:analyze, the page
@@ -42,12 +42,50 @@ class Edge:
         """The request's fields and files (JSON or multipart), within the caller's upload slots and the
         request's deadline; a failure is mapped as the service maps its own (``fail``)."""
         args = self.service.args
-        who = getattr(request.state, "api_key", None) or client_address(request)
+        who = getattr(request.state, "api_key", None) or self.access.client(request)
         try:
             return await read_request(request, self.uploads, who, args.limits.max_body_bytes,
                                       ctx.started + args.request_timeout_s, max_files, file_fields)
         except Exception as exc:
             raise self.service.fail(ctx, exc) from None
+
+
+# The API docs pages load Swagger UI / ReDoc from jsDelivr and run one inline script; nothing may frame them
+# (clickjacking: "Try it out" sends requests with the viewer's key).
+DOCS_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
+                               "style-src 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+                               "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com "
+                               "https://cdn.redoc.ly; connect-src 'self'; worker-src blob:; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def add_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI, with its OAuth2 redirect page) and /redoc, as FastAPI serves them, with DOCS_HEADERS."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+
+    def url(request: Request) -> str:  # behind a route prefix, as FastAPI's own docs routes do
+        return request.scope.get("root_path", "").rstrip("/") + app.openapi_url
+
+    def with_headers(response):
+        response.headers.update(DOCS_HEADERS)
+        return response
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request):
+        return with_headers(get_swagger_ui_html(openapi_url=url(request), title=f"{app.title} - Swagger UI",
+                                                oauth2_redirect_url="/docs/oauth2-redirect"))
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_ui_redirect():
+        return with_headers(get_swagger_ui_oauth2_redirect_html())
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request):
+        return with_headers(get_redoc_html(openapi_url=url(request), title=f"{app.title} - ReDoc"))
 
 
 def build_http_app(service: GenerationService) -> FastAPI:
@@ -58,17 +96,23 @@ def build_http_app(service: GenerationService) -> FastAPI:
         version="0.1.0",
         description="Identity-preserving image generation (InstantID on SDXL). Errors are "
                     '`{"error": {"code", "message", "field"?}}`. Limits of this deployment are in the schemas.',
+        docs_url=None, redoc_url=None,  # served below, with a CSP
     )
+    # no trailing-slash redirects: Starlette builds their Location from the Host header (an open redirect to
+    # whatever host a client names); a path with a slash too many is a 404 like any unknown path
+    app.router.redirect_slashes = False
+    add_docs(app)
     install_handlers(app)
+    edge = Edge(service, AccessControl(args.auth, args.trusted_proxies), UploadSlots(),
+                {s: {"model": ErrorBody} for s in ERROR_STATUSES})
+    app.add_middleware(ReleaseSlots, slots=edge.access.slots)  # inside Observe: a slot goes before metrics
     app.add_middleware(Observe, router=app.router)
-    edge = Edge(service, AccessControl(args.auth), UploadSlots(), {s: {"model": ErrorBody} for s in ERROR_STATUSES})
 
     if args.auth.enabled:
         bearer = HTTPBearer(auto_error=False, description="API key")
 
         async def auth(request: Request, _creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
-            request.state.api_key = edge.access.authenticate(request.headers.get("authorization"),
-                                                             client_address(request))
+            edge.access.admit(request)  # the key, its rate limit and one of its in-flight slots
     else:
         async def auth(request: Request):
             request.state.api_key = None
@@ -77,7 +121,8 @@ def build_http_app(service: GenerationService) -> FastAPI:
     native.add_routes(v1, edge)
 
     add_playground(app, v1, edge)  # before the catch-all below: routes match in order
-    jobs.add_routes(v1, edge)
+    if args.jobs.enabled:  # jobs.enabled false: no job routes (the catch-all's 404)
+        jobs.add_routes(v1, edge)
 
     @v1.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                   include_in_schema=False)
@@ -116,7 +161,8 @@ def build_http_app(service: GenerationService) -> FastAPI:
 
     app.include_router(v1)
     openai_images.add_routes(app, edge)  # /openai/v1
-    replicate.add_routes(app, edge)  # /replicate/v1
+    if args.jobs.enabled:
+        replicate.add_routes(app, edge)  # /replicate/v1
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the Ingress answers")
     async def healthz():

@@ -3,7 +3,8 @@
 submit   the /v1/generate checks and the face analysis run at once (bad input: the same 4xx, never a failed job
          later); the Generator's job and what the response needs go into the record (``inputs``), so any
          Ingress replica can run it; the queue is bounded (503 queue_full + Retry-After)
-run      each Ingress replica claims queued jobs (``jobs.concurrency`` at once) and holds a lease it renews;
+run      Ingress replicas claim queued jobs, all together as many as the Generators can batch (the capacity
+         the Generator's autoscaling policy publishes; without it ``jobs.concurrency`` each), and hold a lease they renew;
          a job whose replica died is taken over when its lease lapses. The Generator streams progress
          (``Generator.denoise_stream``), written to the record at most every ``progress_interval_s``. A
          Generator replica dying mid-job runs it again, ``max_attempts`` runs in all, then fails it saying why.
@@ -26,16 +27,19 @@ import os
 import secrets
 import socket
 import time
+import json
 from typing import Any, Callable
 
 import numpy as np
 
 from deployments import metrics
-from deployments.errors import (INTERNAL, NOT_FOUND, QUEUE_FULL, RETRY_LATER, STORAGE_UNAVAILABLE, UNAVAILABLE,
-                                ServiceError, from_exception, unwrap)
+from deployments.errors import (INTERNAL, INVALID_PARAMETER, NOT_FOUND, QUEUE_FULL, RESULT_TOO_LARGE, RETRY_LATER,
+                                STORAGE_UNAVAILABLE, TOO_MANY_JOBS, UNAVAILABLE, ServiceError, from_exception, unwrap)
 from deployments.ingress.identities import visible_to
 from deployments.ingress.context import RequestContext
-from deployments.ingress.jobs.store import TERMINAL, MemoryJobStore, make_job_store
+from deployments.ingress.jobs.fair_use import dumps_with_raw, result_bytes
+from deployments.ingress.jobs.store import (ACCEPTED, KEY_BUSY, KEY_FULL, TERMINAL, Limits, MemoryJobStore, RawJSON,
+                                            make_job_store)
 from deployments.messages import GenerationTask, PersonPlacement, PreparedGeneration
 from deployments.ingress.jobs.webhooks import WebhookSender
 
@@ -113,6 +117,40 @@ def unpack(data: dict):
                               references=plain["references"], people=plain.get("people"))
 
 
+def check_shared_store(config, store, max_replicas: int) -> None:
+    """Refuse to start an Ingress that can run several replicas (``num_replicas`` or autoscaling
+    ``max_replicas`` > 1) with jobs in each replica's memory: half the GETs would 404 and a restart loses every
+    job. Jobs need a shared store there, or to be turned off."""
+    if config.enabled and max_replicas > 1 and isinstance(store, MemoryJobStore):
+        raise ValueError(
+            f"jobs: this Ingress can run {max_replicas} replicas but its job store is this replica's memory: set "
+            f"jobs.redis_url, or the env var jobs.redis_url_env names (${config.redis_url_env}), to a Redis every "
+            f"replica reaches, or set jobs.enabled: false (docs/jobs.md)")
+
+
+def max_replicas_of(deployment_config) -> int:
+    """How many replicas a Serve deployment config lets a deployment run at most."""
+    auto = getattr(deployment_config, "autoscaling_config", None)
+    if auto is not None:
+        return int(auto["max_replicas"] if isinstance(auto, dict) else auto.max_replicas)
+    return int(getattr(deployment_config, "num_replicas", None) or 1)
+
+
+def encode_cursor(created_at: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at!r}|{job_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = text.split("|", 1)
+        if not valid_job_id(job_id):
+            raise ValueError(job_id)
+        return float(created), job_id
+    except Exception:
+        raise INVALID_PARAMETER("cursor: not a cursor this service gave", field="cursor") from None
+
+
 def replica_died(exc: BaseException) -> bool:
     """The Generator replica running the call died (killed, OOM, node lost): the job may run again."""
     try:
@@ -130,9 +168,6 @@ class JobService:
         self.core = core
         self.config = config
         self.store = make_job_store(config)
-        if isinstance(self.store, MemoryJobStore) and core.args.profile == "real":
-            log.warning("jobs: no Redis URL (jobs.redis_url or $%s): job records live in this replica only",
-                        config.redis_url_env)
         self.webhooks = WebhookSender(config.webhooks)
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         # the final job as each surface shows it (for webhooks): meta["surface"] -> formatter
@@ -146,6 +181,8 @@ class JobService:
     def start(self) -> None:
         """Start claiming jobs on the running event loop (idempotent; called on first use and by health checks,
         so a replica that takes no request still runs queued jobs and takes over dead replicas' ones)."""
+        if not self.config.enabled:
+            return
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
             self._loop_task = asyncio.ensure_future(self._loop())
@@ -161,7 +198,10 @@ class JobService:
                     for job_id in await self.store.reap(self.config.max_attempts, self.config.result_ttl_s, lost):
                         log.warning("job %s: its replica stopped; ended by this one", job_id)
                         await self._ended(job_id)
-                while len(self._running) < self.config.concurrency:
+                # with a published capacity the claim script bounds all replicas together; this is the guard
+                published = await self.store.capacity()
+                local = self.config.concurrency if published is None else self.config.max_running_per_replica
+                while len(self._running) < local:
                     job_id = await self.store.claim(self.worker, self.config.lease_s)
                     if job_id is None:
                         break
@@ -215,7 +255,7 @@ class JobService:
                 status = "canceled"
             else:
                 try:
-                    status, payload = "succeeded", {"result": work.result()}
+                    status, payload = "succeeded", {"result": await self._serialised(work.result())}
                 except Exception as exc:
                     err = from_exception(exc, request_id=job_id)
                     status, payload = "failed", {"error": err.body()["error"]}
@@ -229,6 +269,14 @@ class JobService:
             self._running.pop(job_id, None)
             if self._wake is not None:
                 self._wake.set()
+
+    async def _serialised(self, result: dict) -> RawJSON:
+        """The result as the JSON text stored once (in a thread: megabytes of base64), within the size cap."""
+        text = await asyncio.to_thread(json.dumps, result, separators=(",", ":"))
+        if len(text) > self.config.max_result_bytes:  # the bound at submit is an upper bound: a safety net
+            raise RESULT_TOO_LARGE(f"the result is {len(text)} bytes, over jobs.max_result_bytes "
+                                   f"({self.config.max_result_bytes}); ask for delivery s3 or fewer/smaller images")
+        return RawJSON(text)
 
     async def _execute(self, ctx, job_id: str, inputs: dict) -> dict:
         core, cfg = self.core, self.config
@@ -291,12 +339,14 @@ class JobService:
             meta = record.get("meta") or {}
             view = self.views.get(meta.get("surface", "jobs"))
             if view is not None:  # with the absolute URLs GET shows (the base URL the job was submitted to)
-                self.webhooks.send(webhook, view(job_id, record, meta.get("base_url", "")))
+                body = await asyncio.to_thread(lambda: dumps_with_raw(view(job_id, record, meta.get("base_url", ""))))
+                self.webhooks.send(webhook, body)
 
     # -- calls from the surfaces ---------------------------------------------------------------------------
     async def submit(self, ctx, data: dict, files: dict | None = None, *, webhook: str | None = None,
                      meta: dict | None = None) -> tuple[str, dict]:
         """Validate and analyse now (the same errors as /v1/generate), then queue. Returns (id, record)."""
+        self._enabled()
         core = self.core
         self.start()
         try:
@@ -313,6 +363,7 @@ class JobService:
             ctx.timings["decode_s"] = decode_s
             prepared = await core.within_deadline(ctx, core.prepare_generation(ctx, req, faces, pose, init_image),
                                             req.timeout_s)
+            req = self._within_result_cap(req, prepared.task)  # the output size is known now
         except Exception as exc:
             raise core.fail(ctx, exc) from None
         job_id = new_job_id()
@@ -321,16 +372,43 @@ class JobService:
                   "meta": {"model": prepared.task.model, **(meta or {})},
                   "inputs": {"request": request, "prepared": pack(prepared),
                              "timings": dict(ctx.timings)}}  # submit's (decode, face analysis, identities...)
+        cfg = self.config
         try:
-            accepted = await self.store.submit(job_id, record, self.config.max_queued)
+            outcome = await self.store.submit(job_id, record, Limits(cfg.max_queued, cfg.max_jobs_per_key,
+                                                                     cfg.max_active_per_key))
         except Exception as exc:
             raise self._store_down(exc) from None
-        if not accepted:
+        if outcome == KEY_BUSY:
+            raise TOO_MANY_JOBS(f"this API key has {cfg.max_active_per_key} jobs queued or running "
+                                "(jobs.max_active_per_key); retry when one has ended", headers=RETRY_LATER)
+        if outcome == KEY_FULL:
+            raise TOO_MANY_JOBS(f"this API key has {cfg.max_jobs_per_key} jobs stored (jobs.max_jobs_per_key); "
+                                f"they expire jobs.result_ttl_s ({cfg.result_ttl_s} s) after they end",
+                                headers=RETRY_LATER)
+        if outcome != ACCEPTED:
             raise self._queue_full()
         metrics.job_status("queued")
         accepted = await self.get(ctx, job_id)  # as accepted: queued (a worker may claim it at once)
         self._wake.set()
         return job_id, accepted
+
+    def _within_result_cap(self, req, task):
+        """The request as it will run: an inline result that could pass ``jobs.max_result_bytes`` goes to S3
+        when an output bucket is configured, else it is refused now, naming the limit."""
+        cap, w, h, n = self.config.max_result_bytes, task.width, task.height, task.num_images
+        size = result_bytes(w, h, n, req.delivery == "inline", req.return_pose_image)
+        if size <= cap:
+            return req
+        if req.delivery == "inline" and self.core.args.output_bucket and result_bytes(
+                w, h, n, False, req.return_pose_image) <= cap:
+            return req.model_copy(update={"delivery": "s3"})
+        raise RESULT_TOO_LARGE(f"{n} image(s) of {w}x{h} can make a result of "
+                               f"{size} bytes, over jobs.max_result_bytes ({cap}): ask for delivery s3, fewer "
+                               "or smaller images", field="delivery" if req.delivery == "inline" else None)
+
+    def _enabled(self) -> None:
+        if not self.config.enabled:
+            raise NOT_FOUND("jobs are turned off on this service (jobs.enabled: false)")
 
     def _queue_full(self) -> ServiceError:
         return QUEUE_FULL(f"{self.config.max_queued} jobs are queued; retry later",
@@ -344,6 +422,7 @@ class JobService:
 
     async def get(self, ctx, job_id: str, result: bool = True) -> dict:
         """The record (without inputs); 404 when absent, expired or another key's."""
+        self._enabled()
         try:
             record = await self.store.get(job_id, result) if valid_job_id(job_id) else None
         except Exception as exc:
@@ -364,19 +443,19 @@ class JobService:
         if state == "canceled" and record["status"] == "queued":
             await self._ended(job_id)
         deadline = time.monotonic() + wait_s
-        while True:
-            record = await self.get(ctx, job_id)
+        while True:  # polled without the result; the result is read once, at the end
+            record = await self.get(ctx, job_id, result=False)
             if record["status"] in TERMINAL or time.monotonic() >= deadline:
-                return record
+                return await self.get(ctx, job_id)
             await asyncio.sleep(0.1)
 
     async def wait(self, ctx, job_id: str, timeout_s: float) -> dict:
         """The record once it ends, or as it is after ``timeout_s`` (``Prefer: wait``, the handle's wait_job)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            record = await self.get(ctx, job_id)
+            record = await self.get(ctx, job_id, result=False)
             if record["status"] in TERMINAL or time.monotonic() >= deadline:
-                return record
+                return await self.get(ctx, job_id)
             await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     async def events(self, ctx, job_id: str, poll_s: float = 0.25):
@@ -392,3 +471,18 @@ class JobService:
                 last = key
                 yield record
             await asyncio.sleep(poll_s)
+
+    async def list(self, ctx, limit: int = 20, cursor: str | None = None) -> tuple[list[dict], str | None]:
+        """The caller's own jobs, newest first, without results (GET one for it): a page of ``limit`` and the
+        cursor of the next page (None: the last page)."""
+        self._enabled()
+        if not 1 <= int(limit) <= 100:
+            raise INVALID_PARAMETER("limit: 1 to 100", field="limit")
+        before = decode_cursor(cursor) if cursor else None
+        try:
+            records = await self.store.list(ctx.api_key, int(limit) + 1, before)
+        except Exception as exc:
+            raise self._store_down(exc) from None
+        page = records[:int(limit)]
+        more = len(records) > int(limit)
+        return page, encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more and page else None

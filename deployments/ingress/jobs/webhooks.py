@@ -1,7 +1,9 @@
 """Webhooks: one POST of a finished job to the URL given at submit, from the Ingress (never the Generator).
 
 - Allowlist: only hosts in ``jobs.webhooks.allowed_hosts`` are called (exact names, or ``*.example.com`` for its
-  subdomains); a URL outside it is refused at submit with 422, so the service is no open relay into the
+  subdomains), and only on their port: an entry without one allows the scheme's default port (443, 80),
+  ``host:8443`` that port, ``host:*`` any (``http://localhost:8265/api/jobs/``, the Ray dashboard's job API, is not
+  ``localhost``'s receiver); a URL outside it is refused at submit with 422, so the service is no open relay into the
   cluster's network (SSRF). https only unless ``allow_http``. The URL's host is checked, never resolved
   addresses: list names you control. The URL must parse the same with urllib and with yarl (aiohttp's parser,
   the sender's): one it cannot parse, or where it reads another host, is refused; user info (``user@``) too.
@@ -9,7 +11,8 @@
   from the env var ``secret_env`` names (the scheme Stripe uses: the timestamp inside the MAC stops replays).
   ``X-InstantID-Webhook-Id`` is the same on every retry of one delivery, so receivers can drop duplicates.
 - Delivery: ``max_attempts`` tries, ``timeout_s`` each, backoff ``backoff_s`` doubling; a 2xx ends it, a 4xx
-  other than 408/429 too (the receiver refused it: retrying cannot help). Sent by a background task.
+  other than 408/429 too (the receiver refused it: retrying cannot help), and a 3xx (never followed: a redirect
+  could lead past the allowlist; retrying gets the same redirect). Sent by a background task.
 
 Client: aiohttp, already installed with ``ray[serve]`` (no new dependency).
 """
@@ -77,10 +80,34 @@ def same_host(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def host_allowed(host: str, allowed: list[str]) -> bool:
+DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def _split_entry(entry: str) -> tuple[str, str | None]:
+    """An allowlist entry as (host pattern, port or '*' or None): 'h', 'h:8443', 'h:*', '[::1]:8443'."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, port
+    return entry, None
+
+
+def host_allowed(host: str, allowed: list[str], port: int | None = None, scheme: str = "https") -> bool:
+    """Whether ``host`` on ``port`` (None: the scheme's default) matches an allowlist entry, its port included."""
     host = host.lower().rstrip(".")
-    for pattern in allowed:
-        pattern = pattern.lower().rstrip(".")
+    port = DEFAULT_PORTS.get(scheme) if port is None else port
+    for entry in allowed:
+        pattern, entry_port = _split_entry(entry)
+        pattern = pattern.rstrip(".")
+        if entry_port is None:
+            port_ok = port == DEFAULT_PORTS.get(scheme)
+        else:
+            port_ok = entry_port == "*" or (entry_port.isdigit() and int(entry_port) == port)
+        if not port_ok:
+            continue
         if pattern.startswith("*.") and host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
             return True
         if host == pattern:
@@ -104,7 +131,7 @@ class WebhookSender:
         try:
             parts = urlsplit(url)
             host = parts.hostname or ""
-            parts.port  # noqa: B018 - raises on a malformed port
+            port = parts.port  # raises on a malformed port
             sent = sender_host(url)  # the host aiohttp (the sender) will call: it must be the one checked
         except ValueError:
             raise INVALID_PARAMETER(f"{field}: not a valid URL", field=field) from None
@@ -117,7 +144,7 @@ class WebhookSender:
         if parts.scheme not in schemes or not host:
             raise INVALID_PARAMETER(f"{field}: must be an {' or '.join(schemes)} URL",
                                field=field)
-        if not host_allowed(host, self.config.allowed_hosts):
+        if not host_allowed(host, self.config.allowed_hosts, port, parts.scheme):
             raise INVALID_PARAMETER(f"{field}: host not in this service's webhook allowlist",
                                field=field)
         if self.secret() is None:
@@ -125,14 +152,14 @@ class WebhookSender:
                                f"(no signing secret)", field=field)
         return url
 
-    def send(self, url: str, payload: dict) -> asyncio.Task:
+    def send(self, url: str, payload: dict | str) -> asyncio.Task:
         """Deliver in the background; the caller never waits."""
         task = asyncio.ensure_future(self.deliver(url, payload))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def deliver(self, url: str, payload: dict) -> bool:
+    async def deliver(self, url: str, payload: dict | str) -> bool:
         import aiohttp
 
         secret = self.secret()
@@ -140,7 +167,8 @@ class WebhookSender:
             log.warning("webhook not sent: %s is unset", self.config.secret_env)
             metrics.webhook("failed")
             return False
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        # a str is the JSON already (the job core serialises the final job once, off the event loop)
+        body = (payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))).encode()
         delivery = uuid.uuid4().hex
         delay = self.config.backoff_s
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
@@ -156,7 +184,7 @@ class WebhookSender:
                         status = resp.status
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 log.info("webhook attempt %d failed: %s", attempt, type(exc).__name__)
-            if status is not None and (200 <= status < 300 or (400 <= status < 500 and status not in (408, 429))):
+            if status is not None and (200 <= status < 400 or (400 <= status < 500 and status not in (408, 429))):
                 ok = status < 300
                 metrics.webhook("delivered" if ok else "refused")
                 return ok

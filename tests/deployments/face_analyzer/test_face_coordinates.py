@@ -1,6 +1,7 @@
 """The FaceAnalyzer replica reports faces in the coordinates of the photo as uploaded: the library's analysis
-(on the reference's resized canvas) scaled back per axis. Non-square photos, so that a width/height mix-up in
-the scaling (of the box, the keypoints, the size or the canvas) shows."""
+(on the analysed canvas: the photo at one scale, centre-cropped to the demo's size) mapped back by that scale and
+the crop's offset. Non-square photos, so that a width/height mix-up in the mapping (of the box, the keypoints, the
+size or the canvas) or a forgotten crop shows."""
 
 from __future__ import annotations
 
@@ -45,10 +46,16 @@ def test_faces_are_reported_on_the_uploaded_photo_per_axis(core, library, face_p
 
     face, canvas = analyze_face(library, "p", photo)
     assert canvas == analysis_size(width, height) and canvas[0] != canvas[1]
-    sx, sy = width / canvas[0], height / canvas[1]
-    assert abs(sx - sy) > 0.01  # the axes scale differently: a swap changes the numbers
-    box = [face.bbox[0] * sx, face.bbox[1] * sy, face.bbox[2] * sx, face.bbox[3] * sy]
-    kps = [[x * sx, y * sy] for x, y in face.kps]
+    # independently of analysis_mapping: the demo's first resize, then the centred crop to the canvas
+    ratio = 1024 / min(width, height)
+    w, h = round(ratio * width), round(ratio * height)
+    ratio = 1280 / max(w, h)
+    resized = (round(ratio * w), round(ratio * h))
+    sx, sy = width / resized[0], height / resized[1]
+    ox, oy = (resized[0] - canvas[0]) // 2 * sx, (resized[1] - canvas[1]) // 2 * sy
+    assert ox + oy > 5  # a crop happened: forgetting it moves every point
+    box = [face.bbox[0] * sx + ox, face.bbox[1] * sy + oy, face.bbox[2] * sx + ox, face.bbox[3] * sy + oy]
+    kps = [[x * sx + ox, y * sy + oy] for x, y in face.kps]
 
     result = core.predict([("face_images[0]", data)], thumbnail=True)
     (reported,) = result.faces

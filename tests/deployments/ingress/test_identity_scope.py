@@ -107,3 +107,27 @@ def test_auth_off_is_unscoped(tmp_path):
     assert identity_id in {i["identity_id"] for i in client.get("/v1/identities").json()["identities"]}
     assert client.get(f"/v1/identities/{identity_id}").status_code == 200
     assert client.delete(f"/v1/identities/{identity_id}").status_code == 204
+
+
+def test_every_place_a_stored_identity_is_used_is_scoped(client):
+    """Issue 30: not only the identity routes and /v1/generate. A person of a group picture, an async job and the
+    OpenAI surface take an identity_id too: another key's is the 404 of a missing one, naming the field."""
+    alices = _create(client, "alice")
+    people = {"people": [{"identity_id": alices, "keypoints": [[16, 20], [28, 20], [22, 26], [17, 32], [27, 32]]},
+                         {"face_images": [b64(png_bytes())],
+                          "keypoints": [[76, 20], [88, 20], [82, 26], [77, 32], [87, 32]]}],
+              "width": 128, "height": 64, "steps": 1}
+    assert_error(client.post("/v1/generate", headers=_as("bob"), json=people), 404, "not_found",
+                 field="people[0].identity_id")
+    assert client.post("/v1/generate", headers=_as("alice"), json=people).status_code == 200
+    job = client.post("/v1/jobs", headers=_as("bob"), json={"identity_id": alices, "width": 64, "height": 64,
+                                                             "steps": 1})
+    assert_error(job, 404, "not_found", field="identity_id")
+    resp = client.post("/openai/v1/images/generations", headers=_as("bob"),
+                       json={"prompt": "a person", "identity_id": alices, "size": "64x64"})
+    assert resp.status_code == 404 and alices not in resp.text.replace(f"identity {alices}", ""), resp.text
+    ok = client.post("/openai/v1/images/generations", headers=_as("alice"),
+                     json={"prompt": "a person", "identity_id": alices, "size": "64x64"})
+    assert ok.status_code == 200, ok.text
+    # an admin key may use anyone's
+    assert client.post("/v1/generate", headers=_as("ops"), json=people).status_code == 200

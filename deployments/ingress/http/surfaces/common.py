@@ -5,24 +5,24 @@ from __future__ import annotations
 import re
 
 from deployments.errors import INVALID_PARAMETER
-from deployments.ingress.http.auth import client_address
 
-SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")  # fullmatch: "$" would let "64x64\n" through
 
 
 def authenticate(edge, request) -> str | None:
-    """The /v1 API keys, rate limit and failed-login throttle; sets ``request.state.api_key``. Raises
-    ServiceError: the surface re-raises it in its own shape."""
-    request.state.api_key = (edge.access.authenticate(request.headers.get("authorization"), client_address(request))
-                             if edge.service.args.auth.enabled else None)
-    return request.state.api_key
+    """The /v1 API keys, rate limit, failed-login throttle and in-flight bound; sets ``request.state.api_key``.
+    Raises ServiceError: the surface re-raises it in its own shape."""
+    if not edge.service.args.auth.enabled:
+        request.state.api_key = None
+        return None
+    return edge.access.admit(request)
 
 
 def parse_size(size, field: str = "size") -> tuple[int, int] | None:
     """'WxH' -> (W, H); 'auto' or absent -> None (the photo's size)."""
     if size is None or size == "auto":
         return None
-    match = SIZE.match(size) if isinstance(size, str) else None
+    match = SIZE.fullmatch(size) if isinstance(size, str) else None
     if match is None:
         raise INVALID_PARAMETER(f"{field}: expected 'WIDTHxHEIGHT' (e.g. '1024x1024') or "
                            "'auto'", field=field)

@@ -3,6 +3,9 @@
 POST /replicate/v1/models/{owner}/{name}/predictions   ``{input, webhook?, webhook_events_filter?}``; the model
                                                        reference is ``instantid/<configured model name>``
 POST /replicate/v1/predictions                         the same with ``version`` = a model reference or name
+GET  /replicate/v1/predictions                         the caller's predictions, newest first, Replicate's page
+                                                       shape ``{previous, next, results}`` (no ``output``: GET
+                                                       one for it)
 GET  /replicate/v1/predictions/{id}                    the prediction
 POST /replicate/v1/predictions/{id}/cancel             cancel it
 
@@ -16,13 +19,14 @@ problem details (``{title, detail, status}``), which the client raises as ``Repl
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
 
 from deployments.errors import INVALID_PARAMETER, NOT_FOUND, ServiceError
-from deployments.ingress.http.auth import client_address
 from deployments.ingress.http.readers import loads_json, read_body
 from deployments.ingress.http.surfaces.common import authenticate
 from deployments.ingress.jobs.service import iso
@@ -79,9 +83,13 @@ def summarize_input(data: dict, fields: tuple[str, ...] = IMAGE_FIELDS) -> dict:
 
 
 def prediction_view(job_id: str, record: dict, base: str = "") -> dict:
+    """A job as a Replicate prediction. A stored result is parsed here (its images become data URLs): call it
+    in a thread when the record has one (``view_off_loop``)."""
     meta = record.get("meta") or {}
     url = f"{base.rstrip('/')}{PREFIX}/predictions/{job_id}"
     result, error = record.get("result"), record.get("error")
+    if isinstance(result, str):
+        result = json.loads(result)
     output = None
     if result is not None:
         fmt = result.get("format", "png")
@@ -104,6 +112,14 @@ def prediction_view(job_id: str, record: dict, base: str = "") -> dict:
         "completed_at": iso(completed), "data_removed": False,
         "urls": {"get": url, "cancel": f"{url}/cancel"},
     }
+
+
+async def view_off_loop(job_id: str, record: dict, base: str) -> JSONResponse:
+    """The prediction's response; with a result, built and serialised in a thread (it can be megabytes)."""
+    if record.get("result") is None:
+        return JSONResponse(prediction_view(job_id, record, base))
+    body = await asyncio.to_thread(lambda: json.dumps(prediction_view(job_id, record, base), separators=(",", ":")))
+    return Response(body, media_type="application/json")
 
 
 def wait_seconds(prefer: str | None) -> float | None:
@@ -145,10 +161,10 @@ def add_routes(app, edge) -> None:
 
     async def create(request: Request, ctx, reference) -> JSONResponse:
         try:
-            with edge.uploads.hold(ctx.api_key or client_address(request)):
+            with edge.uploads.hold(ctx.api_key or edge.access.client(request)) as upload:
                 body = await read_body(request, core.args.limits.max_body_bytes,
-                                       ctx.started + core.args.request_timeout_s)
-            payload = loads_json(body)
+                                       ctx.started + core.args.request_timeout_s, upload)
+            payload = await asyncio.to_thread(loads_json, body)  # off the event loop, as read_request does
             if not isinstance(payload, dict) or not isinstance(payload.get("input", {}), dict):
                 raise INVALID_PARAMETER("the body must be {\"input\": {...}}", field="input")
             name = model_name(reference if reference is not None else payload.get("version"))
@@ -170,7 +186,7 @@ def add_routes(app, edge) -> None:
                 record = await jobs.wait(ctx, job_id, wait)
         except ServiceError as err:
             raise ReplicateProblem.of(err) from None
-        view = prediction_view(job_id, record, str(request.base_url))
+        view = await asyncio.to_thread(prediction_view, job_id, record, str(request.base_url))
         if wait and view["status"] == "processing":
             view["status"] = "starting"  # Replicate's blocking API: not ended in time -> keep polling
         return JSONResponse(view, status_code=201, headers={"Location": view["urls"]["get"]})
@@ -189,7 +205,20 @@ def add_routes(app, edge) -> None:
             record = await action(caller(route, request), prediction_id)
         except ServiceError as err:
             raise ReplicateProblem.of(err) from None
-        return JSONResponse(prediction_view(prediction_id, record, str(request.base_url)))
+        return await view_off_loop(prediction_id, record, str(request.base_url))
+
+    @router.get("/predictions", summary="List predictions (newest first)")
+    async def list_predictions(request: Request, cursor: str | None = Query(None, max_length=200)):
+        try:
+            records, next_cursor = await jobs.list(caller("/predictions", request), 20, cursor)
+        except ServiceError as err:
+            raise ReplicateProblem.of(err) from None
+        base = str(request.base_url)
+        # Replicate's page: ``next`` is the URL of the next page (the client requests it as is)
+        return JSONResponse({"previous": None,
+                             "next": f"{base.rstrip('/')}{PREFIX}/predictions?cursor={next_cursor}" if next_cursor
+                             else None,
+                             "results": [prediction_view(r["id"], r, base) for r in records]})
 
     @router.get("/predictions/{prediction_id}", summary="Get a prediction")
     async def get_prediction(request: Request, prediction_id: str):

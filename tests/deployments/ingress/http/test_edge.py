@@ -109,18 +109,15 @@ def test_unknown_v1_paths_without_auth_are_404_and_405(client):
 def test_wrong_key_guessing_is_throttled_per_address(auth_client):
     from deployments.ingress.http.auth import AUTH_FAILURE_BURST
 
-    bad = {"Authorization": "Bearer guess", "X-Forwarded-For": "198.51.100.1"}  # as HAProxy sends it
+    bad = {"Authorization": "Bearer guess"}
     statuses = [auth_client.get("/v1/models", headers=bad).status_code for _ in range(AUTH_FAILURE_BURST + 5)]
     assert statuses[:AUTH_FAILURE_BURST] == [401] * AUTH_FAILURE_BURST
     assert set(statuses[AUTH_FAILURE_BURST:]) == {429}
-    # the throttled address cannot test a guess either, right or wrong
-    resp = auth_client.get("/v1/models", headers={**bad, "Authorization": "Bearer " + KEY})
+    resp = auth_client.get("/v1/models", headers={"Authorization": "Bearer other-guess"})
     assert_error(resp, 429, "rate_limited")
     assert int(resp.headers["retry-after"]) >= 1
-    # another address (HAProxy's X-Forwarded-For) is not affected
-    other = {"Authorization": "Bearer " + KEY, "X-Forwarded-For": "203.0.113.9"}
-    assert auth_client.get("/v1/models", headers=other).status_code == 200
-    # without an address (a proxy that does not forward it) nobody is locked out for others' guesses
+    # a right key from the same address is never refused for the failures (issue 30: behind a proxy that every
+    # client shares, the throttle locked every key out); test_hostile_round3.py has the forwarded-address cases
     assert auth_client.get("/v1/models", headers={"Authorization": "Bearer " + KEY}).status_code == 200
 
 

@@ -135,3 +135,28 @@ def test_as_photo_request_without_a_size_gets_the_photos_shape(tmp_path):
                                                  "init_image": b64(png_bytes((600, 900))), "strength": 0.5})
     assert restyled.status_code == 200, restyled.text
     assert restyled.json()["height"] > restyled.json()["width"]  # the picture to restyle's portrait shape
+
+
+def test_styles_offer_one_no_style_choice():
+    """The style chips once listed "none" (no style: the request leaves ``style`` out) and the demo's "(No style)"
+    preset side by side. Runs the page's own ``styleChoices`` in Node on the service's style list."""
+    import json
+    import re
+    import shutil
+
+    from instantid.styles import presets
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    source = (STATIC_DIR / "app.js").read_text()
+    match = re.search(r"^function styleChoices\(styles\) \{\n.*?^\}\n", source, re.S | re.M)
+    assert match, "app.js has no styleChoices(styles) function"
+    styles = sorted(presets())
+    assert "(No style)" in styles  # the demo's preset, still an API style
+    script = match.group(0) + f"console.log(JSON.stringify(styleChoices({json.dumps(styles)})));"
+    choices = json.loads(subprocess.run([node, "-e", script], capture_output=True, text=True, check=True).stdout)
+    labels = [label for _, label in choices]
+    assert choices[0] == ["", "none"]  # no style: nothing sent, the prompts pass unchanged
+    assert len([label for label in labels if "no style" in label.lower() or label == "none"]) == 1, labels
+    assert [value for value, _ in choices[1:]] == [s for s in styles if s != "(No style)"]

@@ -88,9 +88,10 @@ def _open(driver, url):
     driver.get(url)
 
 
-# Keeps the JSON bodies the page sends to /v1/generate in window.sentBodies (the test's view of the request).
+# Keeps the JSON bodies the page sends to /v1/jobs (or /v1/generate) in window.sentBodies (the test's view of the
+# request).
 RECORD_BODIES = ("window.sentBodies = []; const send = window.fetch; window.fetch = (url, init) => {"
-                 " if (String(url).endsWith('/v1/generate')) window.sentBodies.push(JSON.parse(init.body));"
+                 " if (/\\/v1\\/(jobs|generate)$/.test(String(url))) window.sentBodies.push(JSON.parse(init.body));"
                  " return send(url, init); };")
 
 
@@ -141,8 +142,7 @@ def test_upload_generate_and_see_the_results(browser, serve_env, face_photo, tmp
     d.execute_script(RECORD_BODIES)
     _by_id(d, "generate").click()
     _wait(d, lambda d: _by_id(d, "progress").is_displayed(), 10, "no progress shown while generating")
-    assert d.execute_script("return document.getElementById('progress').position") == -1  # indeterminate
-    assert _by_id(d, "status").text.startswith("Generating")
+    assert _by_id(d, "status").text.startswith(("Queued", "Starting", "Step"))  # a job: queued, then its steps
     assert not _by_id(d, "generate").is_enabled()
     _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 4
           or _text(d, "status") == "Failed.", 300, "four result images did not appear")
@@ -296,24 +296,11 @@ def test_phone_width_needs_no_sideways_scrolling(browser, serve_env):
 
 
 # -- an in-process Ingress with fake backends (default limits), served by uvicorn on the loopback ----------
-class SlowGenerator:
-    """A Generator that takes ``seconds`` per call."""
+def slow_generator(step_s: float):
+    """A Generator whose jobs take ``step_s`` a denoising step (fakes.StreamingGenerator)."""
+    from fakes import StreamingGenerator
 
-    def __init__(self, seconds: float):
-        from fakes import FakeGenerator, FakeMethod
-
-        inner = FakeGenerator()
-
-        async def generate(job):
-            import asyncio
-
-            await asyncio.sleep(seconds)
-            return await inner.denoise.remote(job)
-
-        self.denoise = FakeMethod(generate)
-
-    def options(self, **_):
-        return self
+    return StreamingGenerator(step_s=step_s)
 
 
 @pytest.fixture()
@@ -387,7 +374,8 @@ def test_api_key_box_and_the_key_only_in_the_header(browser, fake_server, face_p
     _by_id(d, "generate").click()
     _wait(d, lambda d: len(d.find_elements("css selector", "#results .result img")) == 2, 30, "no identity result")
     api_calls = [s for s in seen if s[0].startswith("/v1/")]
-    assert {p for p, _, _ in api_calls} >= {"/v1/models", "/v1/faces:analyze", "/v1/generate", "/v1/identities"}
+    assert {p for p, _, _ in api_calls} >= {"/v1/models", "/v1/faces:analyze", "/v1/jobs", "/v1/identities"}
+    assert any(p.startswith("/v1/jobs/job_") and p.endswith("/events") for p, _, _ in api_calls)  # with the key
     assert all(auth == "Bearer " + KEY for p, _, auth in api_calls if p != "/v1/models" or auth), api_calls
     assert not any(KEY in path or KEY in query for path, query, _ in seen)
     assert KEY not in d.current_url
@@ -437,9 +425,45 @@ def test_the_documented_limits_end_to_end(browser, fake_server, tmp_path):
     assert _text(d, "err-face-0") == "This image is too large for the server."
 
 
+def test_job_progress_then_cancel_stops_it_on_the_server(browser, fake_server, face_photo):
+    """The page runs a job: the bar follows its steps from the event stream; Cancel cancels the job on the server
+    (its status there is canceled, the Generator's stream was cancelled), and no result arrives late."""
+    import httpx
+
+    d = browser
+    slow = slow_generator(step_s=0.3)
+    url, seen = fake_server(generator=slow)
+    _open(d, url + "/")
+    _wait(d, lambda d: d.find_elements("css selector", "#base_model option"), 30)
+    _by_id(d, "face-input").send_keys(str(face_photo))
+    _wait(d, lambda d: d.find_elements("css selector", "#face-list svg.overlay"), 30)
+    _set(d, "size", "custom")
+    _set(d, "width", 64)
+    _set(d, "height", 64)
+    _set(d, "steps", 20)  # 6 s of steps
+    _by_id(d, "generate").click()
+    _wait(d, lambda d: _text(d, "status").startswith("Step"), 15, "no step progress shown")
+    _wait(d, lambda d: (d.execute_script("return document.getElementById('progress').value") or 0) >= 2 / 20, 10,
+          "the bar does not follow the steps")
+    step = int(_text(d, "status").split()[1])
+    assert 1 <= step < 20 and _text(d, "status").startswith(f"Step {step} of 20")
+    job_id = d.execute_script("return state.jobId")
+    assert job_id and job_id.startswith("job_")
+    _by_id(d, "cancel").click()
+    _wait(d, lambda d: _text(d, "status") == "Cancelled.", 10)
+    assert _by_id(d, "generate").is_enabled() and not _by_id(d, "progress").is_displayed()
+    assert (f"/v1/jobs/{job_id}/cancel", "", "") in seen  # the page told the server
+    job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+    assert job["status"] == "canceled" and job["progress"]["step"] < 20
+    assert slow.streams and slow.streams[0].cancelled  # the Generator's stream was cancelled
+    time.sleep(1)
+    assert d.find_elements("css selector", "#results .result") == []
+    assert _text(d, "err-request") == ""
+
+
 def test_cancel_stops_waiting(browser, fake_server, face_photo):
     d = browser
-    slow = SlowGenerator(seconds=3)
+    slow = slow_generator(step_s=0.15)  # 20 default steps: 3 s
     url, _ = fake_server(generator=slow)
     _open(d, url + "/")
     _wait(d, lambda d: d.find_elements("css selector", "#base_model option"), 30)

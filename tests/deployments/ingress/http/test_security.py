@@ -133,4 +133,5 @@ def test_secrets_come_from_the_environment_not_the_config():
     from deployments.config import AuthConfig
 
     # admin_keys holds key *names* (as in the env var), never keys or hashes
-    assert set(AuthConfig.model_fields) == {"enabled", "key_hashes_env", "rate_per_s", "burst", "admin_keys"}
+    assert set(AuthConfig.model_fields) == {"enabled", "key_hashes_env", "rate_per_s", "burst", "max_in_flight",
+                                            "admin_keys"}

@@ -109,7 +109,8 @@ def test_a_webhook_sends_the_job_with_the_urls_get_shows(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         client, _ = client_for(tmp_path, CountingGenerator(),
-                               webhooks={"allowed_hosts": ["127.0.0.1"], "allow_http": True, "backoff_s": 0.1})
+                               webhooks={"allowed_hosts": [f"127.0.0.1:{server.server_port}"], "allow_http": True,
+                                         "backoff_s": 0.1})
         with client:
             job = client.post("/v1/jobs", json=job_request(webhook=f"http://127.0.0.1:{server.server_port}/h")).json()
             shown = wait_status(client, job["id"])

@@ -4,11 +4,12 @@ job, leases taken over when a replica stops renewing, cancel vs finish, expiry o
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 
-from deployments.ingress.jobs.store import MemoryJobStore, RedisJobStore
+from deployments.ingress.jobs.store import ACCEPTED, QUEUE_FULL, Limits, MemoryJobStore, RawJSON, RedisJobStore
 from redis_server import redis_url  # noqa: F401  (a fixture)
 
 ERROR = {"code": "unavailable", "message": "lost"}
@@ -36,8 +37,8 @@ def test_submit_is_bounded_and_claims_are_fifo_and_exclusive(make_store):
     async def go():
         store = make_store()
         for i in range(3):
-            assert await store.submit(f"j{i}", {"created_at": time.time(), "inputs": {"n": i}}, max_queued=3)
-        assert not await store.submit("j3", {"created_at": time.time()}, max_queued=3)  # full
+            assert await store.submit(f"j{i}", {"created_at": time.time(), "inputs": {"n": i}}, Limits(3)) == ACCEPTED
+        assert await store.submit("j3", {"created_at": time.time()}, Limits(3)) == QUEUE_FULL
         assert await store.get("j3") is None
         claims = await asyncio.gather(*(store.claim(f"w{i}", 5) for i in range(5)))
         assert sorted(c for c in claims if c) == ["j0", "j1", "j2"] and claims.count(None) == 2
@@ -51,14 +52,14 @@ def test_submit_is_bounded_and_claims_are_fifo_and_exclusive(make_store):
 def test_finish_once_and_finished_jobs_expire(make_store):
     async def go():
         store = make_store()
-        await store.submit("a", {"created_at": time.time(), "inputs": {"x": 1}}, 10)
+        await store.submit("a", {"created_at": time.time(), "inputs": {"x": 1}}, Limits(10))
         assert await store.claim("w", 5) == "a"
         await store.update("a", progress={"step": 1, "total": 2})
         assert (await store.get("a"))["progress"] == {"step": 1, "total": 2}
-        assert await store.finish("a", "succeeded", 1, result={"images": ["x"]})
+        assert await store.finish("a", "succeeded", 1, result=RawJSON('{"images":["x"]}'))
         assert not await store.finish("a", "failed", 1, error=ERROR)  # the first end wins
         job = await store.get("a")
-        assert job["status"] == "succeeded" and job["result"] == {"images": ["x"]} and "completed_at" in job
+        assert job["status"] == "succeeded" and json.loads(job["result"]) == {"images": ["x"]} and "completed_at" in job
         assert await store.inputs("a") is None  # inputs go when the job ends
         assert "result" not in await store.get("a", result=False)
         await asyncio.sleep(2.1)
@@ -70,7 +71,7 @@ def test_cancel_a_queued_job_removes_it_and_a_running_one_is_flagged(make_store)
     async def go():
         store = make_store()
         for name in ("q", "r"):
-            await store.submit(name, {"created_at": time.time()}, 10)
+            await store.submit(name, {"created_at": time.time()}, Limits(10))
         assert await store.claim("w", 5) == "q"
         assert await store.cancel("r", 60) == "canceled"  # queued: canceled at once, never starts
         assert await store.claim("w", 5) is None
@@ -85,7 +86,7 @@ def test_cancel_a_queued_job_removes_it_and_a_running_one_is_flagged(make_store)
 def test_a_job_whose_lease_lapses_is_taken_over_then_failed_past_max_attempts(make_store):
     async def go():
         store = make_store()
-        await store.submit("a", {"created_at": time.time(), "inputs": {"x": 1}}, 10)
+        await store.submit("a", {"created_at": time.time(), "inputs": {"x": 1}}, Limits(10))
         assert await store.claim("dead", 0.2) == "a"
         assert await store.renew("a", "dead", 0.2)
         assert await store.reap(2, 60, ERROR) == []  # lease still held
@@ -105,7 +106,7 @@ def test_a_job_whose_lease_lapses_is_taken_over_then_failed_past_max_attempts(ma
 def test_a_cancelled_job_whose_replica_died_ends_canceled(make_store):
     async def go():
         store = make_store()
-        await store.submit("a", {"created_at": time.time()}, 10)
+        await store.submit("a", {"created_at": time.time()}, Limits(10))
         await store.claim("dead", 0.1)
         await store.cancel("a", 60)
         await asyncio.sleep(0.2)

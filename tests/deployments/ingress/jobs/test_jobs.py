@@ -191,8 +191,8 @@ def test_a_webhook_gets_the_final_job_signed_after_a_retry(tmp_path, monkeypatch
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        client, _ = client_for(tmp_path, webhooks={"allowed_hosts": ["127.0.0.1"], "allow_http": True,
-                                                   "backoff_s": 0.1})
+        client, _ = client_for(tmp_path, webhooks={"allowed_hosts": [f"127.0.0.1:{server.server_port}"],
+                                                   "allow_http": True, "backoff_s": 0.1})
         url = f"http://127.0.0.1:{server.server_port}/hook"
         with client:
             job = client.post("/v1/jobs", json=job_request(webhook=url)).json()

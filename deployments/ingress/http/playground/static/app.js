@@ -20,6 +20,7 @@ const state = {
   maxFaces: 4,
   results: loadResults(),
   running: null,  // {cancel()}
+  jobId: null,    // the job the page is following (for tests and the curious)
 };
 
 // Request options: {id, add(body)}, each reading its own control in #more-options; the server's defaults
@@ -66,15 +67,91 @@ async function api(path, {method = "GET", body, signal} = {}) {
   throw new ApiError(resp.status, error);
 }
 
-// Runs one generation through /v1/generate (one response, so progress is indeterminate). /v1/jobs would plug
-// in as another runner of the same shape: submit, onProgress(fraction) from its events, cancel via the signal.
+// Runs one generation as a job (POST /v1/jobs, docs/jobs.md): step progress from the job's event stream,
+// Cancel through the signal (POST .../cancel: the server drops the job's rows at the next denoising step),
+// and the job's result, which is /v1/generate's response. The stream is read with fetch, since EventSource
+// cannot send the Authorization header.
+const JOB_ENDS = ["succeeded", "failed", "canceled"];
+
+function jobPath(id, tail = "") { return `v1/jobs/${encodeURIComponent(id)}${tail}`; }
+
+// The job's events ({event, data}) as they come; returns when the stream ends.
+async function* jobEvents(id, signal) {
+  const headers = {Accept: "text/event-stream"};
+  if (state.key) headers.Authorization = "Bearer " + state.key;
+  const resp = await fetch(new URL(jobPath(id, "/events"), BASE), {headers, signal});
+  if (!resp.ok) {
+    let error = {code: "http_" + resp.status, message: `HTTP ${resp.status}`};
+    try { error = (await resp.json()).error || error; } catch (_) { /* not JSON */ }
+    throw new ApiError(resp.status, error);
+  }
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const event = {event: "message", data: ""};
+      for (const line of block.split("\n")) {
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") event.event = text;
+        else if (field === "data") event.data += (event.data ? "\n" : "") + text;
+      }
+      yield {event: event.event, data: event.data ? JSON.parse(event.data) : null};
+    }
+  }
+}
+
+function jobOutcome(job) {
+  if (job.status === "succeeded") return job.result;
+  if (job.status === "canceled") throw new DOMException("Cancelled", "AbortError");
+  throw new ApiError(0, job.error || {message: "The job failed."});
+}
+
 const runners = {
-  async generate(body, {signal, onProgress}) {
-    onProgress(null);
+  async generate(body, {signal, onProgress}) {  // one response: progress is indeterminate
+    onProgress(null, "Generating…");
     return api("v1/generate", {method: "POST", body, signal});
   },
+  async job(body, {signal, onProgress}) {
+    onProgress(null, "Queued…");
+    let job;
+    try {
+      job = await api("v1/jobs", {method: "POST", body, signal});
+    } catch (err) {
+      // a result too large to keep as a job (jobs.max_result_bytes, no output bucket): one direct call instead
+      if (err.code === "result_too_large") return runners.generate(body, {signal, onProgress});
+      throw err;
+    }
+    state.jobId = job.id;
+    try {
+      for (;;) {  // a stream cut short (a proxy's idle timeout, a replica restart) is opened again
+        for await (const {event, data} of jobEvents(job.id, signal)) {
+          if (event === "error") throw new ApiError(0, (data && data.error) || {message: "The job is gone."});
+          if (event === "done") return jobOutcome(data);
+          const p = data.progress;
+          if (data.status === "running" && p && p.total) onProgress(p.step / p.total, `Step ${p.step} of ${p.total}`);
+          else onProgress(null, data.status === "running" ? "Starting…" : "Queued…");
+        }
+        const now = await api(jobPath(job.id), {signal});
+        if (JOB_ENDS.includes(now.status)) return jobOutcome(now);
+      }
+    } catch (err) {
+      // Cancel: the job is cancelled on the server too (never just forgotten there), then the page says so
+      if (err.name === "AbortError") await api(jobPath(job.id, "/cancel"), {method: "POST"}).catch(() => null);
+      throw err;
+    } finally {
+      state.jobId = null;
+    }
+  },
 };
-const runner = runners.generate;
+const runner = runners.job;
 
 // -- errors beside their fields -----------------------------------------------------------------------
 const FRIENDLY = {
@@ -328,10 +405,16 @@ function showValue(input) {
   input.parentElement.querySelector("output").textContent = input.value;
 }
 
+// [value, label] of the style chips: "none" sends no style (the prompts as typed); the demo's "(No style)" preset
+// would be a second "no style" (it differs only in sending an empty negative prompt), so it is left out here
+function styleChoices(styles) {
+  return [["", "none"], ...styles.filter((s) => s !== "(No style)").map((s) => [s, s])];
+}
+
 function applyModels(models) {
   state.models = models;
   $("tiny-notice").hidden = models.profile !== "tiny";
-  const chips = [["", "none"], ...models.styles.map((s) => [s, s])].map(([value, text]) => {
+  const chips = styleChoices(models.styles).map(([value, text]) => {
     const label = document.createElement("label");
     label.className = "chip";
     const radio = document.createElement("input");
@@ -433,7 +516,8 @@ async function onGenerate(event) {
   const controller = new AbortController();
   const started = performance.now();
   const progress = $("progress");
-  const tick = () => { $("status").textContent = `Generating… ${Math.round((performance.now() - started) / 1000)} s`; };
+  let phase = "Generating…";
+  const tick = () => { $("status").textContent = `${phase} ${Math.round((performance.now() - started) / 1000)} s`; };
   tick();
   const timer = setInterval(tick, 1000);
   state.running = {cancel: () => controller.abort()};
@@ -443,12 +527,14 @@ async function onGenerate(event) {
   try {
     const result = await runner(body, {
       signal: controller.signal,
-      onProgress: (fraction) => {
+      onProgress: (fraction, what) => {
         if (fraction === null) progress.removeAttribute("value");
         else { progress.max = 1; progress.value = fraction; }
+        if (what && what !== phase) { phase = what; tick(); }
       },
     });
     addResult(body, result, reference);
+    $("results").firstElementChild.scrollIntoView({block: "nearest", behavior: "smooth"});
     $("status").textContent = `Done in ${result.timings.total_s.toFixed(1)} s (seed ${result.seed}).`;
   } catch (err) {
     $("status").textContent = err.name === "AbortError" ? "Cancelled." : "Failed.";
