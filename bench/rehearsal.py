@@ -14,7 +14,8 @@ Changed, because this machine cannot have it (``CHANGES``, also in the JSON resu
 
 - weights: every hub reference of the rendered args (base model, InstantID, face pack, depth/pose
   preprocessors, safety checker) points at the tiny random bundle's directory of that layout, under the
-  model-cache directory; ``device: cpu``, ``dtype: float32``;
+  model-cache directory; ``device: cpu``, ``dtype: float32``; ``compile.enabled: false`` (inductor on CPU:
+  minutes here);
 - paths: the pods' ``/models`` (model-cache PVC) and ``/etc/instantid/api-keys`` (Secret volume) are local
   directories; the image's HAProxy launcher path is the private launcher of ray_env.private_haproxy_env;
 - HTTP: ``proxy_location: HeadOnly`` on a free 127.0.0.1 port (every node of this machine would want port
@@ -54,7 +55,7 @@ API_KEY = "rehearsal-key-0123456789"
 REDIS_SECRET = ("instantid-jobs-redis", "url")  # PLAIN_VALUES' jobs.redis.existingSecret, key "url"
 CHANGES = [
     "weights: hub references -> tiny random bundle directories of the same layout (base model, InstantID, "
-    "face pack, depth/pose preprocessors, safety checker); device cpu, dtype float32",
+    "face pack, depth/pose preprocessors, safety checker); device cpu, dtype float32; compile.enabled false",
     "paths: /models (model-cache PVC) and /etc/instantid/api-keys (Secret volume) -> local directories; the "
     "image's HAProxy launcher -> ray_env's private launcher (same guard)",
     "HTTP: proxy_location HeadOnly on a free 127.0.0.1 port; direct-ingress draining period 1 s",
@@ -118,6 +119,8 @@ def rehearsal_config(rendered: dict, models: Path, keys: Path, http_port: int) -
     args["preprocessors"] = {"depth": str(tiny / "dpt"), "pose": str(tiny / "dwpose")}
     args["safety"]["model"] = str(tiny / "safety")
     args["device"], args["dtype"] = "cpu", "float32"
+    if "compile" in args:  # torch.compile (inductor) of the UNet: minutes on 2 shared CPU cores, for a GPU's gain
+        args["compile"] = {**args["compile"], "enabled": False}
     for key in ("identity_store", "tiny_dir"):
         args[key] = localize(args[key], models, keys)
     return config

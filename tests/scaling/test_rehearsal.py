@@ -5,10 +5,11 @@ keys from a mounted file and the offline hub.
 
 Changed from production, only because this machine cannot have it (bench/rehearsal.py CHANGES):
 weights -> the tiny random bundle's directories (same layouts) under the model-cache directory, device cpu,
-dtype float32; /models and /etc/instantid/api-keys -> local directories, the image's HAProxy launcher -> the
-private one; proxy HeadOnly on a free loopback port, direct-ingress draining 1 s; fake GPU 1 on the GPU group,
-logical CPUs as the pods request (head 0, face 6, generator 8), one face node (chart: 2), one GPU node; one
-environment (the union of the pods' rendered env) for the whole cluster; HF_HUB_OFFLINE=1.
+dtype float32, compile off (inductor on CPU takes minutes here); /models and /etc/instantid/api-keys -> local
+directories, the image's HAProxy launcher -> the private one; proxy HeadOnly on a free loopback port,
+direct-ingress draining 1 s; fake GPU 1 on the GPU group, logical CPUs as the pods request (head 0, face 6,
+generator 8), one face node (chart: 2), one GPU node; one environment (the union of the pods' rendered env)
+for the whole cluster; HF_HUB_OFFLINE=1.
 Scaled down: the reload scenario's request is held open 5 s past the reload (its client sends the body slowly),
 not a 300 s request's worth; nothing else (timeouts, hard stop 330 s, replica counts, autoscaling, limits, auth
 rates are the rendered ones).
