@@ -139,6 +139,7 @@ class SimCluster:
     max_gpu_nodes: int = 2
     gpu_node_cpus: float = 1
     face_nodes: int = 1
+    face_node_cpus: float = 1
     idle_timeout_s: float = 10.0
     head_cpus: float = 1
     # host:port of an external Redis: the GCS keeps its tables there (KubeRay gcsFaultToleranceOptions), so
@@ -146,6 +147,9 @@ class SimCluster:
     redis_address: str = ""
     # where the autoscaler's log is copied at stop (the cluster's own directory is removed)
     keep_logs_in: Path | None = None
+    # more environment for every process of the cluster, over LOCAL_ENV and the private HAProxy setup (the
+    # rehearsal passes the chart's rendered pod environment here)
+    env: dict[str, str] = field(default_factory=dict)
     temp_dir: str = ""
     gcs_address: str = ""
     http_url: str = ""
@@ -169,7 +173,7 @@ class SimCluster:
         self._set_env(
             RAY_FAKE_CLUSTER="1", RAY_enable_autoscaler_v2="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
             RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # node address 127.0.0.1
-            RAY_metrics_report_interval_ms="1000", **{**LOCAL_ENV, **haproxy_env},
+            RAY_metrics_report_interval_ms="1000", **{**LOCAL_ENV, **haproxy_env, **self.env},
         )
         try:
             self._start_head()
@@ -207,7 +211,7 @@ class SimCluster:
     def autoscaler_config(self) -> dict:
         node_types = {
             HEAD_TYPE: {"resources": {"CPU": self.head_cpus}, "node_config": {}, "max_workers": 0},
-            FACE_GROUP: {"resources": {"CPU": 1, FACE_RESOURCE: 1000}, "node_config": {},
+            FACE_GROUP: {"resources": {"CPU": self.face_node_cpus, FACE_RESOURCE: 1000}, "node_config": {},
                          "min_workers": self.face_nodes, "max_workers": max(1, self.face_nodes)},
             GPU_GROUP: {"resources": {"CPU": self.gpu_node_cpus, "GPU": 1}, "node_config": {},
                         "min_workers": 0, "max_workers": self.max_gpu_nodes},
