@@ -41,7 +41,7 @@ class Mutation:
 
 M = Mutation
 KNOWN = f"{TI}/test_known_answers.py"
-LIMITS = f"{TI}/test_image_limits.py"
+LIMITS = f"{TI}/test_decode_bombs.py"
 GOLDEN = f"{TI}/test_golden.py::test_tiny_pipeline_matches_golden_values"
 ROUND3 = "tests/deployments/ingress/http/test_hostile_round3.py"
 STORE = "tests/deployments/ingress/jobs/test_job_store_transitions.py"
