@@ -125,6 +125,8 @@ def replica_cpus() -> int | None:
     try:
         import ray
 
+        if not ray.is_initialized():  # get_runtime_context() would start a local Ray cluster
+            return None
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     except Exception:
         return None

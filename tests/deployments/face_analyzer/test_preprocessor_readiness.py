@@ -34,6 +34,15 @@ def test_a_preprocessor_that_cannot_load_makes_the_replica_not_ready_and_names_i
         face.check_health()
 
 
+def test_a_replica_built_outside_ray_starts_no_ray_cluster(tiny_bundle, tmp_path):
+    """Outside Ray a replica's threads are onnxruntime's default; asking Ray for its CPU share would start a local
+    cluster in the calling process (and every later ray.init of the suite would fail)."""
+    import ray
+
+    replica(tiny_bundle, tmp_path, {})
+    assert not ray.is_initialized()
+
+
 def test_control_types_without_a_model_load_nothing(tiny_bundle, tmp_path):
     face = replica(tiny_bundle, tmp_path, {"canny": str(tiny_bundle / "controlnet-canny")}, pose=str(tmp_path / "x"))
     assert face.ready().ready
