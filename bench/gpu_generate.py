@@ -82,8 +82,8 @@ def build_pipeline(tiny: bool, device: str, dtype: torch.dtype, seed: int = 0):
     from tests.fixtures import real_configs as rc
     from instantid.pipeline import InstantIDPipeline
     from instantid.resampler import Resampler
+    from instantid.tiny import bundle as tiny_mod
 
-    tiny_mod = _tiny_bundle()
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="instantid-bench-tok-") as tokdir:
         tokenizer, tokenizer_2 = tiny_mod._tokenizer(Path(tokdir) / "a"), tiny_mod._tokenizer(Path(tokdir) / "b")
@@ -129,30 +129,6 @@ def build_pipeline(tiny: bool, device: str, dtype: torch.dtype, seed: int = 0):
     for module in (unet, controlnet, vae, text_encoder, text_encoder_2, pipe.image_proj_model):
         module.eval().requires_grad_(False)
     return pipe
-
-
-def _tiny_bundle():
-    """``instantid.tiny.bundle`` (the toy UNet and the byte-level tokenizer) without ``instantid.tiny``'s package
-    import, which pulls in onnx for the face pack: the GPU machine has no onnx, and the bench needs none."""
-    import importlib.util
-    import types
-
-    import instantid
-
-    name = "instantid.tiny.bundle"
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        from instantid.tiny import bundle
-        return bundle
-    except ImportError:
-        folder = Path(instantid.__file__).parent / "tiny"
-        package = sys.modules.setdefault("instantid.tiny", types.ModuleType("instantid.tiny"))
-        package.__path__ = [str(folder)]
-        spec = importlib.util.spec_from_file_location(name, folder / "bundle.py")
-        module = sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
 
 
 def _tiny_text_configs(unet, vocab_size: int):
