@@ -1,36 +1,31 @@
-"""GPU denoising: a plain eager reference against our optimised pipeline, side by side in one run.
+"""GPU denoising: the eager reference against the SERVED configuration, headline first, in one run.
 
-    python bench/gpu_generate.py --size 1024 --steps 30 --batch 1 4 --out gpu.json       # on a CUDA machine
-    python bench/gpu_generate.py --tiny --out gpu-tiny.json                              # CI smoke, CPU, seconds
+    python bench/gpu_generate.py --budget-s 520 --out gpu.json          # on a CUDA machine (docs/benchmarks.md)
+    python bench/gpu_generate.py --tiny --out gpu-tiny.json             # CI smoke, CPU, seconds
+    python bench/gpu_generate.py --estimate-memory --batch 1 4          # any machine: meta-device memory estimate
 
-Models: full-size SDXL UNet, IdentityNet (``ControlNetModel.from_unet`` of it), both CLIP text encoders, the
-VAE, InstantID's Resampler and the 70 ID-adapter projections, built from ``tests/fixtures/real_configs.py`` with random
-weights directly on the device in the working dtype (``torch.device`` + default dtype: no CPU copy, no float32
-detour). Compute does not depend on weight values, so timings are those of the real models. The tokenizers are
-byte-level (``instantid.tiny``'s); text encoding is a negligible part of the time.
+Models: full-size SDXL UNet, IdentityNet, both CLIP text encoders, the VAE, InstantID's Resampler and the 70
+ID-adapter projections, built from ``tests/fixtures/real_configs.py`` with random weights directly on the device
+in the working dtype (float16 on CUDA, as ``load_pipeline`` serves; the VAE in float32, as its force_upcast
+loads). Compute does not depend on weight values, so timings are those of the real models. The tokenizers are
+byte-level (``instantid.tiny``'s).
 
-Two implementations on the same modules, the same inputs and the same settings (CFG 5, Euler, IdentityNet and
-adapter scale 0.8):
+(a) ``reference_eager``: the official InstantID pipeline's semantics written out plainly below (CFG 5, Euler,
+    IdentityNet and adapter scale 0.8, float32 VAE decode), eager, NCHW, SDPA.
+(b) served: ``serve_compiled`` = what a Generator replica with ``compile.enabled`` does at start
+    (``GeneratorCore.compile``: ``optimize(pipe, serving=ServingPlan(...))`` then ``warm_up``; a test checks the
+    two agree), then ``InstantIDPipeline.generate`` with N requests in one denoising batch.
 
-(a) ``reference_eager``: the official InstantID pipeline's semantics written out plainly below -- text
-    encoding, ID tokens for [uncond, cond], per step IdentityNet on the [uncond, cond] batch with the ID tokens,
-    the UNet with [text; ID] tokens through the decoupled attention, CFG, an Euler step, and a float32 VAE decode
-    (the official pipeline upcasts SDXL's VAE). Eager, no compile, default memory format, SDPA attention (what
-    the official code uses on torch 2).
-(b) ``ours``: ``InstantIDPipeline.generate`` after ``instantid.optimize.optimize`` (channels_last, fused QKV,
-    tensor scales, torch.compile of UNet, IdentityNet and VAE decoder, bf16 VAE decode); a batch of N is N
-    requests in one denoising batch (each with its own seed and scheduler), as the Serve app batches them.
-
-Reported per batch size: seconds per batch and per image, images/s, peak GPU memory
-(``torch.cuda.max_memory_allocated``, weights included), FLOPs counted by ``torch.utils.flop_counter`` (for the
-eager models: one run with 1 step and one with 2 give the per-step and the fixed part; total = fixed + steps x
-per step) and the achieved fraction of ``--peak-tflops`` (default 989: H100 SXM dense bf16/fp16; a measured
-matmul ceiling, e.g. from ``--measure-peak``, is a fairer denominator). Also: the fp16/bf16 deviation from
-float32 on the same weights and inputs at a small size, the deviation of (b) from (a), a memory-per-batch curve,
-and, separately, quality-changing speed-ups (LCM scheduler with 4-8 steps, no CFG) -- never mixed into (b).
-
-``--tiny`` runs the same code paths on the CPU with toy-size models in seconds (no compile unless
-``--compile``): it checks the script, not the speed.
+Phases, in order; the JSON is rewritten after each, so a run cut by a time limit keeps what it measured, and
+``--budget-s`` skips a phase that would not fit (recorded under ``skipped``):
+1. build; the reference at each batch size (before the served setup: ``optimize`` changes the modules in place);
+2. the served setup for the first batch size's rows (a compile failure is reported under
+   ``served_setup.compile_error`` and the pipeline serves eager, as a replica would), the served timing, and the
+   headline (eager vs served s/image and peak ``torch.cuda.max_memory_allocated`` at the first batch size);
+3. FLOPs counted by ``torch.utils.flop_counter`` on one IdentityNet + UNet step and one VAE decode (total = steps x
+   step + decode), a measured bf16 8192^3 matmul rate, and the fraction of each;
+4. the other batch sizes (their row bucket warmed first); 5. the served memory curve; 6. LCM (quality-changing,
+   reported apart, eager: the plan does not warm it).
 """
 
 from __future__ import annotations
@@ -385,7 +380,13 @@ def decode(pipe, batch: int, size: int, device, dtype) -> None:
 @torch.no_grad()
 def step_flops(pipe, batch: int, size: int) -> dict:
     """FLOPs counted (``torch.utils.flop_counter``) on one IdentityNet + UNet step and one VAE decode."""
+    from instantid.attention import set_identity_region, set_identity_scale, set_identity_tokens
+
     device, dtype = pipe.unet.device, pipe.unet.dtype
+    # the served calls leave per-row scales and masks of their batch on the processors: plain ones for this count
+    set_identity_scale(pipe.unet, 0.8)
+    set_identity_region(pipe.unet, None)
+    set_identity_tokens(pipe.unet, None)
     per_step = count_flops(lambda: one_step(pipe, step_inputs(pipe, batch, size, device, dtype)))
     vae = count_flops(lambda: decode(pipe, batch, size, device, pipe.vae.dtype))
     return {"per_step": per_step, "vae_decode": vae}
@@ -560,6 +561,20 @@ class Run:
         self.save()
         return False
 
+    @contextmanager
+    def guard(self, phase: str):
+        """A later phase that fails is recorded and the run goes on: the phases before it stay measured."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001
+            import traceback
+
+            self.res.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"phase {phase} failed: {traceback.format_exc()[-3000:]}", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.save()
+
     def done(self, phase: str) -> None:
         self.res["phases_done"].append(phase)
         self.res["elapsed_s"] = time.perf_counter() - self.started
@@ -642,51 +657,55 @@ def main(argv=None) -> dict:
     # 3. FLOPs of one step (counted on the eager forwards: compiling does not change the arithmetic) and a
     #    measured matmul ceiling
     if run.fits("flops", 30 + (ref_s or 0)):
-        res["flops"] = {b: step_flops(pipe, b, size) for b in args.batch}
-        for b, f in res["flops"].items():
-            f["total"] = steps * f["per_step"] + f["vae_decode"]
-        if device.type == "cuda":
-            res["measured_matmul_tflops"] = measure_peak_tflops(device, torch.bfloat16)
-        _utilisation(res, args)
-        res["headline"] = _headline(res, first, args)
-        run.done("flops")
+        with run.guard("flops"):
+            res["flops"] = {b: step_flops(pipe, b, size) for b in args.batch}
+            for b, f in res["flops"].items():
+                f["total"] = steps * f["per_step"] + f["vae_decode"]
+            if device.type == "cuda":
+                res["measured_matmul_tflops"] = measure_peak_tflops(device, torch.bfloat16)
+            _utilisation(res, args)
+            res["headline"] = _headline(res, first, args)
+            run.done("flops")
 
     # 4. the other batch sizes: one more warm-up (compile) each, as a plan with their buckets would have
     warm_s = res["served_setup"]["warm_up_s"]
     for b, r in zip(rest, rows[1:]):
         if not run.fits(f"served_batch{b}", warm_s * 1.5 + (ref_s or 0) * b * (args.repeats + 2)):
             continue
-        if args.compile and getattr(pipe, "serving", None) is not None:
-            res["served_setup"][f"extend_to_{r}_rows"] = extend_plan(pipe, [*pipe.serving.plan.batch_buckets, r])
-        _served_case(run, pipe, b, serve_one, device)
-        _utilisation(res, args)
-        run.done(f"served_batch{b}")
+        with run.guard(f"served_batch{b}"):
+            if args.compile and getattr(pipe, "serving", None) is not None:
+                res["served_setup"][f"extend_to_{r}_rows"] = extend_plan(pipe, [*pipe.serving.plan.batch_buckets, r])
+            _served_case(run, pipe, b, serve_one, device)
+            _utilisation(res, args)
+            run.done(f"served_batch{b}")
 
     # 5. the memory curve (2 steps each; a batch whose rows have no bucket runs eager, as served)
     for b in args.memory_curve:
         if not run.fits(f"memory_curve_batch{b}", (ref_s or 0) * b * 4):
             break
-        _clean(device)
-        before = dict(getattr(pipe, "serving", None).eager_calls) if getattr(pipe, "serving", None) else {}
-        try:
-            ours(pipe, num_images=b, steps=2, guidance_scale=args.guidance, **common)
-            _sync(device)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            res["memory_curve"][b] = {"peak_alloc_gb": peak, "eager_fallbacks": _fallbacks(pipe, before)}
-        except torch.cuda.OutOfMemoryError:
-            res["memory_curve"][b] = {"peak_alloc_gb": None, "oom": True}
+        with run.guard(f"memory_curve_batch{b}"):
             _clean(device)
-        run.done(f"memory_curve_batch{b}")
+            before = dict(pipe.serving.eager_calls) if getattr(pipe, "serving", None) else {}
+            try:
+                ours(pipe, num_images=b, steps=2, guidance_scale=args.guidance, **common)
+                _sync(device)
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                res["memory_curve"][b] = {"peak_alloc_gb": peak, "eager_fallbacks": _fallbacks(pipe, before)}
+            except torch.cuda.OutOfMemoryError:
+                res["memory_curve"][b] = {"peak_alloc_gb": None, "oom": True}
+                _clean(device)
+            run.done(f"memory_curve_batch{b}")
 
     for steps_lcm in args.lcm_steps:
         if not run.fits(f"lcm_{steps_lcm}", (ref_s or 0) * 4):
             break
-        _clean(device)
-        r = timed(lambda: ours(pipe, num_images=1, steps=steps_lcm, guidance_scale=1.0, scheduler="lcm", **common),
-                  device, args.repeats)
-        res["quality_changing"][f"lcm_{steps_lcm}_steps_no_cfg_batch1"] = {
-            "median_s": r["median_s"], "images_per_s": 1 / r["median_s"], "peak_alloc_gb": r["peak_alloc_gb"]}
-        run.done(f"lcm_{steps_lcm}")
+        with run.guard(f"lcm_{steps_lcm}"):
+            _clean(device)
+            r = timed(lambda: ours(pipe, num_images=1, steps=steps_lcm, guidance_scale=1.0, scheduler="lcm",
+                                   **common), device, args.repeats)
+            res["quality_changing"][f"lcm_{steps_lcm}_steps_no_cfg_batch1"] = {
+                "median_s": r["median_s"], "images_per_s": 1 / r["median_s"], "peak_alloc_gb": r["peak_alloc_gb"]}
+            run.done(f"lcm_{steps_lcm}")
 
     res["total_s"] = time.perf_counter() - run.started
     print_table(res, args)
