@@ -104,6 +104,35 @@ def test_gpu_generate_serves_what_the_generator_serves(monkeypatch):
     assert [comparable(r) for r in bench_requests] == [comparable(r) for r in generator_requests]
 
 
+def test_live_bytes_counts_storages_while_referenced():
+    """Known answer: two 1 KiB storages alive at most (a view shares its base's storage and keeps it alive)."""
+    import torch
+
+    gpu = script("gpu_generate")
+    with gpu.LiveBytes() as live:
+        a = torch.empty(256, device="meta")  # 1 KiB
+        b = a + 1  # 2 KiB live
+        del a  # 1 KiB
+        c = b.view(16, 16)
+        del b  # c still holds the storage: 1 KiB
+        d = c * 2  # 2 KiB
+        assert live.now == 2048
+        del c, d
+    assert live.peak == 2048 and live.now == 0
+
+
+def test_gpu_generate_memory_estimate_tiny(tmp_path):
+    out = tmp_path / "estimate.json"
+    res = script("gpu_generate").main(["--estimate-memory", "--tiny", "--batch", "1", "2", "--out", str(out)])
+    est = json.loads(out.read_text())["estimate"]
+    assert est == json.loads(json.dumps(res["estimate"])) and est["device"] == "meta"
+    one, two = est["batches"]["1"], est["batches"]["2"]
+    assert 0 < one["step_activations_gib"] < two["step_activations_gib"]
+    # a float32 decode holds twice a bfloat16 decode's activations
+    assert abs(one["vae_decode_fp32_activations_gib"] - 2 * one["vae_decode_bf16_activations_gib"]) < 1e-9
+    assert one["peak_gib_vae_fp32"] > one["peak_gib_vae_bf16"] > one["peak_gib_vae_bf16_text_encoders_offloaded"]
+
+
 def test_face_throughput_tiny(tmp_path, capsys):
     out = tmp_path / "face.json"
     script("face_throughput").main(["--tiny", "--images", "1", "--repeats", "1", "--out", str(out)])
