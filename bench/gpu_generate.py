@@ -501,6 +501,9 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case, median reported (default 3)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget: a phase that would not fit in what is left is skipped (recorded)")
+    p.add_argument("--reserve-s", type=float, default=None,
+                   help="budget kept for the served setup when deciding on later batches' reference runs "
+                   "(default 360 with compile, else 0)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="served configuration compiled (default on CUDA); --no-compile: optimize() without compile")
     p.add_argument("--no-compile", dest="compile", action="store_false")
@@ -531,6 +534,8 @@ def parse(argv=None):
     args.repeats = args.repeats or (1 if args.tiny else 3)
     if args.compile is None:
         args.compile = args.device.type == "cuda"
+    if args.reserve_s is None:
+        args.reserve_s = 360.0 if args.compile else 0.0
     if args.memory_curve is None:
         args.memory_curve = [1, 2] if args.tiny else [1, 2, 4, 8]
     if args.lcm_steps is None:
@@ -619,7 +624,9 @@ def main(argv=None) -> dict:
     # 1. the eager reference (before optimize(), which changes the modules in place); the headline batch first
     ref_s = None
     for b in args.batch:
-        if b != first and not run.fits(f"reference_batch{b}", (ref_s or 0) * b * (args.repeats + 1) * 1.2):
+        # the served setup (a first compile: minutes) must still fit after a later batch's reference
+        if b != first and not run.fits(f"reference_batch{b}",
+                                       (ref_s or 0) * b * (args.repeats + 1) * 1.2 + args.reserve_s):
             continue
         _clean(device)
         r = timed(lambda: reference_eager(pipe, num_images=b, steps=steps, **common), device, args.repeats)
