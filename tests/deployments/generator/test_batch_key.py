@@ -35,6 +35,8 @@ SPLITS = [
     ("img2img or not", dict(init_image=png_bytes(), strength=0.8), dict(strength=0.8)),
     ("control nets", dict(controls=[CONTROL]), dict(controls=[{**CONTROL, "name": "canny"}])),
     ("control count", dict(controls=[CONTROL]), dict(controls=[])),
+    # combine "concat": 16 ID tokens per photo, so the attention's token count differs
+    ("id token groups", dict(embedding=np.ones(512, np.float32)), dict(embedding=np.ones((2, 512), np.float32))),
 ]
 
 # fields the pipeline takes per request: tasks differing only in these share a batch
@@ -67,4 +69,4 @@ def test_a_per_request_field_does_not_split_the_batch(name, a, b):
 
 def test_every_key_field_is_covered():
     """A new field in the key needs a pair above: the key's length is pinned here."""
-    assert len(task().batch_key()) == 9
+    assert len(task().batch_key()) == 10

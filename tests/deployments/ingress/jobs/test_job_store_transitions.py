@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deployments.ingress.jobs.store import MemoryJobStore, RedisJobStore
+from deployments.ingress.jobs.store import ACCEPTED, Limits, MemoryJobStore, RawJSON, RedisJobStore
 from redis_server import redis_url  # noqa: F401  (a fixture)
 
 ERROR = {"code": "unavailable", "message": "lost"}
@@ -23,7 +23,7 @@ STATES = ["queued", "running", "running+cancel", "running-last", "succeeded", "f
 
 
 async def into(store, state: str, lease: float) -> None:
-    assert await store.submit("j", {"created_at": time.time(), "inputs": {"n": 1}}, max_queued=10)
+    assert await store.submit("j", {"created_at": time.time(), "inputs": {"n": 1}}, Limits(10)) == ACCEPTED
     if state == "queued":
         return
     if state == "canceled":
@@ -35,7 +35,7 @@ async def into(store, state: str, lease: float) -> None:
     elif state == "running-last":
         await store.attempt("j")  # attempts == MAX_ATTEMPTS now
     elif state in ("succeeded", "failed"):
-        assert await store.finish("j", state, 60, result={"images": []} if state == "succeeded" else None,
+        assert await store.finish("j", state, 60, result=RawJSON('{"images":[]}') if state == "succeeded" else None,
                                   error=ERROR if state == "failed" else None)
 
 
@@ -50,7 +50,7 @@ EVENTS = {
         "queued": ("j", "running"), "running": (None, "running"), "running+cancel": (None, "running"),
         "running-last": (None, "running"), "succeeded": (None, "succeeded"), "failed": (None, "failed"),
         "canceled": (None, "canceled")}),
-    "finish-succeeded": (lambda s: s.finish("j", "succeeded", 60, result={"images": ["x"]}), {
+    "finish-succeeded": (lambda s: s.finish("j", "succeeded", 60, result=RawJSON('{"images":["x"]}')), {
         "queued": (True, "succeeded"), "running": (True, "succeeded"), "running+cancel": (True, "succeeded"),
         "running-last": (True, "succeeded"), "succeeded": (False, "succeeded"), "failed": (False, "failed"),
         "canceled": (False, "canceled")}),
