@@ -1,42 +1,38 @@
-"""GPU denoising: a plain eager reference against our optimised pipeline, side by side in one run.
+"""GPU denoising: the eager reference against the SERVED configuration, headline first, in one run.
 
-    python bench/gpu_generate.py --size 1024 --steps 30 --batch 1 4 --out gpu.json       # on a CUDA machine
-    python bench/gpu_generate.py --tiny --out gpu-tiny.json                              # CI smoke, CPU, seconds
+    python bench/gpu_generate.py --budget-s 520 --out gpu.json          # on a CUDA machine (docs/benchmarks.md)
+    python bench/gpu_generate.py --tiny --out gpu-tiny.json             # CI smoke, CPU, seconds
+    python bench/gpu_generate.py --estimate-memory --batch 1 4          # any machine: meta-device memory estimate
 
-Models: full-size SDXL UNet, IdentityNet (``ControlNetModel.from_unet`` of it), both CLIP text encoders, the
-VAE, InstantID's Resampler and the 70 ID-adapter projections, built from ``tests/fixtures/real_configs.py`` with random
-weights directly on the device in the working dtype (``torch.device`` + default dtype: no CPU copy, no float32
-detour). Compute does not depend on weight values, so timings are those of the real models. The tokenizers are
-byte-level (``instantid.tiny``'s); text encoding is a negligible part of the time.
+Models: full-size SDXL UNet, IdentityNet, both CLIP text encoders, the VAE, InstantID's Resampler and the 70
+ID-adapter projections, built from ``tests/fixtures/real_configs.py`` with random weights directly on the device
+in the working dtype (float16 on CUDA, as ``load_pipeline`` serves; the VAE in float32, as its force_upcast
+loads). Compute does not depend on weight values, so timings are those of the real models. The tokenizers are
+byte-level (``instantid.tiny``'s).
 
-Two implementations on the same modules, the same inputs and the same settings (CFG 5, Euler, IdentityNet and
-adapter scale 0.8):
+(a) ``reference_eager``: the official InstantID pipeline's semantics written out plainly below (CFG 5, Euler,
+    IdentityNet and adapter scale 0.8, float32 VAE decode), eager, NCHW, SDPA.
+(b) served: ``serve_compiled`` = what a Generator replica with ``compile.enabled`` does at start
+    (``GeneratorCore.compile``: ``optimize(pipe, serving=ServingPlan(...))`` then ``warm_up``; a test checks the
+    two agree), then ``InstantIDPipeline.generate`` with N requests in one denoising batch.
 
-(a) ``reference_eager``: the official InstantID pipeline's semantics written out plainly below -- text
-    encoding, ID tokens for [uncond, cond], per step IdentityNet on the [uncond, cond] batch with the ID tokens,
-    the UNet with [text; ID] tokens through the decoupled attention, CFG, an Euler step, and a float32 VAE decode
-    (the official pipeline upcasts SDXL's VAE). Eager, no compile, default memory format, SDPA attention (what
-    the official code uses on torch 2).
-(b) ``ours``: ``InstantIDPipeline.generate`` after ``instantid.optimize.optimize`` (channels_last, fused QKV,
-    tensor scales, torch.compile of UNet, IdentityNet and VAE decoder, bf16 VAE decode); a batch of N is N
-    requests in one denoising batch (each with its own seed and scheduler), as the Serve app batches them.
-
-Reported per batch size: seconds per batch and per image, images/s, peak GPU memory
-(``torch.cuda.max_memory_allocated``, weights included), FLOPs counted by ``torch.utils.flop_counter`` (for the
-eager models: one run with 1 step and one with 2 give the per-step and the fixed part; total = fixed + steps x
-per step) and the achieved fraction of ``--peak-tflops`` (default 989: H100 SXM dense bf16/fp16; a measured
-matmul ceiling, e.g. from ``--measure-peak``, is a fairer denominator). Also: the fp16/bf16 deviation from
-float32 on the same weights and inputs at a small size, the deviation of (b) from (a), a memory-per-batch curve,
-and, separately, quality-changing speed-ups (LCM scheduler with 4-8 steps, no CFG) -- never mixed into (b).
-
-``--tiny`` runs the same code paths on the CPU with toy-size models in seconds (no compile unless
-``--compile``): it checks the script, not the speed.
+Phases, in order; the JSON is rewritten after each, so a run cut by a time limit keeps what it measured, and
+``--budget-s`` skips a phase that would not fit (recorded under ``skipped``):
+1. build; the reference at each batch size (before the served setup: ``optimize`` changes the modules in place);
+2. the served setup for the first batch size's rows (a compile failure is reported under
+   ``served_setup.compile_error`` and the pipeline serves eager, as a replica would), the served timing, and the
+   headline (eager vs served s/image and peak ``torch.cuda.max_memory_allocated`` at the first batch size);
+3. FLOPs counted by ``torch.utils.flop_counter`` on one IdentityNet + UNet step and one VAE decode (total = steps x
+   step + decode), a measured bf16 8192^3 matmul rate, and the fraction of each;
+4. the other batch sizes (their row bucket warmed first); 5. the served memory curve; 6. LCM (quality-changing,
+   reported apart, eager: the plan does not warm it).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import platform
@@ -44,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,9 +75,9 @@ def build_pipeline(tiny: bool, device: str, dtype: torch.dtype, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from tests.fixtures import real_configs as rc
-    from instantid.tiny import bundle as tiny_mod
     from instantid.pipeline import InstantIDPipeline
     from instantid.resampler import Resampler
+    from instantid.tiny import bundle as tiny_mod
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="instantid-bench-tok-") as tokdir:
@@ -285,148 +282,490 @@ def measure_peak_tflops(device, dtype, n: int = 8192, repeats: int = 20) -> floa
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the served configuration
+# ----------------------------------------------------------------------------------------------------------
+def warm_up_request(slots, text_length, guided):
+    """The request the Generator warms each graph with (deployments/generator/deployment.py,
+    ``GeneratorCore.compile``; tests/bench check that the two agree)."""
+    from instantid.identity import Pose
+    from instantid.pipeline import GenerationRequest
+
+    kps = np.array([[0.35, 0.4], [0.65, 0.4], [0.5, 0.55], [0.38, 0.7], [0.62, 0.7]]) * 512
+    return GenerationRequest(face_embedding=np.zeros(512, np.float32), prompt="warm-up",
+                             keypoint_image=Pose(kps, (512, 512)).draw(), guidance_scale=5.0 if guided else 1.0)
+
+
+def serve_compiled(pipe, *, batch_buckets, sizes, mode="default", backend="inductor", cache_dir=None,
+                   schedulers=None) -> dict:
+    """What a Generator replica with ``compile.enabled`` does at start: ``optimize`` with a ``ServingPlan``, then
+    ``warm_up`` of every planned graph. A compile failure is reported, never raised: the pipeline then serves
+    eager, as a replica would. ``schedulers`` narrows the plan's (each scheduler family is one more graph set; the
+    bench times Euler only)."""
+    from instantid.optimize import ServingPlan, optimize, warm_up
+
+    extra = {"schedulers": tuple(schedulers)} if schedulers else {}
+    plan = ServingPlan(batch_buckets=tuple(batch_buckets), sizes=tuple(map(tuple, sizes)), **extra)
+    out = {"plan": {"batch_buckets": list(plan.batch_buckets), "sizes": [list(s) for s in plan.sizes],
+                    "schedulers": list(plan.schedulers)}, "compile_error": None}
+    started = time.perf_counter()
+    try:
+        out["applied"] = optimize(pipe, serving=plan, compile_mode=mode, backend=backend, cache_dir=cache_dir)
+        out.update(warm_up(pipe, warm_up_request))
+    except Exception as exc:  # noqa: BLE001 -- a broken compile is a result to report, not a crash
+        import traceback
+
+        out["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        out["traceback"] = traceback.format_exc()[-4000:]
+        if getattr(pipe, "serving", None) is not None:
+            pipe.serving.broken = pipe.serving.broken or out["compile_error"]
+    state = getattr(pipe, "serving", None)
+    if state is not None and state.broken and not out["compile_error"]:
+        out["compile_error"] = state.broken  # caught by the served path itself (it then runs eager)
+    out["warm_up_s"] = time.perf_counter() - started
+    return out
+
+
+def extend_plan(pipe, batch_buckets) -> dict:
+    """Warm more row buckets on an already served pipeline (the graphs a plan with them would have built)."""
+    from instantid.optimize import warm_up
+
+    state = pipe.serving
+    state.plan = dataclasses.replace(state.plan, batch_buckets=tuple(sorted(set(batch_buckets))))
+    started = time.perf_counter()
+    try:
+        out = warm_up(pipe, warm_up_request)
+    except Exception as exc:  # noqa: BLE001
+        state.broken = state.broken or f"{type(exc).__name__}: {exc}"[:2000]
+        out = {"broken": state.broken}
+    out["warm_up_s"] = time.perf_counter() - started
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs of one step, and the memory estimate on the meta device
+# ----------------------------------------------------------------------------------------------------------
+def _eager(module):
+    return getattr(module, "_eager_forward", module.forward)  # optimize() keeps the eager forward
+
+
+def step_inputs(pipe, batch: int, size: int, device, dtype, text_tokens: int = 77):
+    """One CFG denoising step's inputs for IdentityNet and the UNet (2 x batch rows)."""
+    rows, unet = 2 * batch, pipe.unet
+    id_tokens = pipe.image_proj_model.num_queries if hasattr(pipe.image_proj_model, "num_queries") else 16
+    cross = unet.config.cross_attention_dim
+    pooled = pipe.text_encoder_2.config.projection_dim
+    z = dict(device=device, dtype=dtype)
+    return dict(
+        x=torch.zeros(rows, 4, size // 8, size // 8, **z), t=torch.tensor(500.0, device=device),
+        ids=torch.zeros(rows, id_tokens, cross, **z), context=torch.zeros(rows, text_tokens + id_tokens, cross, **z),
+        image=torch.zeros(rows, 3, size, size, **z),
+        added={"text_embeds": torch.zeros(rows, pooled, **z), "time_ids": torch.zeros(rows, 6, **z)})
+
+
+def one_step(pipe, i) -> None:
+    down, mid = _eager(pipe.controlnet)(i["x"], i["t"], encoder_hidden_states=i["ids"], controlnet_cond=i["image"],
+                                         conditioning_scale=0.8, added_cond_kwargs=i["added"], return_dict=False)
+    _eager(pipe.unet)(i["x"], i["t"], encoder_hidden_states=i["context"], down_block_additional_residuals=down,
+                      mid_block_additional_residual=mid, added_cond_kwargs=i["added"], return_dict=False)
+
+
+def decode(pipe, batch: int, size: int, device, dtype) -> None:
+    vae = pipe.vae
+    latents = torch.zeros(batch, 4, size // 8, size // 8, device=device, dtype=dtype)
+    if vae.post_quant_conv is not None:
+        latents = vae.post_quant_conv(latents)
+    _eager(vae.decoder)(latents)
+
+
+@torch.no_grad()
+def step_flops(pipe, batch: int, size: int) -> dict:
+    """FLOPs counted (``torch.utils.flop_counter``) on one IdentityNet + UNet step and one VAE decode."""
+    from instantid.attention import set_identity_region, set_identity_scale, set_identity_tokens
+
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    # the served calls leave per-row scales and masks of their batch on the processors: plain ones for this count
+    set_identity_scale(pipe.unet, 0.8)
+    set_identity_region(pipe.unet, None)
+    set_identity_tokens(pipe.unet, None)
+    per_step = count_flops(lambda: one_step(pipe, step_inputs(pipe, batch, size, device, dtype)))
+    vae = count_flops(lambda: decode(pipe, batch, size, device, pipe.vae.dtype))
+    return {"per_step": per_step, "vae_decode": vae}
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of the storages that ops create and that are still referenced, and their peak: what a
+    caching allocator would have to hold at least (no fragmentation, no cuDNN/cuBLAS workspaces)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.refs, self.now, self.peak = {}, {}, 0, 0
+
+    def _release(self, key):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.now += self.live[key]
+                    self.peak = max(self.peak, self.now)
+                self.refs[key] = self.refs.get(key, 0) + 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+@contextmanager
+def flash_attention_memory():
+    """On the meta device SDPA would take its math path and materialise the attention matrix; on an H100 it runs
+    flash/memory-efficient kernels whose only large tensor is the output: model that."""
+    import torch.nn.functional as F
+
+    saved = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, *args, **kwargs):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = saved
+
+
+@torch.no_grad()
+def estimate_memory(tiny: bool, size: int, batches, dtype=torch.float16) -> dict:
+    """Peak GPU memory estimated on the meta device with the real models' shapes: the parameters by dtype, plus the
+    largest live activations of one IdentityNet + UNet step (2 x batch rows) and of the VAE decode in bfloat16
+    and in float32. Text encoding (77 tokens) is far smaller and runs before the step. An estimate until a GPU
+    measures it: the caching allocator's fragmentation and the kernels' workspaces are not in it."""
+    device = torch.device("meta")
+    pipe = build_pipeline(tiny, device, dtype)
+    gib = 2**30
+    weights = {}
+    for name in ("unet", "controlnet", "text_encoder", "text_encoder_2", "image_proj_model", "vae"):
+        for p in [*getattr(pipe, name).parameters(), *getattr(pipe, name).buffers()]:
+            weights.setdefault(name, {}).setdefault(str(p.dtype).removeprefix("torch."), 0)
+            weights[name][str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
+    vae32 = sum(weights["vae"].values())
+    other = sum(sum(v.values()) for k, v in weights.items() if k != "vae")
+    out = {"device": "meta", "dtype": str(dtype).removeprefix("torch."), "size": size,
+           "weights_gib": {k: {d: b / gib for d, b in v.items()} for k, v in weights.items()}, "batches": {}}
+    for b in batches:
+        with flash_attention_memory():
+            with LiveBytes() as step:
+                inputs = step_inputs(pipe, b, size, device, dtype)
+                one_step(pipe, inputs)
+                del inputs
+            decoded = {}
+            for label, vae_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+                pipe.vae.to(vae_dtype)
+                with LiveBytes() as dec:
+                    decode(pipe, b, size, device, vae_dtype)
+                decoded[label] = dec.peak
+            pipe.vae.to(torch.float32)
+        row = {"step_activations_gib": step.peak / gib}
+        for label, peak in decoded.items():
+            vae_bytes = vae32 // 2 if label == "bf16" else vae32
+            row[f"vae_decode_{label}_activations_gib"] = peak / gib
+            row[f"peak_gib_vae_{label}"] = (other + vae_bytes + max(step.peak, peak)) / gib
+            # the text encoders stay resident in this count; offloaded after encoding they would leave it
+            te = sum(sum(weights[n].values()) for n in ("text_encoder", "text_encoder_2"))
+            row[f"peak_gib_vae_{label}_text_encoders_offloaded"] = (other - te + vae_bytes + max(step.peak, peak)) / gib
+        out["batches"][b] = row
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="toy-size models on the CPU (CI smoke)")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="no run: the peak-memory estimate on the meta device (any machine), for --batch sizes")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float16 (float32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="default: float16 on CUDA (what load_pipeline serves there), float32 on the CPU")
     p.add_argument("--size", type=int, default=None, help="square image side (default 1024, tiny 64)")
     p.add_argument("--steps", type=int, default=None, help="default 30 (tiny 2)")
-    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 4; tiny 1 2)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch sizes (default 1 4; tiny 1 2): the first is the headline, the rest if time remains")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case, median reported (default 3)")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None)
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget: a phase that would not fit in what is left is skipped (recorded)")
+    p.add_argument("--reserve-s", type=float, default=None,
+                   help="budget kept for the served setup when deciding on later batches' reference runs "
+                   "(default 360 with compile, else 0)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="served configuration compiled (default on CUDA); --no-compile: optimize() without compile")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-    p.add_argument("--vae", default="auto", choices=["auto", "bf16", "fp32", "fp16", "tiled"],
-                   help="ours: VAE decode mode (instantid.optimize fp16_vae)")
+    p.add_argument("--backend", default="inductor", choices=["inductor", "eager"])
+    p.add_argument("--cache-dir", default=None, help="Inductor's kernel cache (default: TORCHINDUCTOR_CACHE_DIR)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="the GPU's dense bf16/fp16 rate for the utilisation column (H100 SXM: 989)")
-    p.add_argument("--measure-peak", action="store_true", help="also time a large matmul for a measured ceiling")
-    p.add_argument("--skip-reference", action="store_true", help="time only ours (e.g. a second, cached run)")
+                   help="the GPU's nominal dense bf16/fp16 rate (H100 SXM: 989); a measured matmul rate is "
+                   "reported beside it")
     p.add_argument("--memory-curve", type=int, nargs="*", default=None,
-                   help="batch sizes for ours' peak-memory curve (default 1 2 4 8; empty to skip)")
+                   help="batch sizes for the served peak-memory curve (default 1 2 4 8; empty to skip)")
     p.add_argument("--lcm-steps", type=int, nargs="*", default=None,
-                   help="quality-changing: ours with the LCM scheduler, no CFG (default 4 8; empty to skip)")
-    p.add_argument("--precision-size", type=int, default=None, help="side for the fp32 deviation check "
-                   "(default 512, tiny 64; 0 to skip)")
+                   help="quality-changing: LCM scheduler, no CFG (default none; tiny 2; runs eager: unplanned)")
+    p.add_argument("--precision-size", type=int, default=None, help="side for the fp32 deviation check, run "
+                   "before the served setup (default 0 = skip; tiny 64)")
     p.add_argument("--precision-steps", type=int, default=10)
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (rewritten after every phase)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
-    args.device = torch.device(args.device or ("cuda" if cuda and not args.tiny else "cpu"))
-    args.dtype = DTYPES[args.dtype or ("float16" if args.device.type == "cuda" else "float32")]
+    args.device = torch.device(args.device or ("cuda" if cuda and not args.tiny and not args.estimate_memory
+                                               else "cpu"))
+    args.dtype = DTYPES[args.dtype or ("float16" if args.device.type == "cuda" or args.estimate_memory
+                                       else "float32")]
     args.size = args.size or (64 if args.tiny else 1024)
     args.steps = args.steps or (2 if args.tiny else 30)
     args.batch = args.batch or ([1, 2] if args.tiny else [1, 4])
     args.repeats = args.repeats or (1 if args.tiny else 3)
     if args.compile is None:
         args.compile = args.device.type == "cuda"
+    if args.reserve_s is None:
+        args.reserve_s = 360.0 if args.compile else 0.0
     if args.memory_curve is None:
         args.memory_curve = [1, 2] if args.tiny else [1, 2, 4, 8]
     if args.lcm_steps is None:
-        args.lcm_steps = [2] if args.tiny else [4, 8]
+        args.lcm_steps = [2] if args.tiny else []
     if args.precision_size is None:
-        args.precision_size = 64 if args.tiny else 512
+        args.precision_size = 64 if args.tiny else 0
     if args.tiny:
         args.precision_steps = min(args.precision_steps, 2)
-    if not args.tiny and args.device.type != "cuda":
-        p.error("full size needs a CUDA device (use --tiny on the CPU)")
+    if not args.tiny and not args.estimate_memory and args.device.type != "cuda":
+        p.error("full size needs a CUDA device (use --tiny or --estimate-memory on the CPU)")
     return args
+
+
+class Run:
+    """The results, written to ``--out`` after every phase, and the time budget the phases share."""
+
+    def __init__(self, args, res: dict):
+        self.args, self.res, self.started = args, res, time.perf_counter()
+
+    def left(self) -> float:
+        return float("inf") if self.args.budget_s is None else self.args.budget_s - (time.perf_counter() - self.started)
+
+    def fits(self, phase: str, needs_s: float) -> bool:
+        if needs_s <= self.left():
+            return True
+        self.res["skipped"][phase] = f"needs ~{needs_s:.0f} s, {self.left():.0f} s left of --budget-s"
+        print(f"skipped {phase}: {self.res['skipped'][phase]}", flush=True)
+        self.save()
+        return False
+
+    @contextmanager
+    def guard(self, phase: str):
+        """A later phase that fails is recorded and the run goes on: the phases before it stay measured."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001
+            import traceback
+
+            self.res.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"phase {phase} failed: {traceback.format_exc()[-3000:]}", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.save()
+
+    def done(self, phase: str) -> None:
+        self.res["phases_done"].append(phase)
+        self.res["elapsed_s"] = time.perf_counter() - self.started
+        self.save()
+
+    def save(self) -> None:
+        if self.args.out:
+            tmp = Path(str(self.args.out) + ".tmp")
+            tmp.write_text(json.dumps(self.res, indent=2, default=str))
+            tmp.replace(self.args.out)  # a run cut mid-write keeps the previous phase's file
 
 
 def main(argv=None) -> dict:
     from instantid.identity import Pose
-    from instantid.optimize import optimize
 
     args = parse(argv)
+    config = {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(args).items()}
+    if args.estimate_memory:
+        res = {"config": config, "estimate": estimate_memory(args.tiny, args.size, args.batch, args.dtype)}
+        print(json.dumps(res["estimate"], indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+        return res
     device, dtype = args.device, args.dtype
-    res = {"config": {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(args).items()},
-           "environment": _environment(device), "reference": {}, "ours": {}, "flops": {}, "speedup": {},
+    res = {"config": config, "environment": _environment(device), "phases_done": [], "skipped": {},
+           "headline": {}, "reference": {}, "served": {}, "speedup": {}, "served_setup": {}, "flops": {},
            "memory_curve": {}, "quality_changing": {}, "precision": {}}
+    run = Run(args, res)
     t0 = time.perf_counter()
     pipe = build_pipeline(args.tiny, device, dtype)
     res["build_s"] = time.perf_counter() - t0
     res["parameters"] = parameter_counts(pipe)
     print(f"built in {res['build_s']:.1f}s on {device} ({dtype}): "
           + ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in res["parameters"].items()), flush=True)
-    size, steps = args.size, args.steps
+    run.done("build")
+    size, steps, first, rest = args.size, args.steps, args.batch[0], args.batch[1:]
     embedding = np.random.RandomState(0).randn(512).astype(np.float32) * 10
     kps_image = Pose(KPS * size, (size, size)).draw()
     common = dict(prompt="a photo of a person, studio light", face_embedding=embedding, keypoint_image=kps_image,
                   width=size, height=size)
 
-    # FLOPs, counted on the eager models (compilation does not change the arithmetic)
+    # 1. the eager reference (before optimize(), which changes the modules in place); the headline batch first
+    ref_s = None
     for b in args.batch:
-        f1 = count_flops(lambda: reference_eager(pipe, num_images=b, steps=1, **common))
-        f2 = count_flops(lambda: reference_eager(pipe, num_images=b, steps=2, **common))
-        per_step, fixed = f2 - f1, f1 - (f2 - f1)
-        res["flops"][b] = {"per_step": per_step, "fixed": fixed, "total": fixed + steps * per_step}
-        print(f"batch {b}: {res['flops'][b]['total'] / 1e9:.4g} GFLOP per batch "
-              f"({per_step / 1e9:.4g} per step)", flush=True)
-    if args.measure_peak and device.type == "cuda":
-        res["measured_peak_tflops"] = measure_peak_tflops(device, dtype)
-
-    reference_latents = None
-    if not args.skip_reference:
-        for b in args.batch:
-            _clean(device)
-            r = timed(lambda: reference_eager(pipe, num_images=b, steps=steps, **common), device, args.repeats)
-            res["reference"][b] = _rates(r, b, res["flops"][b]["total"], args.peak_tflops)
-            print(f"reference batch {b}: {r['median_s']:.3f} s/batch", flush=True)
-        reference_latents = reference_eager(pipe, num_images=1, steps=steps, output_type="latent", **common)
-
+        # the served setup (a first compile: minutes) must still fit after a later batch's reference
+        if b != first and not run.fits(f"reference_batch{b}",
+                                       (ref_s or 0) * b * (args.repeats + 1) * 1.2 + args.reserve_s):
+            continue
+        _clean(device)
+        r = timed(lambda: reference_eager(pipe, num_images=b, steps=steps, **common), device, args.repeats)
+        res["reference"][b] = _rates(r, b)
+        ref_s = ref_s or r["median_s"] / b
+        print(f"reference batch {b}: {r['median_s']:.3f} s/batch, peak {r['peak_alloc_gb']} GB", flush=True)
+        run.done(f"reference_batch{b}")
+    reference_latents = reference_eager(pipe, num_images=1, steps=steps, output_type="latent", **common)
     if args.precision_size:
         res["precision"] = precision(pipe, args, common)
-        print(f"precision: {res['precision']}", flush=True)
+        run.done("precision")
 
+    # 2. the served configuration, warmed for the headline batch's rows, then timed
+    rows = [2 * b if args.guidance > 1 else b for b in args.batch]
     _clean(device)
-    t0 = time.perf_counter()
-    res["optimizations"] = optimize(pipe, compile=args.compile, fp16_vae=args.vae, compile_mode=args.compile_mode)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    res["optimize_s"] = time.perf_counter() - t0
-    print(f"ours: {', '.join(res['optimizations'])}", flush=True)
-    for b in args.batch:
-        _clean(device)
-        # two warm-up calls: the first compiles, the second records CUDA graphs in the cudagraph modes
-        r = timed(lambda: ours(pipe, num_images=b, steps=steps, guidance_scale=args.guidance, **common), device,
-                  args.repeats, warmup=2 if args.compile else 1)
-        res["ours"][b] = _rates(r, b, res["flops"][b]["total"], args.peak_tflops)
-        if b in res["reference"]:
-            res["speedup"][b] = res["reference"][b]["median_s"] / r["median_s"]
-        print(f"ours batch {b}: {r['median_s']:.3f} s/batch (warm-up incl. compile {r['warmup_s']:.1f} s)",
-              flush=True)
-    if reference_latents is not None:
-        mine = ours(pipe, num_images=1, steps=steps, output_type="latent", **common)[0]
-        res["precision"]["ours_vs_reference_latents_rel_l2"] = rel_l2(mine, reference_latents)
+    if args.compile:
+        res["served_setup"] = serve_compiled(pipe, batch_buckets=[rows[0]], sizes=[(size, size)],
+                                             mode=args.compile_mode, backend=args.backend, cache_dir=args.cache_dir,
+                                             schedulers=["euler"])
+    else:
+        from instantid.optimize import optimize
+
+        res["served_setup"] = {"applied": optimize(pipe, compile=False), "compile_error": None, "warm_up_s": 0.0}
+    print(f"served: {res['served_setup'].get('applied')}; warm-up {res['served_setup']['warm_up_s']:.1f} s; "
+          f"compile error: {res['served_setup']['compile_error']}", flush=True)
+    run.done("served_setup")
+    serve_one = lambda b: ours(pipe, num_images=b, steps=steps, guidance_scale=args.guidance,  # noqa: E731
+                               **common)
+    _served_case(run, pipe, first, serve_one, device)
+    mine = ours(pipe, num_images=1, steps=steps, guidance_scale=args.guidance, output_type="latent", **common)[0]
+    res["precision"]["served_vs_reference_latents_rel_l2"] = rel_l2(mine, reference_latents)
+    res["headline"] = _headline(res, first, args)
+    run.done("headline")
+
+    # 3. FLOPs of one step (counted on the eager forwards: compiling does not change the arithmetic) and a
+    #    measured matmul ceiling
+    if run.fits("flops", 30 + (ref_s or 0)):
+        with run.guard("flops"):
+            res["flops"] = {b: step_flops(pipe, b, size) for b in args.batch}
+            for b, f in res["flops"].items():
+                f["total"] = steps * f["per_step"] + f["vae_decode"]
+            if device.type == "cuda":
+                res["measured_matmul_tflops"] = measure_peak_tflops(device, torch.bfloat16)
+            _utilisation(res, args)
+            res["headline"] = _headline(res, first, args)
+            run.done("flops")
+
+    # 4. the other batch sizes: one more warm-up (compile) each, as a plan with their buckets would have
+    warm_s = res["served_setup"]["warm_up_s"]
+    for b, r in zip(rest, rows[1:]):
+        if not run.fits(f"served_batch{b}", warm_s * 1.5 + (ref_s or 0) * b * (args.repeats + 2)):
+            continue
+        with run.guard(f"served_batch{b}"):
+            if args.compile and getattr(pipe, "serving", None) is not None:
+                res["served_setup"][f"extend_to_{r}_rows"] = extend_plan(pipe, [*pipe.serving.plan.batch_buckets, r])
+            _served_case(run, pipe, b, serve_one, device)
+            _utilisation(res, args)
+            run.done(f"served_batch{b}")
+
+    # 5. the memory curve (2 steps each; a batch whose rows have no bucket runs eager, as served)
+    for b in args.memory_curve:
+        if not run.fits(f"memory_curve_batch{b}", (ref_s or 0) * b * 4):
+            break
+        with run.guard(f"memory_curve_batch{b}"):
+            _clean(device)
+            before = dict(pipe.serving.eager_calls) if getattr(pipe, "serving", None) else {}
+            try:
+                ours(pipe, num_images=b, steps=2, guidance_scale=args.guidance, **common)
+                _sync(device)
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                res["memory_curve"][b] = {"peak_alloc_gb": peak, "eager_fallbacks": _fallbacks(pipe, before)}
+            except torch.cuda.OutOfMemoryError:
+                res["memory_curve"][b] = {"peak_alloc_gb": None, "oom": True}
+                _clean(device)
+            run.done(f"memory_curve_batch{b}")
 
     for steps_lcm in args.lcm_steps:
-        _clean(device)
-        r = timed(lambda: ours(pipe, num_images=1, steps=steps_lcm, guidance_scale=1.0, scheduler="lcm", **common),
-                  device, args.repeats)
-        res["quality_changing"][f"lcm_{steps_lcm}_steps_no_cfg_batch1"] = {
-            "median_s": r["median_s"], "images_per_s": 1 / r["median_s"], "peak_alloc_gb": r["peak_alloc_gb"]}
-
-    for b in args.memory_curve:
-        _clean(device)
-        try:
-            ours(pipe, num_images=b, steps=2, guidance_scale=args.guidance, **common)
-            _sync(device)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            res["memory_curve"][b] = {"peak_alloc_gb": peak}
-        except torch.cuda.OutOfMemoryError:
-            res["memory_curve"][b] = {"peak_alloc_gb": None, "oom": True}
+        if not run.fits(f"lcm_{steps_lcm}", (ref_s or 0) * 4):
+            break
+        with run.guard(f"lcm_{steps_lcm}"):
             _clean(device)
+            r = timed(lambda: ours(pipe, num_images=1, steps=steps_lcm, guidance_scale=1.0, scheduler="lcm",
+                                   **common), device, args.repeats)
+            res["quality_changing"][f"lcm_{steps_lcm}_steps_no_cfg_batch1"] = {
+                "median_s": r["median_s"], "images_per_s": 1 / r["median_s"], "peak_alloc_gb": r["peak_alloc_gb"]}
+            run.done(f"lcm_{steps_lcm}")
 
-    res["total_s"] = time.perf_counter() - t0
+    res["total_s"] = time.perf_counter() - run.started
     print_table(res, args)
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    run.save()
     return res
+
+
+def _fallbacks(pipe, before: dict) -> dict:
+    state = getattr(pipe, "serving", None)
+    if state is None:
+        return {}
+    return {k: v - before.get(k, 0) for k, v in state.eager_calls.items() if v - before.get(k, 0)}
+
+
+def _served_case(run, pipe, b, serve_one, device) -> None:
+    """Time the served pipeline at batch ``b``; record whether its calls ran the compiled graphs."""
+    res = run.res
+    _clean(device)
+    before = dict(pipe.serving.eager_calls) if getattr(pipe, "serving", None) else {}
+    r = timed(lambda: serve_one(b), device, run.args.repeats)
+    res["served"][b] = {**_rates(r, b), "eager_fallbacks": _fallbacks(pipe, before)}
+    if b in res["reference"]:
+        res["speedup"][b] = res["reference"][b]["median_s"] / r["median_s"]
+    print(f"served batch {b}: {r['median_s']:.3f} s/batch, peak {r['peak_alloc_gb']} GB, "
+          f"eager fallbacks {res['served'][b]['eager_fallbacks']}", flush=True)
+
+
+def _headline(res: dict, b: int, args) -> dict:
+    ref, srv = res["reference"].get(b, {}), res["served"].get(b, {})
+    return {"size": args.size, "steps": args.steps, "batch": b, "guidance": args.guidance, "dtype": str(args.dtype),
+            "vae_decode": {"eager": "float32", "served": next((a for a in res["served_setup"].get("applied", [])
+                                                               if a.startswith("vae=")), None)},
+            "eager_s_per_image": ref.get("s_per_image"), "served_s_per_image": srv.get("s_per_image"),
+            "speedup": res["speedup"].get(b),
+            "eager_peak_alloc_gb": ref.get("peak_alloc_gb"), "served_peak_alloc_gb": srv.get("peak_alloc_gb"),
+            "served_compiled": bool(args.compile) and not res["served_setup"].get("compile_error")
+            and not srv.get("eager_fallbacks"),
+            "compile_error": res["served_setup"].get("compile_error"),
+            "fraction_of_measured_matmul": srv.get("fraction_of_measured_matmul")}
+
+
+def _utilisation(res: dict, args) -> None:
+    measured = res.get("measured_matmul_tflops")
+    for impl in ("reference", "served"):
+        for b, r in res[impl].items():
+            if b not in res["flops"]:
+                continue
+            rate = res["flops"][b]["total"] / r["median_s"] / 1e12
+            r["tflops_per_s"] = rate
+            r["fraction_of_nominal_peak"] = rate / args.peak_tflops
+            if measured:
+                r["fraction_of_measured_matmul"] = rate / measured
+
 
 
 def precision(pipe, args, common) -> dict:
@@ -479,10 +818,9 @@ def precision(pipe, args, common) -> dict:
     return out
 
 
-def _rates(r: dict, batch: int, flops: int, peak_tflops: float) -> dict:
+def _rates(r: dict, batch: int) -> dict:
     s = r["median_s"]
-    return {**r, "s_per_image": s / batch, "images_per_s": batch / s, "tflops_per_s": flops / s / 1e12,
-            "fraction_of_peak": flops / s / (peak_tflops * 1e12)}
+    return {**r, "s_per_image": s / batch, "images_per_s": batch / s}
 
 
 def _environment(device) -> dict:
@@ -499,24 +837,33 @@ def _environment(device) -> dict:
 
 
 def print_table(res: dict, args) -> None:
+    h = res["headline"]
     print(f"\n{args.size}x{args.size}, {args.steps} steps, CFG {args.guidance}, {res['config']['dtype']}, "
           f"{res['environment'].get('gpu', res['environment']['device'])}; medians of {args.repeats} runs")
+    if h:
+        print(f"HEADLINE batch {h['batch']}: eager {h['eager_s_per_image']} s/image, served {h['served_s_per_image']}"
+              f" s/image, speed-up {h['speedup']}; peak eager {h['eager_peak_alloc_gb']} GB, served "
+              f"{h['served_peak_alloc_gb']} GB; compiled {h['served_compiled']}; compile error {h['compile_error']}")
     print(f"{'impl':<10}{'batch':>6}{'s/batch':>10}{'s/image':>10}{'images/s':>10}{'peak GB':>9}"
-          f"{'TFLOP/s':>9}{'of peak':>9}{'speedup':>9}")
-    for impl in ("reference", "ours"):
+          f"{'TFLOP/s':>9}{'of mm':>8}{'speedup':>9}")
+    for impl in ("reference", "served"):
         for b, r in res[impl].items():
             peak = f"{r['peak_alloc_gb']:.2f}" if r["peak_alloc_gb"] is not None else "-"
-            speed = f"{res['speedup'][b]:.2f}x" if impl == "ours" and b in res["speedup"] else ""
+            rate = f"{r['tflops_per_s']:.1f}" if "tflops_per_s" in r else "-"
+            frac = f"{r['fraction_of_measured_matmul'] * 100:.1f}%" if "fraction_of_measured_matmul" in r else "-"
+            speed = f"{res['speedup'][b]:.2f}x" if impl == "served" and b in res["speedup"] else ""
             print(f"{impl:<10}{b:>6}{r['median_s']:>10.3f}{r['s_per_image']:>10.3f}{r['images_per_s']:>10.3f}"
-                  f"{peak:>9}{r['tflops_per_s']:>9.1f}{r['fraction_of_peak'] * 100:>8.1f}%{speed:>9}")
+                  f"{peak:>9}{rate:>9}{frac:>8}{speed:>9}")
     if res["memory_curve"]:
         cells = []
         for b, v in res["memory_curve"].items():
             peak = v["peak_alloc_gb"]
             cells.append(f"{b}: " + ("OOM" if v.get("oom") else "-" if peak is None else f"{peak:.2f}"))
-        print("memory per batch (ours, GB): " + ", ".join(cells))
+        print("memory per batch (served, GB): " + ", ".join(cells))
     for name, r in res["quality_changing"].items():
         print(f"quality-changing (separate): {name}: {r['median_s']:.3f} s, {r['images_per_s']:.2f} images/s")
+    if res["skipped"]:
+        print("skipped: " + "; ".join(f"{k} ({v})" for k, v in res["skipped"].items()))
     if res["precision"]:
         print("precision: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in res["precision"].items()))

@@ -20,18 +20,117 @@ def test_gpu_generate_tiny_runs_both_implementations(tmp_path, capsys):
                                  "--lcm-steps", "1", "--precision-steps", "1", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["config"]["tiny"] and res["environment"]["device"] == "cpu"
-    for impl in ("reference", "ours"):
+    assert res["phases_done"][:4] == ["build", "reference_batch1", "precision", "served_setup"]
+    assert "headline" in res["phases_done"] and not res["skipped"]
+    for impl in ("reference", "served"):
         r = res[impl]["1"]
-        assert r["median_s"] > 0 and r["images_per_s"] > 0 and r["fraction_of_peak"] > 0
-    assert res["flops"]["1"]["per_step"] > 0 and res["flops"]["1"]["total"] >= res["flops"]["1"]["per_step"]
+        assert r["median_s"] > 0 and r["images_per_s"] > 0 and r["fraction_of_nominal_peak"] > 0
+    flops = res["flops"]["1"]
+    assert flops["per_step"] > 0 and flops["vae_decode"] > 0 and flops["total"] == flops["per_step"] + flops["vae_decode"]
+    headline = res["headline"]
+    assert headline["batch"] == 1 and headline["speedup"] > 0 and headline["eager_s_per_image"] > 0
+    assert headline["vae_decode"] == {"eager": "float32", "served": "vae=bf16"}
     assert res["speedup"]["1"] > 0 and "1" in res["memory_curve"]
-    assert any(a.startswith("fuse_qkv") for a in res["optimizations"]) and "channels_last" in res["optimizations"]
-    assert list(res["quality_changing"]) == ["lcm_1_steps_no_cfg_batch1"]  # reported apart from "ours"
+    applied = res["served_setup"]["applied"]
+    assert any(a.startswith("fuse_qkv") for a in applied) and "channels_last" in applied
+    assert list(res["quality_changing"]) == ["lcm_1_steps_no_cfg_batch1"]  # reported apart from "served"
     precision = res["precision"]
     assert precision["float16_finite"] and precision["bfloat16_finite"]
-    assert precision["ours_vs_reference_latents_rel_l2"] < 1e-3  # same semantics: float32 rounding only
+    assert precision["served_vs_reference_latents_rel_l2"] < 1e-3  # same semantics: float32 rounding only
     table = capsys.readouterr().out
-    assert "reference" in table and "ours" in table and "speedup" in table
+    assert "HEADLINE" in table and "reference" in table and "served" in table and "speedup" in table
+
+
+def test_gpu_generate_budget_keeps_the_headline_and_skips_the_rest(tmp_path):
+    """--budget-s 0: the headline phases still run and are on disk; every later phase is skipped, and says so."""
+    out = tmp_path / "gpu.json"
+    script("gpu_generate").main(["--tiny", "--batch", "1", "2", "--steps", "1", "--memory-curve", "1",
+                                 "--lcm-steps", "1", "--precision-size", "0", "--budget-s", "0", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["headline"]["eager_s_per_image"] > 0 and res["headline"]["served_s_per_image"] > 0
+    assert set(res["skipped"]) == {"reference_batch2", "flops", "served_batch2", "memory_curve_batch1", "lcm_1"}
+    assert "2" not in res["served"] and not res["memory_curve"]
+
+
+def test_gpu_generate_reports_a_compile_failure_and_serves_eager(monkeypatch):
+    import instantid.optimize
+
+    gpu = script("gpu_generate")
+    pipe = gpu.build_pipeline(True, "cpu", __import__("torch").float32)
+
+    def broken(pipe, make_request):
+        raise RuntimeError("inductor: triton kernel failed")
+
+    monkeypatch.setattr(instantid.optimize, "warm_up", broken)
+    setup = gpu.serve_compiled(pipe, batch_buckets=[2], sizes=[(64, 64)], backend="eager")
+    assert setup["compile_error"] == "RuntimeError: inductor: triton kernel failed"
+    assert pipe.serving.broken == setup["compile_error"]  # every later call runs eager, counted
+
+
+def test_gpu_generate_serves_what_the_generator_serves(monkeypatch):
+    """The bench's served setup and the Generator's (GeneratorCore.compile) call optimize() and warm_up() with the
+    same plan, settings and warm-up requests."""
+    from types import SimpleNamespace
+
+    import instantid.optimize
+    from deployments.config import AppArgs
+    from deployments.generator.deployment import GeneratorCore
+
+    calls = []
+
+    def fake_optimize(pipe, **kw):
+        calls.append(("optimize", kw))
+        pipe.serving = SimpleNamespace(on_fallback=[], broken=None)
+        return []
+
+    def fake_warm_up(pipe, make_request):
+        calls.append(("warm_up", [vars(make_request(1, 77, g)) for g in (True, False)]))
+        return {"warmed": 0, "broken": None}
+
+    monkeypatch.setattr(instantid.optimize, "optimize", fake_optimize)
+    monkeypatch.setattr(instantid.optimize, "warm_up", fake_warm_up)
+    args = AppArgs(compile={"enabled": True, "cache_dir": None})
+    GeneratorCore(args).compile(SimpleNamespace())
+    cfg = args.compile
+    script("gpu_generate").serve_compiled(SimpleNamespace(), batch_buckets=cfg.batch_buckets, sizes=cfg.sizes,
+                                          mode=cfg.mode, backend=cfg.backend, cache_dir=None)
+    (_, generator_kw), (_, generator_requests), (_, bench_kw), (_, bench_requests) = calls
+    assert bench_kw == generator_kw
+
+    def comparable(request):
+        return {k: (v.tolist() if hasattr(v, "tolist") else list(v.getdata()) if hasattr(v, "getdata") else v)
+                for k, v in request.items()}
+
+    assert [comparable(r) for r in bench_requests] == [comparable(r) for r in generator_requests]
+
+
+def test_live_bytes_counts_storages_while_referenced():
+    """Known answer: two 1 KiB storages alive at most (a view shares its base's storage and keeps it alive)."""
+    import torch
+
+    gpu = script("gpu_generate")
+    with gpu.LiveBytes() as live:
+        a = torch.empty(256, device="meta")  # 1 KiB
+        b = a + 1  # 2 KiB live
+        del a  # 1 KiB
+        c = b.view(16, 16)
+        del b  # c still holds the storage: 1 KiB
+        d = c * 2  # 2 KiB
+        assert live.now == 2048
+        del c, d
+    assert live.peak == 2048 and live.now == 0
+
+
+def test_gpu_generate_memory_estimate_tiny(tmp_path):
+    out = tmp_path / "estimate.json"
+    res = script("gpu_generate").main(["--estimate-memory", "--tiny", "--batch", "1", "2", "--out", str(out)])
+    est = json.loads(out.read_text())["estimate"]
+    assert est == json.loads(json.dumps(res["estimate"])) and est["device"] == "meta"
+    one, two = est["batches"]["1"], est["batches"]["2"]
+    assert 0 < one["step_activations_gib"] < two["step_activations_gib"]
+    # a float32 decode holds twice a bfloat16 decode's activations
+    assert abs(one["vae_decode_fp32_activations_gib"] - 2 * one["vae_decode_bf16_activations_gib"]) < 1e-9
+    assert one["peak_gib_vae_fp32"] > one["peak_gib_vae_bf16"] > one["peak_gib_vae_bf16_text_encoders_offloaded"]
 
 
 def test_face_throughput_tiny(tmp_path, capsys):
