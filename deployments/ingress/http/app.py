@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from deployments.errors import METHOD_NOT_ALLOWED, NOT_FOUND, ServiceError, install_handlers, json_response
@@ -88,6 +88,22 @@ def add_docs(app: FastAPI) -> None:
         return with_headers(get_redoc_html(openapi_url=url(request), title=f"{app.title} - ReDoc"))
 
 
+class PrefixSlash:
+    """ASGI middleware: the bare route prefix (``/s3`` of an app served at ``/s3``) answers 308 to ``<prefix>/``,
+    where the page's relative URLs resolve. Its Location is a path, never a URL built from the Host header: the
+    one redirect left once Starlette's trailing-slash redirects are off."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        root = scope.get("root_path", "") if scope["type"] == "http" else ""
+        if root and scope["path"] in ("", root):
+            await Response(status_code=308, headers={"Location": root + "/"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def build_http_app(service: GenerationService) -> FastAPI:
     """The FastAPI app of one Ingress replica."""
     args = service.args
@@ -107,6 +123,7 @@ def build_http_app(service: GenerationService) -> FastAPI:
                 {s: {"model": ErrorBody} for s in ERROR_STATUSES})
     app.add_middleware(ReleaseSlots, slots=edge.access.slots)  # inside Observe: a slot goes before metrics
     app.add_middleware(Observe, router=app.router)
+    app.add_middleware(PrefixSlash)
 
     if args.auth.enabled:
         bearer = HTTPBearer(auto_error=False, description="API key")

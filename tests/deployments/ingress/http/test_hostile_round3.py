@@ -265,6 +265,16 @@ def test_trailing_slash_answers_never_take_their_host_from_the_request(tmp_path,
         assert resp.headers["location"].startswith("/")
 
 
+def test_the_bare_route_prefix_redirects_to_its_page_by_path_only(tmp_path):
+    """An app served at /s3: /s3 answers 308 to /s3/ (the page's relative URLs need the slash) with a path-only
+    Location, whatever Host the client names; the page itself is at /s3/."""
+    client = TestClient(app_for(tmp_path), root_path="/s3", client=("198.51.100.7", 40000))
+    resp = client.get("/s3", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert resp.status_code == 308 and resp.headers["location"] == "/s3/"
+    page = client.get("/s3/", follow_redirects=False)
+    assert page.status_code == 200 and 'src="playground/app.js"' in page.text
+
+
 # -- webhook signatures by a known answer, lookalike hosts -------------------------------------------------------
 def test_the_signature_is_hmac_sha256_of_timestamp_dot_body():
     from deployments.ingress.jobs.webhooks import sign, verify
