@@ -83,6 +83,11 @@ _PEOPLE_WITH = lambda rule: _given("people", {"type": "array", "contains": rule}
 # when there is no pose_image
 GENERATE_RULES["allOf"] += [
     {"if": _PEOPLE_WITH(_given("face_index", {"type": "integer"})), "then": _given("pose_image", {"type": "string"})},
+    # combine and face_index choose among face_images' photos and faces: a stored identity is already combined
+    {"if": _given("identity_id", {"type": "string"}),
+     "then": {"properties": {"face_index": {"type": "null"}, "combine": {"enum": [defaults.COMBINE, None]}}}},
+    # pose_face_index picks a face of pose_image (the service's 422 names it)
+    {"if": _given("pose_face_index", {"type": "integer"}), "then": _given("pose_image", {"type": "string"})},
     {"if": {"allOf": [_PEOPLE_WITH({"anyOf": [_given("box", {"type": "array"}), _given("keypoints", {"type": "array"})]}),
                       {"not": _given("pose_image", {"type": "string"})}]},
      "then": {"allOf": [_given("width", {"type": "integer"}), _given("height", {"type": "integer"})]}},
@@ -275,6 +280,17 @@ def _generate_model(limits: Limits, models: tuple[str, ...] | None, styles: tupl
             if value is not None and value is not False and info.data.get("people") is not None:
                 raise ValueError("not with people (each person's region already confines its identity; identity "
                                  "scores are for one identity)")
+            return value
+
+        @field_validator("enhance_face_region", "return_pose_image", "safety_checker", "identity_score", "det_retry",
+                         mode="before")
+        @classmethod
+        def _boolean(cls, value):
+            # a form's text is "true" or "false"; pydantic would also take "0", "1", "yes", "on" for a boolean
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if value is not None and not isinstance(value, bool):
+                raise ValueError("a boolean: true or false")
             return value
 
         @field_validator("combine", "det_size", "det_retry", "face_index", "pose_face_index")

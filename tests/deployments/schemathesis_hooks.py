@@ -30,7 +30,8 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-CONTENT_REFUSALS = {"invalid_image", "image_too_large", "no_face", "too_costly", "unknown_lora", "form_loras_not_json"}
+CONTENT_REFUSALS = {"invalid_image", "image_too_large", "no_face", "too_costly", "unknown_lora", "form_loras_not_json",
+                    "unknown_cursor"}
 FACE_OPERATIONS = {("POST", "/v1/identities"), ("POST", "/v1/faces:analyze")}
 GENERATING = {("POST", "/v1/generate"), ("POST", "/v1/jobs")}  # both take the generate body
 
@@ -56,6 +57,8 @@ def _error_code(response) -> str | None:
             return None  # the schema says minLength 1: not excused
         if error.get("field") == "loras" and "unknown LoRA" in message:
             return "unknown_lora"  # which LoRAs exist depends on the model chosen: a lookup, as a 404
+        if error.get("field") == "cursor":
+            return "unknown_cursor"  # an opaque page token this service did not give: a lookup, as a 404
         if error.get("field") == "loras" and "must be a JSON object" in message:
             return "form_loras_not_json"  # a form's loras field is JSON text: no schema keyword says "parses"
         return error.get("code")

@@ -32,7 +32,7 @@ COUNTS: dict[str, int] = {}
 OPERATIONS = [("POST", "/v1/generate"), ("POST", "/v1/identities"), ("GET", "/v1/identities"),
               ("GET", "/v1/identities/{identity_id}"), ("DELETE", "/v1/identities/{identity_id}"),
               ("GET", "/v1/models"), ("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/v1/faces:analyze"),
-              ("POST", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("POST", "/v1/jobs/{job_id}/cancel"),
+              ("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("POST", "/v1/jobs/{job_id}/cancel"),
               ("GET", "/v1/jobs/{job_id}/events")]
 # The OpenAI and Replicate surfaces are left out of /openapi.json (their schemas are OpenAI's and Replicate's);
 # tests/deployments/ingress/http/test_surfaces.py drives them with the real clients.

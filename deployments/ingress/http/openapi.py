@@ -35,6 +35,10 @@ def multipart_schema(model: type[BaseModel], max_faces: int) -> dict:
     # fields of nested objects (people, controls) are JSON-only: a form carries flat fields, and their schemas'
     # "#/$defs/..." references would not resolve in this document
     props = {k: form_field_schema(v) for k, v in schema["properties"].items() if "$ref" not in json.dumps(v)}
+    # an empty text field is "not given" (the reader drops it): a constrained one may be empty too
+    props = {k: ({"anyOf": [v, {"type": "string", "maxLength": 0}]}
+                 if v.get("type") == "string" and {"pattern", "minLength", "enum"} & set(v) else v)
+             for k, v in props.items()}
     file = {"type": "string", "format": "binary", "minLength": 1}  # an empty file is refused (400)
     props["face_images"] = {"type": "array", "items": file, "minItems": 1,
                             "maxItems": max_faces, "description": "Photo files (repeat the field)."}
