@@ -236,6 +236,18 @@ def test_a_truncated_multipart_body_is_a_400_not_a_422(tmp_path):
     assert whole.status_code == 200, whole.text
 
 
+@pytest.mark.parametrize("value, status", [("0", 422), ("1", 422), ("yes", 422), ("false", 200), ("TRUE", 200)])
+def test_a_form_boolean_is_true_or_false_only(tmp_path, value, status):
+    """The schema says boolean; pydantic alone would read "0", "1" and "yes" as booleans too."""
+    client = client_at(app_for(tmp_path), "198.51.100.8")
+    resp = client.post("/v1/generate", data={"prompt": "a person", "width": "64", "height": "64",
+                                              "identity_score": value},
+                       files={"face_images": ("a.png", png_bytes(), "image/png")})
+    assert resp.status_code == status, resp.text
+    if status == 422:
+        assert resp.json()["error"]["field"] == "identity_score"
+
+
 @pytest.mark.parametrize("size", ["64x64\n", "64x64\r\n", " 64x64", "64x64 "])
 def test_openai_size_with_trailing_newline_is_refused(tmp_path, size):
     client = client_at(app_for(tmp_path), "198.51.100.4")
